@@ -1,0 +1,118 @@
+"""Command line: `agentspoonsd run | check-config | token new NAME | --version`.
+
+Exit statuses follow sysexits: 0 ok, 70 a service exhausted its crash budget, 71 a listener could
+not be bound, 78 the configuration is invalid (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .auth import hash_token, new_token
+from .daemon import EXIT_CONFIG, EXIT_SOFTWARE, Daemon
+from .logs import configure_logging
+from .settings import ConfigError, Settings, find_config_path, load_settings, redacted
+from .supervisor import CrashBudgetExceeded
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentspoonsd", description="Real-time market-volatility streaming daemon."
+    )
+    parser.add_argument("--version", action="version", version=f"agentspoonsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start the daemon")
+    run.add_argument("--config", metavar="PATH", help="TOML config file")
+    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("--config", metavar="PATH", help="TOML config file")
+
+    token = commands.add_parser("token", help="manage bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = token_commands.add_parser("new", help="print a new token and its config block")
+    new.add_argument("name", help="the token's name, shown in logs (e.g. dashboard)")
+    new.add_argument("--symbols", nargs="+", default=["*"], help='allowed symbols (default "*")')
+    return parser
+
+
+def _settings(config: str | None) -> tuple[Settings, Path | None]:
+    path = find_config_path(config, os.environ)
+    return load_settings(path), path
+
+
+def _check_config(config: str | None) -> int:
+    try:
+        settings, path = _settings(config)
+    except ConfigError as exc:
+        print(f"agentspoonsd: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"# effective configuration from {path or 'built-in defaults'}", file=sys.stderr)
+    print(json.dumps(redacted(settings), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _token_new(name: str, symbols: list[str]) -> int:
+    from .settings import TokenSettings
+
+    try:
+        TokenSettings(name=name, sha256="0" * 64, symbols=symbols)
+    except ValueError as exc:
+        print(f"agentspoonsd: invalid token name or symbols: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    token = new_token()
+    listed = ", ".join(json.dumps(s) for s in symbols)
+    print(f"token: {token}")
+    print("# Shown once: give it to the client; only its digest goes in the config.")
+    print("# Paste into agentspoonsd.toml, then reload (systemctl reload agentspoonsd):\n")
+    print(f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{hash_token(token)}"\nsymbols = [{listed}]')
+    return 0
+
+
+def _run(config: str | None) -> int:
+    try:
+        settings, path = _settings(config)
+    except ConfigError as exc:
+        # Logging is not configured yet (the log settings may be what is wrong): plain stderr,
+        # plus one JSON line on stdout so a journal reader sees it too.
+        print(f"agentspoonsd: invalid configuration:\n{exc}", file=sys.stderr)
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "event": "config_invalid",
+                    "level": "error",
+                    "logger": "agentspoonsd.cli",
+                    "error": str(exc),
+                }
+            )
+            + "\n"
+        )
+        return EXIT_CONFIG
+    gate = configure_logging(settings.log.level, settings.log.format)
+    daemon = Daemon(settings, path, gate)
+    try:
+        return trio.run(daemon.run)
+    except BaseExceptionGroup as group:
+        if group.subgroup(CrashBudgetExceeded) is None:
+            raise
+        return EXIT_SOFTWARE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "token":
+        return _token_new(args.name, args.symbols)
+    return _run(args.config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

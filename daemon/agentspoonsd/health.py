@@ -1,0 +1,71 @@
+"""The HTTP routes: /healthz, /readyz and /metrics. Pure: state in, `HttpResponse` out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+from prometheus_client import CollectorRegistry
+
+from . import metrics
+from .httpserver import Handler, HttpResponse, serve_http
+
+JSON = "application/json"
+READY_AGE_FACTOR = 3  # the newest update must be younger than 3 × interval
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What the routes need to know about the running daemon, asked at request time."""
+
+    ws_listening: Callable[[], bool]
+    last_update_age: Callable[[], float | None]
+    interval: Callable[[], float]
+
+
+def readiness(probes: Probes) -> tuple[bool, list[str]]:
+    """Ready when the WebSocket listener is up and the newest update is fresh; else the reasons."""
+    reasons = []
+    if not probes.ws_listening():
+        reasons.append("websocket listener is not accepting")
+    age = probes.last_update_age()
+    limit = READY_AGE_FACTOR * probes.interval()
+    if age is None:
+        reasons.append("no update published yet")
+    elif age > limit:
+        reasons.append(f"newest update is {age:.1f} s old (limit {limit:g} s)")
+    return not reasons, reasons
+
+
+def make_handler(probes: Probes, registry: CollectorRegistry) -> Callable[[str, str], HttpResponse]:
+    """The request handler for `httpserver.serve_http`."""
+
+    def handle(method: str, target: str) -> HttpResponse:
+        path = urlsplit(target).path
+        if path == "/healthz":
+            return HttpResponse(200, orjson.dumps({"status": "ok"}), JSON)
+        if path == "/readyz":
+            ready, reasons = readiness(probes)
+            body = {"status": "ready" if ready else "not_ready", "reasons": reasons}
+            return HttpResponse(200 if ready else 503, orjson.dumps(body), JSON)
+        if path == "/metrics":
+            return HttpResponse(200, metrics.render(registry), metrics.CONTENT_TYPE)
+        return HttpResponse(404, orjson.dumps({"error": "not_found"}), JSON)
+
+    return handle
+
+
+class HttpService:
+    """The supervised HTTP service: serves `handler` on a listener the daemon bound."""
+
+    def __init__(self, listener: trio.SocketListener, handler: Handler, log: Any) -> None:
+        self._listener = listener
+        self._handler = handler
+        self._log = log
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve_http(self._listener, self._handler, self._log, task_status=task_status)

@@ -1,0 +1,427 @@
+"""The WebSocket server: accept, authenticate the upgrade, serve each client.
+
+The protocol is wsproto (sans-IO); this module is the thin Trio layer that owns the sockets. Each
+client has one task (reading its messages) and one `Outbox` (its only write path). Broadcast
+frames from the hub, replies, pongs and close frames all go through that outbox.
+
+A refused upgrade is an HTTP answer (401, 503, 400), never an accepted socket that closes later.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from . import protocol
+from .auth import AuthFailure, Grant, TokenStore, presented_token
+from .hub import Hub
+from .metrics import Stats
+from .outbox import Outbox
+
+RECV_SIZE = 65536
+ACCEPT_BATCH = 256
+
+CLOSE_GRACE = 2.0  # seconds a peer gets to answer a close the server started
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The reloadable limits of the WebSocket server (from [server])."""
+
+    max_connections: int
+    max_backlog_bytes: int
+    max_message_size: int
+    handshake_timeout: float
+
+
+class _Disconnect(Exception):
+    """Ends a client's read loop; `reason` is the log and metrics label."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Client:
+    """One WebSocket peer: its socket, its wsproto state and its single write path."""
+
+    def __init__(self, sock: socket.socket, peer: str, outbox_cap: int, spawn: Any) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.scope = trio.CancelScope()
+        self.drop_reason: str | None = None
+        self.grant: Grant | None = None
+        self.outbox = Outbox(
+            sock,
+            max_bytes=outbox_cap,
+            spawn=spawn,
+            on_overflow=self._on_overflow,
+            on_failure=self._on_failure,
+        )
+
+    def send_frame(self, frame: bytes) -> None:
+        """Hub entry point: one pre-encoded frame, through the single write path."""
+        self.outbox.write(frame)
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        if self.ws.state is ConnectionState.OPEN:
+            self.outbox.write(self.ws.send(TextMessage(orjson.dumps(message).decode())))
+
+    def send_event(self, event: Any) -> None:
+        try:
+            data = self.ws.send(event)
+        except LocalProtocolError:
+            return  # the connection is already past the state where this event makes sense
+        self.outbox.write(data)
+
+    def close(self, code: int, reason: str = "", *, discard_unsent: bool = False) -> None:
+        """Start the closing handshake: the close frame is the last thing written."""
+        if self.ws.state is ConnectionState.OPEN:
+            self.outbox.seal(
+                self.ws.send(CloseConnection(code, reason)), discard_unsent=discard_unsent
+            )
+
+    def linger_close(
+        self, code: int, reason: str, drop_reason: str, *, discard_unsent: bool = False
+    ) -> None:
+        """Close on the server's initiative, giving the peer a bounded grace to answer."""
+        self.drop_reason = self.drop_reason or drop_reason
+        self.close(code, reason, discard_unsent=discard_unsent)
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + CLOSE_GRACE)
+
+    def _on_overflow(self) -> None:
+        self.linger_close(
+            CLOSE_TRY_AGAIN_LATER, "backlog over limit", "backlog_overflow", discard_unsent=True
+        )
+
+    def _on_failure(self) -> None:
+        self.drop_reason = self.drop_reason or "socket_error"
+        self.scope.cancel()
+
+
+class WebSocketServer:
+    """Serves WebSocket clients on a listening socket the daemon bound.
+
+    `auth` and `limits` are replaced wholesale on reload; each new handshake reads the current ones
+    and established connections are left alone.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        hub: Hub,
+        auth: TokenStore,
+        limits: Limits,
+        stats: Stats,
+        log: Any,
+        *,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._listener = listener
+        self._hub = hub
+        self.auth = auth
+        self.limits = limits
+        self._stats = stats
+        self._log = log
+        self._wall_clock = wall_clock
+        self._clients: set[Client] = set()
+        self._established = 0  # clients past the upgrade
+        self._accepting: trio.CancelScope | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self.listening = False
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve clients until cancelled or drained.
+
+        Cancelling `run` aborts every connection at once; use `drain` first for a clean close.
+        """
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as self._accepting:
+                self.listening = True
+                task_status.started()
+                try:
+                    await self._accept_loop(nursery)
+                finally:
+                    self.listening = False
+            # Drained: stop accepting but keep serving the clients still closing, until cancelled.
+            await trio.sleep_forever()
+
+    async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
+        """Stop accepting, send every client a close frame with `code`, wait until all are gone.
+
+        The caller bounds the wait; whatever is left is aborted when `run` is cancelled.
+        """
+        if self._accepting is not None:
+            self._accepting.cancel()
+        self.listening = False
+        for client in list(self._clients):
+            client.close(code, "server shutting down")
+        await self._idle.wait()
+
+    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._listener)
+            # Accept in batches so a reconnect storm is taken in quickly, yet each batch ends
+            # with a checkpoint and the fan-out keeps its turn.
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, address = self._listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    self._log.warning("accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(self._serve, sock, _format_peer(address), nursery)
+
+    async def _serve(self, sock: socket.socket, peer: str, nursery: trio.Nursery) -> None:
+        client = Client(sock, peer, self.limits.max_backlog_bytes, nursery.start_soon)
+        self._clients.add(client)
+        self._idle = trio.Event() if len(self._clients) == 1 else self._idle
+        connected_at: float | None = None
+        reason = "closed"
+        try:
+            with client.scope:
+                with trio.move_on_after(self.limits.handshake_timeout) as handshake:
+                    accepted = await self._handshake(client)
+                if handshake.cancelled_caught:
+                    self._stats.rejected_upgrades["handshake_timeout"] += 1
+                    self._log.info("handshake_timeout", peer=peer)
+                    return
+                if not accepted:
+                    await client.outbox.flushed()
+                    return
+                connected_at = trio.current_time()
+                reason = await self._converse(client)
+            if client.scope.cancelled_caught:
+                reason = client.drop_reason or "cancelled"
+        finally:
+            self._hub.unsubscribe_all(client)
+            self._clients.discard(client)
+            if not self._clients:
+                self._idle.set()
+            client.outbox.detach()
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            if connected_at is not None:
+                self._established -= 1
+                self._stats.clients_connected -= 1
+                self._stats.disconnects[reason] += 1
+                self._log.info(
+                    "client_disconnected",
+                    peer=peer,
+                    token=client.grant.name if client.grant else None,
+                    reason=reason,
+                    duration_s=round(trio.current_time() - connected_at, 3),
+                )
+
+    async def _receive(self, client: Client) -> bytes:
+        await trio.lowlevel.wait_readable(client.sock)
+        try:
+            return client.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return await self._receive(client)
+        except OSError:
+            return b""
+
+    async def _handshake(self, client: Client) -> bool:
+        """Read the upgrade request and answer it. True when the upgrade was accepted."""
+        while True:
+            data = await self._receive(client)
+            try:
+                client.ws.receive_data(data or None)
+                request = next((e for e in client.ws.events() if isinstance(e, Request)), None)
+            except RemoteProtocolError as exc:
+                self._stats.rejected_upgrades["bad_request"] += 1
+                self._reject(
+                    client,
+                    exc.event_hint.status_code if exc.event_hint else 400,
+                    "bad_request",
+                    str(exc),
+                )
+                return False
+            if request is not None:
+                return self._answer(client, request)
+            if not data:
+                return False
+
+    def _answer(self, client: Client, request: Request) -> bool:
+        if self._established >= self.limits.max_connections:
+            self._stats.rejected_upgrades["capacity"] += 1
+            self._log.warning("upgrade_refused", peer=client.peer, reason="capacity")
+            self._reject(
+                client,
+                503,
+                "capacity",
+                "server is at max_connections",
+                headers=[(b"retry-after", b"5")],
+            )
+            return False
+        verdict = self.auth.authenticate(presented_token(request.target, request.extra_headers))
+        if isinstance(verdict, AuthFailure):
+            self._stats.auth_failures[verdict.value] += 1
+            self._stats.rejected_upgrades[verdict.value] += 1
+            self._log.warning("auth_failed", peer=client.peer, reason=verdict.value)
+            challenge = b'Bearer realm="agentspoonsd"'
+            if verdict is AuthFailure.INVALID:
+                challenge += b', error="invalid_token"'
+            self._reject(
+                client,
+                401,
+                verdict.value,
+                "a valid bearer token is required",
+                headers=[(b"www-authenticate", challenge)],
+            )
+            return False
+        client.grant = verdict
+        symbols = [s for s in self._hub.symbols if verdict.allows(s)]
+        client.send_event(AcceptConnection())
+        client.send_message(
+            protocol.connected_message(self._wall_clock(), token=verdict.name, symbols=symbols)
+        )
+        self._hub.subscribe(client, symbols)
+        self._established += 1
+        self._stats.connections_accepted += 1
+        self._stats.clients_connected += 1
+        self._log.info(
+            "client_connected", peer=client.peer, token=verdict.name, symbols=len(symbols)
+        )
+        return True
+
+    def _reject(
+        self,
+        client: Client,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = orjson.dumps({"error": code, "message": message})
+        try:
+            client.outbox.write(
+                client.ws.send(
+                    RejectConnection(
+                        status_code=status,
+                        headers=[
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                            *(headers or []),
+                        ],
+                        has_body=True,
+                    )
+                )
+            )
+            client.outbox.write(client.ws.send(RejectData(body, body_finished=True)))
+        except LocalProtocolError:
+            pass  # the handshake already failed past answering; just close
+
+    async def _converse(self, client: Client) -> str:
+        """Serve an upgraded client until its connection closes; returns the disconnect reason."""
+        assembler = _MessageAssembler(self.limits.max_message_size)
+        while True:
+            for event in client.ws.events():
+                if isinstance(event, Message):
+                    if client.ws.state is ConnectionState.OPEN:
+                        self._on_message(client, assembler, event)
+                elif isinstance(event, Ping):
+                    client.send_event(event.response())
+                elif isinstance(event, CloseConnection):
+                    if client.ws.state is ConnectionState.REMOTE_CLOSING:
+                        client.send_event(event.response())
+                    elif client.ws.state is ConnectionState.OPEN:  # wsproto saw a protocol error
+                        client.close(event.code, event.reason or "")
+                    await client.outbox.flushed()
+                    return client.drop_reason or f"close_{event.code}"
+            data = await self._receive(client)
+            client.ws.receive_data(data or None)
+
+    def _on_message(self, client: Client, assembler: _MessageAssembler, event: Message) -> None:
+        text = assembler.feed(event)
+        if assembler.too_large:
+            client.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large")
+        elif isinstance(event, BytesMessage):
+            if event.message_finished:
+                self._client_error(
+                    client,
+                    protocol.error_message(
+                        protocol.ErrorCode.BINARY_UNSUPPORTED,
+                        "binary messages are not supported; send JSON text",
+                    ),
+                )
+        elif text is not None:
+            reply = protocol.reply_to(text, self._wall_clock())
+            if reply["type"] == "error":
+                self._client_error(client, reply)
+            else:
+                client.send_message(reply)
+
+    def _client_error(self, client: Client, reply: dict[str, Any]) -> None:
+        self._stats.client_errors += 1
+        self._log.debug("client_message_rejected", peer=client.peer, code=reply["code"])
+        client.send_message(reply)
+
+
+class _MessageAssembler:
+    """Joins fragmented messages, enforcing the inbound size limit as the bytes arrive."""
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._size = 0
+        self._parts: list[str] = []
+        self.too_large = False
+
+    def feed(self, event: Message) -> str | None:
+        """The whole text once its last fragment arrives; None before, and for binary."""
+        self._size += len(event.data)
+        if self._size > self._max_size:
+            self.too_large = True
+            self._parts.clear()
+            return None
+        if isinstance(event, TextMessage):
+            self._parts.append(event.data)
+        if not event.message_finished:
+            return None
+        self._size = 0
+        text = "".join(self._parts)
+        self._parts.clear()
+        return text if isinstance(event, TextMessage) else None
+
+
+def _format_peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
