@@ -1,0 +1,38 @@
+# agentspoonsd — two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= agentspoonsd.toml
+
+.PHONY: run test lint format clean
+
+# The venv is (re)built when pyproject.toml changes; the stamp records what was installed.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(VENV)/.installed $@
+
+run: $(VENV)/.installed
+	$(BIN)/agentspoonsd run --config $(CONFIG)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check daemon tests
+	$(BIN)/ruff format --check daemon tests
+
+# pytest exits 5 when it collects nothing: make treats that as the failure it is.
+test: lint
+	$(BIN)/python -m pytest
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff format daemon tests
+	$(BIN)/ruff check --fix daemon tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info
