@@ -27,6 +27,7 @@ class Stats:
     messages_sent: int = 0
     bytes_sent: int = 0
     client_errors: int = 0
+    backlog_overflows: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     rejected_upgrades: Counter[str] = field(default_factory=Counter)
     disconnects: Counter[str] = field(default_factory=Counter)
@@ -61,6 +62,11 @@ class StatsCollector(Collector):
             "bytes_sent", "Bytes of update frames handed to client write paths.", s.bytes_sent
         )
         yield _counter("client_errors", "Client messages answered with an error.", s.client_errors)
+        yield _counter(
+            "backlog_overflows",
+            "Clients closed (1013) because their unread backlog passed max_backlog_bytes.",
+            s.backlog_overflows,
+        )
         yield _labelled(
             "auth_failures", "Upgrades refused for authentication.", "reason", s.auth_failures
         )

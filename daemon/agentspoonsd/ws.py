@@ -69,9 +69,13 @@ class _Disconnect(Exception):
 class Client:
     """One WebSocket peer: its socket, its wsproto state and its single write path."""
 
-    def __init__(self, sock: socket.socket, peer: str, outbox_cap: int, spawn: Any) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, outbox_cap: int, spawn: Any, stats: Stats, log: Any
+    ) -> None:
         self.sock = sock
         self.peer = peer
+        self._stats = stats
+        self._log = log
         self.ws = WSConnection(ConnectionType.SERVER)
         self.scope = trio.CancelScope()
         self.drop_reason: str | None = None
@@ -115,6 +119,13 @@ class Client:
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + CLOSE_GRACE)
 
     def _on_overflow(self) -> None:
+        self._stats.backlog_overflows += 1
+        self._log.warning(
+            "client_backlog_overflow",
+            peer=self.peer,
+            token=self.grant.name if self.grant else None,
+            queued_bytes=self.outbox.queued_bytes,
+        )
         self.linger_close(
             CLOSE_TRY_AGAIN_LATER, "backlog over limit", "backlog_overflow", discard_unsent=True
         )
@@ -177,13 +188,17 @@ class WebSocketServer:
             await trio.sleep_forever()
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
-        """Stop accepting, send every client a close frame with `code`, wait until all are gone.
+        """Close the listener, send every client a close frame with `code`, wait until all are gone.
 
         The caller bounds the wait; whatever is left is aborted when `run` is cancelled.
         """
         if self._accepting is not None:
             self._accepting.cancel()
         self.listening = False
+        # Final: close the listening socket so new connections are refused at once instead of
+        # waiting in the kernel's accept queue for a server that is going away.
+        trio.lowlevel.notify_closing(self._listener)
+        self._listener.close()
         for client in list(self._clients):
             client.close(code, "server shutting down")
         await self._idle.wait()
@@ -207,7 +222,9 @@ class WebSocketServer:
                 nursery.start_soon(self._serve, sock, _format_peer(address), nursery)
 
     async def _serve(self, sock: socket.socket, peer: str, nursery: trio.Nursery) -> None:
-        client = Client(sock, peer, self.limits.max_backlog_bytes, nursery.start_soon)
+        client = Client(
+            sock, peer, self.limits.max_backlog_bytes, nursery.start_soon, self._stats, self._log
+        )
         self._clients.add(client)
         self._idle = trio.Event() if len(self._clients) == 1 else self._idle
         connected_at: float | None = None

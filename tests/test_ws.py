@@ -1,0 +1,303 @@
+"""The WebSocket server in-process: real listening socket, real Hub, real WebSocket clients."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+import structlog
+import trio
+import trio.lowlevel
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+from agentspoonsd.auth import TokenStore, hash_token, new_token
+from agentspoonsd.daemon import bind_listener
+from agentspoonsd.hub import Hub
+from agentspoonsd.market.bar import Bar
+from agentspoonsd.metrics import Stats
+from agentspoonsd.settings import TokenSettings
+from agentspoonsd.ws import Limits, WebSocketServer
+
+SYMBOLS = ["BTC/USD", "ETH/USD"]
+TOKEN = new_token()
+
+
+@dataclass
+class Running:
+    server: WebSocketServer
+    hub: Hub
+    stats: Stats
+    port: int
+    scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/?access_token={TOKEN}"
+
+
+def bar(symbol: str = "BTC/USD", price: float = 100.0) -> Bar:
+    return Bar(symbol, datetime.now(UTC), price, price + 1, price - 1, price, 1.0, 0.0, 0.01)
+
+
+@pytest.fixture
+async def running(request: pytest.FixtureRequest) -> AsyncIterator[Running]:
+    overrides = getattr(request, "param", {})
+    limits = Limits(
+        **{
+            "max_connections": 100,
+            "max_backlog_bytes": 64 * 1024,
+            "max_message_size": 4096,
+            "handshake_timeout": 1.0,
+            **overrides,
+        }
+    )
+    listener = bind_listener("127.0.0.1", 0, 128)
+    stats = Stats()
+    _, receive = trio.open_memory_channel[list[Bar]](1)
+    hub = Hub(SYMBOLS, receive, stats)
+    store = TokenStore([TokenSettings(name="test", sha256=hash_token(TOKEN))])
+    server = WebSocketServer(listener, hub, store, limits, stats, structlog.get_logger())
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            await nursery.start(server.run)
+            yield Running(server, hub, stats, listener.getsockname()[1], scope)
+        nursery.cancel_scope.cancel()
+    listener.close()
+
+
+async def until_update(ws) -> dict:
+    while True:
+        message = json.loads(await ws.get_message())
+        if message["type"] == "volatility_update":
+            return message
+
+
+async def test_every_client_gets_every_update_in_order(running: Running) -> None:
+    clients = 20
+    updates = 200
+    received: dict[int, list[int]] = {}
+
+    async def client(index: int, ready: trio.Event) -> None:
+        async with open_websocket_url(running.url) as ws:
+            assert json.loads(await ws.get_message())["type"] == "connected"
+            ready.set()
+            seqs = received.setdefault(index, [])
+            while len(seqs) < updates:
+                message = json.loads(await ws.get_message())
+                if message["data"]["symbol"] == "BTC/USD":
+                    seqs.append(message["data"]["seq"])
+
+    async with trio.open_nursery() as nursery:
+        for index in range(clients):
+            ready = trio.Event()
+            nursery.start_soon(client, index, ready)
+            await ready.wait()
+        for i in range(updates):
+            running.hub.publish([bar("BTC/USD", 100 + i), bar("ETH/USD", 10 + i)])
+            await trio.lowlevel.checkpoint()
+    assert all(seqs == list(range(1, updates + 1)) for seqs in received.values())
+    assert len(received) == clients
+
+
+async def test_frames_never_interleave_with_pings_and_replies(running: Running) -> None:
+    """Control frames, replies and broadcasts share one write path; a strict client parses all."""
+    async with open_websocket_url(running.url) as ws:
+        await ws.get_message()
+        seqs: list[int] = []
+        pongs = 0
+
+        async def reader() -> None:
+            nonlocal pongs
+            while len(seqs) < 300 or pongs < 50:
+                message = json.loads(await ws.get_message())
+                if message["type"] == "pong":
+                    pongs += 1
+                else:
+                    seqs.append(message["data"]["seq"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for i in range(300):
+                running.hub.publish([bar(price=100 + i)])
+                if i % 6 == 0:
+                    await ws.send_message('{"type": "ping"}')
+                    await ws.ping(str(i).encode())  # waits for the WebSocket pong
+                await trio.lowlevel.checkpoint()
+        assert seqs == list(range(1, 301)) and pongs == 50
+
+
+async def open_raw_client(port: int, rcvbuf: int) -> tuple[trio.SocketStream, WSConnection]:
+    """A WebSocket client with a tiny receive buffer, upgraded by hand with wsproto."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="localhost", target=f"/?access_token={TOKEN}")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await stream.receive_some(4096))
+    return stream, ws
+
+
+async def read_to_close(stream: trio.SocketStream, ws: WSConnection) -> tuple[list[dict], int]:
+    """Every message until the close frame, parsed strictly; returns messages and close code."""
+    messages: list[dict] = []
+    parts: list[str] = []
+    while True:
+        data = await stream.receive_some(65536)
+        ws.receive_data(data or None)
+        for event in ws.events():
+            if isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    messages.append(json.loads("".join(parts)))
+                    parts.clear()
+            elif isinstance(event, CloseConnection):
+                return messages, event.code
+        assert data, "connection ended without a close frame"
+
+
+@pytest.mark.parametrize("running", [{"max_backlog_bytes": 64 * 1024}], indirect=True)
+async def test_never_reading_client_is_cut_at_its_cap_alone(running: Running) -> None:
+    good_seqs: list[int] = []
+    slow_stream, slow_ws = await open_raw_client(running.port, rcvbuf=4096)
+    async with open_websocket_url(running.url) as good:
+        await good.get_message()
+
+        async def read_good() -> None:
+            while True:
+                good_seqs.append((await until_update(good))["data"]["seq"])
+
+        published = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_good)
+            # Paced so the reading client keeps up; the never-reading one fills its buffers.
+            while not running.stats.backlog_overflows and published < 100_000:
+                for _ in range(10):
+                    running.hub.publish([bar(price=1e300)])
+                    published += 1
+                await trio.sleep(0.001)
+            # The slow client, reading at last, finds a well-formed stream closed with 1013.
+            with trio.fail_after(5):
+                messages, code = await read_to_close(slow_stream, slow_ws)
+            assert code == 1013
+            seqs = [m["data"]["seq"] for m in messages if m["type"] == "volatility_update"]
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < published
+            with trio.fail_after(10):
+                # Polls state the server exposes no event for; bounded by fail_after.
+                while running.server.client_count > 1 or len(good_seqs) < published:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert running.stats.disconnects["backlog_overflow"] == 1
+        assert good_seqs == list(range(1, published + 1))
+    await slow_stream.aclose()
+
+
+@pytest.mark.parametrize("running", [{"max_connections": 2}], indirect=True)
+async def test_capacity_is_an_http_503_before_upgrade(running: Running) -> None:
+    async with open_websocket_url(running.url), open_websocket_url(running.url):
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with open_websocket_url(running.url):
+                pass
+        assert rejected.value.status_code == 503
+        assert dict(rejected.value.headers)[b"retry-after"] == b"5"
+    assert running.stats.rejected_upgrades["capacity"] == 1
+
+
+async def test_oversized_message_closes_with_1009(running: Running) -> None:
+    async with open_websocket_url(running.url) as ws:
+        await ws.get_message()
+        await ws.send_message("x" * 5000)
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 1009
+
+
+async def test_silent_connection_hits_the_handshake_timeout(running: Running) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    with trio.fail_after(3):
+        assert await stream.receive_some() == b""  # closed by the server after 1 s
+    await stream.aclose()
+    assert running.stats.rejected_upgrades["handshake_timeout"] == 1
+
+
+async def test_plain_http_request_gets_an_http_error(running: Running) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = b""
+    with trio.fail_after(3):
+        while chunk := await stream.receive_some():
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 4")
+    await stream.aclose()
+
+
+async def test_drain_closes_every_client_with_1001(running: Running) -> None:
+    async with open_websocket_url(running.url) as a, open_websocket_url(running.url) as b:
+        await a.get_message()
+        await b.get_message()
+        with trio.fail_after(3):
+            await running.server.drain()
+        assert running.server.client_count == 0 and not running.server.listening
+        for ws in (a, b):
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason.code == 1001
+    with pytest.raises(OSError):  # the listener is closed: refused at once
+        await trio.open_tcp_stream("127.0.0.1", running.port)
+
+
+async def test_cancelling_run_aborts_clients_and_keeps_the_listener() -> None:
+    listener = bind_listener("127.0.0.1", 0, 8)
+    stats = Stats()
+    _, receive = trio.open_memory_channel[list[Bar]](1)
+    hub = Hub(SYMBOLS, receive, stats)
+    limits = Limits(
+        max_connections=10, max_backlog_bytes=65536, max_message_size=4096, handshake_timeout=1.0
+    )
+    server = WebSocketServer(
+        listener, hub, TokenStore([], enabled=False), limits, stats, structlog.get_logger()
+    )
+    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/"
+    closed_seen = False
+    async with trio.open_nursery() as outer:
+        server_scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with server_scope:
+                await server.run(task_status=task_status)
+
+        await outer.start(serve)
+        async with open_websocket_url(url) as ws:
+            await ws.get_message()
+            server_scope.cancel()
+            with pytest.raises(ConnectionClosed), trio.fail_after(2):
+                await ws.get_message()
+            closed_seen = True
+    assert closed_seen
+    assert server.client_count == 0 and stats.clients_connected == 0
+    # The listening socket belongs to the caller: a restarted run() serves on it again.
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        async with open_websocket_url(url) as ws:
+            assert json.loads(await ws.get_message())["type"] == "connected"
+        nursery.cancel_scope.cancel()
+    listener.close()
+
+
+def test_bind_listener_refuses_a_taken_port() -> None:
+    first = bind_listener("127.0.0.1", 0, 8)
+    try:
+        with pytest.raises(OSError):
+            taken = socket.socket()
+            taken.bind(("127.0.0.1", first.getsockname()[1]))
+    finally:
+        taken.close()
+        first.close()
