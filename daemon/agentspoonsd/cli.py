@@ -13,14 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from . import __version__
 from .auth import hash_token, new_token
-from .daemon import EXIT_CONFIG, EXIT_SOFTWARE, Daemon
-from .logs import configure_logging
-from .settings import ConfigError, Settings, find_config_path, load_settings, redacted
-from .supervisor import CrashBudgetExceeded
+from .settings import EXIT_CONFIG, ConfigError, Settings, find_config_path, load_settings, redacted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +54,12 @@ def _check_config(config: str | None) -> int:
     return 0
 
 
+def _toml_string(value: str) -> str:
+    """A TOML basic string. JSON's escapes are TOML's, except the surrogate pairs `ensure_ascii`
+    writes for characters past U+FFFF (TOML wants scalar values) and DEL, which JSON leaves raw."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _token_new(name: str, symbols: list[str]) -> int:
     from .settings import TokenSettings
 
@@ -68,7 +69,7 @@ def _token_new(name: str, symbols: list[str]) -> int:
         print(f"agentspoonsd: invalid token name or symbols: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     token = new_token()
-    listed = ", ".join(json.dumps(s) for s in symbols)
+    listed = ", ".join(_toml_string(s) for s in symbols)
     print(f"token: {token}")
     print("# Shown once: give it to the client; only its digest goes in the config.")
     print("# Paste into agentspoonsd.toml, then reload (systemctl reload agentspoonsd):\n")
@@ -95,6 +96,13 @@ def _run(config: str | None) -> int:
             + "\n"
         )
         return EXIT_CONFIG
+    # Imported here so `--version`, `token` and `check-config` don't pay for numpy and trio.
+    import trio
+
+    from .daemon import EXIT_SOFTWARE, Daemon
+    from .logs import configure_logging
+    from .supervisor import CrashBudgetExceeded
+
     gate = configure_logging(settings.log.level, settings.log.format)
     daemon = Daemon(settings, path, gate)
     try:

@@ -37,7 +37,6 @@ from .ws import Limits, WebSocketServer
 EXIT_OK = 0
 EXIT_SOFTWARE = 70  # a service exhausted its crash budget
 EXIT_OSERR = 71  # a listener could not be bound
-EXIT_CONFIG = 78
 
 # Settings a SIGHUP applies live; any other change is reported as needing a restart.
 RELOADABLE = {"auth", "log"}

@@ -54,13 +54,24 @@ def redact_secrets(logger: WrappedLogger, method: str, event: EventDict) -> Even
 
 
 def _redact(mapping: MutableMapping[str, Any]) -> None:
+    # In place on the event dict (structlog's own copy); nested values are copied, never mutated:
+    # they belong to the caller.
     for key, value in mapping.items():
-        if key.lower() in SECRET_KEYS:
-            mapping[key] = REDACTED
-        elif isinstance(value, str) and ("access_token" in value or "earer" in value):
-            mapping[key] = _SECRET_IN_TEXT.sub(lambda m: m.group(1) + REDACTED, value)
-        elif isinstance(value, dict):
-            _redact(value)
+        mapping[key] = _redact_field(key, value)
+
+
+def _redact_field(key: Any, value: Any) -> Any:
+    if isinstance(key, str) and key.lower() in SECRET_KEYS:
+        return REDACTED
+    if isinstance(value, str):
+        lowered = value.lower()  # the pattern is case-insensitive, so must this cheap test be
+        if "access_token" in lowered or "bearer" in lowered:
+            return _SECRET_IN_TEXT.sub(lambda m: m.group(1) + REDACTED, value)
+    elif isinstance(value, dict):
+        return {k: _redact_field(k, v) for k, v in value.items()}
+    elif isinstance(value, list | tuple):
+        return [_redact_field(None, item) for item in value]
+    return value
 
 
 def order_keys(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
@@ -82,15 +93,20 @@ def configure_logging(level: str, fmt: str, stream: IO[bytes] | None = None) -> 
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
     ]
     if fmt == "console":
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
+        processors = [
+            *shared,
+            redact_secrets,
+            structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()),
+        ]
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
         processors = [
             *shared,
+            # Tracebacks become text first, so a credential in an exception message is redacted.
             structlog.processors.format_exc_info,
+            redact_secrets,
             order_keys,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]

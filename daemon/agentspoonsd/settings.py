@@ -10,16 +10,30 @@ Precedence, highest first: environment variables, the TOML file, the built-in de
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: the daemon refuses to start on a bad configuration
 ENV_PREFIX = "AGENTSPOONSD_"
 CONFIG_ENV_VAR = "AGENTSPOONSD_CONFIG"
 DEFAULT_SEARCH_PATHS = (
@@ -27,6 +41,8 @@ DEFAULT_SEARCH_PATHS = (
     Path("/etc/agentspoonsd/agentspoonsd.toml"),
 )
 
+# Keys of the public contract whose feature is not built yet: refused rather than silently ignored.
+_NOT_YET = "{} is not available in this version of agentspoonsd; remove the key"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -36,6 +52,15 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `port = true` as 1; in a config file that is a mistake.
+        annotation = cls.model_fields[info.field_name].annotation  # type: ignore[index]
+        if isinstance(value, bool) and annotation in (int, float, int | None):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
 
 class ServerSettings(_Section):
@@ -65,6 +90,13 @@ class ServerSettings(_Section):
     )
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key serves wss://.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _tls_not_yet(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            raise ValueError(_NOT_YET.format("wss:// (TLS)"))
+        return value
 
 
 class TokenSettings(_Section):
@@ -130,6 +162,14 @@ class HistorySettings(_Section):
 
     size: int = Field(1000, ge=1, le=1_000_000)
     persist: bool = False
+
+    @field_validator("persist")
+    @classmethod
+    def _persist_not_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(_NOT_YET.format("a persistent history"))
+        return value
+
     dir: Path = Path("/var/lib/agentspoonsd")
 
 
@@ -137,6 +177,14 @@ class BrokerSettings(_Section):
     """[broker]: where updates flow between nodes."""
 
     kind: Literal["memory", "redis"] = "memory"
+
+    @field_validator("kind")
+    @classmethod
+    def _redis_not_yet(cls, value: str) -> str:
+        if value == "redis":
+            raise ValueError(_NOT_YET.format("the redis broker"))
+        return value
+
     url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
 
 
@@ -228,6 +276,9 @@ def load_settings(path: Path | None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, os.environ)) from None
+    except SettingsError as exc:
+        # pydantic-settings could not decode a list-valued variable (those must be JSON).
+        raise ConfigError(_describe_undecodable_env(exc, os.environ)) from None
 
 
 def _reject_unknown_env(environ: Mapping[str, str]) -> None:
@@ -243,6 +294,24 @@ def _reject_unknown_env(environ: Mapping[str, str]) -> None:
             raise ConfigError(f"environment variable {name}: no config section '{parts[0]}'")
         if len(parts) != 2 or parts[1] not in section.annotation.model_fields:  # type: ignore[union-attr]
             raise ConfigError(f"environment variable {name}: no key '{'.'.join(parts)}'")
+
+
+def _describe_undecodable_env(exc: SettingsError, environ: Mapping[str, str]) -> str:
+    lines = []
+    for name, value in environ.items():
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV_VAR:
+            continue
+        section, _, key = upper[len(ENV_PREFIX) :].lower().partition("__")
+        model = Settings.model_fields[section].annotation  # known: _reject_unknown_env ran
+        field = model.model_fields[key]  # type: ignore[union-attr]
+        if get_origin(field.annotation) is not list:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            lines.append(f"environment variable {upper}: {section}.{key}: must be a JSON list")
+    return "\n".join(lines) or f"environment: {exc}"
 
 
 def _describe(exc: ValidationError, path: Path | None, environ: Mapping[str, str]) -> str:

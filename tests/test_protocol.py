@@ -1,0 +1,235 @@
+"""protocol: the documented server messages, and replies to whatever a client sends."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta, timezone
+
+import orjson
+import pytest
+
+from agentspoonsd import __version__
+from agentspoonsd.market.bar import Bar
+from agentspoonsd.protocol import (
+    SERVER_BANNER,
+    ErrorCode,
+    connected_message,
+    encode,
+    error_message,
+    iso_utc,
+    reply_to,
+    update_message,
+)
+
+ISO_UTC_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+NOW = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+BAR = Bar(
+    symbol="BTC/USD",
+    timestamp=datetime(2024, 5, 6, 7, 8, 8, tzinfo=UTC),
+    open=50000.0,
+    high=50100.5,
+    low=49900.25,
+    close=50050.75,
+    volume=12.5,
+    returns=0.001014,
+    volatility=0.0023,
+)
+
+
+def parse_iso(text: str) -> datetime:
+    assert ISO_UTC_MICROS.match(text), text
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# --- iso_utc --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("moment", "expected"),
+    [
+        (datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC), "2024-01-02T03:04:05.000000Z"),
+        (datetime(2024, 1, 2, 3, 4, 5, 7, tzinfo=UTC), "2024-01-02T03:04:05.000007Z"),
+        (datetime(2024, 1, 2, 3, 4, 5, 999999, tzinfo=UTC), "2024-01-02T03:04:05.999999Z"),
+        # other zones are converted to UTC, across a date boundary
+        (
+            datetime(2024, 1, 1, 1, 30, 0, 500000, tzinfo=timezone(timedelta(hours=2))),
+            "2023-12-31T23:30:00.500000Z",
+        ),
+        (
+            datetime(2024, 6, 30, 20, 0, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+            "2024-07-01T01:30:00.000000Z",
+        ),
+    ],
+)
+def test_iso_utc(moment: datetime, expected: str) -> None:
+    assert iso_utc(moment) == expected
+    assert parse_iso(iso_utc(moment)) == moment
+
+
+def test_iso_utc_now_always_has_microseconds() -> None:
+    for micro in (0, 1, 10, 100000):
+        assert ISO_UTC_MICROS.match(iso_utc(NOW.replace(microsecond=micro)))
+
+
+# --- server messages ------------------------------------------------------------------------------
+
+
+def test_connected_message() -> None:
+    message = connected_message(NOW, token="dashboard", symbols=["BTC/USD", "ETH/USD"])
+    assert message["type"] == "connected"
+    assert message["message"] == SERVER_BANNER == "AgentSpoons WebSocket Server"
+    assert message["timestamp"] == "2024-05-06T07:08:09.123456Z"
+    assert parse_iso(message["timestamp"]) == NOW
+    # additive fields
+    assert message["version"] == __version__
+    assert message["token"] == "dashboard"
+    assert message["symbols"] == ["BTC/USD", "ETH/USD"]
+    assert list(message)[:3] == ["type", "message", "timestamp"]
+
+
+def test_update_message_shape() -> None:
+    message = update_message(BAR, 7, NOW)
+    assert set(message) == {"type", "data", "timestamp"}
+    assert message["type"] == "volatility_update"
+    assert message["timestamp"] == "2024-05-06T07:08:09.123456Z"
+    data = message["data"]
+    documented = {"timestamp", "volatility", "price", "returns", "open", "high", "low", "volume"}
+    assert documented <= set(data)
+    assert {"symbol", "seq"} <= set(data)
+    assert data["timestamp"] == "2024-05-06T07:08:08.000000Z"  # the bar's time, not publication
+    assert data["symbol"] == "BTC/USD"
+    assert data["seq"] == 7
+    assert data["price"] == BAR.close == data["close"]
+    assert data["volatility"] == BAR.volatility
+    assert data["returns"] == BAR.returns
+    assert (data["open"], data["high"], data["low"]) == (BAR.open, BAR.high, BAR.low)
+    assert data["volume"] == BAR.volume
+    for key in documented - {"timestamp"}:
+        assert isinstance(data[key], float), key
+
+
+def test_update_message_encodes_as_documented_json() -> None:
+    raw = encode(update_message(BAR, 1, NOW))
+    assert isinstance(raw, bytes)
+    decoded = orjson.loads(raw)
+    assert decoded == update_message(BAR, 1, NOW)
+    assert raw.startswith(b'{"type":"volatility_update","data":{')
+    parse_iso(decoded["timestamp"])
+    parse_iso(decoded["data"]["timestamp"])
+
+
+def test_connected_message_encodes() -> None:
+    decoded = orjson.loads(encode(connected_message(NOW, token="t", symbols=[])))
+    assert decoded["type"] == "connected" and decoded["symbols"] == []
+
+
+def test_error_message() -> None:
+    assert error_message("c", "m") == {"type": "error", "code": "c", "message": "m"}
+
+
+# --- reply_to -------------------------------------------------------------------------------------
+
+
+def test_ping_gets_pong() -> None:
+    assert reply_to('{"type": "ping"}', NOW) == {
+        "type": "pong",
+        "timestamp": "2024-05-06T07:08:09.123456Z",
+    }
+    # extra fields are tolerated
+    assert reply_to('{"type":"ping","id":42,"x":[1,2]}', NOW)["type"] == "pong"
+
+
+@pytest.mark.parametrize("text", ["", "{", "ping", "{'type': 'ping'}", '{"type": "ping"', "NaN"])
+def test_invalid_json(text: str) -> None:
+    reply = reply_to(text, NOW)
+    assert reply["type"] == "error"
+    assert reply["code"] == ErrorCode.INVALID_JSON == "invalid_json"
+    assert reply["message"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[]", '["ping"]', "null", "1", '"ping"', "true", "{}", '{"Type":"ping"}'],
+)
+def test_not_an_object_with_type(text: str) -> None:
+    reply = reply_to(text, NOW)
+    assert reply["type"] == "error"
+    assert reply["code"] == ErrorCode.INVALID_MESSAGE == "invalid_message"
+    assert '"type"' in reply["message"]
+
+
+@pytest.mark.parametrize("value", ["null", "1", "true", '["ping"]', '{"t":"ping"}'])
+def test_type_not_a_string(value: str) -> None:
+    reply = reply_to(f'{{"type": {value}}}', NOW)
+    assert reply["code"] == ErrorCode.INVALID_MESSAGE
+
+
+def test_unknown_type() -> None:
+    reply = reply_to('{"type": "subscribe-all-the-things"}', NOW)
+    assert reply["type"] == "error"
+    assert reply["code"] == ErrorCode.UNKNOWN_TYPE == "unknown_type"
+    assert "subscribe-all-the-things" in reply["message"]
+
+
+@pytest.mark.parametrize("kind", ["PING", "ping ", "", "pong"])
+def test_near_misses_are_unknown_types(kind: str) -> None:
+    assert reply_to(orjson.dumps({"type": kind}).decode(), NOW)["code"] == ErrorCode.UNKNOWN_TYPE
+
+
+def test_long_unknown_type_is_truncated() -> None:
+    kind = "x" * 100_000
+    reply = reply_to(orjson.dumps({"type": kind}).decode(), NOW)
+    assert reply["code"] == ErrorCode.UNKNOWN_TYPE
+    assert len(reply["message"]) < 200
+    assert "x" * 64 in reply["message"] and "x" * 65 not in reply["message"]
+    assert "…" in reply["message"]
+
+
+def test_type_of_exactly_64_chars_is_not_truncated() -> None:
+    reply = reply_to(orjson.dumps({"type": "y" * 64}).decode(), NOW)
+    assert "y" * 64 in reply["message"] and "…" not in reply["message"]
+
+
+NASTY = [
+    "9" * 5000,
+    "-" + "9" * 400,
+    '{"type": 1e999999}',
+    '{"type": "ping", "n": ' + "9" * 400 + "}",
+    '{"type": NaN}',
+    '{"type": Infinity}',
+    "-Infinity",
+    "[" * 100_000,
+    "[" * 100_000 + "]" * 100_000,
+    '{"a":' * 5000 + "1" + "}" * 5000,
+    "\x00",
+    '{"type": "ping"}\x00',
+    '{"type": "ping"} {"type": "ping"}',
+    "\ud800",
+    '{"type": "\\ud800"}',
+    '{"type": "\x00\x1b[31m"}',
+    '{"type": "ping", "type": "pong"}',
+    "\ufeff" + '{"type": "ping"}',
+    " " * 100_000,
+    '"' + "\\" * 10_001,
+    "{" + '"k":1,' * 50_000 + '"type":"x"}',
+]
+
+
+@pytest.mark.parametrize("text", NASTY, ids=range(len(NASTY)))
+def test_never_raises_and_reply_is_encodable(text: str) -> None:
+    reply = reply_to(text, NOW)
+    assert reply["type"] in {"pong", "error"}
+    if reply["type"] == "error":
+        assert reply["code"] in {
+            ErrorCode.INVALID_JSON,
+            ErrorCode.INVALID_MESSAGE,
+            ErrorCode.UNKNOWN_TYPE,
+        }
+        assert isinstance(reply["message"], str)
+    assert orjson.loads(encode(reply)) == reply
+
+
+def test_control_characters_in_type_are_escaped_in_the_reply() -> None:
+    reply = reply_to('{"type": "a\\u0000b\\u001b[31m"}', NOW)
+    assert "\x00" not in reply["message"] and "\x1b" not in reply["message"]

@@ -1,0 +1,418 @@
+"""settings: defaults, TOML loading, env overrides, every error names its key and its source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from agentspoonsd import settings as settings_module
+from agentspoonsd.settings import (
+    CONFIG_ENV_VAR,
+    ConfigError,
+    Settings,
+    TokenSettings,
+    find_config_path,
+    load_settings,
+    redacted,
+)
+
+DIGEST_A = hashlib.sha256(b"token-a").hexdigest()
+DIGEST_B = hashlib.sha256(b"token-b").hexdigest()
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "agentspoonsd.toml"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AGENTSPOONSD_* variable from the caller's shell, and no ./agentspoonsd.toml around."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("AGENTSPOONSD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write(tmp_path: Path, text: str, name: str = "conf.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path | None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return str(info.value)
+
+
+# --- defaults and loading -------------------------------------------------------------------------
+
+
+def test_defaults_match_design() -> None:
+    s = load_settings(None)
+    assert (s.server.host, s.server.port) == ("0.0.0.0", 8765)
+    assert s.server.max_connections == 20000
+    assert s.server.shutdown_timeout == 5.0
+    assert s.server.tls_cert is None and s.server.tls_key is None
+    assert s.auth.enabled is True and s.auth.tokens == []
+    assert s.generator.interval == 2.0
+    assert s.generator.symbols == ["BTC/USD"]
+    assert s.generator.model == "garch"
+    assert s.generator.seed is None
+    assert s.history.size == 1000 and s.history.persist is False
+    assert s.history.dir == Path("/var/lib/agentspoonsd")
+    assert s.broker.kind == "memory"
+    assert (s.health.host, s.health.port) == ("127.0.0.1", 8766)
+    assert (s.log.level, s.log.format) == ("info", "json")
+
+
+def test_repository_config_is_valid_and_equals_defaults() -> None:
+    """./agentspoonsd.toml documents every key with its built-in default."""
+    assert load_settings(REPO_CONFIG) == load_settings(None)
+
+
+def test_toml_file_is_loaded(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+[server]
+host = "127.0.0.1"
+port = 9100
+shutdown_timeout = 1.5
+
+[auth]
+enabled = true
+[[auth.tokens]]
+name = "dashboard"
+sha256 = "{DIGEST_A.upper()}"
+[[auth.tokens]]
+name = "eth-only"
+sha256 = "{DIGEST_B}"
+symbols = ["ETH/USD"]
+
+[generator]
+interval = 0.5
+symbols = ["BTC/USD", "ETH/USD"]
+seed = 42
+
+[history]
+size = 10
+
+[health]
+port = 0
+
+[log]
+level = "debug"
+format = "console"
+""",
+    )
+    s = load_settings(path)
+    assert (s.server.host, s.server.port, s.server.shutdown_timeout) == ("127.0.0.1", 9100, 1.5)
+    assert s.server.max_connections == 20000  # untouched keys keep their default
+    assert [t.name for t in s.auth.tokens] == ["dashboard", "eth-only"]
+    assert s.auth.tokens[0].sha256 == DIGEST_A  # normalised to lower case
+    assert s.auth.tokens[0].symbols == ["*"]
+    assert s.auth.tokens[1].symbols == ["ETH/USD"]
+    assert s.generator.interval == 0.5 and s.generator.seed == 42
+    assert s.generator.symbols == ["BTC/USD", "ETH/USD"]
+    assert s.history.size == 10 and s.health.port == 0
+    assert (s.log.level, s.log.format) == ("debug", "console")
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "")) == load_settings(None)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(None)
+    with pytest.raises(ValueError):
+        s.server.port = 1  # type: ignore[misc]
+
+
+# --- environment overrides ------------------------------------------------------------------------
+
+
+def test_env_beats_file_and_keeps_the_rest_of_the_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, '[server]\nhost = "127.0.0.1"\nport = 1234\n')
+    monkeypatch.setenv("AGENTSPOONSD_SERVER__PORT", "9000")
+    s = load_settings(path)
+    assert s.server.port == 9000
+    assert s.server.host == "127.0.0.1"
+
+
+def test_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPOONSD_LOG__LEVEL", "warning")
+    monkeypatch.setenv("agentspoonsd_generator__interval", "0.25")  # names are case-insensitive
+    monkeypatch.setenv("AGENTSPOONSD_GENERATOR__SYMBOLS", '["A/B", "C/D"]')
+    s = load_settings(None)
+    assert s.log.level == "warning"
+    assert s.generator.interval == 0.25
+    assert s.generator.symbols == ["A/B", "C/D"]
+
+
+def test_env_fixes_a_bad_file_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[server]\nport = 99999\n")
+    monkeypatch.setenv("AGENTSPOONSD_SERVER__PORT", "9001")
+    assert load_settings(path).server.port == 9001
+
+
+def test_config_env_var_is_not_an_unknown_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(write(tmp_path, "")))
+    assert load_settings(None).server.port == 8765
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("AGENTSPOONSD_SERVR__PORT", "no config section 'servr'"),
+        ("AGENTSPOONSD_SERVER__PROT", "no key 'server.prot'"),
+        ("AGENTSPOONSD_SERVER", "no key 'server'"),
+        ("AGENTSPOONSD_SERVER__PORT__X", "no key 'server.port.x'"),
+    ],
+)
+def test_unknown_env_var(monkeypatch: pytest.MonkeyPatch, name: str, message: str) -> None:
+    monkeypatch.setenv(name, "1")
+    text = config_error(None)
+    assert name in text
+    assert message in text
+
+
+def test_bad_env_value_names_the_variable_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[server]\nport = 1234\n")
+    monkeypatch.setenv("AGENTSPOONSD_SERVER__PORT", "not-a-number")
+    text = config_error(path)
+    assert "environment variable AGENTSPOONSD_SERVER__PORT" in text
+    assert "server.port" in text
+    assert str(path) not in text  # the file's value is fine; the variable is the culprit
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "key"),
+    [
+        ("AGENTSPOONSD_GENERATOR__SYMBOLS", "BTC/USD", "generator.symbols"),
+        ("AGENTSPOONSD_AUTH__TOKENS", "dashboard", "auth.tokens"),
+    ],
+)
+def test_env_list_that_is_not_json_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, key: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AGENTSPOONSD_SERVER__HOST", "127.0.0.1")  # a fine non-JSON neighbour
+    text = config_error(None)
+    assert f"environment variable {name}: {key}:" in text
+    assert "JSON" in text
+    assert "SERVER__HOST" not in text
+
+
+def test_env_list_with_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPOONSD_GENERATOR__SYMBOLS", '["A", "A"]')
+    text = config_error(None)
+    assert "environment variable AGENTSPOONSD_GENERATOR__SYMBOLS" in text
+    assert "generator.symbols" in text and "unique" in text
+
+
+# --- errors in the file ---------------------------------------------------------------------------
+
+
+def token_block(name: str = "a", sha256: str = DIGEST_A, extra: str = "") -> str:
+    return f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{sha256}"\n{extra}\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        # unknown keys, in every section and at the top level
+        ("bogus = 1", "bogus", "unknown key"),
+        *[
+            (f"[{section}]\nbogus = 1", f"{section}.bogus", "unknown key")
+            for section in Settings.model_fields
+        ],
+        (token_block(extra="bogus = 1"), "auth.tokens[0].bogus", "unknown key"),
+        # bad types
+        ('[server]\nport = "abc"', "server.port", "integer"),
+        ("[server]\nport = true", "server.port", "boolean"),  # lax pydantic would read 1
+        ("[generator]\ninterval = false", "generator.interval", "boolean"),
+        ("[generator]\nseed = true", "generator.seed", "boolean"),
+        ("[server]\nport = 80.5", "server.port", "integer"),
+        ('[server]\nshutdown_timeout = "soon"', "server.shutdown_timeout", "number"),
+        ('[generator]\nsymbols = "BTC/USD"', "generator.symbols", "list"),
+        ("[generator]\nsymbols = [1]", "generator.symbols[0]", "string"),
+        ("[auth]\nenabled = 3", "auth.enabled", "boolean"),
+        ("server = 5", "server", "dictionary"),
+        ('[log]\nlevel = "verbose"', "log.level", "'debug'"),
+        ('[log]\nformat = "xml"', "log.format", "'json'"),
+        ('[generator]\nmodel = "heston"', "generator.model", "'garch'"),
+        ('[broker]\nkind = "kafka"', "broker.kind", "'memory'"),
+        ('[broker]\nurl = "http://x"', "broker.url", "pattern"),
+        # out of range
+        ("[server]\nport = 65536", "server.port", "65535"),
+        ("[server]\nport = -1", "server.port", "0"),
+        ("[server]\nmax_connections = 0", "server.max_connections", "1"),
+        ("[server]\nshutdown_timeout = 0", "server.shutdown_timeout", "greater than 0"),
+        ("[server]\nmax_backlog_bytes = 10", "server.max_backlog_bytes", "1024"),
+        ("[generator]\ninterval = 0", "generator.interval", "greater than 0"),
+        ("[generator]\ninterval = 3601", "generator.interval", "3600"),
+        ("[generator]\nsymbols = []", "generator.symbols", "at least 1"),
+        ('[generator]\nsymbols = [""]', "generator.symbols[0]", "at least 1"),
+        ("[history]\nsize = 0", "history.size", "1"),
+        ("[health]\nport = 70000", "health.port", "65535"),
+        # tokens
+        (token_block(sha256="xyz"), "auth.tokens[0].sha256", "64 hexadecimal"),
+        (token_block(sha256="g" * 64), "auth.tokens[0].sha256", "64 hexadecimal"),
+        (token_block(sha256=DIGEST_A[:-1]), "auth.tokens[0].sha256", "64 hexadecimal"),
+        (token_block() + token_block("b", "0" * 63), "auth.tokens[1].sha256", "64 hexadecimal"),
+        ('[[auth.tokens]]\nname = "a"', "auth.tokens[0].sha256", "Field required"),
+        (token_block(name="has space"), "auth.tokens[0].name", "pattern"),
+        (token_block(name=""), "auth.tokens[0].name", "at least 1"),
+        (token_block("dup") + token_block("dup", DIGEST_B), "auth.tokens", "duplicate token"),
+        # symbols
+        ('[generator]\nsymbols = ["A", "B", "A"]', "generator.symbols", "unique"),
+        ('[generator]\nsymbols = ["*"]', "generator.symbols", '"*"'),
+    ],
+)
+def test_bad_file_names_key_and_file(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert f"{path}: {key}: " in message, message
+    assert reason in message, message
+
+
+def test_every_problem_is_reported_one_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 70000\nbogus = 1\n[log]\nlevel = 1\n")
+    lines = config_error(path).splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert {line.split(": ")[1] for line in lines} == {"server.port", "server.bogus", "log.level"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[server\nport = 1",
+        "[server]\nport = ",
+        "[server]\nport = 1\nport = 2",
+        "[server]\nhost = 'unterminated",
+        "not toml at all",
+    ],
+)
+def test_invalid_toml_names_the_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert message.startswith(f"{path}: invalid TOML: ")
+    assert "(at " in message  # the position (line and column, or end of document)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "dir.toml"
+    path.mkdir()
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        settings_module.read_toml(path)
+
+
+def test_bad_tokens_validate_alone() -> None:
+    assert TokenSettings(name="x", sha256=" " + DIGEST_A.upper() + "\n").sha256 == DIGEST_A
+    with pytest.raises(ValueError):
+        TokenSettings(name="x", sha256="z" * 64)
+
+
+# --- search order ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def search_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path]:
+    """The default locations, with /etc/… moved under tmp_path so the host's /etc is not read."""
+    local = Path("agentspoonsd.toml")
+    system = tmp_path / "etc" / "agentspoonsd.toml"
+    monkeypatch.setattr(settings_module, "DEFAULT_SEARCH_PATHS", (local, system))
+    return local, system
+
+
+def test_search_order(tmp_path: Path, search_paths: tuple[Path, Path]) -> None:
+    local, system = search_paths
+    explicit = write(tmp_path, "", "explicit.toml")
+    from_env = write(tmp_path, "", "env.toml")
+    env = {CONFIG_ENV_VAR: str(from_env)}
+
+    assert find_config_path(None, {}) is None  # nothing anywhere: built-in defaults
+    system.parent.mkdir()
+    system.write_text("")
+    assert find_config_path(None, {}) == system
+    (tmp_path / local).write_text("")  # ./agentspoonsd.toml (the cwd is tmp_path)
+    assert find_config_path(None, {}) == local
+    assert find_config_path(None, env) == from_env
+    assert find_config_path(explicit, env) == explicit
+    assert find_config_path(str(explicit), {}) == explicit
+
+
+def test_empty_config_env_var_is_ignored(search_paths: tuple[Path, Path]) -> None:
+    assert find_config_path(None, {CONFIG_ENV_VAR: ""}) is None
+
+
+def test_cwd_file_is_found_and_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, search_paths: tuple[Path, Path]
+) -> None:
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write(other, "[server]\nport = 4242\n", "agentspoonsd.toml")
+    monkeypatch.chdir(other)
+    path = find_config_path(None, {})
+    assert path is not None and path.resolve() == other / "agentspoonsd.toml"
+    assert load_settings(path).server.port == 4242
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path, search_paths: tuple[Path, Path]) -> None:
+    (tmp_path / "agentspoonsd.toml").write_text("")  # a fallback exists, but is not used
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=re.escape(f"{missing}: config file not found")):
+        find_config_path(missing, {})
+    with pytest.raises(ConfigError, match=re.escape(str(missing))):
+        find_config_path(None, {CONFIG_ENV_VAR: str(missing)})
+    with pytest.raises(ConfigError, match="not found"):
+        find_config_path(tmp_path, {})  # a directory is not a config file
+
+
+# --- redaction ------------------------------------------------------------------------------------
+
+
+def test_redacted_never_contains_a_full_digest(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, token_block("a", DIGEST_A) + token_block("b", DIGEST_B)))
+    data = redacted(s)
+    text = json.dumps(data, ensure_ascii=False)
+    for digest in (DIGEST_A, DIGEST_B):
+        assert digest not in text
+        assert digest[:12] not in text
+    assert [t["name"] for t in data["auth"]["tokens"]] == ["a", "b"]
+    assert data["auth"]["tokens"][0]["sha256"].startswith(DIGEST_A[:8])
+    assert "redacted" in data["auth"]["tokens"][0]["sha256"]
+    # everything else is the effective config, as plain JSON-able data
+    assert data["server"]["port"] == 8765
+    assert data["history"]["dir"] == "/var/lib/agentspoonsd"
+    assert s.auth.tokens[0].sha256 == DIGEST_A  # the settings themselves are untouched
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[server]\ntls_cert = "/etc/agentspoonsd/tls.crt"\n', "server.tls_cert"),
+        ('[broker]\nkind = "redis"\n', "broker.kind"),
+        ("[history]\npersist = true\n", "history.persist"),
+    ],
+)
+def test_contract_keys_whose_feature_is_not_built_are_refused(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    path = tmp_path / "agentspoonsd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert f"{path}: {key}:" in str(error.value)
+    assert "not available in this version" in str(error.value)
