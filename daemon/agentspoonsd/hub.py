@@ -50,7 +50,10 @@ class Hub:
         self._receive = receive_channel
         self._stats = stats
         self._wall_clock = wall_clock
-        self._subscribers: dict[str, dict[Subscriber, None]] = {s: {} for s in symbols}
+        # symbol → {subscriber: its bound send_frame}; bound once so the broadcast loop is lean.
+        self._subscribers: dict[str, dict[Subscriber, Callable[[bytes], None]]] = {
+            s: {} for s in symbols
+        }
         self._seq = dict.fromkeys(symbols, 0)
         self.last_update: dict[str, dict[str, object]] = {}
         self.last_publish: float | None = None  # trio.current_time() of the newest broadcast
@@ -74,8 +77,8 @@ class Hub:
             message = protocol.update_message(bar, seq, published)
             frame = encode_text_frame(protocol.encode(message))
             subscribers = self._subscribers[bar.symbol]
-            for subscriber in subscribers:
-                subscriber.send_frame(frame)
+            for send_frame in subscribers.values():
+                send_frame(frame)
             self.last_update[bar.symbol] = message
             self._stats.updates_published += 1
             self._stats.messages_sent += len(subscribers)
@@ -84,7 +87,7 @@ class Hub:
 
     def subscribe(self, subscriber: Subscriber, symbols: list[str]) -> None:
         for symbol in symbols:
-            self._subscribers[symbol][subscriber] = None
+            self._subscribers[symbol][subscriber] = subscriber.send_frame
 
     def unsubscribe_all(self, subscriber: Subscriber) -> None:
         for subscribers in self._subscribers.values():

@@ -30,6 +30,7 @@ class Outbox:
         "_on_failure",
         "_on_overflow",
         "_queue",
+        "_send",
         "_sock",
         "_spawn",
         "failed",
@@ -48,6 +49,7 @@ class Outbox:
         on_failure: Callable[[], None],
     ) -> None:
         self._sock = sock
+        self._send = sock.send
         self._queue: deque[memoryview] = deque()
         self._head_started = False  # some bytes of _queue[0] are already on the wire
         self._spawn = spawn
@@ -98,19 +100,23 @@ class Outbox:
         await self._flushed.wait()
 
     def _enqueue(self, data: bytes) -> None:
-        view = memoryview(data)
+        if self._queue:
+            self._queue_rest(memoryview(data), started=self._head_started)
+            return
+        # The hot path of every broadcast: one non-blocking send of the whole frame.
+        try:
+            sent = self._send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._fail()
+            return
+        if sent != len(data):
+            self._queue_rest(memoryview(data)[sent:], started=sent > 0)
+
+    def _queue_rest(self, view: memoryview, *, started: bool) -> None:
         if not self._queue:
-            try:
-                sent = self._sock.send(view)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._fail()
-                return
-            if sent == len(view):
-                return
-            view = view[sent:]
-            self._head_started = sent > 0
+            self._head_started = started
         self._queue.append(view)
         self.queued_bytes += len(view)
         if not self._draining:

@@ -87,10 +87,8 @@ class Client:
             on_overflow=self._on_overflow,
             on_failure=self._on_failure,
         )
-
-    def send_frame(self, frame: bytes) -> None:
-        """Hub entry point: one pre-encoded frame, through the single write path."""
-        self.outbox.write(frame)
+        # The hub's entry point: a pre-encoded frame goes straight into the single write path.
+        self.send_frame = self.outbox.write
 
     def send_message(self, message: dict[str, Any]) -> None:
         if self.ws.state is ConnectionState.OPEN:
