@@ -1,0 +1,107 @@
+"""The hub: sequence numbers, one encode per update, subscriptions, a cancellable run loop."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import trio
+from wsproto.frame_protocol import FrameDecoder
+
+from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.market.bar import Bar
+from agentspoonsd.metrics import Stats
+
+SYMBOLS = ["BTC/USD", "ETH/USD"]
+NOW = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+class Collector:
+    """A subscriber that keeps the frames it is handed."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def bar(symbol: str, close: float = 100.0) -> Bar:
+    return Bar(symbol, NOW, close, close + 1, close - 1, close, 2.0, 0.001, 0.01)
+
+
+def make_hub(stats: Stats | None = None) -> tuple[Hub, trio.MemorySendChannel[list[Bar]]]:
+    send, receive = trio.open_memory_channel[list[Bar]](8)
+    return Hub(SYMBOLS, receive, stats or Stats(), wall_clock=lambda: NOW), send
+
+
+def decode(frame: bytes) -> dict:
+    decoder = FrameDecoder(client=True)
+    decoder.receive_bytes(frame)
+    parsed = decoder.process_buffer()
+    assert parsed is not None and parsed.frame_finished and parsed.message_finished
+    assert decoder.process_buffer() is None  # exactly one frame
+    return orjson.loads(bytes(parsed.payload))
+
+
+def test_text_frame_is_unmasked_and_decodes() -> None:
+    frame = encode_text_frame(b'{"a":1}')
+    assert frame[0] == 0x81 and frame[1] == 7  # FIN+text, no mask bit, length 7
+    assert decode(frame) == {"a": 1}
+    long = encode_text_frame(b'"' + b"x" * 70_000 + b'"')
+    assert long[1] == 127 and len(decode(long)) == 70_000
+
+
+async def test_seq_increases_by_one_per_symbol() -> None:
+    hub, _ = make_hub()
+    btc, eth = Collector(), Collector()
+    hub.subscribe(btc, ["BTC/USD"])
+    hub.subscribe(eth, ["ETH/USD"])
+    for i in range(5):
+        hub.publish([bar("BTC/USD", 100 + i), bar("ETH/USD", 10 + i)])
+    assert [decode(f)["data"]["seq"] for f in btc.frames] == [1, 2, 3, 4, 5]
+    assert [decode(f)["data"]["symbol"] for f in eth.frames] == ["ETH/USD"] * 5
+    assert hub.last_update["BTC/USD"]["data"]["seq"] == 5
+
+
+async def test_one_encode_shared_by_every_subscriber() -> None:
+    stats = Stats()
+    hub, _ = make_hub(stats)
+    subscribers = [Collector() for _ in range(50)]
+    for s in subscribers:
+        hub.subscribe(s, SYMBOLS)
+    hub.publish([bar("BTC/USD")])
+    first = subscribers[0].frames[0]
+    assert all(s.frames[0] is first for s in subscribers)  # the same bytes object
+    message = decode(first)
+    assert message["type"] == "volatility_update"
+    assert message["timestamp"] == "2026-11-25T12:00:00.123456Z"
+    assert stats.messages_sent == 50 and stats.bytes_sent == 50 * len(first)
+    assert stats.updates_published == 1
+
+
+async def test_unsubscribed_clients_receive_nothing_more() -> None:
+    hub, _ = make_hub()
+    client = Collector()
+    hub.subscribe(client, SYMBOLS)
+    hub.publish([bar("BTC/USD")])
+    hub.unsubscribe_all(client)
+    hub.publish([bar("BTC/USD"), bar("ETH/USD")])
+    assert len(client.frames) == 1
+
+
+async def test_run_broadcasts_is_cancellable_and_restartable() -> None:
+    hub, send = make_hub()
+    client = Collector()
+    hub.subscribe(client, SYMBOLS)
+    for _ in range(2):  # the second run continues the first one's numbering
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            await send.send([bar("BTC/USD")])
+            await send.send([bar("BTC/USD"), bar("ETH/USD")])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    seqs = [decode(f)["data"]["seq"] for f in client.frames]
+    assert seqs == [1, 2, 1, 3, 4, 2]
+    assert hub.last_publish is not None
+    await send.send([])  # the channel survived both runs
