@@ -50,7 +50,8 @@ class Outbox:
     ) -> None:
         self._sock = sock
         self._send = sock.send
-        self._queue: deque[memoryview] = deque()
+        # Created on first need: most connections keep up and never queue anything.
+        self._queue: deque[memoryview] | None = None
         self._head_started = False  # some bytes of _queue[0] are already on the wire
         self._spawn = spawn
         self._on_overflow = on_overflow
@@ -86,7 +87,7 @@ class Outbox:
             return
         if discard_unsent:
             keep = 1 if self._head_started else 0
-            while len(self._queue) > keep:
+            while self._queue and len(self._queue) > keep:
                 self.queued_bytes -= len(self._queue.pop())
         self.sealed = True
         self._enqueue(final)
@@ -115,6 +116,8 @@ class Outbox:
             self._queue_rest(memoryview(data)[sent:], started=sent > 0)
 
     def _queue_rest(self, view: memoryview, *, started: bool) -> None:
+        if self._queue is None:
+            self._queue = deque()
         if not self._queue:
             self._head_started = started
         self._queue.append(view)
@@ -132,6 +135,8 @@ class Outbox:
             self._fail()
         finally:
             self._draining = False
+            if not self._queue:
+                self._queue = None  # a client that caught up holds no buffer
             if self._flushed is not None:
                 self._flushed.set()
                 self._flushed = None
@@ -156,13 +161,13 @@ class Outbox:
     def detach(self) -> None:
         """The owner is closing the socket: drop everything, call nothing, write nothing more."""
         self.failed = True
-        self._queue.clear()
+        self._queue = None
         self.queued_bytes = 0
 
     def _fail(self) -> None:
         if self.failed:
             return
         self.failed = True
-        self._queue.clear()
+        self._queue = None
         self.queued_bytes = 0
         self._on_failure()

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto import ConnectionType
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -30,6 +30,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from . import protocol
@@ -69,6 +70,20 @@ class _Disconnect(Exception):
 class Client:
     """One WebSocket peer: its socket, its wsproto state and its single write path."""
 
+    __slots__ = (
+        "_log",
+        "_stats",
+        "conn",
+        "drop_reason",
+        "grant",
+        "handshake",
+        "outbox",
+        "peer",
+        "scope",
+        "send_frame",
+        "sock",
+    )
+
     def __init__(
         self, sock: socket.socket, peer: str, outbox_cap: int, spawn: Any, stats: Stats, log: Any
     ) -> None:
@@ -76,7 +91,10 @@ class Client:
         self.peer = peer
         self._stats = stats
         self._log = log
-        self.ws = WSConnection(ConnectionType.SERVER)
+        # The HTTP upgrade machine is dropped once the upgrade is answered: it is the bulk of a
+        # connection's memory and nothing after the handshake needs it.
+        self.handshake: H11Handshake | None = H11Handshake(ConnectionType.SERVER)
+        self.conn: Connection | None = None
         self.scope = trio.CancelScope()
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
@@ -91,21 +109,27 @@ class Client:
         self.send_frame = self.outbox.write
 
     def send_message(self, message: dict[str, Any]) -> None:
-        if self.ws.state is ConnectionState.OPEN:
-            self.outbox.write(self.ws.send(TextMessage(orjson.dumps(message).decode())))
+        if self.conn is not None and self.conn.state is ConnectionState.OPEN:
+            self.outbox.write(self.conn.send(TextMessage(orjson.dumps(message).decode())))
 
     def send_event(self, event: Any) -> None:
         try:
-            data = self.ws.send(event)
+            if self.conn is not None:
+                data = self.conn.send(event)
+            else:
+                assert self.handshake is not None
+                data = self.handshake.send(event)
+                if self.handshake.connection is not None:
+                    self.conn, self.handshake = self.handshake.connection, None
         except LocalProtocolError:
             return  # the connection is already past the state where this event makes sense
         self.outbox.write(data)
 
     def close(self, code: int, reason: str = "", *, discard_unsent: bool = False) -> None:
         """Start the closing handshake: the close frame is the last thing written."""
-        if self.ws.state is ConnectionState.OPEN:
+        if self.conn is not None and self.conn.state is ConnectionState.OPEN:
             self.outbox.seal(
-                self.ws.send(CloseConnection(code, reason)), discard_unsent=discard_unsent
+                self.conn.send(CloseConnection(code, reason)), discard_unsent=discard_unsent
             )
 
     def linger_close(
@@ -229,17 +253,9 @@ class WebSocketServer:
         reason = "closed"
         try:
             with client.scope:
-                with trio.move_on_after(self.limits.handshake_timeout) as handshake:
-                    accepted = await self._handshake(client)
-                if handshake.cancelled_caught:
-                    self._stats.rejected_upgrades["handshake_timeout"] += 1
-                    self._log.info("handshake_timeout", peer=peer)
-                    return
-                if not accepted:
-                    await client.outbox.flushed()
-                    return
-                connected_at = trio.current_time()
-                reason = await self._converse(client)
+                if await self._upgrade(client):
+                    connected_at = trio.current_time()
+                    reason = await self._converse(client)
             if client.scope.cancelled_caught:
                 reason = client.drop_reason or "cancelled"
         finally:
@@ -262,22 +278,39 @@ class WebSocketServer:
                     duration_s=round(trio.current_time() - connected_at, 3),
                 )
 
-    async def _receive(self, client: Client) -> bytes:
-        await trio.lowlevel.wait_readable(client.sock)
-        try:
-            return client.sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return await self._receive(client)
-        except OSError:
-            return b""
+    async def _upgrade(self, client: Client) -> bool:
+        """The whole handshake, a refusal's delivery included, within handshake_timeout."""
+        with trio.move_on_after(self.limits.handshake_timeout):
+            if await self._handshake(client):
+                return True
+            await client.outbox.flushed()
+            return False
+        self._stats.rejected_upgrades["handshake_timeout"] += 1
+        self._log.info("handshake_timeout", peer=client.peer)
+        return False
+
+    @staticmethod
+    async def _receive(client: Client) -> bytes:
+        """The next bytes from the peer; b"" once it has closed or failed."""
+        while True:
+            await trio.lowlevel.wait_readable(client.sock)
+            try:
+                return client.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue  # a spurious wake-up: wait again
+            except OSError:
+                return b""
 
     async def _handshake(self, client: Client) -> bool:
         """Read the upgrade request and answer it. True when the upgrade was accepted."""
         while True:
             data = await self._receive(client)
             try:
-                client.ws.receive_data(data or None)
-                request = next((e for e in client.ws.events() if isinstance(e, Request)), None)
+                assert client.handshake is not None
+                client.handshake.receive_data(data or None)
+                request = next(
+                    (e for e in client.handshake.events() if isinstance(e, Request)), None
+                )
             except RemoteProtocolError as exc:
                 self._stats.rejected_upgrades["bad_request"] += 1
                 self._reject(
@@ -344,44 +377,40 @@ class WebSocketServer:
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         body = orjson.dumps({"error": code, "message": message})
-        try:
-            client.outbox.write(
-                client.ws.send(
-                    RejectConnection(
-                        status_code=status,
-                        headers=[
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                            *(headers or []),
-                        ],
-                        has_body=True,
-                    )
-                )
-            )
-            client.outbox.write(client.ws.send(RejectData(body, body_finished=True)))
-        except LocalProtocolError:
-            pass  # the handshake already failed past answering; just close
+        response = RejectConnection(
+            status_code=status,
+            headers=[
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *(headers or []),
+            ],
+            has_body=True,
+        )
+        client.send_event(response)
+        client.send_event(RejectData(body, body_finished=True))
 
     async def _converse(self, client: Client) -> str:
         """Serve an upgraded client until its connection closes; returns the disconnect reason."""
+        conn = client.conn
+        assert conn is not None
         assembler = _MessageAssembler(self.limits.max_message_size)
         while True:
-            for event in client.ws.events():
+            for event in conn.events():
                 if isinstance(event, Message):
-                    if client.ws.state is ConnectionState.OPEN:
+                    if conn.state is ConnectionState.OPEN:
                         self._on_message(client, assembler, event)
                 elif isinstance(event, Ping):
                     client.send_event(event.response())
                 elif isinstance(event, CloseConnection):
-                    if client.ws.state is ConnectionState.REMOTE_CLOSING:
+                    if conn.state is ConnectionState.REMOTE_CLOSING:
                         client.send_event(event.response())
-                    elif client.ws.state is ConnectionState.OPEN:  # wsproto saw a protocol error
+                    elif conn.state is ConnectionState.OPEN:  # wsproto saw a protocol error
                         client.close(event.code, event.reason or "")
                     await client.outbox.flushed()
                     return client.drop_reason or f"close_{event.code}"
             data = await self._receive(client)
-            client.ws.receive_data(data or None)
+            conn.receive_data(data or None)
 
     def _on_message(self, client: Client, assembler: _MessageAssembler, event: Message) -> None:
         text = assembler.feed(event)
