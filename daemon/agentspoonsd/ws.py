@@ -60,13 +60,6 @@ class Limits:
     handshake_timeout: float
 
 
-class _Disconnect(Exception):
-    """Ends a client's read loop; `reason` is the log and metrics label."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
 class Client:
     """One WebSocket peer: its socket, its wsproto state and its single write path."""
 
