@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= agentspoonsd.toml
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean bench
 
 # The venv is (re)built when pyproject.toml changes; the stamp records what was installed.
 $(BIN)/python:
@@ -23,16 +23,22 @@ run: $(VENV)/.installed
 	$(BIN)/agentspoonsd run --config $(CONFIG)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check daemon tests
-	$(BIN)/ruff format --check daemon tests
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
 
 # pytest exits 5 when it collects nothing: make treats that as the failure it is.
 test: lint
 	$(BIN)/python -m pytest
 
 format: $(VENV)/.installed-test
-	$(BIN)/ruff format daemon tests
-	$(BIN)/ruff check --fix daemon tests
+	$(BIN)/ruff format daemon tests bench
+	$(BIN)/ruff check --fix daemon tests bench
+
+# The benchmark (not part of `make test`): the daemon, Node.js `ws` and Python `websockets` under
+# the same epoll load client. run.py builds bench/.build/loadclient and installs the comparison
+# servers' dependencies under bench/ on first use. Smoke run: make bench ARGS=--quick
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs
