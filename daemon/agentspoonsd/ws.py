@@ -9,6 +9,7 @@ A refused upgrade is an HTTP answer (401, 503, 400), never an accepted socket th
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,10 +247,19 @@ class WebSocketServer:
         reason = "closed"
         try:
             with client.scope:
-                if await self._upgrade(client):
+                # One cancel scope serves the whole connection: first as the handshake deadline
+                # (a refusal's delivery included), then for overflow, failure and lingering close.
+                client.scope.deadline = trio.current_time() + self.limits.handshake_timeout
+                if await self._handshake(client):
+                    client.scope.deadline = math.inf
                     connected_at = trio.current_time()
                     reason = await self._converse(client)
+                else:
+                    await client.outbox.flushed()
             if client.scope.cancelled_caught:
+                if connected_at is None and client.drop_reason is None:
+                    self._stats.rejected_upgrades["handshake_timeout"] += 1
+                    self._log.info("handshake_timeout", peer=peer)
                 reason = client.drop_reason or "cancelled"
         finally:
             self._hub.unsubscribe_all(client)
@@ -270,17 +280,6 @@ class WebSocketServer:
                     reason=reason,
                     duration_s=round(trio.current_time() - connected_at, 3),
                 )
-
-    async def _upgrade(self, client: Client) -> bool:
-        """The whole handshake, a refusal's delivery included, within handshake_timeout."""
-        with trio.move_on_after(self.limits.handshake_timeout):
-            if await self._handshake(client):
-                return True
-            await client.outbox.flushed()
-            return False
-        self._stats.rejected_upgrades["handshake_timeout"] += 1
-        self._log.info("handshake_timeout", peer=client.peer)
-        return False
 
     @staticmethod
     async def _receive(client: Client) -> bytes:
