@@ -102,6 +102,14 @@ class Client:
         # The hub's entry point: a pre-encoded frame goes straight into the single write path.
         self.send_frame = self.outbox.write
 
+    def accept(self, greeting: dict[str, Any]) -> None:
+        """Answer the upgrade with 101 and `greeting` in one write: one syscall, one segment."""
+        assert self.handshake is not None
+        response = self.handshake.send(AcceptConnection())
+        self.conn, self.handshake = self.handshake.connection, None
+        assert self.conn is not None
+        self.outbox.write(response + self.conn.send(TextMessage(orjson.dumps(greeting).decode())))
+
     def send_message(self, message: dict[str, Any]) -> None:
         if self.conn is not None and self.conn.state is ConnectionState.OPEN:
             self.outbox.write(self.conn.send(TextMessage(orjson.dumps(message).decode())))
@@ -295,8 +303,12 @@ class WebSocketServer:
 
     async def _handshake(self, client: Client) -> bool:
         """Read the upgrade request and answer it. True when the upgrade was accepted."""
+        # The request has usually arrived by the time the connection is accepted: try reading
+        # before paying for a readiness wait.
+        data = _recv_now(client.sock)
         while True:
-            data = await self._receive(client)
+            if data is None:
+                data = await self._receive(client)
             try:
                 assert client.handshake is not None
                 client.handshake.receive_data(data or None)
@@ -316,6 +328,7 @@ class WebSocketServer:
                 return self._answer(client, request)
             if not data:
                 return False
+            data = None
 
     def _answer(self, client: Client, request: Request) -> bool:
         if self._established >= self.limits.max_connections:
@@ -347,8 +360,7 @@ class WebSocketServer:
             return False
         client.grant = verdict
         symbols = [s for s in self._hub.symbols if verdict.allows(s)]
-        client.send_event(AcceptConnection())
-        client.send_message(
+        client.accept(
             protocol.connected_message(self._wall_clock(), token=verdict.name, symbols=symbols)
         )
         self._hub.subscribe(client, symbols)
@@ -454,6 +466,16 @@ class _MessageAssembler:
         text = "".join(self._parts)
         self._parts.clear()
         return text if isinstance(event, TextMessage) else None
+
+
+def _recv_now(sock: socket.socket) -> bytes | None:
+    """What the socket holds right now; None when nothing is there yet (b"" at EOF)."""
+    try:
+        return sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _format_peer(address: Any) -> str:
