@@ -21,24 +21,27 @@ import trio
 from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Message,
     Ping,
-    RejectConnection,
-    RejectData,
-    Request,
     TextMessage,
 )
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import LocalProtocolError
 
 from . import protocol
 from .auth import AuthFailure, Grant, TokenStore, presented_token
 from .hub import Hub
 from .metrics import Stats
 from .outbox import Outbox
+from .upgrade import (
+    HandshakeError,
+    Headers,
+    UpgradeParser,
+    UpgradeRequest,
+    accept_response,
+    reject_response,
+)
 
 RECV_SIZE = 65536
 ACCEPT_BATCH = 256
@@ -85,9 +88,8 @@ class Client:
         self.peer = peer
         self._stats = stats
         self._log = log
-        # The HTTP upgrade machine is dropped once the upgrade is answered: it is the bulk of a
-        # connection's memory and nothing after the handshake needs it.
-        self.handshake: H11Handshake | None = H11Handshake(ConnectionType.SERVER)
+        # The request parser is dropped once the upgrade is answered: nothing after needs it.
+        self.handshake: UpgradeParser | None = UpgradeParser()
         self.conn: Connection | None = None
         self.scope = trio.CancelScope()
         self.drop_reason: str | None = None
@@ -102,27 +104,28 @@ class Client:
         # The hub's entry point: a pre-encoded frame goes straight into the single write path.
         self.send_frame = self.outbox.write
 
-    def accept(self, greeting: dict[str, Any]) -> None:
+    def accept(self, request: UpgradeRequest, greeting: dict[str, Any]) -> None:
         """Answer the upgrade with 101 and `greeting` in one write: one syscall, one segment."""
-        assert self.handshake is not None
-        response = self.handshake.send(AcceptConnection())
-        self.conn, self.handshake = self.handshake.connection, None
-        assert self.conn is not None
-        self.outbox.write(response + self.conn.send(TextMessage(orjson.dumps(greeting).decode())))
+        self.handshake = None
+        self.conn = Connection(ConnectionType.SERVER)
+        greeting_frame = self.conn.send(TextMessage(orjson.dumps(greeting).decode()))
+        self.outbox.write(accept_response(request) + greeting_frame)
+
+    def refuse(self, status: int, body: bytes, headers: Headers = ()) -> None:
+        """Answer the upgrade with an HTTP error; the connection closes once it is delivered."""
+        self.handshake = None
+        self.outbox.seal(reject_response(status, body, b"application/json", headers))
 
     def send_message(self, message: dict[str, Any]) -> None:
         if self.conn is not None and self.conn.state is ConnectionState.OPEN:
             self.outbox.write(self.conn.send(TextMessage(orjson.dumps(message).decode())))
 
     def send_event(self, event: Any) -> None:
+        """Send a wsproto event (pong, close reply) if the connection's state still allows it."""
+        if self.conn is None:
+            return
         try:
-            if self.conn is not None:
-                data = self.conn.send(event)
-            else:
-                assert self.handshake is not None
-                data = self.handshake.send(event)
-                if self.handshake.connection is not None:
-                    self.conn, self.handshake = self.handshake.connection, None
+            data = self.conn.send(event)
         except LocalProtocolError:
             return  # the connection is already past the state where this event makes sense
         self.outbox.write(data)
@@ -309,28 +312,23 @@ class WebSocketServer:
         while True:
             if data is None:
                 data = await self._receive(client)
+            if not data:
+                return False  # closed before completing a request
+            assert client.handshake is not None
             try:
-                assert client.handshake is not None
-                client.handshake.receive_data(data or None)
-                request = next(
-                    (e for e in client.handshake.events() if isinstance(e, Request)), None
-                )
-            except RemoteProtocolError as exc:
+                request = client.handshake.feed(data)
+            except HandshakeError as exc:
                 self._stats.rejected_upgrades["bad_request"] += 1
-                self._reject(
-                    client,
-                    exc.event_hint.status_code if exc.event_hint else 400,
-                    "bad_request",
-                    str(exc),
+                self._log.info(
+                    "upgrade_refused", peer=client.peer, reason="bad_request", status=exc.status
                 )
+                self._reject(client, exc.status, "bad_request", exc.message, exc.headers)
                 return False
             if request is not None:
                 return self._answer(client, request)
-            if not data:
-                return False
             data = None
 
-    def _answer(self, client: Client, request: Request) -> bool:
+    def _answer(self, client: Client, request: UpgradeRequest) -> bool:
         if self._established >= self.limits.max_connections:
             self._stats.rejected_upgrades["capacity"] += 1
             self._log.warning("upgrade_refused", peer=client.peer, reason="capacity")
@@ -339,10 +337,10 @@ class WebSocketServer:
                 503,
                 "capacity",
                 "server is at max_connections",
-                headers=[(b"retry-after", b"5")],
+                headers=((b"Retry-After", b"5"),),
             )
             return False
-        verdict = self.auth.authenticate(presented_token(request.target, request.extra_headers))
+        verdict = self.auth.authenticate(presented_token(request.target, request.headers))
         if isinstance(verdict, AuthFailure):
             self._stats.auth_failures[verdict.value] += 1
             self._stats.rejected_upgrades[verdict.value] += 1
@@ -355,13 +353,14 @@ class WebSocketServer:
                 401,
                 verdict.value,
                 "a valid bearer token is required",
-                headers=[(b"www-authenticate", challenge)],
+                headers=((b"WWW-Authenticate", challenge),),
             )
             return False
         client.grant = verdict
         symbols = [s for s in self._hub.symbols if verdict.allows(s)]
         client.accept(
-            protocol.connected_message(self._wall_clock(), token=verdict.name, symbols=symbols)
+            request,
+            protocol.connected_message(self._wall_clock(), token=verdict.name, symbols=symbols),
         )
         self._hub.subscribe(client, symbols)
         self._established += 1
@@ -378,21 +377,9 @@ class WebSocketServer:
         status: int,
         code: str,
         message: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        headers: Headers = (),
     ) -> None:
-        body = orjson.dumps({"error": code, "message": message})
-        response = RejectConnection(
-            status_code=status,
-            headers=[
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                *(headers or []),
-            ],
-            has_body=True,
-        )
-        client.send_event(response)
-        client.send_event(RejectData(body, body_finished=True))
+        client.refuse(status, orjson.dumps({"error": code, "message": message}), headers)
 
     async def _converse(self, client: Client) -> str:
         """Serve an upgraded client until its connection closes; returns the disconnect reason."""
