@@ -86,7 +86,9 @@ class ServerSettings(_Section):
         64 * 1024, ge=256, description="Largest client message accepted, in bytes."
     )
     listen_backlog: int = Field(
-        4096, ge=1, description="Kernel accept queue length of the listening socket."
+        16384,
+        ge=1,
+        description="Accept queue of the listening socket; Linux caps it at net.core.somaxconn.",
     )
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key serves wss://.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
