@@ -9,7 +9,6 @@ A refused upgrade is an HTTP answer (401, 503, 400), never an accepted socket th
 
 from __future__ import annotations
 
-import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ RECV_SIZE = 65536
 ACCEPT_BATCH = 256
 
 CLOSE_GRACE = 2.0  # seconds a peer gets to answer a close the server started
+REAP_INTERVAL = 0.25  # how often handshake and close deadlines are enforced
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -68,30 +68,39 @@ class Client:
     """One WebSocket peer: its socket, its wsproto state and its single write path."""
 
     __slots__ = (
+        "_deadlines",
         "_log",
         "_stats",
+        "aborted",
         "conn",
         "drop_reason",
         "grant",
         "handshake",
         "outbox",
         "peer",
-        "scope",
         "send_frame",
         "sock",
     )
 
     def __init__(
-        self, sock: socket.socket, peer: str, outbox_cap: int, spawn: Any, stats: Stats, log: Any
+        self,
+        sock: socket.socket,
+        peer: str,
+        outbox_cap: int,
+        spawn: Any,
+        stats: Stats,
+        log: Any,
+        deadlines: dict[Client, float],
     ) -> None:
         self.sock = sock
+        self._deadlines = deadlines  # the server's: when to abort a client that has not finished
         self.peer = peer
         self._stats = stats
         self._log = log
         # The request parser is dropped once the upgrade is answered: nothing after needs it.
         self.handshake: UpgradeParser | None = UpgradeParser()
         self.conn: Connection | None = None
-        self.scope = trio.CancelScope()
+        self.aborted = False
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
         self.outbox = Outbox(
@@ -143,7 +152,20 @@ class Client:
         """Close on the server's initiative, giving the peer a bounded grace to answer."""
         self.drop_reason = self.drop_reason or drop_reason
         self.close(code, reason, discard_unsent=discard_unsent)
-        self.scope.deadline = min(self.scope.deadline, trio.current_time() + CLOSE_GRACE)
+        grace_ends = trio.current_time() + CLOSE_GRACE
+        self._deadlines[self] = min(self._deadlines.get(self, grace_ends), grace_ends)
+
+    def abort(self, reason: str) -> None:
+        """Stop serving this client now: its reader and drain tasks wake with ClosedResourceError.
+
+        Synchronous and idempotent; the reader task then closes the socket.
+        """
+        if self.aborted:
+            return
+        self.aborted = True
+        self.drop_reason = self.drop_reason or reason
+        self.outbox.detach()
+        trio.lowlevel.notify_closing(self.sock)
 
     def _on_overflow(self) -> None:
         self._stats.backlog_overflows += 1
@@ -158,8 +180,7 @@ class Client:
         )
 
     def _on_failure(self) -> None:
-        self.drop_reason = self.drop_reason or "socket_error"
-        self.scope.cancel()
+        self.abort("socket_error")
 
 
 class WebSocketServer:
@@ -188,6 +209,7 @@ class WebSocketServer:
         self._log = log
         self._wall_clock = wall_clock
         self._clients: set[Client] = set()
+        self._deadlines: dict[Client, float] = {}  # handshakes and lingering closes
         self._established = 0  # clients past the upgrade
         self._accepting: trio.CancelScope | None = None
         self._idle = trio.Event()
@@ -204,6 +226,7 @@ class WebSocketServer:
         Cancelling `run` aborts every connection at once; use `drain` first for a clean close.
         """
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reap_loop)
             with trio.CancelScope() as self._accepting:
                 self.listening = True
                 task_status.started()
@@ -213,6 +236,20 @@ class WebSocketServer:
                     self.listening = False
             # Drained: stop accepting but keep serving the clients still closing, until cancelled.
             await trio.sleep_forever()
+
+    async def _reap_loop(self) -> None:
+        """Abort clients whose deadline passed: unfinished handshakes, unanswered closes.
+
+        One task for all connections instead of a cancel scope with a deadline per connection,
+        which costs as much as the rest of a handshake's bookkeeping. Precision: REAP_INTERVAL.
+        """
+        while True:
+            await trio.sleep(REAP_INTERVAL)
+            now = trio.current_time()
+            for client in [c for c, deadline in self._deadlines.items() if deadline <= now]:
+                del self._deadlines[client]
+                # A lingering close already carries its reason; otherwise this was the handshake.
+                client.abort("handshake_timeout")
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Close the listener, send every client a close frame with `code`, wait until all are gone.
@@ -250,29 +287,34 @@ class WebSocketServer:
 
     async def _serve(self, sock: socket.socket, peer: str, nursery: trio.Nursery) -> None:
         client = Client(
-            sock, peer, self.limits.max_backlog_bytes, nursery.start_soon, self._stats, self._log
+            sock,
+            peer,
+            self.limits.max_backlog_bytes,
+            nursery.start_soon,
+            self._stats,
+            self._log,
+            self._deadlines,
         )
         self._clients.add(client)
         self._idle = trio.Event() if len(self._clients) == 1 else self._idle
         connected_at: float | None = None
         reason = "closed"
+        # The handshake deadline covers a refusal's delivery too; `_reap_loop` enforces it.
+        self._deadlines[client] = trio.current_time() + self.limits.handshake_timeout
         try:
-            with client.scope:
-                # One cancel scope serves the whole connection: first as the handshake deadline
-                # (a refusal's delivery included), then for overflow, failure and lingering close.
-                client.scope.deadline = trio.current_time() + self.limits.handshake_timeout
-                if await self._handshake(client):
-                    client.scope.deadline = math.inf
-                    connected_at = trio.current_time()
-                    reason = await self._converse(client)
-                else:
-                    await client.outbox.flushed()
-            if client.scope.cancelled_caught:
-                if connected_at is None and client.drop_reason is None:
-                    self._stats.rejected_upgrades["handshake_timeout"] += 1
-                    self._log.info("handshake_timeout", peer=peer)
-                reason = client.drop_reason or "cancelled"
+            if await self._handshake(client):
+                self._deadlines.pop(client, None)  # the reaper may have taken it already
+                connected_at = trio.current_time()
+                reason = await self._converse(client)
+            else:
+                await client.outbox.flushed()
+        except trio.ClosedResourceError:  # aborted: a deadline passed, or the socket failed
+            if client.drop_reason == "handshake_timeout":
+                self._stats.rejected_upgrades["handshake_timeout"] += 1
+                self._log.info("handshake_timeout", peer=peer)
+            reason = client.drop_reason or "aborted"
         finally:
+            self._deadlines.pop(client, None)
             self._hub.unsubscribe_all(client)
             self._clients.discard(client)
             if not self._clients:
@@ -294,8 +336,13 @@ class WebSocketServer:
 
     @staticmethod
     async def _receive(client: Client) -> bytes:
-        """The next bytes from the peer; b"" once it has closed or failed."""
+        """The next bytes from the peer; b"" once it has closed or failed.
+
+        Raises trio.ClosedResourceError once the client is aborted, even between waits.
+        """
         while True:
+            if client.aborted:
+                raise trio.ClosedResourceError("client aborted")
             await trio.lowlevel.wait_readable(client.sock)
             try:
                 return client.sock.recv(RECV_SIZE)
