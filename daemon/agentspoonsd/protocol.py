@@ -30,7 +30,8 @@ class ErrorCode:
 
 def iso_utc(moment: datetime) -> str:
     """ISO-8601 UTC with microseconds and a `Z`, whatever the microsecond value."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat of a UTC datetime ends in "+00:00"; it is faster than strftime (per update).
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def encode(message: dict[str, Any]) -> bytes:
