@@ -77,7 +77,8 @@ class Hub:
             message = protocol.update_message(bar, seq, published)
             frame = encode_text_frame(protocol.encode(message))
             subscribers = self._subscribers[bar.symbol]
-            for send_frame in subscribers.values():
+            # A snapshot: a write that fails closes its client, which unsubscribes it at once.
+            for send_frame in tuple(subscribers.values()):
                 send_frame(frame)
             self.last_update[bar.symbol] = message
             self._stats.updates_published += 1

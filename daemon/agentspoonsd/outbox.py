@@ -92,6 +92,11 @@ class Outbox:
         self.sealed = True
         self._enqueue(final)
 
+    @property
+    def busy(self) -> bool:
+        """True while queued bytes wait for the socket (a drain task is running)."""
+        return self._draining
+
     async def flushed(self) -> None:
         """Return once nothing is queued, or the socket failed."""
         if not self._draining:

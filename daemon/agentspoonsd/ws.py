@@ -1,14 +1,15 @@
 """The WebSocket server: accept, authenticate the upgrade, serve each client.
 
-The protocol is wsproto (sans-IO); this module is the thin Trio layer that owns the sockets. Each
-client has one task (reading its messages) and one `Outbox` (its only write path). Broadcast
-frames from the hub, replies, pongs and close frames all go through that outbox.
+The protocol is wsproto (sans-IO); this module is the thin Trio layer that owns the sockets. One
+dispatcher task reads every client (see `WebSocketServer`), and each client has one `Outbox`, its
+only write path: broadcast frames from the hub, replies, pongs and close frames all go through it.
 
 A refused upgrade is an HTTP answer (401, 503, 400), never an accepted socket that closes later.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from .upgrade import (
 )
 
 RECV_SIZE = 65536
-ACCEPT_BATCH = 256
+ACCEPT_BATCH = 64  # handshakes run inline at accept: keep each batch short
+DISPATCH_BATCH = 128  # ready sockets handled per dispatcher round
 
 CLOSE_GRACE = 2.0  # seconds a peer gets to answer a close the server started
 REAP_INTERVAL = 0.25  # how often handshake and close deadlines are enforced
@@ -69,15 +71,20 @@ class Client:
 
     __slots__ = (
         "_deadlines",
+        "_finish",
         "_log",
         "_stats",
-        "aborted",
+        "assembler",
         "conn",
+        "connected_at",
         "drop_reason",
+        "fd",
+        "finished",
         "grant",
         "handshake",
         "outbox",
         "peer",
+        "reading",
         "send_frame",
         "sock",
     )
@@ -91,8 +98,11 @@ class Client:
         stats: Stats,
         log: Any,
         deadlines: dict[Client, float],
+        finish: Callable[[Client, str], None],
     ) -> None:
         self.sock = sock
+        self.fd = sock.fileno()  # kept: a closed socket's fileno() is -1
+        self._finish = finish  # the server's: forget this client and close its socket
         self._deadlines = deadlines  # the server's: when to abort a client that has not finished
         self.peer = peer
         self._stats = stats
@@ -100,7 +110,10 @@ class Client:
         # The request parser is dropped once the upgrade is answered: nothing after needs it.
         self.handshake: UpgradeParser | None = UpgradeParser()
         self.conn: Connection | None = None
-        self.aborted = False
+        self.finished = False  # the socket is closed and the server has forgotten this client
+        self.reading = True  # registered in the server's epoll set
+        self.connected_at: float | None = None  # trio time of the upgrade
+        self.assembler: _MessageAssembler | None = None
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
         self.outbox = Outbox(
@@ -156,16 +169,8 @@ class Client:
         self._deadlines[self] = min(self._deadlines.get(self, grace_ends), grace_ends)
 
     def abort(self, reason: str) -> None:
-        """Stop serving this client now: its reader and drain tasks wake with ClosedResourceError.
-
-        Synchronous and idempotent; the reader task then closes the socket.
-        """
-        if self.aborted:
-            return
-        self.aborted = True
-        self.drop_reason = self.drop_reason or reason
-        self.outbox.detach()
-        trio.lowlevel.notify_closing(self.sock)
+        """Stop serving this client now and close its socket. Synchronous and idempotent."""
+        self._finish(self, reason)
 
     def _on_overflow(self) -> None:
         self._stats.backlog_overflows += 1
@@ -185,6 +190,14 @@ class Client:
 
 class WebSocketServer:
     """Serves WebSocket clients on a listening socket the daemon bound.
+
+    Connections are served without a task each: every client socket is registered once in one
+    level-triggered epoll set, and a single dispatcher task waits for that set to become readable
+    and runs each ready client's sans-IO state machine synchronously (handshake parser, then
+    wsproto). A task per connection would cost about 3 KB of frames and an epoll_ctl pair per
+    read; here a connection is its objects and its socket. The only tasks besides the dispatcher
+    are an outbox's drain task, which exists while that client lags, and one per closing client
+    waiting for its last bytes to leave.
 
     `auth` and `limits` are replaced wholesale on reload; each new handshake reads the current ones
     and established connections are left alone.
@@ -208,8 +221,10 @@ class WebSocketServer:
         self._stats = stats
         self._log = log
         self._wall_clock = wall_clock
-        self._clients: set[Client] = set()
+        self._clients: dict[int, Client] = {}  # by file descriptor
         self._deadlines: dict[Client, float] = {}  # handshakes and lingering closes
+        self._poller: select.epoll | None = None
+        self._nursery: trio.Nursery | None = None
         self._established = 0  # clients past the upgrade
         self._accepting: trio.CancelScope | None = None
         self._idle = trio.Event()
@@ -223,19 +238,30 @@ class WebSocketServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve clients until cancelled or drained.
 
-        Cancelling `run` aborts every connection at once; use `drain` first for a clean close.
+        Cancelling `run` aborts every connection at once (each socket is closed before `run`
+        returns); use `drain` first for a clean close. The listener is left open for the caller.
         """
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reap_loop)
-            with trio.CancelScope() as self._accepting:
-                self.listening = True
-                task_status.started()
-                try:
-                    await self._accept_loop(nursery)
-                finally:
-                    self.listening = False
-            # Drained: stop accepting but keep serving the clients still closing, until cancelled.
-            await trio.sleep_forever()
+        self._poller = select.epoll()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reap_loop)
+                nursery.start_soon(self._dispatch_loop, self._poller)
+                with trio.CancelScope() as self._accepting:
+                    self.listening = True
+                    task_status.started()
+                    try:
+                        await self._accept_loop()
+                    finally:
+                        self.listening = False
+                # Drained: stop accepting but keep serving the clients still closing.
+                await trio.sleep_forever()
+        finally:
+            for client in list(self._clients.values()):
+                self._finish(client, "aborted")
+            self._nursery = None
+            self._poller.close()
+            self._poller = None
 
     async def _reap_loop(self) -> None:
         """Abort clients whose deadline passed: unfinished handshakes, unanswered closes.
@@ -249,7 +275,21 @@ class WebSocketServer:
             for client in [c for c, deadline in self._deadlines.items() if deadline <= now]:
                 del self._deadlines[client]
                 # A lingering close already carries its reason; otherwise this was the handshake.
-                client.abort("handshake_timeout")
+                self._finish(client, client.drop_reason or "handshake_timeout")
+
+    async def _dispatch_loop(self, poller: select.epoll) -> None:
+        """Run the state machine of every client whose socket is readable, forever.
+
+        Each round handles at most DISPATCH_BATCH ready sockets and then waits on Trio's own
+        epoll again, which is a checkpoint: the hub and the accept loop get their turn between
+        rounds. Sockets stay ready (level-triggered) until read, so nothing is missed.
+        """
+        while True:
+            await trio.lowlevel.wait_readable(poller)
+            for fd, _ in poller.poll(0, DISPATCH_BATCH):
+                client = self._clients.get(fd)
+                if client is not None:
+                    self._on_readable(client)
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Close the listener, send every client a close frame with `code`, wait until all are gone.
@@ -263,11 +303,14 @@ class WebSocketServer:
         # waiting in the kernel's accept queue for a server that is going away.
         trio.lowlevel.notify_closing(self._listener)
         self._listener.close()
-        for client in list(self._clients):
-            client.close(code, "server shutting down")
+        for client in list(self._clients.values()):
+            if client.conn is None:
+                self._finish(client, "shutdown")  # mid-handshake: nothing to close politely
+            else:
+                client.close(code, "server shutting down")
         await self._idle.wait()
 
-    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self._listener)
             # Accept in batches so a reconnect storm is taken in quickly, yet each batch ends
@@ -281,101 +324,115 @@ class WebSocketServer:
                     self._log.warning("accept_failed", error=str(exc))
                     await trio.sleep(0.1)
                     break
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nursery.start_soon(self._serve, sock, _format_peer(address), nursery)
+                self._adopt(sock, _format_peer(address))
 
-    async def _serve(self, sock: socket.socket, peer: str, nursery: trio.Nursery) -> None:
+    def _adopt(self, sock: socket.socket, peer: str) -> None:
+        assert self._poller is not None and self._nursery is not None
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Client(
             sock,
             peer,
             self.limits.max_backlog_bytes,
-            nursery.start_soon,
+            self._nursery.start_soon,
             self._stats,
             self._log,
             self._deadlines,
+            self._finish,
         )
-        self._clients.add(client)
-        self._idle = trio.Event() if len(self._clients) == 1 else self._idle
-        connected_at: float | None = None
-        reason = "closed"
+        if not self._clients:
+            self._idle = trio.Event()
+        self._clients[client.fd] = client
+        self._poller.register(client.fd, select.EPOLLIN)
         # The handshake deadline covers a refusal's delivery too; `_reap_loop` enforces it.
         self._deadlines[client] = trio.current_time() + self.limits.handshake_timeout
-        try:
-            if await self._handshake(client):
-                self._deadlines.pop(client, None)  # the reaper may have taken it already
-                connected_at = trio.current_time()
-                reason = await self._converse(client)
-            else:
-                await client.outbox.flushed()
-        except trio.ClosedResourceError:  # aborted: a deadline passed, or the socket failed
-            if client.drop_reason == "handshake_timeout":
+        # The request has usually arrived with the connection: read it now, not a round later.
+        self._on_readable(client)
+
+    def _finish(self, client: Client, reason: str) -> None:
+        """Forget `client` and close its socket. Synchronous and idempotent."""
+        if client.finished:
+            return
+        client.finished = True
+        client.drop_reason = client.drop_reason or reason
+        reason = client.drop_reason
+        self._stop_reading(client)
+        del self._clients[client.fd]
+        self._deadlines.pop(client, None)
+        self._hub.unsubscribe_all(client)
+        if not self._clients:
+            self._idle.set()
+        client.outbox.detach()
+        trio.lowlevel.notify_closing(client.sock)  # wakes a drain task waiting on the socket
+        client.sock.close()
+        if client.connected_at is None:
+            if reason == "handshake_timeout":
                 self._stats.rejected_upgrades["handshake_timeout"] += 1
-                self._log.info("handshake_timeout", peer=peer)
-            reason = client.drop_reason or "aborted"
-        finally:
-            self._deadlines.pop(client, None)
-            self._hub.unsubscribe_all(client)
-            self._clients.discard(client)
-            if not self._clients:
-                self._idle.set()
-            client.outbox.detach()
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-            if connected_at is not None:
-                self._established -= 1
-                self._stats.clients_connected -= 1
-                self._stats.disconnects[reason] += 1
-                self._log.info(
-                    "client_disconnected",
-                    peer=peer,
-                    token=client.grant.name if client.grant else None,
-                    reason=reason,
-                    duration_s=round(trio.current_time() - connected_at, 3),
-                )
+                self._log.info("handshake_timeout", peer=client.peer)
+            return
+        self._established -= 1
+        self._stats.clients_connected -= 1
+        self._stats.disconnects[reason] += 1
+        self._log.info(
+            "client_disconnected",
+            peer=client.peer,
+            token=client.grant.name if client.grant else None,
+            reason=reason,
+            duration_s=round(trio.current_time() - client.connected_at, 3),
+        )
 
-    @staticmethod
-    async def _receive(client: Client) -> bytes:
-        """The next bytes from the peer; b"" once it has closed or failed.
+    def _stop_reading(self, client: Client) -> None:
+        if client.reading and self._poller is not None:
+            client.reading = False
+            self._poller.unregister(client.fd)
 
-        Raises trio.ClosedResourceError once the client is aborted, even between waits.
+    def _finish_when_flushed(self, client: Client, reason: str) -> None:
+        """Close once the outbox has delivered everything (a close frame, a refusal).
+
+        Reading stops now: nothing the peer sends matters any more, and a socket at EOF would
+        stay readable forever. A peer that never takes the bytes is cut by its deadline.
         """
-        while True:
-            if client.aborted:
-                raise trio.ClosedResourceError("client aborted")
-            await trio.lowlevel.wait_readable(client.sock)
-            try:
-                return client.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                continue  # a spurious wake-up: wait again
-            except OSError:
-                return b""
+        self._stop_reading(client)
+        if not client.outbox.busy:
+            self._finish(client, reason)
+            return
+        client.drop_reason = client.drop_reason or reason
+        self._deadlines.setdefault(client, trio.current_time() + CLOSE_GRACE)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._finish_after_flush, client, reason)
 
-    async def _handshake(self, client: Client) -> bool:
-        """Read the upgrade request and answer it. True when the upgrade was accepted."""
-        # The request has usually arrived by the time the connection is accepted: try reading
-        # before paying for a readiness wait.
+    async def _finish_after_flush(self, client: Client, reason: str) -> None:
+        await client.outbox.flushed()
+        self._finish(client, reason)
+
+    def _on_readable(self, client: Client) -> None:
+        """Take what the socket holds and run the client's state machine on it."""
         data = _recv_now(client.sock)
-        while True:
-            if data is None:
-                data = await self._receive(client)
-            if not data:
-                return False  # closed before completing a request
-            assert client.handshake is not None
-            try:
-                request = client.handshake.feed(data)
-            except HandshakeError as exc:
-                self._stats.rejected_upgrades["bad_request"] += 1
-                self._log.info(
-                    "upgrade_refused", peer=client.peer, reason="bad_request", status=exc.status
-                )
-                self._reject(client, exc.status, "bad_request", exc.message, exc.headers)
-                return False
-            if request is not None:
-                return self._answer(client, request)
-            data = None
+        if data is None:
+            return  # nothing yet (the usual case right after accept)
+        if client.conn is not None:
+            client.conn.receive_data(data or None)  # None: the peer closed, wsproto sees 1006
+            self._handle_events(client)
+        elif not data:
+            self._finish(client, "closed")  # gone before completing a request
+        elif client.handshake is not None:
+            self._feed_handshake(client, data)
 
-    def _answer(self, client: Client, request: UpgradeRequest) -> bool:
+    def _feed_handshake(self, client: Client, data: bytes) -> None:
+        assert client.handshake is not None
+        try:
+            request = client.handshake.feed(data)
+        except HandshakeError as exc:
+            self._stats.rejected_upgrades["bad_request"] += 1
+            self._log.info(
+                "upgrade_refused", peer=client.peer, reason="bad_request", status=exc.status
+            )
+            self._reject(client, exc.status, "bad_request", exc.message, exc.headers)
+            return
+        if request is not None:
+            self._answer(client, request)
+
+    def _answer(self, client: Client, request: UpgradeRequest) -> None:
         if self._established >= self.limits.max_connections:
             self._stats.rejected_upgrades["capacity"] += 1
             self._log.warning("upgrade_refused", peer=client.peer, reason="capacity")
@@ -386,7 +443,7 @@ class WebSocketServer:
                 "server is at max_connections",
                 headers=((b"Retry-After", b"5"),),
             )
-            return False
+            return
         verdict = self.auth.authenticate(presented_token(request.target, request.headers))
         if isinstance(verdict, AuthFailure):
             self._stats.auth_failures[verdict.value] += 1
@@ -402,21 +459,23 @@ class WebSocketServer:
                 "a valid bearer token is required",
                 headers=((b"WWW-Authenticate", challenge),),
             )
-            return False
+            return
+        del self._deadlines[client]
         client.grant = verdict
+        client.connected_at = trio.current_time()
+        self._established += 1
+        self._stats.connections_accepted += 1
+        self._stats.clients_connected += 1
         symbols = [s for s in self._hub.symbols if verdict.allows(s)]
         client.accept(
             request,
             protocol.connected_message(self._wall_clock(), token=verdict.name, symbols=symbols),
         )
-        self._hub.subscribe(client, symbols)
-        self._established += 1
-        self._stats.connections_accepted += 1
-        self._stats.clients_connected += 1
         self._log.info(
             "client_connected", peer=client.peer, token=verdict.name, symbols=len(symbols)
         )
-        return True
+        if not client.finished:  # the 101 could not be written: the peer is already gone
+            self._hub.subscribe(client, symbols)
 
     def _reject(
         self,
@@ -427,30 +486,34 @@ class WebSocketServer:
         headers: Headers = (),
     ) -> None:
         client.refuse(status, orjson.dumps({"error": code, "message": message}), headers)
+        if not client.finished:
+            self._finish_when_flushed(client, "refused")
 
-    async def _converse(self, client: Client) -> str:
-        """Serve an upgraded client until its connection closes; returns the disconnect reason."""
+    def _handle_events(self, client: Client) -> None:
+        """React to what wsproto parsed: messages, pings, the closing handshake."""
         conn = client.conn
         assert conn is not None
-        assembler = _MessageAssembler(self.limits.max_message_size)
-        while True:
-            for event in conn.events():
-                if isinstance(event, Message):
-                    if conn.state is ConnectionState.OPEN:
-                        self._on_message(client, assembler, event)
-                elif isinstance(event, Ping):
+        for event in conn.events():
+            if client.finished:
+                return
+            if isinstance(event, Message):
+                if conn.state is ConnectionState.OPEN:
+                    self._on_message(client, event)
+            elif isinstance(event, Ping):
+                client.send_event(event.response())
+            elif isinstance(event, CloseConnection):
+                if conn.state is ConnectionState.REMOTE_CLOSING:
                     client.send_event(event.response())
-                elif isinstance(event, CloseConnection):
-                    if conn.state is ConnectionState.REMOTE_CLOSING:
-                        client.send_event(event.response())
-                    elif conn.state is ConnectionState.OPEN:  # wsproto saw a protocol error
-                        client.close(event.code, event.reason or "")
-                    await client.outbox.flushed()
-                    return client.drop_reason or f"close_{event.code}"
-            data = await self._receive(client)
-            conn.receive_data(data or None)
+                elif conn.state is ConnectionState.OPEN:  # wsproto saw a protocol error
+                    client.close(event.code, event.reason or "")
+                if not client.finished:
+                    self._finish_when_flushed(client, f"close_{event.code}")
+                return
 
-    def _on_message(self, client: Client, assembler: _MessageAssembler, event: Message) -> None:
+    def _on_message(self, client: Client, event: Message) -> None:
+        if client.assembler is None:  # most clients never send anything: allocate on first use
+            client.assembler = _MessageAssembler(self.limits.max_message_size)
+        assembler = client.assembler
         text = assembler.feed(event)
         if assembler.too_large:
             client.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large")
