@@ -1,0 +1,795 @@
+"""Price-path simulation models: GBM, GARCH(1,1), GJR-GARCH(1,1) and Heston. Pure numpy, no I/O.
+
+Every model produces consecutive OHLCV bars of one symbol as a `BarBlock`. Per bar ``t``, with
+``x_t`` the log close (the model's state) and ``r_t`` the bar's log return::
+
+    x_t     = x_{t-1} + r_t            (a sequential float sum, see "Reproducibility")
+    close_t = exp(x_t),   open_t = close_{t-1}   (the very same float)
+
+The models differ in how ``r_t`` is drawn (all in per-bar units; ``z_t`` i.i.d., unit variance):
+
+- ``gbm``:       ``r_t = mu + sigma * z_t``, z standard normal (constant volatility).
+- ``garch``:     ``sigma2_t = omega + alpha * r_{t-1}² + beta * sigma2_{t-1}``,
+                 ``r_t = sqrt(sigma2_t) * z_t``, z Student-t(nu) scaled to unit variance.
+- ``gjr_garch``: as garch plus the leverage term ``gamma * r_{t-1}² * 1[r_{t-1} < 0]``.
+- ``heston``:    ``d ln S = mu dt + sqrt(v) dW1``, ``dv = kappa (theta - v) dt + xi sqrt(v) dW2``,
+                 ``corr(dW1, dW2) = rho``, one bar = one unit of time, simulated by full-truncation
+                 Euler on ``substeps`` steps per bar (``v+ = max(v, 0)`` in drift and diffusion).
+
+High and low: for heston the extremes of the simulated substep path itself; for the others the
+extremes of a Brownian bridge pinned at ``log(open)`` and ``log(close)`` whose variance is the bar's
+(conditional) variance, sampled at ``substeps`` points. Volume rises with ``|r_t|`` relative to the
+long-run volatility, times lognormal noise of mean 1 (see `intrabar.clustered_volume`).
+
+Randomness: the `numpy.random.SeedSequence` given to a model is never mutated. Its children
+``0, 1, 2, 3`` (derived exactly as ``seed.spawn(4)`` would on a fresh copy) seed one
+`numpy.random.Generator` each, for: innovations (``z``; heston: the price shocks), the intrabar
+bridge, the volume noise and (heston only) the variance shocks. Pass each model its own
+SeedSequence (e.g. one child of a root per symbol), not one whose children are used elsewhere.
+
+Reproducibility: same seed, parameters, ``substeps`` and total bar count ⇒ bit-for-bit identical
+bars, *however the total is split into `simulate` calls* (``simulate(a)`` then ``simulate(b)`` ==
+``simulate(a + b)``). This holds because each generator is consumed element by element in bar
+order, the only cross-bar recursions (variance, log price) are sequential, and everything else is
+elementwise or along one bar's substeps, so no result depends on the block length (numpy does not
+promise identical streams across numpy versions, though).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeAlias
+
+import numpy as np
+
+from agentspoonsd.market.block import BarBlock, FloatArray
+from agentspoonsd.market.intrabar import (
+    MEAN_ABS_NORMAL,
+    bridge_extremes,
+    clustered_volume,
+    high_low,
+    mean_abs_unit_t,
+    path_extremes,
+)
+
+__all__ = [
+    "DEFAULT_VOLUME",
+    "MODEL_KINDS",
+    "GarchModel",
+    "GarchParams",
+    "GbmModel",
+    "GbmParams",
+    "GjrGarchModel",
+    "GjrGarchParams",
+    "HestonModel",
+    "HestonParams",
+    "Model",
+    "ModelKind",
+    "ModelParams",
+    "VolumeParams",
+    "make_model",
+]
+
+ModelKind: TypeAlias = Literal["gbm", "garch", "gjr_garch", "heston"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("gbm", "garch", "gjr_garch", "heston")
+"""Every valid `ModelKind`, in documentation order."""
+
+# Bars simulated per internal pass: bounds the (bars x substeps) temporaries to a few MB. Results
+# do not depend on it (see "Reproducibility" above).
+_CHUNK_BARS = 16_384
+
+
+def _require(ok: bool, name: str, condition: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {condition}, got {value!r}")
+
+
+def _finite(name: str, value: float) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    _require(ok, name, "a finite number", value)
+
+
+def _unit_t_kurtosis(nu: float) -> float:
+    """Kurtosis E[z⁴] of a unit-variance Student-t(nu); inf for nu <= 4."""
+    return 3.0 + 6.0 / (nu - 4.0) if nu > 4 else math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class GbmParams:
+    """Geometric Brownian motion: i.i.d. normal log returns, per-bar units.
+
+    The default is a per-bar volatility of 0.09 % (65 % a year at 525,600 one-minute bars) and no
+    drift. No fat tails and no clustering: the baseline the other models are compared to.
+
+    Raises ValueError (naming the parameter) if mu is not finite or sigma is not finite and > 0.
+    """
+
+    mu: float = 0.0
+    """Per-bar drift of the log price (E[r_t]); finite. Not corrected by -sigma²/2."""
+    sigma: float = 0.0009
+    """Per-bar standard deviation of the log return; finite, > 0."""
+
+    def __post_init__(self) -> None:
+        _finite("mu", self.mu)
+        _finite("sigma", self.sigma)
+        _require(self.sigma > 0, "sigma", "> 0", self.sigma)
+
+    @property
+    def unconditional_variance(self) -> float:
+        """Per-bar variance of the log return: sigma²."""
+        return self.sigma * self.sigma
+
+
+@dataclass(frozen=True, slots=True)
+class GarchParams:
+    """GARCH(1,1) with Student-t(nu) innovations scaled to unit variance, per-bar units.
+
+    Defaults: unconditional per-bar volatility 0.09 % (variance 8.1e-7; 65 % a year), persistence
+    ``alpha + beta = 0.98`` (a variance shock halves in about 35 bars) and t(8) innovations
+    (kurtosis 4.5). The fourth moment of returns is finite (``beta² + 2·alpha·beta +
+    E[z⁴]·alpha² = 0.9775 < 1``): theoretical kurtosis of returns about 7.9 (excess 4.9), and the
+    autocorrelation of r² is about 0.14 at lag 1, decaying by 0.98 per lag.
+
+    Raises ValueError (naming the parameter) unless every value is finite, omega > 0,
+    alpha >= 0, beta >= 0, alpha + beta < 1 (stationarity) and nu > 2 (finite variance).
+    """
+
+    omega: float = 1.62e-8
+    """Constant of the variance recursion (per-bar variance units); > 0."""
+    alpha: float = 0.07
+    """Reaction to the last squared return; >= 0."""
+    beta: float = 0.91
+    """Persistence of the last variance; >= 0, alpha + beta < 1."""
+    nu: float = 8.0
+    """Degrees of freedom of the innovations; > 2 (finite variance), > 4 for a finite kurtosis."""
+
+    def __post_init__(self) -> None:
+        for name in ("omega", "alpha", "beta", "nu"):
+            _finite(name, getattr(self, name))
+        _require(self.omega > 0, "omega", "> 0", self.omega)
+        _require(self.alpha >= 0, "alpha", ">= 0", self.alpha)
+        _require(self.beta >= 0, "beta", ">= 0", self.beta)
+        _require(self.alpha + self.beta < 1, "alpha + beta", "< 1 (stationarity)", self.persistence)
+        _require(self.nu > 2, "nu", "> 2 (finite variance)", self.nu)
+
+    @property
+    def persistence(self) -> float:
+        """alpha + beta: the per-bar decay factor of a variance shock."""
+        return self.alpha + self.beta
+
+    @property
+    def unconditional_variance(self) -> float:
+        """Long-run per-bar variance of the log return: omega / (1 - alpha - beta)."""
+        return self.omega / (1.0 - self.persistence)
+
+    @property
+    def fourth_moment_finite(self) -> bool:
+        """Whether returns have a finite kurtosis: beta² + 2·alpha·beta + E[z⁴]·alpha² < 1."""
+        k = _unit_t_kurtosis(self.nu)
+        a, b = self.alpha, self.beta
+        return math.isfinite(k) and b * b + 2 * a * b + k * a * a < 1
+
+
+@dataclass(frozen=True, slots=True)
+class GjrGarchParams:
+    """GJR-GARCH(1,1): GARCH plus a leverage term for negative returns, per-bar units.
+
+    ``sigma2_t = omega + (alpha + gamma · 1[r_{t-1} < 0]) · r_{t-1}² + beta · sigma2_{t-1}``,
+    Student-t(nu) innovations scaled to unit variance (symmetric, so P(r < 0) = 1/2).
+
+    Defaults: unconditional per-bar volatility 0.09 % (variance 8.1e-7; 65 % a year), persistence
+    ``alpha + gamma/2 + beta = 0.98``, a down move raises next variance 2.7 times as much as an up
+    move of the same size, t(8) innovations. The fourth moment is finite
+    (``beta² + 2·beta·(alpha + gamma/2) + E[z⁴]·(alpha² + alpha·gamma + gamma²/2) ≈ 0.977``).
+
+    Raises ValueError (naming the parameter) unless every value is finite, omega > 0,
+    alpha >= 0, alpha + gamma >= 0 (variance stays positive), beta >= 0,
+    alpha + gamma/2 + beta < 1 (stationarity) and nu > 2.
+    """
+
+    omega: float = 1.62e-8
+    """Constant of the variance recursion (per-bar variance units); > 0."""
+    alpha: float = 0.03
+    """Reaction to the last squared return, any sign; >= 0."""
+    gamma: float = 0.05
+    """Extra reaction to the last squared return when it was negative; alpha + gamma >= 0."""
+    beta: float = 0.925
+    """Persistence of the last variance; >= 0."""
+    nu: float = 8.0
+    """Degrees of freedom of the innovations; > 2."""
+
+    def __post_init__(self) -> None:
+        for name in ("omega", "alpha", "gamma", "beta", "nu"):
+            _finite(name, getattr(self, name))
+        _require(self.omega > 0, "omega", "> 0", self.omega)
+        _require(self.alpha >= 0, "alpha", ">= 0", self.alpha)
+        _require(self.alpha + self.gamma >= 0, "alpha + gamma", ">= 0", self.alpha + self.gamma)
+        _require(self.beta >= 0, "beta", ">= 0", self.beta)
+        _require(
+            self.persistence < 1, "alpha + gamma/2 + beta", "< 1 (stationarity)", self.persistence
+        )
+        _require(self.nu > 2, "nu", "> 2 (finite variance)", self.nu)
+
+    @property
+    def persistence(self) -> float:
+        """alpha + gamma/2 + beta: the mean per-bar decay factor of a variance shock."""
+        return self.alpha + 0.5 * self.gamma + self.beta
+
+    @property
+    def unconditional_variance(self) -> float:
+        """Long-run per-bar variance of the log return: omega / (1 - alpha - gamma/2 - beta)."""
+        return self.omega / (1.0 - self.persistence)
+
+    @property
+    def fourth_moment_finite(self) -> bool:
+        """Whether returns have a finite kurtosis (condition in the class docstring)."""
+        k = _unit_t_kurtosis(self.nu)
+        a, g, b = self.alpha, self.gamma, self.beta
+        if not math.isfinite(k):
+            return False
+        return b * b + 2 * b * (a + 0.5 * g) + k * (a * a + a * g + 0.5 * g * g) < 1
+
+
+@dataclass(frozen=True, slots=True)
+class HestonParams:
+    """Heston stochastic volatility, per-bar units (one bar is one unit of time).
+
+    ``d ln S = mu dt + sqrt(v) dW1``, ``dv = kappa (theta - v) dt + xi sqrt(v) dW2``,
+    ``corr(dW1, dW2) = rho``. ``v`` is an instantaneous per-bar variance, so a bar's return has
+    variance ≈ the integral of v over the bar, and theta is the long-run per-bar variance.
+
+    Defaults: theta = 8.1e-7 (per-bar volatility 0.09 %, 65 % a year), kappa = 0.02 (a variance
+    shock halves in about 35 bars), xi = 1.5e-4, rho = -0.4 (leverage: down moves raise variance).
+    The Feller condition ``2·kappa·theta >= xi²`` holds (ratio 1.44), so v stays positive in
+    continuous time; the Euler scheme still truncates at 0. The stationary variance of v is
+    ``c·theta²`` with ``c = xi² / (2·kappa·theta) ≈ 0.69``, giving an excess kurtosis of
+    returns of about 3c ≈ 2.1 and an autocorrelation of r² of about c/(3c + 2)·e^{-kappa·k} ≈ 0.17
+    at lag k = 1.
+
+    Raises ValueError (naming the parameter) unless every value is finite, 0 < kappa <= 1 (a
+    larger per-bar rate would make the Euler step overshoot with substeps = 1), theta > 0,
+    xi >= 0, -1 <= rho <= 1 and v0 is None or >= 0.
+    """
+
+    kappa: float = 0.02
+    """Mean-reversion rate of v per bar; 0 < kappa <= 1."""
+    theta: float = 8.1e-7
+    """Long-run per-bar variance; > 0."""
+    xi: float = 1.5e-4
+    """Volatility of the variance (per-bar units); >= 0."""
+    rho: float = -0.4
+    """Correlation of price and variance shocks; in [-1, 1], < 0 for leverage."""
+    v0: float | None = None
+    """Initial instantaneous variance; None means theta. >= 0."""
+    mu: float = 0.0
+    """Per-bar drift of the log price; finite."""
+
+    def __post_init__(self) -> None:
+        for name in ("kappa", "theta", "xi", "rho", "mu"):
+            _finite(name, getattr(self, name))
+        _require(0 < self.kappa <= 1, "kappa", "in (0, 1]", self.kappa)
+        _require(self.theta > 0, "theta", "> 0", self.theta)
+        _require(self.xi >= 0, "xi", ">= 0", self.xi)
+        _require(-1 <= self.rho <= 1, "rho", "in [-1, 1]", self.rho)
+        if self.v0 is not None:
+            _finite("v0", self.v0)
+            _require(self.v0 >= 0, "v0", ">= 0", self.v0)
+
+    @property
+    def initial_variance(self) -> float:
+        """v0, or theta when v0 is None."""
+        return self.theta if self.v0 is None else float(self.v0)
+
+    @property
+    def unconditional_variance(self) -> float:
+        """Long-run per-bar variance of the log return: theta."""
+        return self.theta
+
+    @property
+    def feller_ratio(self) -> float:
+        """2·kappa·theta / xi² (inf when xi = 0); >= 1 means the Feller condition holds."""
+        return math.inf if self.xi == 0 else 2 * self.kappa * self.theta / (self.xi * self.xi)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeParams:
+    """How bar volume is drawn (see `intrabar.clustered_volume`).
+
+    Raises ValueError (naming the parameter) unless scale is finite and > 0 and dispersion is
+    finite and >= 0.
+    """
+
+    scale: float = 1.0
+    """Long-run mean volume of one bar (units of the base asset), approximately; > 0."""
+    dispersion: float = 0.5
+    """Standard deviation of the lognormal noise on log volume; >= 0."""
+
+    def __post_init__(self) -> None:
+        _finite("scale", self.scale)
+        _finite("dispersion", self.dispersion)
+        _require(self.scale > 0, "scale", "> 0", self.scale)
+        _require(self.dispersion >= 0, "dispersion", ">= 0", self.dispersion)
+
+
+DEFAULT_VOLUME = VolumeParams()
+
+ModelParams: TypeAlias = GbmParams | GarchParams | GjrGarchParams | HestonParams
+
+
+class Model(Protocol):
+    """A stateful single-symbol bar simulator; not thread-safe, no I/O."""
+
+    @property
+    def kind(self) -> ModelKind:
+        """Which model this is."""
+        ...
+
+    @property
+    def last_close(self) -> float:
+        """Close of the last simulated bar (the initial price before the first call)."""
+        ...
+
+    @property
+    def conditional_variance(self) -> float:
+        """The model's per-bar variance of the next bar's log return given the state now."""
+        ...
+
+    def simulate(self, n_bars: int) -> BarBlock:
+        """Simulate the next ``n_bars >= 1`` bars and advance the state (see module docstring)."""
+        ...
+
+
+def _child_seeds(seed: np.random.SeedSequence, n: int) -> list[np.random.SeedSequence]:
+    # What seed.spawn(n) returns on a fresh copy, without bumping the caller's spawn counter:
+    # rebuilding a model from the same SeedSequence object must give the same streams.
+    return [
+        np.random.SeedSequence(
+            entropy=seed.entropy, spawn_key=(*seed.spawn_key, i), pool_size=seed.pool_size
+        )
+        for i in range(n)
+    ]
+
+
+class _BaseModel:
+    """The shared machinery: state, seeding, chunking, prices, high/low, volume and checks.
+
+    Subclasses implement `_draw(n)`, returning the bars' log returns, their intrabar extremes
+    relative to the log open, and the model's variance state after the n bars (not yet stored).
+    """
+
+    _KIND: ModelKind
+
+    def __init__(
+        self,
+        *,
+        seed: np.random.SeedSequence,
+        initial_price: float,
+        volume: VolumeParams,
+        substeps: int,
+        long_run_variance: float,
+        mean_abs_ratio: float,
+        state: float,
+    ) -> None:
+        if not isinstance(seed, np.random.SeedSequence):
+            raise TypeError(f"seed must be a numpy.random.SeedSequence, got {type(seed).__name__}")
+        if not isinstance(volume, VolumeParams):
+            raise TypeError(f"volume must be a VolumeParams, got {type(volume).__name__}")
+        _require(
+            isinstance(initial_price, numbers.Real)
+            and math.isfinite(initial_price)
+            and initial_price > 0,
+            "initial_price",
+            "a finite number > 0",
+            initial_price,
+        )
+        _require(
+            isinstance(substeps, int) and not isinstance(substeps, bool) and substeps >= 1,
+            "substeps",
+            "an int >= 1",
+            substeps,
+        )
+        self._seed = seed
+        self._volume = volume
+        self._substeps = substeps
+        innovations, path, vol_noise, variance = _child_seeds(seed, 4)
+        self._rng_innovations = np.random.default_rng(innovations)
+        self._rng_path = np.random.default_rng(path)
+        self._rng_volume = np.random.default_rng(vol_noise)
+        self._rng_variance = np.random.default_rng(variance)
+        self._long_run_sd = math.sqrt(long_run_variance)
+        self._mean_abs_ratio = mean_abs_ratio
+        self._close = float(initial_price)
+        self._log_close = math.log(initial_price)
+        self._state = state
+        self._failed = False
+
+    @property
+    def kind(self) -> ModelKind:
+        """Which model this is."""
+        return self._KIND
+
+    @property
+    def substeps(self) -> int:
+        """Intrabar points per bar used for high and low (heston: Euler steps per bar)."""
+        return self._substeps
+
+    @property
+    def volume(self) -> VolumeParams:
+        """The volume parameters."""
+        return self._volume
+
+    @property
+    def last_close(self) -> float:
+        """Close of the last simulated bar (the initial price before the first call)."""
+        return self._close
+
+    def simulate(self, n_bars: int) -> BarBlock:
+        """Simulate the next ``n_bars`` bars and advance the state.
+
+        Returns a `BarBlock` of fresh arrays of shape (n_bars,) meeting its guarantees; the first
+        open is `last_close` before the call, float for float. Output depends only on the seed,
+        parameters, substeps and the number of bars simulated before, not on how the calls split
+        them.
+
+        Raises:
+            TypeError: n_bars is not an int.
+            ValueError: n_bars < 1.
+            OverflowError: a price or volume left the float range (e.g. a large drift over a
+                very long run: the log price must stay within about ±709). The model's generators
+                have advanced by then, so it is marked failed and later calls raise RuntimeError.
+            RuntimeError: a previous call raised OverflowError.
+        """
+        if isinstance(n_bars, bool) or not isinstance(n_bars, int | np.integer):
+            raise TypeError(f"n_bars must be an int, got {type(n_bars).__name__}")
+        _require(n_bars >= 1, "n_bars", ">= 1", n_bars)
+        if self._failed:
+            raise RuntimeError("this model failed earlier (price overflow); build a new one")
+        n_bars = int(n_bars)
+        parts = []
+        done = 0
+        while done < n_bars:
+            n = min(_CHUNK_BARS, n_bars - done)
+            parts.append(self._simulate_chunk(n))
+            done += n
+        if len(parts) == 1:
+            return parts[0]
+        return BarBlock(*(np.concatenate(field) for field in zip(*parts, strict=True)))
+
+    def _simulate_chunk(self, n: int) -> BarBlock:
+        log_return, max_exc, min_exc, new_state = self._draw(n)
+        # The log price is a sequential sum from the stored state: np.cumsum adds strictly left to
+        # right, so the same bar gets the same float whatever block it falls in. (Summing the block
+        # alone and adding the state afterwards would round differently.)
+        log_price = np.cumsum(np.concatenate(([self._log_close], log_return)))
+        noise = self._rng_volume.standard_normal(n)
+        # Overflow is detected below and raised as OverflowError; numpy's warnings would be noise.
+        with np.errstate(over="ignore", invalid="ignore"):
+            close = np.exp(log_price[1:])
+            open_ = np.empty(n, dtype=np.float64)
+            open_[0] = self._close
+            open_[1:] = close[:-1]
+            high, low = high_low(open_, close, log_price[:-1], max_exc, min_exc)
+            volume = clustered_volume(
+                log_return,
+                self._long_run_sd,
+                self._mean_abs_ratio,
+                self._volume.scale,
+                self._volume.dispersion,
+                noise,
+            )
+        # high bounds open/close from above and low from below, so a finite high and a positive low
+        # cover every price; NaN fails both comparisons.
+        if not (np.isfinite(high).all() and low.min() > 0 and np.isfinite(volume).all()):
+            self._failed = True
+            raise OverflowError("simulated price or volume left the float range")
+        self._close = float(close[-1])
+        self._log_close = float(log_price[-1])
+        self._state = new_state
+        return BarBlock(open=open_, high=high, low=low, close=close, volume=volume)
+
+    def _draw(self, n: int) -> tuple[FloatArray, FloatArray, FloatArray, float]:
+        raise NotImplementedError
+
+
+class GbmModel(_BaseModel):
+    """Geometric Brownian motion bars (see `GbmParams`); build with `make_model`."""
+
+    _KIND: ModelKind = "gbm"
+
+    def __init__(
+        self,
+        params: GbmParams,
+        *,
+        seed: np.random.SeedSequence,
+        initial_price: float,
+        volume: VolumeParams = DEFAULT_VOLUME,
+        substeps: int = 16,
+    ) -> None:
+        self._params = params
+        self._bar_variance = params.unconditional_variance
+        super().__init__(
+            seed=seed,
+            initial_price=initial_price,
+            volume=volume,
+            substeps=substeps,
+            long_run_variance=params.unconditional_variance,
+            mean_abs_ratio=MEAN_ABS_NORMAL,
+            state=params.unconditional_variance,
+        )
+
+    @property
+    def params(self) -> GbmParams:
+        """The model parameters."""
+        return self._params
+
+    @property
+    def conditional_variance(self) -> float:
+        """sigma², constant."""
+        return self._bar_variance
+
+    def _draw(self, n: int) -> tuple[FloatArray, FloatArray, FloatArray, float]:
+        p = self._params
+        log_return = p.mu + p.sigma * self._rng_innovations.standard_normal(n)
+        hi, lo = bridge_extremes(
+            log_return,
+            np.full(n, self._bar_variance),
+            self._rng_path.standard_normal((n, self._substeps)),
+        )
+        return log_return, hi, lo, self._bar_variance
+
+
+class _GarchFamily(_BaseModel):
+    """GARCH and GJR-GARCH: the variance recursion is ``sigma2_{t+1} = omega + c_t·sigma2_t``.
+
+    With ``r_t = sqrt(sigma2_t)·z_t``,
+    ``alpha·r_t² + beta·sigma2_t = (alpha·z_t² + beta)·sigma2_t``, so the per-bar coefficient
+    ``c_t`` depends on z_t only and is computed vectorised; just the one multiply-add per bar
+    runs in a Python loop over floats (inherently sequential).
+    """
+
+    def __init__(
+        self,
+        params: GarchParams | GjrGarchParams,
+        *,
+        seed: np.random.SeedSequence,
+        initial_price: float,
+        volume: VolumeParams,
+        substeps: int,
+    ) -> None:
+        self._omega = params.omega
+        self._nu = params.nu
+        self._t_scale = math.sqrt((params.nu - 2.0) / params.nu)
+        # Start at the long-run variance rather than an arbitrarily calm or wild first stretch.
+        super().__init__(
+            seed=seed,
+            initial_price=initial_price,
+            volume=volume,
+            substeps=substeps,
+            long_run_variance=params.unconditional_variance,
+            mean_abs_ratio=mean_abs_unit_t(params.nu),
+            state=params.unconditional_variance,
+        )
+
+    @property
+    def conditional_variance(self) -> float:
+        """sigma2 of the next bar's log return (known one bar ahead)."""
+        return self._state
+
+    def _coefficients(self, z: FloatArray) -> FloatArray:
+        raise NotImplementedError
+
+    def _draw(self, n: int) -> tuple[FloatArray, FloatArray, FloatArray, float]:
+        z = self._rng_innovations.standard_t(self._nu, size=n) * self._t_scale
+        omega = self._omega
+        s = self._state
+        variances: list[float] = []
+        append = variances.append
+        for c in self._coefficients(z).tolist():
+            append(s)
+            s = omega + c * s
+        bar_variance = np.array(variances, dtype=np.float64)
+        log_return = np.sqrt(bar_variance) * z
+        hi, lo = bridge_extremes(
+            log_return, bar_variance, self._rng_path.standard_normal((n, self._substeps))
+        )
+        return log_return, hi, lo, s
+
+
+class GarchModel(_GarchFamily):
+    """GARCH(1,1) bars with Student-t innovations (see `GarchParams`); build with `make_model`."""
+
+    _KIND: ModelKind = "garch"
+
+    def __init__(
+        self,
+        params: GarchParams,
+        *,
+        seed: np.random.SeedSequence,
+        initial_price: float,
+        volume: VolumeParams = DEFAULT_VOLUME,
+        substeps: int = 16,
+    ) -> None:
+        self._params = params
+        super().__init__(
+            params, seed=seed, initial_price=initial_price, volume=volume, substeps=substeps
+        )
+
+    @property
+    def params(self) -> GarchParams:
+        """The model parameters."""
+        return self._params
+
+    def _coefficients(self, z: FloatArray) -> FloatArray:
+        return self._params.alpha * (z * z) + self._params.beta
+
+
+class GjrGarchModel(_GarchFamily):
+    """GJR-GARCH(1,1) bars (see `GjrGarchParams`); build with `make_model`."""
+
+    _KIND: ModelKind = "gjr_garch"
+
+    def __init__(
+        self,
+        params: GjrGarchParams,
+        *,
+        seed: np.random.SeedSequence,
+        initial_price: float,
+        volume: VolumeParams = DEFAULT_VOLUME,
+        substeps: int = 16,
+    ) -> None:
+        self._params = params
+        super().__init__(
+            params, seed=seed, initial_price=initial_price, volume=volume, substeps=substeps
+        )
+
+    @property
+    def params(self) -> GjrGarchParams:
+        """The model parameters."""
+        return self._params
+
+    def _coefficients(self, z: FloatArray) -> FloatArray:
+        p = self._params
+        # sign(r_t) = sign(z_t) because sigma_t > 0, so the leverage indicator can use z.
+        return np.where(z < 0, p.alpha + p.gamma, p.alpha) * (z * z) + p.beta
+
+
+class HestonModel(_BaseModel):
+    """Heston bars by full-truncation Euler on `substeps` steps per bar (see `HestonParams`).
+
+    Per substep of length ``dt = 1/substeps`` with ``v+ = max(v, 0)``::
+
+        ln S += mu·dt + sqrt(v+·dt)·Z1
+        v    += kappa·(theta - v+)·dt + xi·sqrt(v+·dt)·(rho·Z1 + sqrt(1 - rho²)·Z2)
+
+    Z1 come from the innovations generator, Z2 from the variance generator. The variance
+    recursion is a Python loop over floats (sequential and non-linear: about 0.3 µs per
+    substep); the price path is then vectorised, and the bar's high and low are the extremes of
+    that same path. Build with `make_model`.
+    """
+
+    _KIND: ModelKind = "heston"
+
+    def __init__(
+        self,
+        params: HestonParams,
+        *,
+        seed: np.random.SeedSequence,
+        initial_price: float,
+        volume: VolumeParams = DEFAULT_VOLUME,
+        substeps: int = 16,
+    ) -> None:
+        self._params = params
+        super().__init__(
+            seed=seed,
+            initial_price=initial_price,
+            volume=volume,
+            substeps=substeps,
+            long_run_variance=params.theta,
+            mean_abs_ratio=MEAN_ABS_NORMAL,
+            state=params.initial_variance,
+        )
+        self._dt = 1.0 / substeps
+        self._shock_scale = params.xi * math.sqrt(self._dt)
+        self._rho_perp = math.sqrt(max(0.0, 1.0 - params.rho * params.rho))
+
+    @property
+    def params(self) -> HestonParams:
+        """The model parameters."""
+        return self._params
+
+    @property
+    def instantaneous_variance(self) -> float:
+        """max(v, 0): the current instantaneous per-bar variance."""
+        return max(self._state, 0.0)
+
+    @property
+    def conditional_variance(self) -> float:
+        """Expected integrated variance over the next bar, ``E[∫_0^1 v dt | v]``, in continuous
+        time: ``theta + (v - theta)·(1 - e^{-kappa})/kappa`` with v = `instantaneous_variance`
+        (the Euler scheme agrees up to O(1/substeps))."""
+        p = self._params
+        return p.theta + (self.instantaneous_variance - p.theta) * (-math.expm1(-p.kappa) / p.kappa)
+
+    def _draw(self, n: int) -> tuple[FloatArray, FloatArray, FloatArray, float]:
+        p = self._params
+        m = n * self._substeps
+        dt = self._dt
+        z1 = self._rng_innovations.standard_normal(m)
+        z2 = self._rng_variance.standard_normal(m)
+        shocks = self._shock_scale * (p.rho * z1 + self._rho_perp * z2)
+        # v += kappa·dt·(theta - v+) + sqrt(v+)·shock, shock = xi·sqrt(dt)·(correlated normal).
+        rate = p.kappa * dt
+        theta = p.theta
+        sqrt = math.sqrt
+        v = self._state
+        truncated: list[float] = []
+        append = truncated.append
+        for w in shocks.tolist():
+            vp = v if v > 0.0 else 0.0
+            append(vp)
+            v = v + rate * (theta - vp) + sqrt(vp) * w
+        v_plus = np.array(truncated, dtype=np.float64)
+        increments = p.mu * dt + np.sqrt(v_plus * dt) * z1
+        log_return, hi, lo = path_extremes(increments.reshape(n, self._substeps))
+        return log_return, hi, lo, v
+
+
+_PARAM_TYPES: dict[str, type[ModelParams]] = {
+    "gbm": GbmParams,
+    "garch": GarchParams,
+    "gjr_garch": GjrGarchParams,
+    "heston": HestonParams,
+}
+
+
+def make_model(
+    kind: ModelKind,
+    params: ModelParams | None = None,
+    *,
+    seed: np.random.SeedSequence,
+    initial_price: float,
+    volume: VolumeParams = DEFAULT_VOLUME,
+    substeps: int = 16,
+) -> Model:
+    """Build the model of `kind`.
+
+    Args:
+        kind: one of `MODEL_KINDS`.
+        params: the parameter class of that kind (`GbmParams`, `GarchParams`, `GjrGarchParams`,
+            `HestonParams`), or None for its defaults.
+        seed: seeds the model's generators (not mutated; see the module docstring).
+        initial_price: finite, > 0: the first bar's open.
+        volume: volume parameters.
+        substeps: >= 1, intrabar points per bar (heston: Euler steps per bar). Changing it
+            changes the whole series (high/low, and for heston the returns too).
+
+    Raises:
+        ValueError: unknown kind, or initial_price / substeps out of range.
+        TypeError: params of another kind's class, or seed / volume of the wrong type.
+    """
+    if kind not in _PARAM_TYPES:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    expected = _PARAM_TYPES[kind]
+    if params is None:
+        params = expected()
+    elif not isinstance(params, expected):
+        raise TypeError(
+            f"params for kind {kind!r} must be {expected.__name__}, got {type(params).__name__}"
+        )
+    if isinstance(params, GbmParams):
+        return GbmModel(
+            params, seed=seed, initial_price=initial_price, volume=volume, substeps=substeps
+        )
+    if isinstance(params, GarchParams):
+        return GarchModel(
+            params, seed=seed, initial_price=initial_price, volume=volume, substeps=substeps
+        )
+    if isinstance(params, GjrGarchParams):
+        return GjrGarchModel(
+            params, seed=seed, initial_price=initial_price, volume=volume, substeps=substeps
+        )
+    return HestonModel(
+        params, seed=seed, initial_price=initial_price, volume=volume, substeps=substeps
+    )
