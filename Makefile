@@ -39,6 +39,7 @@ format: $(VENV)/.installed-test
 # servers' dependencies under bench/ on first use. Smoke run: make bench ARGS=--quick
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python bench/market.py $(MARKET_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs

@@ -169,8 +169,26 @@ level = "info"
     return [str(executable), "run", "--config", str(config)]
 
 
-def comparison_args(scenario: Scenario, digest: str) -> list[str]:
+def sample_analytics(workdir: Path) -> Path:
+    """The analytics fields of one real update (estimators, GARCH forecast), for the comparison
+    servers to send along: every server then sends messages of the same size."""
+    path = workdir / "sample-analytics.json"
+    if not path.exists():
+        executable = Path(sys.executable).with_name("agentspoonsd")
+        line = subprocess.run(
+            [str(executable), "simulate", "--steps", "1", "--seed", "42"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        data = json.loads(line)
+        keys = ("estimators", "estimators_annualized", "garch_forecast")
+        path.write_text(json.dumps({key: data[key] for key in keys}))
+    return path
+
+
+def comparison_args(scenario: Scenario, digest: str, workdir: Path) -> list[str]:
     return [
+        *("--extra-json", str(sample_analytics(workdir))),
         *("--interval", repr(1 / scenario.rate), "--symbols", SYMBOL),
         *("--token-sha256", digest, "--max-backlog-bytes", str(scenario.backlog_bytes)),
         *("--listen-backlog", str(scenario.listen_backlog)),
@@ -179,13 +197,13 @@ def comparison_args(scenario: Scenario, digest: str) -> list[str]:
 
 def node_command(scenario: Scenario, workdir: Path, digest: str) -> list[str]:
     script = BENCH / "servers" / "node_ws_server.js"
-    return ["node", str(script), *comparison_args(scenario, digest)]
+    return ["node", str(script), *comparison_args(scenario, digest, workdir)]
 
 
 def websockets_command(scenario: Scenario, workdir: Path, digest: str) -> list[str]:
     script = BENCH / "servers" / "py_websockets_server.py"
     python = BENCH_VENV / "bin" / "python"
-    return [str(python), str(script), *comparison_args(scenario, digest)]
+    return [str(python), str(script), *comparison_args(scenario, digest, workdir)]
 
 
 CommandFn = Callable[[Scenario, Path, str], list[str]]

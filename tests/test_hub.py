@@ -8,6 +8,7 @@ import orjson
 import trio
 from wsproto.frame_protocol import FrameDecoder
 
+from agentspoonsd.history import History
 from agentspoonsd.hub import Hub, encode_text_frame
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
@@ -32,7 +33,8 @@ def bar(symbol: str, close: float = 100.0) -> Bar:
 
 def make_hub(stats: Stats | None = None) -> tuple[Hub, trio.MemorySendChannel[list[Bar]]]:
     send, receive = trio.open_memory_channel[list[Bar]](8)
-    return Hub(SYMBOLS, receive, stats or Stats(), wall_clock=lambda: NOW), send
+    history = History(SYMBOLS, 1000, decode_frame=encode_text_frame, start_seq=1)
+    return Hub(SYMBOLS, receive, stats or Stats(), history=history, wall_clock=lambda: NOW), send
 
 
 def decode(frame: bytes) -> dict:

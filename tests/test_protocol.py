@@ -12,12 +12,21 @@ from agentspoonsd import __version__
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.protocol import (
     SERVER_BANNER,
+    ConnectOptions,
     ErrorCode,
+    HistoryRequest,
+    Ping,
+    RequestError,
+    Resume,
+    Subscribe,
+    Unsubscribe,
     connected_message,
     encode,
     error_message,
     iso_utc,
-    reply_to,
+    parse_connect_target,
+    parse_request,
+    pong_message,
     update_message,
 )
 
@@ -128,7 +137,89 @@ def test_error_message() -> None:
     assert error_message("c", "m") == {"type": "error", "code": "c", "message": "m"}
 
 
-# --- reply_to -------------------------------------------------------------------------------------
+# --- parse_request -------------------------------------------------------------------------------
+
+
+def reply_to(text: str, now: datetime) -> dict:
+    """What the server answers a request that needs no state: pong, or the error."""
+    try:
+        request = parse_request(text, history_size=1000)
+    except RequestError as exc:
+        return exc.reply
+    if isinstance(request, Ping):
+        return pong_message(now)
+    return {"type": type(request).__name__.lower()}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type": "subscribe", "symbols": ["A", "B", "A"]}', Subscribe(("A", "B"))),
+        ('{"type": "subscribe", "symbols": ["*"]}', Subscribe(("*",))),
+        ('{"type": "unsubscribe", "symbols": ["B"]}', Unsubscribe(("B",))),
+        ('{"type": "history", "symbol": "A", "limit": 5}', HistoryRequest("A", 5)),
+        ('{"type": "history", "symbol": "A"}', HistoryRequest("A", 100)),
+        ('{"type": "history", "symbol": "A", "limit": 1000}', HistoryRequest("A", 1000)),
+        ('{"type": "resume", "from": {"A": 41, "B": 0}}', Resume((("A", 41), ("B", 0)))),
+    ],
+)
+def test_requests_parse(text: str, expected: object) -> None:
+    assert parse_request(text, history_size=1000) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "subscribe"}',
+        '{"type": "subscribe", "symbols": []}',
+        '{"type": "subscribe", "symbols": "A"}',
+        '{"type": "subscribe", "symbols": ["A", 1]}',
+        '{"type": "subscribe", "symbols": [""]}',
+        '{"type": "unsubscribe", "symbols": null}',
+        '{"type": "history"}',
+        '{"type": "history", "symbol": 3}',
+        '{"type": "history", "symbol": "A", "limit": 0}',
+        '{"type": "history", "symbol": "A", "limit": 1001}',
+        '{"type": "history", "symbol": "A", "limit": 2.5}',
+        '{"type": "history", "symbol": "A", "limit": true}',
+        '{"type": "resume"}',
+        '{"type": "resume", "from": {}}',
+        '{"type": "resume", "from": ["A", 1]}',
+        '{"type": "resume", "from": {"A": -1}}',
+        '{"type": "resume", "from": {"A": "41"}}',
+        '{"type": "resume", "from": {"A": false}}',
+    ],
+)
+def test_malformed_requests_are_invalid_message(text: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(text, history_size=1000)
+    assert info.value.reply["type"] == "error"
+    assert info.value.reply["code"] == ErrorCode.INVALID_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/", ConnectOptions(None, ())),
+        ("/?access_token=x", ConnectOptions(None, ())),
+        ("/?symbols=", ConnectOptions((), ())),
+        ("/?symbols=BTC%2FUSD,ETH/USD,BTC/USD", ConnectOptions(("BTC/USD", "ETH/USD"), ())),
+        (
+            "/?resume=BTC/USD:41,ETH%2FUSD:17",
+            ConnectOptions(None, (("BTC/USD", 41), ("ETH/USD", 17))),
+        ),
+        ("/?symbols=&resume=A:1:2", ConnectOptions((), (("A:1", 2),))),
+    ],
+)
+def test_connect_target(target: str, expected: ConnectOptions) -> None:
+    assert parse_connect_target(target) == expected
+
+
+@pytest.mark.parametrize("target", ["/?resume=A", "/?resume=A:", "/?resume=:3", "/?resume=A:-1"])
+def test_bad_resume_parameter(target: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_connect_target(target)
+    assert info.value.reply["code"] == ErrorCode.INVALID_MESSAGE
 
 
 def test_ping_gets_pong() -> None:

@@ -250,7 +250,7 @@ def token_block(name: str = "a", sha256: str = DIGEST_A, extra: str = "") -> str
         ("server = 5", "server", "dictionary"),
         ('[log]\nlevel = "verbose"', "log.level", "'debug'"),
         ('[log]\nformat = "xml"', "log.format", "'json'"),
-        ('[generator]\nmodel = "heston"', "generator.model", "'garch'"),
+        ('[generator]\nmodel = "arima"', "generator.model", "'heston'"),
         ('[broker]\nkind = "kafka"', "broker.kind", "'memory'"),
         ('[broker]\nurl = "http://x"', "broker.url", "pattern"),
         # out of range
@@ -404,7 +404,6 @@ def test_redacted_never_contains_a_full_digest(tmp_path: Path) -> None:
     [
         ('[server]\ntls_cert = "/etc/agentspoonsd/tls.crt"\n', "server.tls_cert"),
         ('[broker]\nkind = "redis"\n', "broker.kind"),
-        ("[history]\npersist = true\n", "history.persist"),
     ],
 )
 def test_contract_keys_whose_feature_is_not_built_are_refused(

@@ -18,7 +18,8 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 
 from agentspoonsd.auth import TokenStore, hash_token, new_token
 from agentspoonsd.daemon import bind_listener
-from agentspoonsd.hub import Hub
+from agentspoonsd.history import History
+from agentspoonsd.hub import Hub, encode_text_frame
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
@@ -54,13 +55,15 @@ async def running(request: pytest.FixtureRequest) -> AsyncIterator[Running]:
             "max_backlog_bytes": 64 * 1024,
             "max_message_size": 4096,
             "handshake_timeout": 1.0,
+            "max_client_messages_per_second": 1000,  # tests send bursts; the limit has its own
             **overrides,
         }
     )
     listener = bind_listener("127.0.0.1", 0, 128)
     stats = Stats()
     _, receive = trio.open_memory_channel[list[Bar]](1)
-    hub = Hub(SYMBOLS, receive, stats)
+    history = History(SYMBOLS, 1000, decode_frame=encode_text_frame, start_seq=1)
+    hub = Hub(SYMBOLS, receive, stats, history=history)
     store = TokenStore([TokenSettings(name="test", sha256=hash_token(TOKEN))])
     server = WebSocketServer(listener, hub, store, limits, stats, structlog.get_logger())
     async with trio.open_nursery() as nursery:
@@ -301,3 +304,177 @@ def test_bind_listener_refuses_a_taken_port() -> None:
     finally:
         taken.close()
         first.close()
+
+
+# --- the client protocol (docs/PROTOCOL.md) ------------------------------------------------------
+
+
+async def request(ws, message: dict) -> dict:
+    """Send one request; return the first reply that is not a broadcast update."""
+    await ws.send_message(json.dumps(message))
+    while True:
+        reply = json.loads(await ws.get_message())
+        if reply["type"] != "volatility_update":
+            return reply
+
+
+def publish(running: Running, count: int, symbol: str = "BTC/USD") -> None:
+    for i in range(count):
+        running.hub.publish([bar(symbol, 100 + i)])
+
+
+async def test_connected_lists_subscription_and_limits(running: Running) -> None:
+    async with open_websocket_url(running.url) as ws:
+        hello = json.loads(await ws.get_message())
+    assert hello["symbols"] == SYMBOLS and hello["available"] == SYMBOLS
+    assert hello["history_size"] == 1000
+    assert hello["ping_interval"] == 20.0 and hello["idle_timeout"] == 60.0
+
+
+async def test_subscribe_and_unsubscribe(running: Running) -> None:
+    async with open_websocket_url(running.url + "&symbols=") as ws:
+        assert json.loads(await ws.get_message())["symbols"] == []
+        publish(running, 1)  # not subscribed: not received
+        reply = await request(ws, {"type": "subscribe", "symbols": ["ETH/USD"]})
+        assert reply == {"type": "subscribed", "symbols": ["ETH/USD"]}
+        reply = await request(ws, {"type": "subscribe", "symbols": ["*"]})
+        assert reply == {"type": "subscribed", "symbols": SYMBOLS}
+        reply = await request(ws, {"type": "unsubscribe", "symbols": ["BTC/USD"]})
+        assert reply == {"type": "unsubscribed", "symbols": ["ETH/USD"]}
+        publish(running, 1, "BTC/USD")
+        publish(running, 1, "ETH/USD")
+        assert (await until_update(ws))["data"]["symbol"] == "ETH/USD"
+        reply = await request(ws, {"type": "unsubscribe", "symbols": ["*"]})
+        assert reply == {"type": "unsubscribed", "symbols": []}
+
+
+async def test_symbol_errors_change_nothing(running: Running) -> None:
+    async with open_websocket_url(running.url + "&symbols=BTC/USD") as ws:
+        await ws.get_message()
+        reply = await request(ws, {"type": "subscribe", "symbols": ["ETH/USD", "DOGE/USD"]})
+        assert reply["code"] == "unknown_symbol" and reply["symbol"] == "DOGE/USD"
+        reply = await request(ws, {"type": "history", "symbol": "NOPE"})
+        assert reply["code"] == "unknown_symbol"
+        reply = await request(ws, {"type": "unsubscribe", "symbols": ["NOPE"]})
+        assert reply["code"] == "unknown_symbol"
+        reply = await request(ws, {"type": "resume", "from": {"BTC/USD": 0}})
+        assert reply["code"] == "already_subscribed" and reply["symbol"] == "BTC/USD"
+        reply = await request(ws, {"type": "unsubscribe", "symbols": ["ETH/USD"]})
+        assert reply == {"type": "unsubscribed", "symbols": ["BTC/USD"]}  # still as before
+
+
+async def test_forbidden_symbols(running: Running) -> None:
+    token = new_token()
+    running.server.auth = TokenStore(
+        [TokenSettings(name="eth-only", sha256=hash_token(token), symbols=["ETH/USD"])]
+    )
+    url = f"ws://127.0.0.1:{running.port}/?access_token={token}&symbols=BTC/USD,ETH/USD"
+    async with open_websocket_url(url) as ws:
+        hello = json.loads(await ws.get_message())
+        assert hello["symbols"] == ["ETH/USD"] and hello["available"] == ["ETH/USD"]
+        error = json.loads(await ws.get_message())
+        assert error["code"] == "forbidden_symbol" and error["symbol"] == "BTC/USD"
+        reply = await request(ws, {"type": "history", "symbol": "BTC/USD"})
+        assert reply["code"] == "forbidden_symbol"
+        reply = await request(ws, {"type": "subscribe", "symbols": ["*"]})
+        assert reply == {"type": "subscribed", "symbols": ["ETH/USD"]}
+
+
+async def test_history_is_the_newest_updates_oldest_first(running: Running) -> None:
+    publish(running, 30)
+    async with open_websocket_url(running.url + "&symbols=") as ws:
+        await ws.get_message()
+        reply = await request(ws, {"type": "history", "symbol": "BTC/USD", "limit": 5})
+        assert reply["type"] == "history" and reply["symbol"] == "BTC/USD"
+        assert [u["seq"] for u in reply["updates"]] == [26, 27, 28, 29, 30]
+        assert reply["updates"][-1]["price"] == 129.0
+        reply = await request(ws, {"type": "history", "symbol": "ETH/USD"})
+        assert reply["updates"] == []
+
+
+async def test_resume_is_gap_free_and_atomic(running: Running) -> None:
+    publish(running, 50)
+    async with open_websocket_url(running.url + "&symbols=") as ws:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "resume", "from": {"BTC/USD": 41}}))
+        # Published while the request is in flight: it must come after the replay, once.
+        publish(running, 5)
+        assert json.loads(await ws.get_message()) == {
+            "type": "subscribed",
+            "symbols": ["BTC/USD"],
+        }
+        got = [(await until_update(ws))["data"]["seq"] for _ in range(14)]
+        assert got == list(range(42, 56))
+
+
+async def test_resume_in_the_url(running: Running) -> None:
+    publish(running, 10)
+    publish(running, 3, "ETH/USD")
+    async with open_websocket_url(running.url + "&resume=BTC/USD:7") as ws:
+        hello = json.loads(await ws.get_message())
+        assert hello["symbols"] == ["BTC/USD"]  # resume alone: nothing else
+        got = [(await until_update(ws))["data"]["seq"] for _ in range(3)]
+        assert got == [8, 9, 10]
+        publish(running, 1)
+        publish(running, 1, "ETH/USD")
+        assert (await until_update(ws))["data"] == {**running.hub.last_update["BTC/USD"]["data"]}
+
+
+async def test_resume_past_the_history_starts_with_reset(running: Running) -> None:
+    publish(running, 1005)  # the ring holds 1000: seq 6..1005
+    async with open_websocket_url(running.url + "&symbols=") as ws:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "resume", "from": {"BTC/USD": 2}}))
+        assert json.loads(await ws.get_message())["type"] == "subscribed"
+        reset = json.loads(await ws.get_message())
+        assert reset == {"type": "reset", "symbol": "BTC/USD", "oldest_seq": 6, "latest_seq": 1005}
+        first = await until_update(ws)
+        assert first["data"]["seq"] == 6
+
+
+async def test_rate_limit_and_too_many_errors_close_1008(running: Running) -> None:
+    running.server.limits = Limits(
+        max_connections=100,
+        max_backlog_bytes=65536,
+        max_message_size=4096,
+        handshake_timeout=1.0,
+        max_client_messages_per_second=5,
+        max_client_errors=3,
+    )
+    async with open_websocket_url(running.url) as ws:
+        await ws.get_message()
+        for _ in range(10):
+            await ws.send_message('{"type": "ping"}')
+        replies = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                replies.append(json.loads(await ws.get_message()))
+        codes = [r.get("code") for r in replies if r["type"] == "error"]
+        assert [r["type"] for r in replies[:5]] == ["pong"] * 5
+        assert codes[:4] == ["rate_limited"] * 4
+        assert closed.value.reason.code == 1008
+    assert running.stats.disconnects["too_many_errors"] == 1
+
+
+@pytest.mark.parametrize("running", [{"ping_interval": 0.1, "idle_timeout": 0.35}], indirect=True)
+async def test_pings_and_idle_timeout(running: Running) -> None:
+    # A raw client that reads but never answers anything: pings arrive, then the idle close.
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="x", target=f"/?access_token={TOKEN}")))
+    pings, code = 0, None
+    with trio.fail_after(3):
+        while code is None:
+            ws.receive_data(await stream.receive_some() or None)
+            for event in ws.events():
+                if type(event).__name__ == "Ping":
+                    pings += 1  # deliberately not answered
+                elif isinstance(event, CloseConnection):
+                    code = event.code
+    assert code == 1001 and pings >= 2
+    await stream.aclose()
+    # A normal client answers pings by itself and stays.
+    async with open_websocket_url(running.url) as good:
+        await good.get_message()
+        await trio.sleep(0.8)
+        assert running.server.client_count == 1

@@ -11,6 +11,7 @@
 'use strict';
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const http = require('node:http');
 const { performance } = require('node:perf_hooks');
 const { WebSocket, WebSocketServer } = require('ws');
@@ -38,6 +39,7 @@ function parseArgs(argv) {
       case '--max-backlog-bytes': args.maxBacklogBytes = Number(value); break;
       case '--listen-backlog': args.listenBacklog = Number(value); break;
       case '--seed': args.seed = Number(value); break;
+      case '--extra-json': args.extra = JSON.parse(fs.readFileSync(value, 'utf8')); break;
       default: throw new Error(`unknown option ${name}`);
     }
   }
@@ -68,7 +70,9 @@ function prng(seed) {
 }
 
 // A random walk producing the same fields (and so about the same message size) as the daemon.
-function makeMarket(symbols, seed) {
+// `extra`: the daemon's analytics fields (estimators, GARCH forecast) from a sample update, so
+// every server sends messages of the same size.
+function makeMarket(symbols, seed, extra = {}) {
   const random = prng(seed);
   const state = new Map(symbols.map((s) => [s, { price: 50000, seq: 0, vol: 0.001 }]));
   return (symbol) => {
@@ -91,6 +95,7 @@ function makeMarket(symbols, seed) {
       low: Math.min(open, close) * (1 - random() * 1e-3),
       close,
       volume: random(),
+      ...extra,
     };
   };
 }
@@ -125,7 +130,7 @@ function broadcast(wss, message) {
 // Runs every symbol every `interval` seconds, on an absolute schedule so timer lateness
 // does not accumulate into a lower rate.
 function startPublishing(wss, args) {
-  const next = makeMarket(args.symbols, args.seed);
+  const next = makeMarket(args.symbols, args.seed, args.extra);
   const start = performance.now();
   let tick = 0;
   const step = () => {

@@ -23,6 +23,7 @@ import random
 import signal
 from datetime import UTC, datetime
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
@@ -42,8 +43,10 @@ def log(event: str, **fields: object) -> None:
 class Market:
     """A random walk producing the same fields (so about the same message size) as the daemon."""
 
-    def __init__(self, symbols: list[str], seed: int) -> None:
+    def __init__(self, symbols: list[str], seed: int, extra: dict[str, object]) -> None:
         self._random = random.Random(seed)
+        # The daemon's analytics fields from a sample update: every server sends the same size.
+        self._extra = extra
         self._state = {s: {"price": 50000.0, "vol": 0.001, "seq": 0} for s in symbols}
 
     def next(self, symbol: str) -> dict[str, object]:
@@ -65,6 +68,7 @@ class Market:
             "low": min(open_, close) * (1 - self._random.random() * 1e-3),
             "close": close,
             "volume": self._random.random(),
+            **self._extra,
         }
 
 
@@ -104,9 +108,11 @@ def make_handler(symbols: list[str]):
     return handler
 
 
-async def publish(server: Server, symbols: list[str], interval: float, seed: int) -> None:
+async def publish(
+    server: Server, symbols: list[str], interval: float, seed: int, extra: dict[str, object]
+) -> None:
     """One update per symbol every `interval`, on an absolute schedule (lateness never adds up)."""
-    market = Market(symbols, seed)
+    market = Market(symbols, seed, extra)
     loop = asyncio.get_running_loop()
     start = loop.time()
     tick = 0
@@ -146,7 +152,9 @@ async def main(args: argparse.Namespace) -> None:
         host, port = server.sockets[0].getsockname()[:2]
         log("listener_bound", service="websocket", address=f"{host}:{port}")
         tasks = [
-            asyncio.create_task(publish(server, args.symbols, args.interval, args.seed)),
+            asyncio.create_task(
+                publish(server, args.symbols, args.interval, args.seed, args.extra_json)
+            ),
             asyncio.create_task(sweep_backlogs(server, args.max_backlog_bytes)),
         ]
         await stop
@@ -164,6 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-backlog-bytes", type=int, default=1 << 20)
     parser.add_argument("--listen-backlog", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--extra-json", type=lambda p: json.loads(Path(p).read_text()), default={})
     return parser.parse_args()
 
 

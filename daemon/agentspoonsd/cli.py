@@ -1,4 +1,4 @@
-"""Command line: `agentspoonsd run | check-config | token new NAME | --version`.
+"""Command line: `agentspoonsd run | check-config | token new NAME | simulate | --version`.
 
 Exit statuses follow sysexits: 0 ok, 70 a service exhausted its crash budget, 71 a listener could
 not be bound, 78 the configuration is invalid (nothing was started).
@@ -35,6 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     new = token_commands.add_parser("new", help="print a new token and its config block")
     new.add_argument("name", help="the token's name, shown in logs (e.g. dashboard)")
     new.add_argument("--symbols", nargs="+", default=["*"], help='allowed symbols (default "*")')
+
+    sim = commands.add_parser(
+        "simulate", help="write the synthetic stream offline (JSON Lines or CSV), at full speed"
+    )
+    sim.add_argument("--config", metavar="PATH", help="TOML config file (model parameters)")
+    sim.add_argument("--symbol", default=None, help="symbol (default: the first configured)")
+    sim.add_argument(
+        "--model", choices=("gbm", "garch", "gjr_garch", "heston"), help="override the model"
+    )
+    sim.add_argument("--steps", type=int, default=1000, help="updates to write (default 1000)")
+    sim.add_argument("--seed", type=int, default=None, help="override [generator] seed")
+    sim.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    sim.add_argument(
+        "--start",
+        default="2025-01-01T00:00:00Z",
+        help="timestamp origin: update k is stamped start + k × bar_seconds",
+    )
+    sim.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     return parser
 
 
@@ -74,6 +92,48 @@ def _token_new(name: str, symbols: list[str]) -> int:
     print("# Shown once: give it to the client; only its digest goes in the config.")
     print("# Paste into agentspoonsd.toml, then reload (systemctl reload agentspoonsd):\n")
     print(f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{hash_token(token)}"\nsymbols = [{listed}]')
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from .market.simulate import simulate, write_csv, write_jsonl
+
+    try:
+        settings, _ = _settings(args.config)
+        generator = settings.generator
+        symbol = args.symbol or generator.symbols[0]
+        changes: dict[str, object] = {"source": "synthetic"}
+        if symbol not in generator.symbols:
+            changes["symbols"] = [*generator.symbols, symbol]
+        if args.seed is not None:
+            changes["seed"] = args.seed
+        if args.model is not None:
+            overrides = dict(generator.overrides)
+            override = overrides.get(symbol)
+            overrides[symbol] = (
+                override.model_copy(update={"model": args.model})
+                if override
+                else {"model": args.model}
+            )
+            changes["overrides"] = overrides
+        generator = type(generator).model_validate({**generator.model_dump(), **changes})
+        start = datetime.fromisoformat(args.start.replace("Z", "+00:00"))
+        if start.utcoffset() is None or args.steps < 0:
+            raise ValueError("--start needs a UTC offset (e.g. Z) and --steps must be >= 0")
+    except (ConfigError, ValueError) as exc:
+        print(f"agentspoonsd: simulate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    tune_gc()  # a few dicts per bar and no cycles: the collector would only cost time
+    write = write_csv if args.format == "csv" else write_jsonl
+    records = simulate(generator, symbol, args.steps, start)
+    if args.output:
+        with open(args.output, "wb") as out:
+            write(records, out)
+    else:
+        write(records, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
     return 0
 
 
@@ -135,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.config)
     if args.command == "token":
         return _token_new(args.name, args.symbols)
+    if args.command == "simulate":
+        return _simulate(args)
     return _run(args.config)
 
 

@@ -25,7 +25,8 @@ import trio
 from . import __version__
 from .auth import TokenStore, hash_token, new_token
 from .health import HttpService, Probes, make_handler
-from .hub import Hub
+from .history import History, HistoryStore
+from .hub import Hub, encode_text_frame
 from .logs import LevelGate, get_logger
 from .market.bar import Bar
 from .market.generator import Generator
@@ -37,6 +38,7 @@ from .ws import Limits, WebSocketServer
 EXIT_OK = 0
 EXIT_SOFTWARE = 70  # a service exhausted its crash budget
 EXIT_OSERR = 71  # a listener could not be bound
+EXIT_CANTCREAT = 73  # the persisted history cannot be read or created
 
 # Settings a SIGHUP applies live; any other change is reported as needing a restart.
 RELOADABLE = {"auth", "log"}
@@ -71,7 +73,18 @@ def limits_from(settings: Settings) -> Limits:
         max_backlog_bytes=s.max_backlog_bytes,
         max_message_size=s.max_message_size,
         handshake_timeout=s.handshake_timeout,
+        ping_interval=s.ping_interval,
+        idle_timeout=s.idle_timeout,
+        max_client_messages_per_second=s.max_client_messages_per_second,
+        max_client_errors=s.max_client_errors,
     )
+
+
+def open_history(settings: Settings) -> History:
+    """The hub's history, loaded from `[history] dir` when persisted. Raises OSError."""
+    h = settings.history
+    store = HistoryStore(h.dir, h.size) if h.persist else None
+    return History(settings.generator.symbols, h.size, store=store, decode_frame=encode_text_frame)
 
 
 def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
@@ -141,7 +154,12 @@ class Daemon:
             log.warning("auth_disabled", detail="every client is served without a token")
 
         send, receive = trio.open_memory_channel[list[Bar]](16)
-        hub = Hub(s.generator.symbols, receive, self.stats)
+        try:
+            history = open_history(s)
+        except OSError as exc:
+            log.error("history_unavailable", dir=str(s.history.dir), error=str(exc))
+            return EXIT_CANTCREAT
+        hub = Hub(s.generator.symbols, receive, self.stats, history=history)
         generator = Generator(s.generator, send, get_logger("agentspoonsd.generator"))
         websocket = WebSocketServer(
             ws_sock,
@@ -190,6 +208,7 @@ class Daemon:
                 await self._handle_signals(signals, websocket)
                 root.cancel_scope.cancel()
         ws_sock.close()
+        history.close()
         http_sock.close()
         log.info("daemon_stopped", exit_status=EXIT_OK)
         return EXIT_OK

@@ -8,14 +8,15 @@ takes and queues the rest under its cap (see `outbox.Outbox`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from wsproto.frame_protocol import FrameProtocol
 
 from . import protocol
+from .history import Gap, History
 from .market.bar import Bar
 from .metrics import Stats
 
@@ -31,11 +32,12 @@ def encode_text_frame(payload: bytes) -> bytes:
 
 
 class Hub:
-    """Subscriptions by symbol, per-symbol sequence numbers, and the broadcast itself.
+    """Subscriptions by symbol, per-symbol sequence numbers, the history and the broadcast.
 
     Guarantees: within one symbol, every subscriber receives updates in `seq` order, and `seq`
-    increases by exactly one per update (no gap, no repeat) for the life of the Hub object, across
-    restarts of `run`.
+    increases by exactly one per update (no gap, no repeat; see `history` for restarts). Every
+    method is synchronous: a subscription change, a resume replay and a broadcast never
+    interleave, which is what makes `resume` atomic.
     """
 
     def __init__(
@@ -44,17 +46,20 @@ class Hub:
         receive_channel: trio.MemoryReceiveChannel[list[Bar]],
         stats: Stats,
         *,
+        history: History | None = None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """Without `history`, a 1000-update in-memory one is made (seq from `first_seq()`)."""
         self.symbols = tuple(symbols)
+        self.symbol_set = frozenset(symbols)
         self._receive = receive_channel
         self._stats = stats
         self._wall_clock = wall_clock
+        self.history = history or History(symbols, 1000, decode_frame=encode_text_frame)
         # symbol → {subscriber: its bound send_frame}; bound once so the broadcast loop is lean.
         self._subscribers: dict[str, dict[Subscriber, Callable[[bytes], None]]] = {
             s: {} for s in symbols
         }
-        self._seq = dict.fromkeys(symbols, 0)
         self.last_update: dict[str, dict[str, object]] = {}
         self.last_publish: float | None = None  # trio.current_time() of the newest broadcast
 
@@ -69,27 +74,58 @@ class Hub:
             self.publish(bars)
 
     def publish(self, bars: list[Bar]) -> None:
-        """Number, encode and hand each bar to its subscribers. Synchronous: no checkpoint."""
+        """Number, encode, record and hand each bar to its subscribers. No checkpoint."""
         published = self._wall_clock()
+        history = self.history
         for bar in bars:
-            seq = self._seq[bar.symbol] + 1
-            self._seq[bar.symbol] = seq
+            symbol = bar.symbol
+            seq = history.next_seq(symbol)
             message = protocol.update_message(bar, seq, published)
-            frame = encode_text_frame(protocol.encode(message))
-            subscribers = self._subscribers[bar.symbol]
+            payload = protocol.encode(message)
+            frame = encode_text_frame(payload)
+            history.record(symbol, seq, payload, frame, message["data"])  # before anyone sees it
+            subscribers = self._subscribers[symbol]
             # A snapshot: a write that fails closes its client, which unsubscribes it at once.
             for send_frame in tuple(subscribers.values()):
                 send_frame(frame)
-            self.last_update[bar.symbol] = message
+            self.last_update[symbol] = message
             self._stats.updates_published += 1
             self._stats.messages_sent += len(subscribers)
             self._stats.bytes_sent += len(frame) * len(subscribers)
         self.last_publish = trio.current_time()
 
-    def subscribe(self, subscriber: Subscriber, symbols: list[str]) -> None:
+    def subscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
         for symbol in symbols:
             self._subscribers[symbol][subscriber] = subscriber.send_frame
+
+    def unsubscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
+        for symbol in symbols:
+            self._subscribers[symbol].pop(subscriber, None)
 
     def unsubscribe_all(self, subscriber: Subscriber) -> None:
         for subscribers in self._subscribers.values():
             subscribers.pop(subscriber, None)
+
+    def subscriptions(self, subscriber: Subscriber) -> list[str]:
+        """The symbols `subscriber` receives, in the hub's symbol order."""
+        return [s for s in self.symbols if subscriber in self._subscribers[s]]
+
+    def resume(self, subscriber: Subscriber, symbol: str, after_seq: int) -> Gap | None:
+        """Send `subscriber` what it missed of `symbol` after `after_seq`, then subscribe it.
+
+        The frames, in order: a `reset` message when the updates in between are not all retained
+        (then every retained update follows), else exactly the updates after `after_seq`; then
+        the live ones. Atomic: no checkpoint, so nothing is broadcast in between. Returns the gap.
+        """
+        gap, entries = self.history[symbol].after(after_seq)
+        send = subscriber.send_frame
+        if gap is not None:
+            send(encode_text_frame(protocol.encode(protocol.reset_message(symbol, gap))))
+        for entry in entries:
+            send(entry.frame)
+        self._subscribers[symbol][subscriber] = send
+        return gap
+
+    def recent(self, symbol: str, limit: int) -> list[dict[str, Any]]:
+        """The `data` objects of the newest `limit` updates of `symbol`, oldest first."""
+        return [entry.data for entry in self.history[symbol].last(limit)]

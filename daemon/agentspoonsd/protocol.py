@@ -1,14 +1,16 @@
-"""The wire protocol's messages: pure builders and the client-message interpreter.
+"""The wire protocol's messages: pure builders and the client-request parser.
 
 No sockets here. Server messages are plain dicts encoded once with orjson; client messages are
-interpreted into a reply dict. Field names follow the prototype's documented contract
-(DESIGN.md "Wire protocol"); new fields are additive.
+parsed into typed requests (or an `error` reply). Field names follow the prototype's documented
+contract (DESIGN.md "Wire protocol"); new fields are additive. docs/PROTOCOL.md is the spec.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
@@ -26,6 +28,14 @@ class ErrorCode:
     UNKNOWN_TYPE = "unknown_type"
     BINARY_UNSUPPORTED = "binary_unsupported"
     MESSAGE_TOO_LARGE = "message_too_large"
+    UNKNOWN_SYMBOL = "unknown_symbol"
+    FORBIDDEN_SYMBOL = "forbidden_symbol"
+    ALREADY_SUBSCRIBED = "already_subscribed"
+    RATE_LIMITED = "rate_limited"
+
+
+ALL = "*"  # in subscribe/unsubscribe: every symbol
+DEFAULT_HISTORY_LIMIT = 100
 
 
 def iso_utc(moment: datetime) -> str:
@@ -39,9 +49,18 @@ def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
-def connected_message(now: datetime, *, token: str, symbols: list[str]) -> dict[str, Any]:
-    """The greeting sent right after the upgrade."""
-    return {
+def connected_message(
+    now: datetime,
+    *,
+    token: str,
+    symbols: list[str],
+    available: list[str] | None = None,
+    history_size: int | None = None,
+    ping_interval: float | None = None,
+    idle_timeout: float | None = None,
+) -> dict[str, Any]:
+    """The greeting sent right after the upgrade: `symbols` is the subscription."""
+    message: dict[str, Any] = {
         "type": "connected",
         "message": SERVER_BANNER,
         "timestamp": iso_utc(now),
@@ -49,48 +68,198 @@ def connected_message(now: datetime, *, token: str, symbols: list[str]) -> dict[
         "token": token,
         "symbols": symbols,
     }
+    if available is not None:
+        message["available"] = available
+    if history_size is not None:
+        message["history_size"] = history_size
+    if ping_interval is not None:
+        message["ping_interval"] = ping_interval
+    if idle_timeout is not None:
+        message["idle_timeout"] = idle_timeout
+    return message
+
+
+def update_data(bar: Bar, seq: int) -> dict[str, Any]:
+    """The `data` object of a `volatility_update` (also what `agentspoonsd simulate` writes)."""
+    return {
+        "timestamp": iso_utc(bar.timestamp),
+        "symbol": bar.symbol,
+        "seq": seq,
+        "volatility": bar.volatility,
+        "price": bar.close,
+        "returns": bar.returns,
+        "open": bar.open,
+        "high": bar.high,
+        "low": bar.low,
+        "close": bar.close,
+        "volume": bar.volume,
+        **bar.analytics,
+    }
 
 
 def update_message(bar: Bar, seq: int, published: datetime) -> dict[str, Any]:
     """A `volatility_update`; `timestamp` is when the daemon published it (latency origin)."""
     return {
         "type": "volatility_update",
-        "data": {
-            "timestamp": iso_utc(bar.timestamp),
-            "symbol": bar.symbol,
-            "seq": seq,
-            "volatility": bar.volatility,
-            "price": bar.close,
-            "returns": bar.returns,
-            "open": bar.open,
-            "high": bar.high,
-            "low": bar.low,
-            "close": bar.close,
-            "volume": bar.volume,
-        },
+        "data": update_data(bar, seq),
         "timestamp": iso_utc(published),
     }
 
 
-def error_message(code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message}
+def error_message(code: str, message: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **fields}
 
 
-def reply_to(text: str, now: datetime) -> dict[str, Any]:
-    """Interpret one client text message and return the reply to send.
+def pong_message(now: datetime) -> dict[str, Any]:
+    return {"type": "pong", "timestamp": iso_utc(now)}
 
-    Never raises on client input: anything malformed becomes an `error` reply.
+
+def subscribed_message(symbols: list[str]) -> dict[str, Any]:
+    return {"type": "subscribed", "symbols": symbols}
+
+
+def unsubscribed_message(symbols: list[str]) -> dict[str, Any]:
+    return {"type": "unsubscribed", "symbols": symbols}
+
+
+def history_message(symbol: str, updates: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "history", "symbol": symbol, "updates": updates}
+
+
+def reset_message(symbol: str, gap: Any) -> dict[str, Any]:
+    """`gap`: a `history.Gap` (oldest_seq, latest_seq)."""
+    return {
+        "type": "reset",
+        "symbol": symbol,
+        "oldest_seq": gap.oldest_seq,
+        "latest_seq": gap.latest_seq,
+    }
+
+
+# --- client requests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    symbols: tuple[str, ...]  # may contain ALL
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    symbols: tuple[str, ...]  # may contain ALL
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    symbol: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    positions: tuple[tuple[str, int], ...]  # (symbol, last seq the client has), in given order
+
+
+Request = Ping | Subscribe | Unsubscribe | HistoryRequest | Resume
+
+
+class RequestError(ValueError):
+    """A malformed request; `reply` is the `error` message to send."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.reply = error_message(code, message)
+
+
+def parse_request(text: str, *, history_size: int) -> Request:
+    """Interpret one client text message. Raises RequestError (never anything else) on bad input.
+
+    Only the shape is checked here; whether a symbol exists or is allowed is the server's.
     """
     try:
         message = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return error_message(ErrorCode.INVALID_JSON, "message is not valid JSON")
+        raise RequestError(ErrorCode.INVALID_JSON, "message is not valid JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        return error_message(
+        raise RequestError(
             ErrorCode.INVALID_MESSAGE, 'message must be a JSON object with a string "type"'
         )
     kind = message["type"]
     if kind == "ping":
-        return {"type": "pong", "timestamp": iso_utc(now)}
+        return Ping()
+    if kind in ("subscribe", "unsubscribe"):
+        symbols = _symbol_list(message.get("symbols"), kind)
+        return Subscribe(symbols) if kind == "subscribe" else Unsubscribe(symbols)
+    if kind == "history":
+        symbol = message.get("symbol")
+        if not isinstance(symbol, str) or not symbol:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, 'history needs a string "symbol"')
+        limit = message.get("limit", DEFAULT_HISTORY_LIMIT)
+        if not _is_int(limit) or not 1 <= limit <= history_size:
+            raise RequestError(
+                ErrorCode.INVALID_MESSAGE,
+                f'"limit" must be an integer from 1 to {history_size} (the history size)',
+            )
+        return HistoryRequest(symbol, limit)
+    if kind == "resume":
+        positions = message.get("from")
+        if not isinstance(positions, dict) or not positions:
+            raise RequestError(
+                ErrorCode.INVALID_MESSAGE, 'resume needs "from": {"SYMBOL": last seq, ...}'
+            )
+        for symbol, seq in positions.items():
+            if not symbol or not _is_int(seq) or seq < 0:
+                raise RequestError(
+                    ErrorCode.INVALID_MESSAGE,
+                    f'resume "from" maps symbols to seq numbers >= 0; bad entry for {symbol!r}',
+                )
+        return Resume(tuple(positions.items()))
     shown = kind if len(kind) <= 64 else kind[:64] + "…"
-    return error_message(ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown!r}")
+    raise RequestError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _symbol_list(value: object, kind: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s for s in value):
+        raise RequestError(
+            ErrorCode.INVALID_MESSAGE, f'{kind} needs "symbols": a non-empty list of strings'
+        )
+    return tuple(dict.fromkeys(value))  # duplicates collapse, order kept
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """What the upgrade URL asks for (docs/PROTOCOL.md "Connecting")."""
+
+    symbols: tuple[str, ...] | None  # None: the default subscription
+    resume: tuple[tuple[str, int], ...]
+
+
+def parse_connect_target(target: str) -> ConnectOptions:
+    """The `symbols` and `resume` query parameters of an upgrade request's target.
+
+    Raises RequestError (invalid_message) for a malformed `resume`.
+    """
+    symbols: tuple[str, ...] | None = None
+    resume: list[tuple[str, int]] = []
+    for key, value in parse_qsl(urlsplit(target).query, keep_blank_values=True):
+        if key == "symbols":
+            symbols = tuple(dict.fromkeys(s for s in value.split(",") if s))
+        elif key == "resume":
+            for pair in filter(None, value.split(",")):
+                symbol, _, seq = pair.rpartition(":")
+                if not symbol or not seq.isdigit():
+                    raise RequestError(
+                        ErrorCode.INVALID_MESSAGE,
+                        f"resume parameter: expected SYMBOL:SEQ pairs, got {pair!r}",
+                    )
+                resume.append((symbol, int(seq)))
+    return ConnectOptions(symbols, tuple(dict(resume).items()))

@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -32,6 +33,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from .market import models
+from .market.models import ModelKind
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: the daemon refuses to start on a bad configuration
 ENV_PREFIX = "AGENTSPOONSD_"
@@ -58,7 +62,7 @@ class _Section(BaseModel):
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads `port = true` as 1; in a config file that is a mistake.
         annotation = cls.model_fields[info.field_name].annotation  # type: ignore[index]
-        if isinstance(value, bool) and annotation in (int, float, int | None):
+        if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
             raise ValueError("must be a number, not a boolean")
         return value
 
@@ -89,6 +93,18 @@ class ServerSettings(_Section):
         16384,
         ge=1,
         description="Accept queue of the listening socket; Linux caps it at net.core.somaxconn.",
+    )
+    ping_interval: float = Field(
+        20.0, gt=0, le=3600, description="Seconds between WebSocket pings to every client."
+    )
+    idle_timeout: float = Field(
+        60.0, gt=0, description="Close (1001) a client from which nothing arrived this long."
+    )
+    max_client_messages_per_second: int = Field(
+        20, ge=1, description="Client messages per second; more get `rate_limited` errors."
+    )
+    max_client_errors: int = Field(
+        10, ge=1, description="Errors within 10 s before the client is closed with 1008."
     )
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key serves wss://.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
@@ -135,19 +151,151 @@ class AuthSettings(_Section):
         return tokens
 
 
-class GeneratorSettings(_Section):
-    """[generator]: the simulated market."""
+def _check_params(factory: Any, settings: BaseModel) -> None:
+    """Build the model's parameter dataclass, so its cross-field rules (stationarity, Feller...)
+    are checked when the config is loaded and reported under the table's key."""
+    factory(**settings.model_dump())
 
+
+class GbmSettings(_Section):
+    """Geometric Brownian motion, per bar."""
+
+    mu: float = Field(0.0, description="Drift of the log price per bar.")
+    sigma: float = Field(0.0009, gt=0, description="Volatility per bar (0.0009 ≈ 65 %/year).")
+
+    @model_validator(mode="after")
+    def _valid(self) -> GbmSettings:
+        _check_params(models.GbmParams, self)
+        return self
+
+
+class GarchModelSettings(_Section):
+    """GARCH(1,1) with Student-t innovations, per bar."""
+
+    omega: float = Field(1.62e-8, gt=0, description="Constant of the variance recursion.")
+    alpha: float = Field(0.07, ge=0, description="Reaction to the last squared return.")
+    beta: float = Field(0.91, ge=0, description="Persistence; alpha + beta < 1.")
+    nu: float = Field(8.0, gt=2, description="Degrees of freedom of the Student-t innovations.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> GarchModelSettings:
+        _check_params(models.GarchParams, self)
+        return self
+
+
+class GjrGarchSettings(_Section):
+    """GJR-GARCH(1,1): GARCH plus a leverage term gamma·r²·[r < 0], per bar."""
+
+    omega: float = Field(1.62e-8, gt=0)
+    alpha: float = Field(0.03, description="Reaction to any squared return; alpha + gamma >= 0.")
+    gamma: float = Field(0.05, description="Extra reaction to a negative return (leverage).")
+    beta: float = Field(0.925, ge=0, description="Persistence; alpha + gamma/2 + beta < 1.")
+    nu: float = Field(8.0, gt=2)
+
+    @model_validator(mode="after")
+    def _valid(self) -> GjrGarchSettings:
+        _check_params(models.GjrGarchParams, self)
+        return self
+
+
+class HestonSettings(_Section):
+    """Heston stochastic volatility, per bar (variance units: per-bar variance)."""
+
+    kappa: float = Field(0.02, gt=0, le=1, description="Mean reversion speed of the variance.")
+    theta: float = Field(8.1e-7, gt=0, description="Long-run per-bar variance.")
+    xi: float = Field(1.5e-4, gt=0, description="Volatility of the variance.")
+    rho: float = Field(-0.4, ge=-1, le=1, description="Correlation of price and variance shocks.")
+    v0: float | None = Field(None, gt=0, description="Initial variance; unset: theta.")
+    mu: float = Field(0.0, description="Drift of the log price per bar.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> HestonSettings:
+        _check_params(models.HestonParams, self)
+        return self
+
+
+class VolumeSettings(_Section):
+    """Bar volume: lognormal around a level that rises with the bar's absolute return."""
+
+    scale: float = Field(1.0, gt=0, description="Typical volume of one bar.")
+    dispersion: float = Field(0.5, ge=0, description="Standard deviation of log volume.")
+
+
+class SymbolOverride(_Section):
+    """`[generator.overrides."SYMBOL"]`: what differs for one symbol."""
+
+    model: ModelKind | None = None
+    initial_price: float | None = Field(None, gt=0)
+    gbm: GbmSettings | None = None
+    garch: GarchModelSettings | None = None
+    gjr_garch: GjrGarchSettings | None = None
+    heston: HestonSettings | None = None
+    volume: VolumeSettings | None = None
+
+
+class GarchFitSettings(_Section):
+    """[generator.garch_fit]: GARCH(1,1) maximum-likelihood fit behind `data.garch_forecast`."""
+
+    enabled: bool = True
+    window: int = Field(500, ge=100, le=100_000, description="Bars of returns in each fit.")
+    refit_every: int = Field(100, ge=1, description="Bars between fits (run in a worker thread).")
+    horizon: int = Field(10, ge=1, le=10_000, description="h of the h-step variance forecast.")
+
+
+class FileSourceSettings(_Section):
+    """[generator.file]: follow a JSON array or JSON Lines file written by another process."""
+
+    path: Path | None = Field(None, description='The file; required when source = "file".')
+    format: Literal["auto", "json", "jsonl"] = Field(
+        "auto", description="auto: .json is an array, .jsonl/.ndjson one record per line."
+    )
+    poll_interval: float = Field(0.5, gt=0, le=60, description="Seconds between checks.")
+
+
+class ReplaySourceSettings(_Section):
+    """[generator.replay]: replay a CSV of OHLCV bars."""
+
+    path: Path | None = Field(None, description='The CSV; required when source = "replay".')
+    speed: float = Field(1.0, gt=0, description="Multiple of real time (60: a minute per second).")
+    loop: bool = Field(True, description="Start over at the end (timestamps keep increasing).")
+
+
+class GeneratorSettings(_Section):
+    """[generator]: where bars come from, and the analytics computed on them."""
+
+    source: Literal["synthetic", "file", "replay"] = Field(
+        "synthetic", description="synthetic: the models below; file or replay: external data."
+    )
     interval: float = Field(2.0, gt=0, le=3600, description="Seconds between updates of a symbol.")
     symbols: list[Annotated[str, Field(min_length=1, max_length=32)]] = Field(
         default_factory=lambda: ["BTC/USD"], min_length=1
     )
-    model: Literal["garch"] = Field("garch", description="Simulation model.")
-    seed: int | None = Field(None, description="Fixed seed: the same stream on every start.")
-    volatility_window: int = Field(
-        20, ge=2, le=10000, description="Bars in the rolling standard deviation `volatility`."
-    )
+    model: ModelKind = Field("garch", description="Simulation model of every symbol.")
+    seed: int | None = Field(None, ge=0, description="Fixed seed: the same stream on every start.")
     initial_price: float = Field(50000.0, gt=0, description="Starting price of every symbol.")
+    bar_seconds: float = Field(
+        60.0, gt=0, description="Market time one bar covers (annualisation; replay pacing)."
+    )
+    trading_days: float = Field(
+        365.0, gt=0, le=366, description="Trading days per year, for annualised values."
+    )
+    volatility_window: int = Field(
+        20, ge=2, le=10000, description="W: bars in every rolling estimator."
+    )
+    ewma_lambda: float = Field(0.94, gt=0, lt=1, description="Decay of the EWMA estimator.")
+    substeps: int = Field(16, ge=1, le=1024, description="Intrabar path points per bar.")
+    warmup_bars: int = Field(
+        500, ge=0, le=1_000_000, description="Synthetic bars simulated before the first update."
+    )
+    gbm: GbmSettings = GbmSettings()
+    garch: GarchModelSettings = GarchModelSettings()
+    gjr_garch: GjrGarchSettings = GjrGarchSettings()
+    heston: HestonSettings = HestonSettings()
+    volume: VolumeSettings = VolumeSettings()
+    overrides: dict[str, SymbolOverride] = Field(default_factory=dict)
+    garch_fit: GarchFitSettings = GarchFitSettings()
+    file: FileSourceSettings = FileSourceSettings()
+    replay: ReplaySourceSettings = ReplaySourceSettings()
 
     @field_validator("symbols")
     @classmethod
@@ -158,21 +306,56 @@ class GeneratorSettings(_Section):
             raise ValueError('"*" is not a symbol name')
         return symbols
 
+    @model_validator(mode="after")
+    def _consistent(self) -> GeneratorSettings:
+        unknown = sorted(set(self.overrides) - set(self.symbols))
+        if unknown:
+            listed = ", ".join(unknown)
+            raise ValueError(f"overrides for symbols not in generator.symbols: {listed}")
+        if self.source in ("file", "replay") and getattr(self, self.source).path is None:
+            raise ValueError(f'source = "{self.source}" needs generator.{self.source}.path')
+        return self
+
+    @property
+    def seconds_per_year(self) -> float:
+        return self.trading_days * 86400.0
+
+    def model_for(self, symbol: str) -> ModelKind:
+        override = self.overrides.get(symbol)
+        return override.model if override and override.model else self.model
+
+    def params_for(self, symbol: str) -> Any:
+        """The parameter dataclass of `symbol`'s model (its override table, else the default)."""
+        kind = self.model_for(symbol)
+        table = getattr(self.overrides.get(symbol), kind, None) or getattr(self, kind)
+        factory = {
+            "gbm": models.GbmParams,
+            "garch": models.GarchParams,
+            "gjr_garch": models.GjrGarchParams,
+            "heston": models.HestonParams,
+        }[kind]
+        return factory(**table.model_dump())
+
+    def volume_for(self, symbol: str) -> models.VolumeParams:
+        override = self.overrides.get(symbol)
+        table = override.volume if override and override.volume else self.volume
+        return models.VolumeParams(**table.model_dump())
+
+    def initial_price_for(self, symbol: str) -> float:
+        override = self.overrides.get(symbol)
+        if override and override.initial_price is not None:
+            return override.initial_price
+        return self.initial_price
+
 
 class HistorySettings(_Section):
-    """[history]: updates kept per symbol."""
+    """[history]: updates kept per symbol, for `history` requests and `resume`."""
 
-    size: int = Field(1000, ge=1, le=1_000_000)
-    persist: bool = False
-
-    @field_validator("persist")
-    @classmethod
-    def _persist_not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(_NOT_YET.format("a persistent history"))
-        return value
-
-    dir: Path = Path("/var/lib/agentspoonsd")
+    size: int = Field(1000, ge=1, le=1_000_000, description="Updates kept per symbol.")
+    persist: bool = Field(
+        False, description="Keep the history (and so seq) in `dir` across restarts."
+    )
+    dir: Path = Field(Path("/var/lib/agentspoonsd"), description="Where a persisted history lives.")
 
 
 class BrokerSettings(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from .auth import AuthFailure, Grant, TokenStore, presented_token
 from .hub import Hub
 from .metrics import Stats
 from .outbox import Outbox
+from .protocol import ErrorCode, RequestError
 from .upgrade import (
     HandshakeError,
     Headers,
@@ -64,6 +66,26 @@ class Limits:
     max_backlog_bytes: int
     max_message_size: int
     handshake_timeout: float
+    ping_interval: float = 20.0
+    idle_timeout: float = 60.0
+    max_client_messages_per_second: int = 20
+    max_client_errors: int = 10  # within ERROR_WINDOW seconds, then close 1008
+
+
+# A server ping frame: unmasked, no payload, the same bytes for every client.
+PING_FRAME = b"\x89\x00"
+ERROR_WINDOW = 10.0  # seconds over which a client's errors are counted
+
+
+class _Budget:
+    """A client's message rate and recent errors; made on its first message (most never send)."""
+
+    __slots__ = ("errors", "second", "sent")
+
+    def __init__(self) -> None:
+        self.second = -1  # the whole second `sent` counts
+        self.sent = 0
+        self.errors: deque[float] = deque()
 
 
 class Client:
@@ -75,6 +97,7 @@ class Client:
         "_log",
         "_stats",
         "assembler",
+        "budget",
         "conn",
         "connected_at",
         "drop_reason",
@@ -82,6 +105,7 @@ class Client:
         "finished",
         "grant",
         "handshake",
+        "last_seen",
         "outbox",
         "peer",
         "reading",
@@ -114,6 +138,8 @@ class Client:
         self.reading = True  # registered in the server's epoll set
         self.connected_at: float | None = None  # trio time of the upgrade
         self.assembler: _MessageAssembler | None = None
+        self.budget: _Budget | None = None
+        self.last_seen = 0.0  # trio time the peer last sent anything
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
         self.outbox = Outbox(
@@ -246,6 +272,7 @@ class WebSocketServer:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._reap_loop)
+                nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._dispatch_loop, self._poller)
                 with trio.CancelScope() as self._accepting:
                     self.listening = True
@@ -276,6 +303,24 @@ class WebSocketServer:
                 del self._deadlines[client]
                 # A lingering close already carries its reason; otherwise this was the handshake.
                 self._finish(client, client.drop_reason or "handshake_timeout")
+
+    async def _heartbeat_loop(self) -> None:
+        """Every `ping_interval`: ping each client, and close those silent past `idle_timeout`.
+
+        The ping is one pre-built frame; any bytes from the peer (a pong included) count as
+        life. Closing is the polite 1001 with a grace, as for shutdown.
+        """
+        while True:
+            await trio.sleep(self.limits.ping_interval)
+            now = trio.current_time()
+            idle_timeout = self.limits.idle_timeout
+            for client in list(self._clients.values()):
+                if client.connected_at is None or client.outbox.sealed:
+                    continue
+                if now - client.last_seen > idle_timeout:
+                    client.linger_close(CLOSE_GOING_AWAY, "idle timeout", "idle_timeout")
+                else:
+                    client.send_frame(PING_FRAME)
 
     async def _dispatch_loop(self, poller: select.epoll) -> None:
         """Run the state machine of every client whose socket is readable, forever.
@@ -410,6 +455,7 @@ class WebSocketServer:
         data = _recv_now(client.sock)
         if data is None:
             return  # nothing yet (the usual case right after accept)
+        client.last_seen = trio.current_time()
         if client.conn is not None:
             client.conn.receive_data(data or None)  # None: the peer closed, wsproto sees 1006
             self._handle_events(client)
@@ -462,20 +508,72 @@ class WebSocketServer:
             return
         del self._deadlines[client]
         client.grant = verdict
-        client.connected_at = trio.current_time()
+        client.connected_at = client.last_seen = trio.current_time()
         self._established += 1
         self._stats.connections_accepted += 1
         self._stats.clients_connected += 1
-        symbols = [s for s in self._hub.symbols if verdict.allows(s)]
+        hub = self._hub
+        available = [s for s in hub.symbols if verdict.allows(s)]
+        errors: list[dict[str, Any]] = []
+        try:
+            options = protocol.parse_connect_target(request.target)
+        except RequestError as exc:
+            options, errors = protocol.ConnectOptions(None, ()), [exc.reply]
+        resume = []
+        for symbol, seq in options.resume:
+            problem = self._symbol_problem(verdict, symbol)
+            if problem is None:
+                resume.append((symbol, seq))
+            else:
+                errors.append(problem)
+        resumed = {symbol for symbol, _ in resume}
+        if options.symbols is None:  # the default: everything allowed, unless resuming
+            initial = [] if options.resume else available
+        else:
+            initial = []
+            for symbol in options.symbols:
+                problem = self._symbol_problem(verdict, symbol)
+                if problem is None:
+                    initial.append(symbol)
+                else:
+                    errors.append(problem)
+        initial = [s for s in initial if s not in resumed]  # resume wins over a plain subscribe
+        subscribed = [s for s in hub.symbols if s in resumed or s in initial]
+        limits = self.limits
         client.accept(
             request,
-            protocol.connected_message(self._wall_clock(), token=verdict.name, symbols=symbols),
+            protocol.connected_message(
+                self._wall_clock(),
+                token=verdict.name,
+                symbols=subscribed,
+                available=available,
+                history_size=hub.history.size,
+                ping_interval=limits.ping_interval,
+                idle_timeout=limits.idle_timeout,
+            ),
         )
         self._log.info(
-            "client_connected", peer=client.peer, token=verdict.name, symbols=len(symbols)
+            "client_connected", peer=client.peer, token=verdict.name, symbols=len(subscribed)
         )
-        if not client.finished:  # the 101 could not be written: the peer is already gone
-            self._hub.subscribe(client, symbols)
+        if client.finished:  # the 101 could not be written: the peer is already gone
+            return
+        for error in errors:
+            self._client_error(client, error)
+        hub.subscribe(client, initial)
+        for symbol, seq in resume:
+            hub.resume(client, symbol, seq)
+
+    def _symbol_problem(self, grant: Grant, symbol: str) -> dict[str, Any] | None:
+        """The error for a symbol this connection may not use, or None."""
+        if symbol not in self._hub.symbol_set:
+            return protocol.error_message(
+                ErrorCode.UNKNOWN_SYMBOL, f"no such symbol: {symbol!r}", symbol=symbol
+            )
+        if not grant.allows(symbol):
+            return protocol.error_message(
+                ErrorCode.FORBIDDEN_SYMBOL, f"this token may not see {symbol!r}", symbol=symbol
+            )
+        return None
 
     def _reject(
         self,
@@ -527,16 +625,115 @@ class WebSocketServer:
                     ),
                 )
         elif text is not None:
-            reply = protocol.reply_to(text, self._wall_clock())
-            if reply["type"] == "error":
-                self._client_error(client, reply)
+            self._on_request(client, text)
+
+    def _on_request(self, client: Client, text: str) -> None:
+        """Answer one client text message (docs/PROTOCOL.md "Client → server")."""
+        if not self._admit(client):
+            return
+        hub = self._hub
+        try:
+            request = protocol.parse_request(text, history_size=hub.history.size)
+        except RequestError as exc:
+            self._client_error(client, exc.reply)
+            return
+        grant = client.grant
+        assert grant is not None
+        if isinstance(request, protocol.Ping):
+            client.send_message(protocol.pong_message(self._wall_clock()))
+        elif isinstance(request, protocol.Subscribe):
+            wanted = self._expand(grant, request.symbols)
+            if self._report_problems(client, grant, wanted):
+                return
+            hub.subscribe(client, wanted)
+            client.send_message(protocol.subscribed_message(hub.subscriptions(client)))
+        elif isinstance(request, protocol.Unsubscribe):
+            if protocol.ALL in request.symbols:
+                hub.unsubscribe_all(client)
             else:
-                client.send_message(reply)
+                unknown = [s for s in request.symbols if s not in hub.symbol_set]
+                if unknown:
+                    self._client_error(client, self._symbol_problem(grant, unknown[0]))  # type: ignore[arg-type]
+                    return
+                hub.unsubscribe(client, request.symbols)
+            client.send_message(protocol.unsubscribed_message(hub.subscriptions(client)))
+        elif isinstance(request, protocol.HistoryRequest):
+            if self._report_problems(client, grant, [request.symbol]):
+                return
+            client.send_message(
+                protocol.history_message(request.symbol, hub.recent(request.symbol, request.limit))
+            )
+        else:  # Resume
+            symbols = [symbol for symbol, _ in request.positions]
+            if self._report_problems(client, grant, symbols):
+                return
+            current = hub.subscriptions(client)
+            taken = [s for s in symbols if s in current]
+            if taken:
+                self._client_error(
+                    client,
+                    protocol.error_message(
+                        ErrorCode.ALREADY_SUBSCRIBED,
+                        f"already receiving {taken[0]!r}: resume is for symbols not subscribed",
+                        symbol=taken[0],
+                    ),
+                )
+                return
+            after = [s for s in hub.symbols if s in current or s in symbols]
+            client.send_message(protocol.subscribed_message(after))
+            for symbol, seq in request.positions:
+                hub.resume(client, symbol, seq)
+
+    def _expand(self, grant: Grant, symbols: tuple[str, ...]) -> list[str]:
+        if protocol.ALL in symbols:
+            return [s for s in self._hub.symbols if grant.allows(s)]
+        return list(symbols)
+
+    def _report_problems(self, client: Client, grant: Grant, symbols: list[str]) -> bool:
+        """Send the error for the first unusable symbol; True when there was one."""
+        for symbol in symbols:
+            problem = self._symbol_problem(grant, symbol)
+            if problem is not None:
+                self._client_error(client, problem)
+                return True
+        return False
+
+    def _admit(self, client: Client) -> bool:
+        """Count a message against the client's per-second budget; False (and an error) past it."""
+        budget = client.budget
+        if budget is None:
+            budget = client.budget = _Budget()
+        second = int(trio.current_time())
+        if second != budget.second:
+            budget.second, budget.sent = second, 0
+        budget.sent += 1
+        if budget.sent <= self.limits.max_client_messages_per_second:
+            return True
+        self._client_error(
+            client,
+            protocol.error_message(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self.limits.max_client_messages_per_second} messages per second",
+            ),
+        )
+        return False
 
     def _client_error(self, client: Client, reply: dict[str, Any]) -> None:
+        """Send an error reply; past `max_client_errors` in ERROR_WINDOW, close with 1008."""
         self._stats.client_errors += 1
         self._log.debug("client_message_rejected", peer=client.peer, code=reply["code"])
         client.send_message(reply)
+        budget = client.budget
+        if budget is None:
+            budget = client.budget = _Budget()
+        now = trio.current_time()
+        errors = budget.errors
+        errors.append(now)
+        while errors and errors[0] <= now - ERROR_WINDOW:
+            errors.popleft()
+        if len(errors) > self.limits.max_client_errors:
+            self._log.info("client_too_many_errors", peer=client.peer, errors=len(errors))
+            client.linger_close(CLOSE_POLICY, "too many errors", "too_many_errors")
 
 
 class _MessageAssembler:

@@ -1,36 +1,97 @@
-"""The generator service: drives the GARCH simulator on a fixed schedule and sends the bars on.
+"""The generator service: bars from the configured source, through the pipeline, to the hub.
 
-This is the thin Trio layer over the pure `garch` and `volatility` modules: it owns the clock and
-the channel, nothing else.
+Sources (``[generator] source``):
+
+- ``synthetic``: one model per symbol (`models`), simulated in blocks and published one bar per
+  symbol every ``interval`` seconds, on an absolute schedule;
+- ``file``: records another process writes to a JSON array or JSON Lines file (`sources`);
+- ``replay``: the bars of a CSV, paced by their own timestamps at ``speed`` × real time.
+
+Every bar goes through the same `SymbolPipeline` (estimators, annualisation, GARCH forecast).
+This module is the thin Trio layer: it owns the clock, the channel and the worker thread that
+fits GARCH; the numbers are computed by the pure modules.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from agentspoonsd.market.bar import Bar
-from agentspoonsd.market.garch import GarchSimulator
-from agentspoonsd.market.volatility import RollingVolatility
-from agentspoonsd.settings import GeneratorSettings
+from ..settings import GeneratorSettings
+from .bar import Bar
+from .block import BarBlock, FloatArray
+from .garch_fit import GarchFit, fit_garch11
+from .models import Model, make_model
+from .pipeline import PipelineConfig, SymbolPipeline
+from .records import Record
+from .sources import follow_file, replay_csv
+
+# Bars simulated per model call: large enough to amortise numpy's per-call cost, small enough
+# that a refill (every BLOCK_BARS ticks) costs well under a millisecond per symbol.
+BLOCK_BARS = 256
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class Generator:
-    """Produces one `Bar` per configured symbol every `settings.interval` seconds.
+def pipeline_config(settings: GeneratorSettings) -> PipelineConfig:
+    fit = settings.garch_fit
+    return PipelineConfig(
+        window=settings.volatility_window,
+        ewma_lambda=settings.ewma_lambda,
+        bars_per_year=settings.seconds_per_year / settings.bar_seconds,
+        fit_enabled=fit.enabled,
+        fit_window=fit.window,
+        refit_every=fit.refit_every,
+        horizon=fit.horizon,
+    )
 
-    The simulator and rolling-volatility state live on this object, not in `run()`: the supervisor
-    restarts `run()` on the same object and channel after a crash, and the price series simply
-    continues (the first bar after a restart opens at the last close sent before it).
+
+def symbol_seed(seed: int | None, symbol: str) -> np.random.SeedSequence:
+    """The seed of one symbol's model: derived from the configured seed and the symbol's name,
+    so a symbol's stream does not change when other symbols are added or reordered.
+
+    The spawn key is the name's UTF-8 bytes, one per word: distinct names always get distinct
+    streams (a 32-bit hash of the name would give colliding names, e.g. "plumless" and
+    "buckeroo", the very same prices)."""
+    if seed is None:
+        return np.random.SeedSequence()
+    return np.random.SeedSequence(entropy=seed, spawn_key=tuple(symbol.encode()))
+
+
+def build_model(settings: GeneratorSettings, symbol: str) -> Model:
+    return make_model(
+        settings.model_for(symbol),
+        settings.params_for(symbol),
+        seed=symbol_seed(settings.seed, symbol),
+        initial_price=settings.initial_price_for(symbol),
+        volume=settings.volume_for(symbol),
+        substeps=settings.substeps,
+    )
+
+
+def single_bar_block(record: Record) -> BarBlock:
+    def one(value: float) -> np.ndarray:
+        return np.array([value], dtype=np.float64)
+
+    return BarBlock(
+        one(record.open), one(record.high), one(record.low), one(record.close), one(record.volume)
+    )
+
+
+class Generator:
+    """Produces one `Bar` per symbol per tick (synthetic) or per record (file, replay).
+
+    All state (models, pipelines, the file watermarks) lives on this object, not in `run()`: the
+    supervisor restarts `run()` on the same object and channel after a crash, and every series
+    simply continues.
     """
 
     def __init__(
@@ -41,21 +102,24 @@ class Generator:
         *,
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        """`wall_clock` stamps the bars (it must return timezone-aware datetimes); the schedule
-        itself runs on Trio's clock, so tests can drive it with `trio.testing.MockClock`."""
+        """`wall_clock` stamps synthetic bars (it must return timezone-aware datetimes); the
+        schedule itself runs on Trio's clock, so tests can drive it with a MockClock."""
         self._settings = settings
         self._send = send_channel
         self._log = log
         self._wall_clock = wall_clock
         self._symbols = tuple(settings.symbols)
-        self._rng = np.random.default_rng(settings.seed)
-        self._simulator = GarchSimulator(
-            len(self._symbols), self._rng, initial_price=settings.initial_price
-        )
-        self._volatility = RollingVolatility(len(self._symbols), settings.volatility_window)
+        config = pipeline_config(settings)
+        self._pipelines = {s: SymbolPipeline(s, config) for s in self._symbols}
+        self._models: dict[str, Model] = {}
+        if settings.source == "synthetic":
+            self._models = {s: build_model(settings, s) for s in self._symbols}
+        self._warmed_up = False
         # A batch whose send was interrupted (cancelled or failed). It is sent first on the next
         # run, so consumers never see a gap in the price series.
         self._unsent: list[Bar] | None = None
+        self._watermarks: dict[str, datetime] = {}  # file source: last record per symbol
+        self._unknown_symbols: set[str] = set()
         self._running = False
 
     @property
@@ -64,96 +128,201 @@ class Generator:
         return self._symbols
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send one batch of bars (``list[Bar]`` in `symbols` order) per tick, forever.
+        """Send batches of bars (``list[Bar]``) forever; see the module docstring per source.
 
-        Schedule: `task_status.started()` is called at once and the first tick is emitted
-        immediately; tick ``k`` is due at ``start + k * interval`` on Trio's clock. Deadlines are
-        absolute, so time spent generating or blocked in ``send`` (a slow consumer) never
-        accumulates as drift. If the loop falls behind by one or more whole intervals, the ticks
-        whose deadlines have all passed are skipped (logged as ``generator_ticks_skipped`` with
-        their ``count``) and a single batch is sent for the latest due tick: never a burst.
-
-        Each bar's timestamp is `wall_clock()` when its batch is emitted. If a send is
-        interrupted, that batch is re-sent (re-stamped) first by the next `run()`.
-
-        Cancellation: cancellable at every await (while waiting for a deadline or in ``send``);
-        cancelled in ``send`` means the batch was not delivered. `run()` never closes the send
-        channel, on any exit, so the supervisor can call it again on the same object. Errors
-        from the channel (e.g. `trio.BrokenResourceError`) propagate. Raises RuntimeError if
-        this object is already running.
+        Cancellation: cancellable at every await. `run()` never closes the send channel, on any
+        exit, so the supervisor can call it again on the same object. Errors from the channel
+        (e.g. `trio.BrokenResourceError`) and an unreadable replay file propagate. Raises
+        RuntimeError if this object is already running.
         """
         if self._running:
             raise RuntimeError("Generator.run() is already running on this object")
         self._running = True
         try:
-            interval = self._settings.interval
-            start = trio.current_time()
-            task_status.started()
-            self._log.info(
-                "generator_started",
-                symbols=list(self._symbols),
-                interval=interval,
-                model=self._settings.model,
-                seed=self._settings.seed,
-            )
-            tick = 0
-            while True:
-                await trio.sleep_until(start + tick * interval)
-                due = _latest_due_tick(start, interval, trio.current_time())
-                if due > tick:
-                    self._log.warning("generator_ticks_skipped", count=due - tick)
-                    tick = due
-                await self._emit()
-                tick += 1
+            if self._settings.source == "synthetic":
+                await self._run_synthetic(task_status)
+            else:
+                await self._run_external(task_status)
         finally:
             self._running = False
+
+    # ------------------------------------------------------------------ synthetic
+
+    async def _run_synthetic(self, task_status: trio.TaskStatus[None]) -> None:
+        """Schedule: the first tick is emitted at once after `task_status.started()`; tick ``k``
+        is due at ``start + k * interval`` on Trio's clock. Deadlines are absolute, so time spent
+        generating or blocked in ``send`` (a slow consumer) never accumulates as drift. If the
+        loop falls behind by whole intervals, the ticks whose deadlines have all passed are
+        skipped (logged as ``generator_ticks_skipped`` with their ``count``) and one batch is
+        sent for the latest due tick: never a burst. Bars are stamped `wall_clock()` at emission.
+        """
+        settings = self._settings
+        if not self._warmed_up:
+            # The first update then already carries full estimator windows and a GARCH fit.
+            await trio.to_thread.run_sync(self._warm_up, settings.warmup_bars)
+            self._warmed_up = True
+        interval = settings.interval
+        start = trio.current_time()
+        task_status.started()
+        self._log.info(
+            "generator_started",
+            source="synthetic",
+            symbols=list(self._symbols),
+            interval=interval,
+            model=settings.model,
+            seed=settings.seed,
+        )
+        tick = 0
+        while True:
+            await trio.sleep_until(start + tick * interval)
+            due = _latest_due_tick(start, interval, trio.current_time())
+            if due > tick:
+                self._log.warning("generator_ticks_skipped", count=due - tick)
+                tick = due
+            await self._emit()
+            tick += 1
+
+    def _warm_up(self, bars: int) -> None:
+        """Run `bars` bars of every symbol through its pipeline, unpublished (a worker thread)."""
+        for symbol in self._symbols:
+            pipeline = self._pipelines[symbol]
+            for _ in range(bars):
+                window = self._step_model(symbol)
+                if window is not None:
+                    self._install(symbol, fit_garch11(window, previous=pipeline.last_fit))
 
     async def _emit(self) -> None:
         stamp = self._timestamp()
         if self._unsent is not None:
-            batch = [replace(bar, timestamp=stamp) for bar in self._unsent]
+            batch = [bar._replace(timestamp=stamp) for bar in self._unsent]
         else:
-            batch = self._next_batch(stamp)
+            batch = await self._next_batch(stamp)
         # Remember the batch until the send completes: a Cancelled from a Trio channel send means
         # it was not delivered, and dropping it would leave a hole in the price series.
         self._unsent = batch
         await self._send.send(batch)
         self._unsent = None
 
-    def _next_batch(self, stamp: datetime) -> list[Bar]:
-        arrays = self._simulator.step()
-        volatility = self._volatility.push(arrays.returns)
-        # tolist() turns float64 into Python floats in one pass, which is what Bar promises.
-        return [
-            Bar(
+    async def _next_batch(self, stamp: datetime) -> list[Bar]:
+        # Shielded: the batch is built whole or not at all (a cancel between symbols would
+        # advance some series without publishing them). Its only wait is a bounded GARCH fit.
+        with trio.CancelScope(shield=True):
+            batch = []
+            for symbol in self._symbols:
+                pipeline = self._pipelines[symbol]
+                window = self._step_model(symbol)
+                if window is not None:
+                    fit = await trio.to_thread.run_sync(
+                        partial(fit_garch11, window, previous=pipeline.last_fit)
+                    )
+                    self._install(symbol, fit)
+                batch.append(pipeline.bar(stamp))
+            return batch
+
+    def _step_model(self, symbol: str) -> FloatArray | None:
+        """Move `symbol` to its next simulated bar; the returns to fit when a refit is due."""
+        pipeline = self._pipelines[symbol]
+        if not pipeline.pending:
+            pipeline.feed(self._models[symbol].simulate(BLOCK_BARS))
+        return pipeline.advance()
+
+    def _install(self, symbol: str, fit: GarchFit) -> None:
+        self._pipelines[symbol].install(fit)
+        if fit.status == "ok":
+            self._log.debug(
+                "garch_fitted",
                 symbol=symbol,
-                timestamp=stamp,
-                open=open_,
-                high=high,
-                low=low,
-                close=close,
-                volume=volume,
-                returns=ret,
-                volatility=vol,
+                alpha=fit.alpha,
+                beta=fit.beta,
+                observations=fit.n_obs,
             )
-            for symbol, open_, high, low, close, volume, ret, vol in zip(
-                self._symbols,
-                arrays.open.tolist(),
-                arrays.high.tolist(),
-                arrays.low.tolist(),
-                arrays.close.tolist(),
-                arrays.volume.tolist(),
-                arrays.returns.tolist(),
-                volatility.tolist(),
-                strict=True,
+        else:
+            self._log.warning(
+                "garch_fit_failed", symbol=symbol, status=fit.status, detail=fit.message
             )
-        ]
 
     def _timestamp(self) -> datetime:
         stamp = self._wall_clock()
         if stamp.tzinfo is None or stamp.utcoffset() is None:
             raise ValueError("wall_clock() must return a timezone-aware datetime")
         return stamp.astimezone(UTC)
+
+    # ------------------------------------------------------------------ file and replay
+
+    async def _run_external(self, task_status: trio.TaskStatus[None]) -> None:
+        """Publish one batch (one bar) per record the source delivers, in its order.
+
+        A replay that reaches its end (``loop = false``) leaves the service idle, not finished:
+        the supervisor treats a returning service as a crash.
+        """
+        settings = self._settings
+        if self._unsent is not None:
+            await self._send.send(self._unsent)
+            self._unsent = None
+        records_in, records_out = trio.open_memory_channel[Record](64)
+        async with trio.open_nursery() as nursery:
+            if settings.source == "file":
+                source = partial(
+                    follow_file,
+                    settings.file.path,
+                    send=records_in,
+                    log=self._log,
+                    default_symbol=self._symbols[0],
+                    file_format=settings.file.format,
+                    poll_interval=settings.file.poll_interval,
+                    published=self._watermarks,
+                )
+            else:
+                source = partial(
+                    replay_csv,
+                    settings.replay.path,
+                    send=records_in,
+                    log=self._log,
+                    default_symbol=self._symbols[0],
+                    speed=settings.replay.speed,
+                    loop=settings.replay.loop,
+                )
+            await nursery.start(_closing_when_done, source, records_in)
+            task_status.started()
+            self._log.info("generator_started", source=settings.source, symbols=list(self._symbols))
+            async for record in records_out:
+                bar = await self._bar_of(record)
+                if bar is not None:
+                    self._unsent = [bar]
+                    await self._send.send(self._unsent)
+                    self._unsent = None
+            self._log.info("generator_source_finished", source=settings.source)
+            await trio.sleep_forever()
+
+    async def _bar_of(self, record: Record) -> Bar | None:
+        pipeline = self._pipelines.get(record.symbol)
+        if pipeline is None:
+            if record.symbol not in self._unknown_symbols:
+                self._unknown_symbols.add(record.symbol)
+                self._log.warning(
+                    "source_record_rejected", reason="unknown_symbol", symbol=record.symbol
+                )
+            return None
+        with trio.CancelScope(shield=True):  # as in _next_batch: advanced means published
+            pipeline.feed(single_bar_block(record))
+            window = pipeline.advance()
+            if window is not None:
+                fit = await trio.to_thread.run_sync(
+                    partial(fit_garch11, window, previous=pipeline.last_fit)
+                )
+                self._install(record.symbol, fit)
+            return pipeline.bar(record.timestamp)
+
+
+async def _closing_when_done(
+    source: Callable[..., object],
+    channel: trio.MemorySendChannel[Record],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run `source` and close `channel` when it returns, so the reader sees the end."""
+    async with channel:
+        await source(task_status=task_status)  # type: ignore[operator]
 
 
 def _latest_due_tick(start: float, interval: float, now: float) -> int:

@@ -1,0 +1,302 @@
+"""From bars to updates, for one symbol: estimators, annualisation and the GARCH forecast. Pure.
+
+Every source (the models, a followed file, a replayed CSV) feeds `SymbolPipeline` the same way::
+
+    pipeline.feed(block)                # a BarBlock: the estimators run vectorised over it
+    while pipeline.pending:
+        window = pipeline.advance()     # next bar; a returns window when a GARCH refit is due
+        if window is not None:
+            pipeline.install(fit_garch11(window, previous=pipeline.last_fit))
+        bar = pipeline.bar(timestamp)   # the finished update of that bar
+
+The refit is the caller's so it can run where it likes (the daemon: a worker thread, awaited
+before the bar is published; `simulate`: inline). Either way it is installed at the same bar, so
+the daemon and `agentspoonsd simulate` produce the same numbers for the same seed.
+
+Units: everything per bar (standard deviations of log returns per bar) except
+``estimators_annualized``, which multiplies by ``sqrt(bars per year)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from .bar import Bar
+from .block import BarBlock, FloatArray
+from .estimators import ESTIMATOR_NAMES, EstimatorBlock, RollingEstimators
+from .garch_fit import GarchFit
+
+# Fewer returns than this make a fit mostly noise (and usually a boundary solution).
+MIN_FIT_BARS = 100
+
+# The estimator `data.volatility` reports: the prototype's "volatility" was a rolling standard
+# deviation of log returns, which is exactly close_to_close.
+VOLATILITY_ESTIMATOR = "close_to_close"
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """What the pipeline of every symbol shares."""
+
+    window: int = 20
+    """W: bars in every rolling estimator."""
+    ewma_lambda: float = 0.94
+    bars_per_year: float = 525_600.0
+    """Annualisation: estimators_annualized = per-bar value × sqrt(bars_per_year)."""
+    fit_enabled: bool = True
+    fit_window: int = 500
+    """Returns in each GARCH fit (the most recent ones)."""
+    refit_every: int = 100
+    """Bars between fits."""
+    horizon: int = 10
+    """h of the h-step variance forecast."""
+
+    def __post_init__(self) -> None:
+        if not self.bars_per_year > 0:
+            raise ValueError(f"bars_per_year must be > 0, got {self.bars_per_year}")
+        if self.fit_window < MIN_FIT_BARS:
+            raise ValueError(f"fit_window must be >= {MIN_FIT_BARS}, got {self.fit_window}")
+        if self.refit_every < 1 or self.horizon < 1:
+            raise ValueError("refit_every and horizon must be >= 1")
+
+
+def fit_phase(symbol: str, refit_every: int) -> int:
+    """The bar count (mod refit_every) at which `symbol` refits: spread by name, so a daemon with
+    many symbols does not fit them all on the same tick, and the same in `simulate`."""
+    return zlib.crc32(symbol.encode()) % refit_every
+
+
+class GarchTracker:
+    """The GARCH(1,1) side of one symbol: the returns to fit, the last fit, the rolling forecast.
+
+    Between fits the one-step variance is rolled forward with the last good fit's parameters,
+    ``σ²_{t+1} = ω + α r_t² + β σ²_t``, so every bar's forecast is conditional on that bar.
+    A fit whose status is not "ok" is reported (``status``, ``message``) while the forecast keeps
+    using the previous good fit; before the first good fit the forecast values are None.
+    """
+
+    def __init__(self, config: PipelineConfig, phase: int) -> None:
+        self._config = config
+        self._phase = phase
+        self._returns: deque[float] = deque(maxlen=config.fit_window)
+        self._observed = 0  # finite returns seen
+        self._fit: GarchFit | None = None  # the last "ok" fit
+        self._last_attempt: GarchFit | None = None
+        self._next_variance = math.nan  # σ²_{t+1} under self._fit
+        self._bars_since_fit = 0
+        self._empty_forecast: dict[str, Any] | None = None  # the forecast while there is no fit
+
+    @property
+    def last_fit(self) -> GarchFit | None:
+        """The last fit with status "ok" (the warm start of the next one)."""
+        return self._fit
+
+    def observe(self, r: float) -> FloatArray | None:
+        """Record the return of a new bar. Returns the window to fit when a refit is due."""
+        if not math.isfinite(r):
+            return None  # the very first bar of a series has no return
+        self._returns.append(r)
+        self._observed += 1
+        self._bars_since_fit += 1
+        fit = self._fit
+        if fit is not None:
+            self._next_variance = fit.omega + fit.alpha * r * r + fit.beta * self._next_variance
+        config = self._config
+        if (
+            config.fit_enabled
+            and len(self._returns) >= MIN_FIT_BARS
+            and (self._observed - self._phase) % config.refit_every == 0
+        ):
+            return np.fromiter(self._returns, dtype=np.float64, count=len(self._returns))
+        return None
+
+    def install(self, fit: GarchFit) -> None:
+        """Use `fit`, made on the window `observe` returned for the current bar."""
+        self._last_attempt = fit
+        self._empty_forecast = None
+        if fit.status == "ok":
+            self._fit = fit
+            self._next_variance = fit.next_variance
+            self._bars_since_fit = 0
+
+    def forecast(self) -> dict[str, Any]:
+        """``data.garch_forecast`` for the current bar; always the same keys, in the same order.
+
+        ``status``: "disabled" (``garch_fit.enabled = false``), "pending" (no fit tried yet), or
+        the status of the latest fit ("ok", "nonstationary", "failed"; ``message`` says why).
+        The values come from the latest "ok" fit and are None before there is one.
+        """
+        fit = self._fit
+        if fit is None:
+            # Nothing changes from bar to bar until a fit succeeds: one dict serves them all.
+            if self._empty_forecast is None:
+                self._empty_forecast = self._header() | dict.fromkeys(_FORECAST_VALUES)
+            return self._empty_forecast
+        v1 = self._next_variance
+        persistence = fit.alpha + fit.beta
+        # Closed form of the recursion: σ²_{t+h} = σ̄² + p^{h−1} (σ²_{t+1} − σ̄²), with
+        # σ̄² = ω / (1 − p); an "ok" fit is stationary, so p < 1.
+        long_run = fit.omega / (1.0 - persistence)
+        vh = long_run + persistence ** (self._config.horizon - 1) * (v1 - long_run)
+        out = self._header()
+        out.update(
+            omega=fit.omega,
+            alpha=fit.alpha,
+            beta=fit.beta,
+            persistence=persistence,
+            variance_1=v1,
+            variance_h=vh,
+            volatility_1=math.sqrt(v1),
+            volatility_h=math.sqrt(vh),
+            fit_bars=fit.n_obs,
+            bars_since_fit=self._bars_since_fit,
+        )
+        return out
+
+    def _header(self) -> dict[str, Any]:
+        attempt = self._last_attempt
+        if not self._config.fit_enabled:
+            status, message = "disabled", None
+        elif attempt is None:
+            status, message = "pending", None
+        else:
+            status, message = attempt.status, attempt.message or None
+        return {"status": status, "message": message, "horizon": self._config.horizon}
+
+
+_FORECAST_VALUES = (
+    "omega",
+    "alpha",
+    "beta",
+    "persistence",
+    "variance_1",
+    "variance_h",
+    "volatility_1",
+    "volatility_h",
+    "fit_bars",
+    "bars_since_fit",
+)
+
+
+class SymbolPipeline:
+    """One symbol's bars in, finished `Bar` updates out (see the module docstring).
+
+    Not thread-safe. Feeding a block while bars of the previous one are pending raises
+    RuntimeError: nothing is skipped silently.
+    """
+
+    def __init__(self, symbol: str, config: PipelineConfig) -> None:
+        self.symbol = symbol
+        self.config = config
+        self._estimators = RollingEstimators(config.window, config.ewma_lambda)
+        self._garch = GarchTracker(config, fit_phase(symbol, config.refit_every))
+        self._annualize = math.sqrt(config.bars_per_year)
+        self._block: BarBlock | None = None
+        self._rows: list[list[float]] = []  # per bar: o h l c v r, 6 estimators, 6 annualised
+        self._windows: list[int] = []
+        self._next = 0  # index of the next bar `advance` moves to
+        self._current = -1
+
+    @property
+    def pending(self) -> int:
+        """Bars of the fed block not yet advanced to."""
+        return len(self._rows) - self._next
+
+    @property
+    def last_fit(self) -> GarchFit | None:
+        return self._garch.last_fit
+
+    def feed(self, block: BarBlock) -> None:
+        if self.pending:
+            raise RuntimeError(f"{self.pending} bars of the previous block are still pending")
+        est: EstimatorBlock = self._estimators.update(block)
+        columns = [
+            block.open,
+            block.high,
+            block.low,
+            block.close,
+            block.volume,
+            est.returns,
+            *(getattr(est, name) for name in ESTIMATOR_NAMES),
+            *(getattr(est, name) * self._annualize for name in ESTIMATOR_NAMES),
+        ]
+        # One conversion to Python floats for the whole block (tolist), not one per value.
+        self._rows = np.column_stack(columns).tolist()
+        self._windows = est.window.tolist()
+        self._next = 0
+        self._current = -1
+
+    def advance(self) -> FloatArray | None:
+        """Move to the next bar; returns the returns window to fit when a refit is due."""
+        if not self.pending:
+            raise RuntimeError("no pending bar: feed a block first")
+        self._current = self._next
+        self._next += 1
+        return self._garch.observe(self._rows[self._current][5])
+
+    def install(self, fit: GarchFit) -> None:
+        """Install the fit of the window `advance` just returned (any status)."""
+        self._garch.install(fit)
+
+    def bar(self, timestamp: datetime) -> Bar:
+        """The update of the current bar, stamped `timestamp` (its close time)."""
+        o, h, lo, c, v, r, volatility, analytics = self._current_values()
+        return Bar(self.symbol, timestamp, o, h, lo, c, v, r, volatility, analytics)
+
+    def data(self, timestamp: str, seq: int) -> dict[str, Any]:
+        """The current bar as the ``data`` object of its update, for a pre-formatted timestamp.
+
+        Equal to ``protocol.update_data(self.bar(t), seq)`` where ``timestamp == iso_utc(t)``
+        (a test holds them together); `simulate` uses it to skip a datetime and a Bar per bar.
+        """
+        o, h, lo, c, v, r, volatility, analytics = self._current_values()
+        data = {
+            "timestamp": timestamp,
+            "symbol": self.symbol,
+            "seq": seq,
+            "volatility": volatility,
+            "price": c,
+            "returns": r,
+            "open": o,
+            "high": h,
+            "low": lo,
+            "close": c,
+            "volume": v,
+        }
+        data.update(analytics)
+        return data
+
+    def _current_values(self) -> tuple[Any, ...]:
+        if self._current < 0:
+            raise RuntimeError("advance() first")
+        row = self._rows[self._current]
+        o, h, lo, c, v, r = row[:6]
+        window = self._windows[self._current]
+        if window >= 2:  # warmed up: every value is a number
+            # Lengths are fixed by `feed` (six estimators, six annualised): no strict check here.
+            estimators: dict[str, Any] = dict(zip(ESTIMATOR_NAMES, row[6:12]))  # noqa: B905
+            annualized: dict[str, Any] = dict(zip(ESTIMATOR_NAMES, row[12:]))  # noqa: B905
+        else:  # NaN (undefined during warm-up) becomes JSON null
+            estimators = {
+                name: (value if value == value else None)
+                for name, value in zip(ESTIMATOR_NAMES, row[6:12], strict=True)
+            }
+            annualized = {
+                name: (value if value == value else None)
+                for name, value in zip(ESTIMATOR_NAMES, row[12:], strict=True)
+            }
+        estimators["window"] = window
+        annualized["window"] = window
+        analytics = {
+            "estimators": estimators,
+            "estimators_annualized": annualized,
+            "garch_forecast": self._garch.forecast(),
+        }
+        return o, h, lo, c, v, (r if r == r else None), estimators["close_to_close"], analytics

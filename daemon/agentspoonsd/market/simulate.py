@@ -1,0 +1,132 @@
+"""`agentspoonsd simulate`: the synthetic source offline, as fast as it goes.
+
+The records are the daemon's: the same model, seed derivation, warm-up, pipeline and GARCH
+refits (inline here, in a worker thread in the daemon, installed at the same bar either way).
+Only the clock differs: bar ``k`` (from 1) is stamped ``start + k * bar_seconds``, so the output
+is a pure function of the config, the symbol, ``steps`` and ``start``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import IO, Any, Literal
+
+import numpy as np
+import orjson
+
+from ..settings import GeneratorSettings
+from .estimators import ESTIMATOR_NAMES
+from .garch_fit import fit_garch11
+from .generator import build_model, pipeline_config
+from .pipeline import SymbolPipeline
+
+# Bars per model call: larger than the daemon's block (nothing waits on it here); the output does
+# not depend on it (models and estimators are exactly block-size invariant).
+SIMULATE_BLOCK = 16_384
+
+CSV_COLUMNS = (
+    "timestamp",
+    "symbol",
+    "seq",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "returns",
+    "volatility",
+    *ESTIMATOR_NAMES,
+    "window",
+    "garch_status",
+    "garch_variance_1",
+    "garch_variance_h",
+)
+
+
+def simulate(
+    settings: GeneratorSettings, symbol: str, steps: int, start: datetime
+) -> Iterator[dict[str, Any]]:
+    """Yield the `data` object of updates 1..steps of `symbol`, as the daemon would publish them
+    after its warm-up. `start` must be timezone-aware."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if start.utcoffset() is None:
+        raise ValueError("start must be timezone-aware")
+    model = build_model(settings, symbol)
+    pipeline = SymbolPipeline(symbol, pipeline_config(settings))
+    origin = np.datetime64(start.astimezone(UTC).replace(tzinfo=None), "us")
+    bar_us = np.timedelta64(round(settings.bar_seconds * 1_000_000), "us")
+    warmup = settings.warmup_bars
+    total = warmup + steps
+    done = 0
+    while done < total:
+        block = model.simulate(min(SIMULATE_BLOCK, total - done))
+        pipeline.feed(block)
+        # The block's timestamps, formatted at once: iso_utc's format, microseconds and a Z.
+        seqs = np.arange(done - warmup + 1, done - warmup + 1 + block.n_bars)
+        stamps = [s + "Z" for s in np.datetime_as_string(origin + seqs * bar_us, unit="us")]
+        for seq, stamp in zip(seqs.tolist(), stamps, strict=True):
+            window = pipeline.advance()
+            if window is not None:
+                pipeline.install(fit_garch11(window, previous=pipeline.last_fit))
+            if seq >= 1:
+                yield pipeline.data(stamp, seq)
+        done += block.n_bars
+
+
+def write_jsonl(records: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
+    """One JSON object per line; returns the count."""
+    count = 0
+    lines: list[bytes] = []
+    for record in records:
+        lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        if len(lines) >= 4096:
+            out.write(b"".join(lines))
+            count += len(lines)
+            lines.clear()
+    out.write(b"".join(lines))
+    return count + len(lines)
+
+
+def write_csv(records: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
+    """A flat CSV (`CSV_COLUMNS`) that the replay source reads back; returns the count."""
+    text = io.TextIOWrapper(out, encoding="utf-8", newline="")
+    writer = csv.writer(text)
+    writer.writerow(CSV_COLUMNS)
+    count = 0
+    for data in records:
+        estimators = data["estimators"]
+        forecast = data["garch_forecast"]
+        writer.writerow(
+            (
+                data["timestamp"],
+                data["symbol"],
+                data["seq"],
+                repr(data["open"]),
+                repr(data["high"]),
+                repr(data["low"]),
+                repr(data["close"]),
+                repr(data["volume"]),
+                _cell(data["returns"]),
+                _cell(data["volatility"]),
+                *(_cell(estimators[name]) for name in ESTIMATOR_NAMES),
+                estimators["window"],
+                forecast["status"],
+                _cell(forecast["variance_1"]),
+                _cell(forecast["variance_h"]),
+            )
+        )
+        count += 1
+    text.flush()
+    text.detach()
+    return count
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+Format = Literal["jsonl", "csv"]
