@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import orjson
+import pytest
 import trio
 from wsproto.frame_protocol import FrameDecoder
 
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub, encode_deflate_frame, encode_text_frame, frame_payload
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 
@@ -107,3 +108,43 @@ async def test_run_broadcasts_is_cancellable_and_restartable() -> None:
     assert seqs == [1, 2, 1, 3, 4, 2]
     assert hub.last_publish is not None
     await send.send([])  # the channel survived both runs
+
+
+def inflate(frame: bytes) -> bytes:
+    """RFC 7692 by hand (zlib, not wsproto): strip the header, raw-inflate with the tail added."""
+    import zlib
+
+    assert frame[0] == 0xC1  # FIN + RSV1 (compressed) + text
+    length = frame[1] & 0x7F
+    body = frame[2 + (2 if length == 126 else 8 if length == 127 else 0) :]
+    return zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff")
+
+
+@pytest.mark.parametrize("size", [10, 1_000, 70_000])
+def test_deflate_frame_inflates_to_the_payload(size: int) -> None:
+    payload = orjson.dumps({"x": "y" * size})
+    frame = encode_deflate_frame(payload)
+    assert inflate(frame) == payload
+    assert frame_payload(encode_text_frame(payload)) == payload
+    if size > 100:
+        assert len(frame) < len(payload) / 5
+
+
+class DeflateCollector(Collector):
+    deflate = True
+
+
+async def test_deflate_subscribers_get_the_compressed_frame_and_replays() -> None:
+    hub, _ = make_hub()
+    plain, packed = Collector(), DeflateCollector()
+    hub.subscribe(plain, ["BTC/USD"])
+    hub.subscribe(packed, ["BTC/USD"])
+    for i in range(3):
+        hub.publish([bar("BTC/USD", 100 + i)])
+    assert [orjson.loads(inflate(f)) for f in packed.frames] == [decode(f) for f in plain.frames]
+    assert hub.subscriptions(packed) == ["BTC/USD"]
+    late = DeflateCollector()
+    hub.resume(late, "BTC/USD", 1)
+    assert [orjson.loads(inflate(f))["data"]["seq"] for f in late.frames] == [2, 3]
+    hub.unsubscribe_all(packed)
+    assert hub.subscriptions(packed) == []

@@ -9,7 +9,9 @@ from agentspoonsd.upgrade import (
     MAX_REQUEST_HEAD,
     HandshakeError,
     UpgradeParser,
+    UpgradeRequest,
     accept_response,
+    negotiate_deflate,
     reject_response,
 )
 
@@ -128,3 +130,36 @@ def test_reject_response_is_well_formed_http() -> None:
     assert dict(head.headers)[b"connection"] == b"close"
     data = client.next_event()
     assert isinstance(data, h11.Data) and data.data == body
+
+
+@pytest.mark.parametrize(
+    ("offer", "agreed"),
+    [
+        (b"permessage-deflate", b"permessage-deflate; server_no_context_takeover"),
+        (
+            b"permessage-deflate; client_max_window_bits",
+            b"permessage-deflate; server_no_context_takeover; client_max_window_bits=15",
+        ),
+        (
+            b"permessage-deflate; client_no_context_takeover",
+            b"permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+        ),
+        (
+            b"x-webkit-deflate-frame, permessage-deflate",
+            b"permessage-deflate; server_no_context_takeover",
+        ),
+        # The server's window must stay 15 bits: one compressed frame serves every client.
+        (b"permessage-deflate; server_max_window_bits=10", None),
+        (
+            b"permessage-deflate; server_max_window_bits=10, permessage-deflate",
+            b"permessage-deflate; server_no_context_takeover",
+        ),
+        (b"x-webkit-deflate-frame", None),
+    ],
+)
+def test_deflate_negotiation(offer: bytes, agreed: bytes | None) -> None:
+    request = UpgradeRequest("/", ((b"sec-websocket-extensions", offer),), b"k")
+    result = negotiate_deflate(request)
+    assert (result[1] if result else None) == agreed
+    if result:
+        assert result[0].enabled()

@@ -478,3 +478,71 @@ async def test_pings_and_idle_timeout(running: Running) -> None:
         await good.get_message()
         await trio.sleep(0.8)
         assert running.server.client_count == 1
+
+
+# --- permessage-deflate ------------------------------------------------------------------------
+
+
+async def test_deflate_clients_get_one_shared_compressed_frame(running: Running) -> None:
+    """A client offering permessage-deflate (RFC 7692) gets compressed frames that it inflates
+    into exactly what an uncompressed client receives; the frame is made once per update."""
+    import websockets.asyncio.client  # asyncio: run in a thread with its own loop
+
+    def deflate_client(url: str, count: int) -> tuple[str | None, list[dict]]:
+        import asyncio
+
+        async def main() -> tuple[str | None, list[dict]]:
+            async with websockets.asyncio.client.connect(url) as ws:  # offers deflate
+                extensions = ws.response.headers.get("Sec-WebSocket-Extensions")
+                json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "history", "symbol": "BTC/USD", "limit": 3}))
+                got = []
+                while len(got) < count:
+                    got.append(json.loads(await ws.recv()))
+                return extensions, got
+
+        return asyncio.run(main())
+
+    publish(running, 5)
+    async with open_websocket_url(running.url + "&symbols=BTC/USD") as plain:
+        await plain.get_message()
+        async with trio.open_nursery() as nursery:
+            result: dict = {}
+
+            async def run_deflate() -> None:
+                result["value"] = await trio.to_thread.run_sync(
+                    deflate_client, running.url + "&symbols=BTC/USD", 4
+                )
+
+            nursery.start_soon(run_deflate)
+            while running.server.client_count < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # the history request is answered
+            publish(running, 3)
+        extensions, got = result["value"]
+        plain_updates = [await until_update(plain) for _ in range(3)]
+    assert extensions is not None and extensions.startswith("permessage-deflate")
+    assert "server_no_context_takeover" in extensions
+    assert got[0]["type"] == "history" and [u["seq"] for u in got[0]["updates"]] == [3, 4, 5]
+    assert got[1:] == plain_updates  # inflated, identical
+
+
+async def test_deflate_can_be_switched_off(running: Running) -> None:
+    running.server.limits = Limits(
+        max_connections=100,
+        max_backlog_bytes=65536,
+        max_message_size=4096,
+        handshake_timeout=1.0,
+        permessage_deflate=False,
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await stream.send_all(
+        b"GET /?access_token=" + TOKEN.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some()
+    assert head.startswith(b"HTTP/1.1 101") and b"permessage-deflate" not in head.lower()
+    await stream.aclose()

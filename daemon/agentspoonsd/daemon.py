@@ -77,6 +77,7 @@ def limits_from(settings: Settings) -> Limits:
         idle_timeout=s.idle_timeout,
         max_client_messages_per_second=s.max_client_messages_per_second,
         max_client_errors=s.max_client_errors,
+        permessage_deflate=s.permessage_deflate,
     )
 
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import trio
+from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
 from . import protocol
@@ -22,6 +23,8 @@ from .metrics import Stats
 
 
 class Subscriber(Protocol):
+    deflate: bool  # negotiated permessage-deflate: it receives the compressed frames
+
     def send_frame(self, frame: bytes) -> None:
         """Queue one complete, pre-encoded frame; never blocks, never raises."""
 
@@ -29,6 +32,22 @@ class Subscriber(Protocol):
 def encode_text_frame(payload: bytes) -> bytes:
     """One unmasked, unfragmented server text frame carrying `payload` (UTF-8 JSON)."""
     return bytes(FrameProtocol(client=False, extensions=[]).send_data(payload.decode(), fin=True))
+
+
+def encode_deflate_frame(payload: bytes) -> bytes:
+    """The same message compressed per RFC 7692 with no context takeover: a frame that every
+    client which negotiated permessage-deflate (as `upgrade.negotiate_deflate` agrees it) can
+    inflate, whatever it received before."""
+    extension = PerMessageDeflate(server_no_context_takeover=True)
+    extension.accept("permessage-deflate")
+    protocol = FrameProtocol(client=False, extensions=[extension])
+    return bytes(protocol.send_data(payload.decode(), fin=True))
+
+
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of an unmasked, uncompressed frame made by `encode_text_frame`."""
+    length = frame[1] & 0x7F
+    return frame[2 + (2 if length == 126 else 8 if length == 127 else 0) :]
 
 
 class Hub:
@@ -60,6 +79,10 @@ class Hub:
         self._subscribers: dict[str, dict[Subscriber, Callable[[bytes], None]]] = {
             s: {} for s in symbols
         }
+        # The same for clients that negotiated permessage-deflate: they get the compressed frame.
+        self._deflaters: dict[str, dict[Subscriber, Callable[[bytes], None]]] = {
+            s: {} for s in symbols
+        }
         self.last_update: dict[str, dict[str, object]] = {}
         self.last_publish: float | None = None  # trio.current_time() of the newest broadcast
 
@@ -88,27 +111,42 @@ class Hub:
             # A snapshot: a write that fails closes its client, which unsubscribes it at once.
             for send_frame in tuple(subscribers.values()):
                 send_frame(frame)
+            deflaters = self._deflaters[symbol]
+            if deflaters:
+                compressed = encode_deflate_frame(payload)
+                for send_frame in tuple(deflaters.values()):
+                    send_frame(compressed)
             self.last_update[symbol] = message
             self._stats.updates_published += 1
-            self._stats.messages_sent += len(subscribers)
+            self._stats.messages_sent += len(subscribers) + len(deflaters)
             self._stats.bytes_sent += len(frame) * len(subscribers)
+            if deflaters:
+                self._stats.bytes_sent += len(compressed) * len(deflaters)
         self.last_publish = trio.current_time()
 
+    def _table(
+        self, subscriber: Subscriber
+    ) -> dict[str, dict[Subscriber, Callable[[bytes], None]]]:
+        return self._deflaters if getattr(subscriber, "deflate", False) else self._subscribers
+
     def subscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
+        table = self._table(subscriber)
         for symbol in symbols:
-            self._subscribers[symbol][subscriber] = subscriber.send_frame
+            table[symbol][subscriber] = subscriber.send_frame
 
     def unsubscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
+        table = self._table(subscriber)
         for symbol in symbols:
-            self._subscribers[symbol].pop(subscriber, None)
+            table[symbol].pop(subscriber, None)
 
     def unsubscribe_all(self, subscriber: Subscriber) -> None:
-        for subscribers in self._subscribers.values():
+        for subscribers in self._table(subscriber).values():
             subscribers.pop(subscriber, None)
 
     def subscriptions(self, subscriber: Subscriber) -> list[str]:
         """The symbols `subscriber` receives, in the hub's symbol order."""
-        return [s for s in self.symbols if subscriber in self._subscribers[s]]
+        table = self._table(subscriber)
+        return [s for s in self.symbols if subscriber in table[s]]
 
     def resume(self, subscriber: Subscriber, symbol: str, after_seq: int) -> Gap | None:
         """Send `subscriber` what it missed of `symbol` after `after_seq`, then subscribe it.
@@ -119,11 +157,13 @@ class Hub:
         """
         gap, entries = self.history[symbol].after(after_seq)
         send = subscriber.send_frame
+        deflate = getattr(subscriber, "deflate", False)
+        encode = encode_deflate_frame if deflate else encode_text_frame
         if gap is not None:
-            send(encode_text_frame(protocol.encode(protocol.reset_message(symbol, gap))))
+            send(encode(protocol.encode(protocol.reset_message(symbol, gap))))
         for entry in entries:
-            send(entry.frame)
-        self._subscribers[symbol][subscriber] = send
+            send(encode_deflate_frame(frame_payload(entry.frame)) if deflate else entry.frame)
+        self._table(subscriber)[symbol][subscriber] = send
         return gap
 
     def recent(self, symbol: str, limit: int) -> list[dict[str, Any]]:

@@ -106,6 +106,10 @@ class ServerSettings(_Section):
     max_client_errors: int = Field(
         10, ge=1, description="Errors within 10 s before the client is closed with 1008."
     )
+    permessage_deflate: bool = Field(
+        True,
+        description="Compress (RFC 7692) for clients that offer it; each update once for all.",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key serves wss://.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 import httptools
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import generate_accept_token
 
 MAX_REQUEST_HEAD = 16 * 1024
@@ -122,12 +123,45 @@ def validate(
     return UpgradeRequest(target.decode("latin-1"), headers, key)
 
 
-def accept_response(request: UpgradeRequest) -> bytes:
-    """The 101 answer completing the upgrade (no subprotocol, no extension)."""
+def accept_response(request: UpgradeRequest, extensions: bytes | None = None) -> bytes:
+    """The 101 answer completing the upgrade (no subprotocol; `extensions`, when given, is the
+    negotiated Sec-WebSocket-Extensions value)."""
+    extension_line = b"Sec-WebSocket-Extensions: " + extensions + b"\r\n" if extensions else b""
     return (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + generate_accept_token(request.key) + b"\r\n\r\n"
+        b"Sec-WebSocket-Accept: "
+        + generate_accept_token(request.key)
+        + b"\r\n"
+        + extension_line
+        + b"\r\n"
     )
+
+
+def negotiate_deflate(request: UpgradeRequest) -> tuple[PerMessageDeflate, bytes] | None:
+    """Accept the client's first permessage-deflate offer (RFC 7692) in the mode that lets one
+    compressed frame serve every client: ``server_no_context_takeover`` and the full 15-bit
+    window. An offer limiting the server's window is declined (the connection is then simply
+    uncompressed). Returns the enabled extension (for wsproto's inbound side) and the
+    Sec-WebSocket-Extensions value to answer with; None when nothing was agreed."""
+    for name, value in request.headers:
+        if name != b"sec-websocket-extensions":
+            continue
+        for offer in value.decode("latin-1").split(","):
+            if offer.split(";", 1)[0].strip().lower() != "permessage-deflate":
+                continue
+            if "server_max_window_bits" in offer:
+                bits = offer.split("server_max_window_bits", 1)[1].lstrip(" =").split(";")[0]
+                if bits.strip() and bits.strip() != "15":
+                    continue
+            extension = PerMessageDeflate(server_no_context_takeover=True)
+            try:
+                agreed = extension.accept(offer)
+            except ValueError:  # malformed parameters: decline this offer
+                continue
+            if agreed is None:
+                continue
+            return extension, b"permessage-deflate; " + str(agreed).encode()
+    return None
 
 
 def reject_response(status: int, body: bytes, content_type: bytes, headers: Headers = ()) -> bytes:

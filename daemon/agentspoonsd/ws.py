@@ -28,6 +28,7 @@ from wsproto.events import (
     Ping,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
 from . import protocol
@@ -42,6 +43,7 @@ from .upgrade import (
     UpgradeParser,
     UpgradeRequest,
     accept_response,
+    negotiate_deflate,
     reject_response,
 )
 
@@ -70,6 +72,7 @@ class Limits:
     idle_timeout: float = 60.0
     max_client_messages_per_second: int = 20
     max_client_errors: int = 10  # within ERROR_WINDOW seconds, then close 1008
+    permessage_deflate: bool = True  # accept RFC 7692 compression when a client offers it
 
 
 # A server ping frame: unmasked, no payload, the same bytes for every client.
@@ -100,6 +103,7 @@ class Client:
         "budget",
         "conn",
         "connected_at",
+        "deflate",
         "drop_reason",
         "fd",
         "finished",
@@ -139,6 +143,7 @@ class Client:
         self.connected_at: float | None = None  # trio time of the upgrade
         self.assembler: _MessageAssembler | None = None
         self.budget: _Budget | None = None
+        self.deflate = False  # negotiated permessage-deflate: the hub sends compressed frames
         self.last_seen = 0.0  # trio time the peer last sent anything
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
@@ -152,12 +157,27 @@ class Client:
         # The hub's entry point: a pre-encoded frame goes straight into the single write path.
         self.send_frame = self.outbox.write
 
-    def accept(self, request: UpgradeRequest, greeting: dict[str, Any]) -> None:
-        """Answer the upgrade with 101 and `greeting` in one write: one syscall, one segment."""
+    def accept(
+        self,
+        request: UpgradeRequest,
+        greeting: dict[str, Any],
+        deflate: tuple[PerMessageDeflate, bytes] | None = None,
+    ) -> None:
+        """Answer the upgrade with 101 and `greeting` in one write: one syscall, one segment.
+
+        `deflate`: the extension `negotiate_deflate` agreed, and its response header value.
+        """
         self.handshake = None
-        self.conn = Connection(ConnectionType.SERVER)
+        if deflate is None:
+            self.conn = Connection(ConnectionType.SERVER)
+            response = accept_response(request)
+        else:
+            extension, header = deflate
+            self.deflate = True
+            self.conn = Connection(ConnectionType.SERVER, extensions=[extension])
+            response = accept_response(request, header)
         greeting_frame = self.conn.send(TextMessage(orjson.dumps(greeting).decode()))
-        self.outbox.write(accept_response(request) + greeting_frame)
+        self.outbox.write(response + greeting_frame)
 
     def refuse(self, status: int, body: bytes, headers: Headers = ()) -> None:
         """Answer the upgrade with an HTTP error; the connection closes once it is delivered."""
@@ -540,6 +560,7 @@ class WebSocketServer:
         initial = [s for s in initial if s not in resumed]  # resume wins over a plain subscribe
         subscribed = [s for s in hub.symbols if s in resumed or s in initial]
         limits = self.limits
+        deflate = negotiate_deflate(request) if limits.permessage_deflate else None
         client.accept(
             request,
             protocol.connected_message(
@@ -551,6 +572,7 @@ class WebSocketServer:
                 ping_interval=limits.ping_interval,
                 idle_timeout=limits.idle_timeout,
             ),
+            deflate,
         )
         self._log.info(
             "client_connected", peer=client.peer, token=verdict.name, symbols=len(subscribed)
@@ -614,6 +636,12 @@ class WebSocketServer:
         assembler = client.assembler
         text = assembler.feed(event)
         if assembler.too_large:
+            limit = self.limits.max_message_size
+            client.send_message(
+                protocol.error_message(
+                    ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {limit} bytes"
+                )
+            )
             client.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large")
         elif isinstance(event, BytesMessage):
             if event.message_finished:
