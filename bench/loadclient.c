@@ -35,6 +35,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define MAX_SYMBOLS 16
 #define SYMBOL_MAX_LEN 32
@@ -63,6 +64,7 @@ struct options {
     double connect_rate;     /* connections started per second; 0 = all at once */
     double connect_timeout;  /* seconds for the whole connect phase */
     double nonreading_fraction;
+    bool deflate;            /* offer permessage-deflate (RFC 7692) and inflate what comes */
 };
 
 enum state { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_PARKED, ST_SURVEY, ST_DONE };
@@ -92,7 +94,7 @@ struct stats {
     int readers_closed, closed_eof, closed_error, protocol_errors;
     int nonreaders_cut, nonreaders_open;
     uint64_t messages, deliveries, other_messages, unparsed, oversized;
-    uint64_t lost_window, lost_total, out_of_order, negative_latency, pings;
+    uint64_t lost_window, lost_total, out_of_order, negative_latency, pings, inflated;
     uint64_t nonreaders_drained_bytes;   /* what the survey read: queued for the non-readers */
     uint64_t close_codes[16];   /* 1000..1015 */
     uint64_t close_other;
@@ -417,16 +419,50 @@ static void mark_cut(struct conn *c)
         st.readers_closed++;
 }
 
+/* A permessage-deflate message (RSV1). The servers compress with no context takeover, so every
+ * message inflates on its own: one raw-inflate stream, reset per message (RFC 7692 §7.2.2). */
+static void on_compressed_text(struct conn *c, const unsigned char *p, size_t n, int64_t now)
+{
+    static z_stream z;
+    static bool ready;
+    static unsigned char out[1 << 20];
+    static const unsigned char tail[4] = {0x00, 0x00, 0xff, 0xff};
+    if (!ready) {
+        if (inflateInit2(&z, -15) != Z_OK)
+            die("inflateInit2 failed");
+        ready = true;
+    }
+    inflateReset(&z);
+    z.next_out = out;
+    z.avail_out = sizeof out;
+    z.next_in = (unsigned char *)p;
+    z.avail_in = (uInt)n;
+    int rc = inflate(&z, Z_SYNC_FLUSH);
+    if (rc == Z_OK || rc == Z_BUF_ERROR) {
+        z.next_in = (unsigned char *)tail;
+        z.avail_in = 4;
+        rc = inflate(&z, Z_SYNC_FLUSH);
+    }
+    if (rc != Z_OK && rc != Z_BUF_ERROR && rc != Z_STREAM_END) {
+        st.protocol_errors++;
+        return;
+    }
+    st.inflated++;
+    on_text(c, out, sizeof out - z.avail_out, now);
+}
+
 static bool on_frame(struct conn *c, unsigned b0, const unsigned char *p, size_t n, int64_t now)
 {
     unsigned opcode = b0 & 0x0f;
     bool fin = b0 & 0x80;
     switch (opcode) {
     case 0x1:
-        if (fin)
-            on_text(c, p, n, now);
-        else
+        if (!fin)
             st.unparsed++;   /* fragmented text: servers here never fragment */
+        else if (b0 & 0x40)
+            on_compressed_text(c, p, n, now);
+        else
+            on_text(c, p, n, now);
         return true;
     case 0x0:
     case 0x2:
@@ -700,9 +736,11 @@ static void build_request(void)
     int n = snprintf(request, cap,
                      "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                     "Sec-WebSocket-Version: 13\r\n%s%s%s\r\n",
+                     "Sec-WebSocket-Version: 13\r\n%s%s%s%s\r\n",
                      opt.path, opt.host, opt.port, WS_KEY, *opt.token ? "Authorization: Bearer " : "",
-                     opt.token, *opt.token ? "\r\n" : "");
+                     opt.token, *opt.token ? "\r\n" : "",
+                     opt.deflate ? "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+                                   "client_no_context_takeover\r\n" : "");
     request_len = (size_t)n;
 }
 
@@ -817,6 +855,7 @@ static void print_report(double connect_s, double window_s, const double cpu_win
     printf("\"lost\":%llu,\"lost_total\":%llu,\"out_of_order\":%llu,\"negative_latency\":%llu,",
            (unsigned long long)st.lost_window, (unsigned long long)st.lost_total,
            (unsigned long long)st.out_of_order, (unsigned long long)st.negative_latency);
+    printf("\"inflated\":%llu,", (unsigned long long)st.inflated);
     printf("\"other_messages\":%llu,\"unparsed\":%llu,\"oversized\":%llu,\"pings\":%llu,",
            (unsigned long long)st.other_messages, (unsigned long long)st.unparsed,
            (unsigned long long)st.oversized, (unsigned long long)st.pings);
@@ -847,7 +886,7 @@ static void usage(void)
 {
     fputs("usage: loadclient --port P [--host H] [--clients N] [--token T] [--path /]\n"
           "       [--duration S] [--warmup S] [--connect-rate R] [--connect-timeout S]\n"
-          "       [--nonreading-fraction F]\n",
+          "       [--nonreading-fraction F] [--deflate]\n",
           stderr);
     exit(2);
 }
@@ -861,6 +900,7 @@ static void parse_options(int argc, char **argv)
         {"path", required_argument, 0, 'P'},       {"connect-rate", required_argument, 0, 'r'},
         {"connect-timeout", required_argument, 0, 'T'},
         {"nonreading-fraction", required_argument, 0, 'f'},
+        {"deflate", no_argument, 0, 'z'},
         {0, 0, 0, 0},
     };
     opt = (struct options){.host = "127.0.0.1", .port = NULL, .token = "", .path = "/",
@@ -875,6 +915,7 @@ static void parse_options(int argc, char **argv)
         case 'd': opt.duration = atof(optarg); break;
         case 'w': opt.warmup = atof(optarg); break;
         case 'P': opt.path = optarg; break;
+        case 'z': opt.deflate = true; break;
         case 'r': opt.connect_rate = atof(optarg); break;
         case 'T': opt.connect_timeout = atof(optarg); break;
         case 'f': opt.nonreading_fraction = atof(optarg); break;

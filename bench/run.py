@@ -58,6 +58,7 @@ class Scenario:
     backlog_bytes: int = 1 << 20  # the servers' per-client cap on unsent bytes (daemon default)
     connect_rate: float = 0.0  # connections started per second; 0 = all at once
     listen_backlog: int = 16384  # every server's listen(2) backlog
+    deflate: bool = False  # clients offer permessage-deflate; servers enable it
 
     @property
     def readers(self) -> int:
@@ -100,7 +101,10 @@ def build_loadclient() -> None:
     if not ensure_tool("gcc", "gcc"):
         sys.exit("bench: gcc is needed to build the load client")
     LOADCLIENT.parent.mkdir(exist_ok=True)
-    cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(LOADCLIENT), str(LOADCLIENT_SRC)]
+    cmd = [
+        *("gcc", "-O2", "-Wall", "-Wextra", "-Werror"),
+        *("-o", str(LOADCLIENT), str(LOADCLIENT_SRC), "-lz"),
+    ]
     run_quiet(cmd)
 
 
@@ -143,6 +147,7 @@ host = "127.0.0.1"
 port = 0
 max_connections = {scenario.clients + 1000}
 max_backlog_bytes = {scenario.backlog_bytes}
+permessage_deflate = {str(scenario.deflate).lower()}
 listen_backlog = {scenario.listen_backlog}
 
 [auth]
@@ -192,6 +197,7 @@ def comparison_args(scenario: Scenario, digest: str, workdir: Path) -> list[str]
         *("--interval", repr(1 / scenario.rate), "--symbols", SYMBOL),
         *("--token-sha256", digest, "--max-backlog-bytes", str(scenario.backlog_bytes)),
         *("--listen-backlog", str(scenario.listen_backlog)),
+        *("--deflate", "true" if scenario.deflate else "false"),
     ]
 
 
@@ -354,6 +360,7 @@ def loadclient_command(scenario: Scenario, port: int, token: str) -> list[str]:
         *("--warmup", str(scenario.warmup), "--connect-rate", str(scenario.connect_rate)),
         *("--nonreading-fraction", str(scenario.nonreading_fraction)),
         *("--connect-timeout", "90"),
+        *(["--deflate"] if scenario.deflate else []),
     ]
 
 
@@ -460,6 +467,9 @@ def notes(result: Result) -> str:
     if result.scenario.key == "B" and c.get("connect_ms"):
         ms = c["connect_ms"]
         found.append(f"connect p50 {ms['p50'] / 1000:.2f} s, p99 {ms['p99'] / 1000:.2f} s")
+    if result.scenario.deflate:
+        share = c.get("inflated", 0) / max(1, c.get("messages", 0))
+        found.append(f"{share:.0%} of messages arrived compressed")
     if result.ticks_skipped:
         found.append(f"{result.ticks_skipped:,} ticks skipped (whole run)")
     if result.listen_overflows:
@@ -646,6 +656,13 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
             nonreading_fraction=args.nonreading_fraction,
             **common,
         ),
+        "D": Scenario(
+            "D",
+            "A with permessage-deflate offered by every client and enabled on every server",
+            rate=args.rate,
+            deflate=True,
+            **common,
+        ),
     }
     chosen = [all_scenarios[k] for k in args.scenarios]
     if args.connect_rate:
@@ -656,7 +673,7 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 clients, 10 s")
-    parser.add_argument("--scenarios", default="ABC", type=lambda v: list(v.replace(",", "")))
+    parser.add_argument("--scenarios", default="ABCD", type=lambda v: list(v.replace(",", "")))
     parser.add_argument("--servers", default=",".join(SERVERS), type=lambda v: v.split(","))
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=20.0, help="updates/s in A and C")
@@ -678,7 +695,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.clients, args.duration, args.warmup = 1000, 10.0, 3.0
     unknown = [s for s in args.servers if s not in SERVERS] + [
-        k for k in args.scenarios if k not in "ABC"
+        k for k in args.scenarios if k not in "ABCD"
     ]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")

@@ -39,6 +39,7 @@ function parseArgs(argv) {
       case '--max-backlog-bytes': args.maxBacklogBytes = Number(value); break;
       case '--listen-backlog': args.listenBacklog = Number(value); break;
       case '--seed': args.seed = Number(value); break;
+      case '--deflate': args.deflate = value === 'true'; break;
       case '--extra-json': args.extra = JSON.parse(fs.readFileSync(value, 'utf8')); break;
       default: throw new Error(`unknown option ${name}`);
     }
@@ -154,7 +155,8 @@ function startBacklogSweep(wss, maxBytes) {
 function main() {
   const args = parseArgs(process.argv.slice(2));
   const server = http.createServer((req, res) => res.writeHead(426).end());
-  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false });
+  // --deflate: ws's permessage-deflate (it compresses each message once per client).
+  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: Boolean(args.deflate) });
 
   // Authenticate before the upgrade, as the ws README recommends, so a refusal is an HTTP 401.
   server.on('upgrade', (req, socket, head) => {

@@ -146,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
         args.host,
         args.port,
         process_request=make_auth(args.token_sha256),
-        compression=None,
+        compression="deflate" if args.deflate == "true" else None,  # per connection
         backlog=args.listen_backlog,
     ) as server:
         host, port = server.sockets[0].getsockname()[:2]
@@ -172,6 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-backlog-bytes", type=int, default=1 << 20)
     parser.add_argument("--listen-backlog", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--deflate", choices=("true", "false"), default="false")
     parser.add_argument("--extra-json", type=lambda p: json.loads(Path(p).read_text()), default={})
     return parser.parse_args()
 
