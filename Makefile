@@ -43,3 +43,30 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs
+
+# --- Shipping: one frozen executable, its installation, the config's JSON Schema ---------------
+.PHONY: binary install schema
+PREFIX  ?= /usr/local
+DESTDIR ?=
+# The freeze is cached: rebuilt only when a source, the spec or the dependencies change (the
+# package's folders are listed too, so an added or removed module counts).
+BINARY_SOURCES := $(shell find daemon/agentspoonsd -name '*.py' -o -type d ! -name __pycache__) \
+	build/agentspoonsd.spec build/entry.py build/freeze.sh pyproject.toml
+
+$(VENV)/.installed-pyinstaller: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'pyinstaller>=6.10,<7'
+	touch $@
+
+dist/agentspoonsd: $(BINARY_SOURCES) $(VENV)/.installed $(VENV)/.installed-pyinstaller
+	sh build/freeze.sh $(BIN)/pyinstaller $@
+
+binary: dist/agentspoonsd
+
+# Binary to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)/etc/systemd/system, config to
+# $(DESTDIR)/etc/agentspoonsd (an edited config is never overwritten: the new one lands beside it).
+install: dist/agentspoonsd
+	DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' sh build/install.sh dist/agentspoonsd
+
+# config/agentspoonsd.schema.json from the pydantic models (tests/test_config_files.py checks it).
+schema: $(VENV)/.installed
+	$(BIN)/python build/schema.py config/agentspoonsd.schema.json

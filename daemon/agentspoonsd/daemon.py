@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, activation, sdnotify
 from .auth import TokenStore, hash_token, new_token
 from .health import HttpService, Probes, make_handler
 from .history import History, HistoryStore
@@ -121,6 +121,7 @@ class Daemon:
         self._level_gate = level_gate
         self._restart_policy = restart_policy
         self._log = get_logger("agentspoonsd.daemon")
+        self._notifier = sdnotify.Notifier(None)  # replaced in run() from $NOTIFY_SOCKET
         self._ephemeral: TokenSettings | None = None
 
     def token_store(self, settings: Settings) -> TokenStore:
@@ -145,12 +146,20 @@ class Daemon:
         """Serve until SIGTERM/SIGINT (returns 0) or a crash budget is exhausted (returns 70)."""
         s = self.settings
         log = self._log
+        notifier = self._notifier = sdnotify.Notifier.from_environ()
+        # Socket activation: listeners systemd passed us (agentspoonsd.socket) are adopted, so a
+        # restart refuses no connection; anything not passed is bound here.
+        inherited = activation.inherited_sockets()
         try:
-            ws_sock = bind_listener(s.server.host, s.server.port, s.server.listen_backlog)
-            http_sock = bind_listener(s.health.host, s.health.port, 128)
+            ws_sock = inherited.take("websocket") or bind_listener(
+                s.server.host, s.server.port, s.server.listen_backlog
+            )
+            http_sock = inherited.take("health") or bind_listener(s.health.host, s.health.port, 128)
         except OSError as exc:
             log.error("listener_bind_failed", error=str(exc))
             return EXIT_OSERR
+        for name in inherited.close_unused():
+            log.warning("inherited_socket_unused", fd_name=name)
         if not s.auth.enabled:
             log.warning("auth_disabled", detail="every client is served without a token")
 
@@ -197,6 +206,11 @@ class Daemon:
                         self.stats,
                         get_logger("agentspoonsd.supervisor"),
                     )
+                # systemd: READY=1 once the first update exists, WATCHDOG=1 from this loop (a
+                # wedged event loop stops petting), STATUS= with clients and update rate.
+                root.start_soon(sdnotify.watchdog_loop, notifier)
+                root.start_soon(sdnotify.status_loop, notifier, self.stats)
+                root.start_soon(sdnotify.ready_when, notifier, lambda: hub.last_publish is not None)
                 log.info("listener_bound", service="websocket", address=_address(ws_sock))
                 log.info("listener_bound", service="http", address=_address(http_sock))
                 log.info(
@@ -218,8 +232,11 @@ class Daemon:
         """Return when asked to stop, after closing every client (bounded by shutdown_timeout)."""
         async for signum in signals:
             if signum == signal.SIGHUP:
+                self._notifier.reloading()
                 self._reload(websocket)
+                self._notifier.ready()
                 continue
+            self._notifier.stopping()
             timeout = self.settings.server.shutdown_timeout
             self._log.info(
                 "shutdown_started",

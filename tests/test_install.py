@@ -1,0 +1,149 @@
+"""`make install DESTDIR=…`: the staged tree is complete, passes `systemd-analyze verify` with the
+frozen binary in place, runs, and never overwrites an operator's edited config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "agentspoonsd.example.toml"
+ENV_FILE = ROOT / "config" / "agentspoonsd.env"
+
+
+@pytest.fixture(scope="module")
+def frozen() -> Path:
+    started = time.monotonic()
+    subprocess.run(["make", "-s", "binary"], cwd=ROOT, check=True)
+    print(f"make binary: {time.monotonic() - started:.1f} s")
+    return ROOT / "dist" / "agentspoonsd"
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze() -> str:
+    """systemd-analyze, installed from Debian's packages if missing. Never skipped."""
+    subprocess.run(["sh", str(ROOT / "build" / "ensure-systemd.sh")], check=True)
+    path = shutil.which("systemd-analyze")
+    assert path is not None
+    return path
+
+
+def make_install(destdir: Path, *extra: str) -> str:
+    result = subprocess.run(
+        ["make", "-s", "install", f"DESTDIR={destdir}", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_install_stages_everything_with_the_right_modes(frozen: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "pkg"
+    out = make_install(dest)
+    binary = dest / "usr/local/bin/agentspoonsd"
+    assert binary.read_bytes() == frozen.read_bytes() and mode(binary) == 0o755
+    for unit in ("agentspoonsd.service", "agentspoonsd.socket"):
+        installed = dest / "etc/systemd/system" / unit
+        assert installed.read_text() == (ROOT / "systemd" / unit).read_text()
+        assert mode(installed) == 0o644
+    config = dest / "etc/agentspoonsd/agentspoonsd.toml"
+    assert config.read_text() == EXAMPLE.read_text() and mode(config) == 0o644
+    env = dest / "etc/agentspoonsd/agentspoonsd.env"
+    assert env.read_text() == ENV_FILE.read_text() and mode(env) == 0o600
+    assert (dest / "etc/agentspoonsd/agentspoonsd.schema.json").is_file()
+    # Nothing else, nowhere else.
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == [
+        "etc/agentspoonsd/agentspoonsd.env",
+        "etc/agentspoonsd/agentspoonsd.schema.json",
+        "etc/agentspoonsd/agentspoonsd.toml",
+        "etc/systemd/system/agentspoonsd.service",
+        "etc/systemd/system/agentspoonsd.socket",
+        "usr/local/bin/agentspoonsd",
+    ]
+    assert "systemctl daemon-reload && systemctl enable --now agentspoonsd" in out
+    assert "token new" in out and "journalctl -u agentspoonsd" in out
+
+
+def test_installed_tree_passes_verify_and_runs(
+    frozen: Path, systemd_analyze: str, tmp_path: Path
+) -> None:
+    dest = tmp_path / "root"
+    make_install(dest)
+    # What a real root also has: systemd's unit library (targets) and /bin/kill (ExecReload=).
+    shutil.copytree("/usr/lib/systemd/system", dest / "usr/lib/systemd/system", symlinks=True)
+    (dest / "bin").mkdir()
+    shutil.copy2("/bin/kill", dest / "bin/kill")
+    units = dest / "etc/systemd/system"
+    result = subprocess.run(
+        [
+            systemd_analyze,
+            "verify",
+            f"--root={dest}",
+            "--man=no",
+            str(units / "agentspoonsd.service"),
+            str(units / "agentspoonsd.socket"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    # The installed binary accepts the installed config, as the unit will run them.
+    checked = subprocess.run(
+        [
+            str(dest / "usr/local/bin/agentspoonsd"),
+            "check-config",
+            "--config",
+            str(dest / "etc/agentspoonsd/agentspoonsd.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_reinstall_never_overwrites_an_edited_config(frozen: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "pkg"
+    make_install(dest)
+    config = dest / "etc/agentspoonsd/agentspoonsd.toml"
+
+    again = make_install(dest)  # unchanged: left as is, nothing beside it
+    assert f"unchanged {config}" in again
+    assert not config.with_name("agentspoonsd.toml.new").exists()
+
+    edited = config.read_text().replace("interval = 2.0", "interval = 1.0")
+    config.write_text(edited)
+    upgrade = make_install(dest)
+    assert config.read_text() == edited  # the operator's file stays
+    new = config.with_name("agentspoonsd.toml.new")
+    assert new.read_text() == EXAMPLE.read_text()
+    assert f"kept {config}" in upgrade and str(new) in upgrade
+    # The env file was not edited: still the shipped one, no .new.
+    assert not (dest / "etc/agentspoonsd/agentspoonsd.env.new").exists()
+
+
+def test_prefix_moves_the_binary_and_the_units_exec_start(frozen: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "pkg"
+    make_install(dest, "PREFIX=/opt/agentspoonsd")
+    assert (dest / "opt/agentspoonsd/bin/agentspoonsd").is_file()
+    assert not (dest / "usr/local/bin/agentspoonsd").exists()
+    unit = (dest / "etc/systemd/system/agentspoonsd.service").read_text()
+    assert "ExecStart=/opt/agentspoonsd/bin/agentspoonsd run --config" in unit
+    assert "/usr/local/bin" not in unit
+    assert (dest / "etc/agentspoonsd/agentspoonsd.toml").is_file()  # config stays in /etc
