@@ -1,209 +1,43 @@
-"""Tests of the market package: the GARCH simulator, the rolling volatility and the generator.
+"""The generator service (`market/generator.py`) with the synthetic source.
 
-The pure parts run on real numpy with fixed seeds. The generator runs on real Trio with its
-virtual clock (`autojump_clock`: time jumps straight to the next deadline), so schedules spanning
-thousands of seconds are checked exactly and in milliseconds.
+The generator runs on real Trio with its virtual clock (`autojump_clock`: time jumps straight to
+the next deadline), so schedules spanning thousands of seconds are checked exactly and in
+milliseconds. The models, estimators and GARCH fit are tested on their own elsewhere; here the
+references are built independently: the models directly from their parameter dataclasses, the
+rolling standard deviation with numpy, the annualisation factor from the formula.
+
+One thing to know about the virtual clock: the warm-up and the GARCH refits run in worker
+threads, and while a task waits on a thread the autojump clock sees everything blocked and jumps
+to the next deadline. So the generator is started with ``nursery.start`` (its warm-up finishes
+before ``started()``, when no deadline is pending) and the tests about the schedule run with the
+GARCH fit disabled.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from agentspoonsd.market import models
 from agentspoonsd.market.bar import Bar
-from agentspoonsd.market.garch import BarArrays, GarchParams, GarchSimulator
-from agentspoonsd.market.generator import Generator
-from agentspoonsd.market.volatility import RollingVolatility
+from agentspoonsd.market.estimators import ESTIMATOR_NAMES
+from agentspoonsd.market.generator import Generator, symbol_seed
 from agentspoonsd.settings import GeneratorSettings
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-def simulate(n_bars: int, n_symbols: int, seed: int | None, **kwargs: object) -> BarArrays:
-    """`n_bars` steps stacked: each field has shape (n_bars, n_symbols)."""
-    sim = GarchSimulator(n_symbols, np.random.default_rng(seed), **kwargs)  # type: ignore[arg-type]
-    steps = [sim.step() for _ in range(n_bars)]
-    return BarArrays(*(np.stack(field) for field in zip(*steps, strict=True)))
-
-
-@pytest.fixture(scope="module")
-def long_run() -> BarArrays:
-    # Shared by the statistical tests: 4,000 bars x 50 independent symbols = 200,000 returns.
-    return simulate(4000, 50, seed=7)
-
-
-# --- GarchParams ---------------------------------------------------------------------------
-
-
-def test_default_params_give_a_per_bar_vol_of_about_0_2_percent() -> None:
-    params = GarchParams()
-    assert params.unconditional_volatility == pytest.approx(0.002)
-    assert params.alpha + params.beta < 1
-    # Finite fourth moment of returns with unit-variance t(nu) innovations (E z^4 = 3(nu-2)/(nu-4)).
-    kurt_z = 3 * (params.nu - 2) / (params.nu - 4)
-    assert params.beta**2 + 2 * params.alpha * params.beta + kurt_z * params.alpha**2 < 1
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"omega": 0.0},
-        {"omega": -1e-7},
-        {"alpha": -0.1},
-        {"beta": -0.1},
-        {"alpha": 0.1, "beta": 0.9},
-        {"alpha": 0.5, "beta": 0.6},
-        {"nu": 2.0},
-        {"volume_scale": 0.0},
-        {"volume_dispersion": -1.0},
-        {"omega": math.nan},
-    ],
-)
-def test_params_reject_invalid_values(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        GarchParams(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [{"n_symbols": 0}, {"initial_price": 0.0}, {"initial_price": math.inf}, {"substeps": 0}],
-)
-def test_simulator_rejects_invalid_arguments(kwargs: dict[str, float]) -> None:
-    args: dict[str, object] = {"n_symbols": 1, "rng": np.random.default_rng(0)} | kwargs
-    with pytest.raises(ValueError):
-        GarchSimulator(**args)  # type: ignore[arg-type]
-
-
-# --- GarchSimulator --------------------------------------------------------------------------
-
-
-def test_ohlc_invariants_hold_on_every_bar() -> None:
-    bars = simulate(10_000, 5, seed=1)
-    for field in bars:
-        assert field.shape == (10_000, 5)
-        assert field.dtype == np.float64
-        assert np.isfinite(field).all()
-    assert (bars.high >= np.maximum(bars.open, bars.close)).all()
-    assert (bars.low <= np.minimum(bars.open, bars.close)).all()
-    assert (bars.low > 0).all()
-    assert (bars.volume > 0).all()
-    # The intrabar path matters: most bars have a wick beyond the body.
-    assert (bars.high > np.maximum(bars.open, bars.close)).mean() > 0.5
-    assert (bars.low < np.minimum(bars.open, bars.close)).mean() > 0.5
-
-
-def test_each_open_is_exactly_the_previous_close() -> None:
-    bars = simulate(1000, 3, seed=2, initial_price=123.0)
-    assert (bars.open[0] == 123.0).all()
-    assert np.array_equal(bars.open[1:], bars.close[:-1])
-
-
-def test_returns_are_log_close_over_previous_close() -> None:
-    bars = simulate(1000, 3, seed=3)
-    previous_close = np.vstack([bars.open[:1], bars.close[:-1]])
-    np.testing.assert_allclose(bars.returns, np.log(bars.close / previous_close), atol=1e-15)
-
-
-def test_same_seed_gives_identical_series() -> None:
-    a = simulate(500, 4, seed=42)
-    b = simulate(500, 4, seed=42)
-    for field_a, field_b in zip(a, b, strict=True):
-        assert np.array_equal(field_a, field_b)
-
-
-@pytest.mark.parametrize(("seed_a", "seed_b"), [(42, 43), (None, None)])
-def test_different_or_no_seed_gives_different_series(
-    seed_a: int | None, seed_b: int | None
-) -> None:
-    a = simulate(50, 2, seed=seed_a)
-    b = simulate(50, 2, seed=seed_b)
-    assert not np.array_equal(a.close, b.close)
-
-
-def test_symbols_are_independent_series() -> None:
-    bars = simulate(2000, 2, seed=4)
-    assert abs(np.corrcoef(bars.returns.T)[0, 1]) < 0.1
-
-
-def test_per_bar_volatility_matches_the_parameters(long_run: BarArrays) -> None:
-    assert long_run.returns.std() == pytest.approx(GarchParams().unconditional_volatility, rel=0.1)
-    assert abs(long_run.returns.mean()) < 1e-4
-
-
-def test_squared_returns_cluster(long_run: BarArrays) -> None:
-    squares = long_run.returns**2
-    squares = squares - squares.mean(axis=0)
-    lag1 = (squares[1:] * squares[:-1]).sum(axis=0) / (squares**2).sum(axis=0)
-    assert lag1.mean() > 0.05
-
-
-def test_returns_have_fat_tails(long_run: BarArrays) -> None:
-    centred = long_run.returns - long_run.returns.mean(axis=0)
-    excess_kurtosis = (centred**4).mean(axis=0) / (centred**2).mean(axis=0) ** 2 - 3
-    assert np.median(excess_kurtosis) > 1
-
-
-def test_volume_rises_with_the_size_of_the_move(long_run: BarArrays) -> None:
-    moves = np.abs(long_run.returns).ravel()
-    volume = long_run.volume.ravel()
-    assert np.corrcoef(moves, volume)[0, 1] > 0.2
-    # And so it clusters like volatility does.
-    log_volume = np.log(long_run.volume) - np.log(long_run.volume).mean(axis=0)
-    lag1 = (log_volume[1:] * log_volume[:-1]).sum(axis=0) / (log_volume**2).sum(axis=0)
-    assert lag1.mean() > 0.02
-    assert volume.mean() == pytest.approx(GarchParams().volume_scale, rel=0.2)
-
-
-def test_callers_cannot_corrupt_the_simulator_state() -> None:
-    sim = GarchSimulator(2, np.random.default_rng(5))
-    first = sim.step()
-    expected = first.close.copy()
-    assert np.array_equal(sim.last_close, expected)
-    first.close[:] = -1.0  # scribbling on a returned bar or on a property...
-    sim.last_close[:] = -1.0
-    sim.next_variance[:] = -1.0
-    second = sim.step()  # ...does not change the series
-    assert np.array_equal(second.open, expected)
-    assert (second.close > 0).all()
-
-
-# --- RollingVolatility -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("window", [2, 3, 20, 150])
-def test_rolling_volatility_matches_naive_std(window: int) -> None:
-    returns = np.random.default_rng(window).standard_normal((120, 4)) * 0.002
-    rolling = RollingVolatility(4, window)
-    for t in range(len(returns)):
-        got = rolling.push(returns[t])
-        assert got.shape == (4,)
-        if t == 0:
-            assert np.array_equal(got, np.zeros(4))
-        else:
-            expected = np.std(returns[max(0, t - window + 1) : t + 1], axis=0, ddof=1)
-            np.testing.assert_allclose(got, expected, rtol=1e-12)
-        assert len(rolling) == min(t + 1, window)
-
-
-def test_rolling_volatility_rejects_bad_input() -> None:
-    with pytest.raises(ValueError):
-        RollingVolatility(2, 1)
-    with pytest.raises(ValueError):
-        RollingVolatility(0, 5)
-    rolling = RollingVolatility(2, 5)
-    with pytest.raises(ValueError):
-        rolling.push(np.zeros(3))
-    assert len(rolling) == 0  # a rejected push changes nothing
-
-
-# --- Generator -------------------------------------------------------------------------------
+SYMBOLS = ["BTC/USD", "ETH/USD", "SOL/USD"]
 
 
 class Stamps:
@@ -218,19 +52,25 @@ class Stamps:
         return EPOCH + timedelta(seconds=now)
 
 
-def make_generator(
-    send: trio.MemorySendChannel[list[Bar]],
-    stamps: Stamps | None = None,
-    **overrides: object,
-) -> Generator:
+def generator_settings(**overrides: object) -> GeneratorSettings:
     fields: dict[str, object] = {
         "interval": 2.0,
-        "symbols": ["BTC/USD", "ETH/USD", "SOL/USD"],
+        "symbols": SYMBOLS,
         "seed": 11,
         "volatility_window": 5,
+        "warmup_bars": 10,
+        "garch_fit": {"enabled": False},
     } | overrides
+    return GeneratorSettings(**fields)  # type: ignore[arg-type]
+
+
+def make_generator(
+    send: trio.MemorySendChannel[list[Bar]],
+    stamps: Callable[[], datetime] | None = None,
+    **overrides: object,
+) -> Generator:
     return Generator(
-        GeneratorSettings(**fields),  # type: ignore[arg-type]
+        generator_settings(**overrides),
         send,
         structlog.get_logger(),
         wall_clock=stamps if stamps is not None else Stamps(),
@@ -246,13 +86,55 @@ def drain(receive: trio.MemoryReceiveChannel[list[Bar]]) -> list[list[Bar]]:
             return batches
 
 
-def prices(batches: list[list[Bar]]) -> list[tuple[float, ...]]:
-    """Everything in a batch except the timestamps."""
-    return [
-        (b.open, b.high, b.low, b.close, b.volume, b.returns, b.volatility)
-        for batch in batches
-        for b in batch
-    ]
+def without_time(batches: list[list[Bar]]) -> list[tuple[object, ...]]:
+    """Every field of every bar except the timestamp (analytics included)."""
+    return [(bar.symbol, *bar[2:]) for batch in batches for bar in batch]
+
+
+async def run_for(generator: Generator, seconds: float) -> float:
+    """Start `generator.run` (warm-up included), let it run `seconds`, cancel it; returns the
+    time it started (after the warm-up)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(generator.run)
+        start = trio.current_time()
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    return start
+
+
+async def collect(
+    generator: Generator,
+    receive: trio.MemoryReceiveChannel[list[Bar]],
+    count: int,
+    *,
+    linger: float = 0.0,
+) -> list[list[Bar]]:
+    """Start `generator.run`, receive `count` batches, wait `linger` seconds, cancel it."""
+    batches = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(generator.run)
+        for _ in range(count):
+            batches.append(await receive.receive())
+        await trio.sleep(linger)
+        nursery.cancel_scope.cancel()
+    return batches
+
+
+def reference_model(
+    kind: models.ModelKind, params: object, seed: int, symbol: str, initial_price: float
+) -> models.Model:
+    """The model a symbol should get, built directly from the parameter dataclasses."""
+    return models.make_model(
+        kind,
+        params,  # type: ignore[arg-type]
+        seed=symbol_seed(seed, symbol),
+        initial_price=initial_price,
+        volume=models.VolumeParams(),
+        substeps=16,
+    )
+
+
+# --- the first updates ---------------------------------------------------------------------------
 
 
 async def test_first_batch_is_immediate_and_well_formed(
@@ -260,40 +142,93 @@ async def test_first_batch_is_immediate_and_well_formed(
 ) -> None:
     send, receive = trio.open_memory_channel[list[Bar]](10)
     stamps = Stamps()
-    generator = make_generator(send, stamps, initial_price=100.0)
-    with trio.move_on_after(2.5):  # ticks at 0 and 2.0
+    generator = make_generator(send, stamps, initial_price=100.0, warmup_bars=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(generator.run)
         start = trio.current_time()
-        await generator.run()
-    first, second = drain(receive)
-    assert stamps.times == [start, start + 2.0]
-    assert [bar.symbol for bar in first] == ["BTC/USD", "ETH/USD", "SOL/USD"]
-    for bar in first + second:
-        assert bar.timestamp.tzinfo is UTC
-        for value in (bar.open, bar.high, bar.low, bar.close, bar.volume, bar.returns):
-            assert type(value) is float
-        assert bar.low <= min(bar.open, bar.close) <= max(bar.open, bar.close) <= bar.high
-        assert bar.volume > 0
-    assert all(bar.open == 100.0 for bar in first)
-    assert all(bar.volatility == 0.0 for bar in first)  # one return: no sample std yet
-    for a, b in zip(first, second, strict=True):
-        assert b.open == a.close
-        assert b.volatility == pytest.approx(abs(a.returns - b.returns) / math.sqrt(2))
+        batches = [await receive.receive() for _ in range(3)]
+        nursery.cancel_scope.cancel()
+    assert stamps.times == [start, start + 2.0, start + 4.0]
+    first, second, third = batches
+    assert [bar.symbol for bar in first] == SYMBOLS == list(generator.symbols)
+    for batch, t in zip(batches, stamps.times, strict=True):
+        for bar in batch:
+            assert bar.timestamp == EPOCH + timedelta(seconds=t)
+            assert bar.timestamp.tzinfo is UTC
+            for value in (bar.open, bar.high, bar.low, bar.close, bar.volume):
+                assert type(value) is float
+            assert bar.low <= min(bar.open, bar.close) <= max(bar.open, bar.close) <= bar.high
+            assert bar.volume > 0
+            assert list(bar.analytics) == [
+                "estimators",
+                "estimators_annualized",
+                "garch_forecast",
+            ]
+            assert bar.analytics["garch_forecast"]["status"] == "disabled"
+    # No warm-up: the very first bar of each series, with no return and no estimate yet.
+    for bar in first:
+        assert bar.open == 100.0
+        assert bar.returns is None and bar.volatility is None
+        estimators = bar.analytics["estimators"]
+        assert estimators == dict.fromkeys(ESTIMATOR_NAMES) | {"window": 0}
+    for a, b, c in zip(first, second, third, strict=True):
+        assert b.open == a.close and c.open == b.close
+        assert b.returns == pytest.approx(math.log(b.close / a.close), rel=1e-12)
+        assert b.volatility is None  # one return: no sample standard deviation yet
+        assert b.analytics["estimators"]["window"] == 1
+        assert b.analytics["estimators"]["ewma"] == pytest.approx(abs(b.returns), rel=1e-12)
+        assert c.volatility == pytest.approx(abs(b.returns - c.returns) / math.sqrt(2), rel=1e-12)
 
 
-async def test_volatility_is_the_rolling_std_of_the_sent_returns(
+async def test_after_the_warm_up_the_first_update_has_full_windows_and_a_fit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send, receive = trio.open_memory_channel[list[Bar]](10)
+    generator = make_generator(
+        send,
+        warmup_bars=150,
+        volatility_window=20,
+        initial_price=100.0,
+        garch_fit={"window": 100, "refit_every": 10, "horizon": 5},
+    )
+    (first,) = await collect(generator, receive, 1)
+    for bar in first:
+        assert bar.open != 100.0  # the warm-up bars were simulated, not published
+        estimators = bar.analytics["estimators"]
+        assert estimators["window"] == 20
+        assert all(type(estimators[name]) is float for name in ESTIMATOR_NAMES)
+        forecast = bar.analytics["garch_forecast"]
+        assert forecast["status"] != "pending"  # fitted during the warm-up
+        assert forecast["horizon"] == 5
+
+
+async def test_volatility_is_close_to_close_and_annualised_by_the_bar_interval(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send, receive = trio.open_memory_channel[list[Bar]](100)
-    generator = make_generator(send, volatility_window=5)
-    with trio.move_on_after(2.0 * 30 - 1):
-        await generator.run()
-    batches = drain(receive)
-    assert len(batches) == 30
-    returns = np.array([[bar.returns for bar in batch] for batch in batches])
-    for t in range(1, 30):
-        expected = np.std(returns[max(0, t - 4) : t + 1], axis=0, ddof=1)
+    generator = make_generator(
+        send, volatility_window=5, trading_days=252, bar_seconds=300, warmup_bars=10
+    )
+    batches = await collect(generator, receive, 30)
+    factor = math.sqrt(252 * 86400 / 300)
+    for batch in batches:
+        for bar in batch:
+            estimators = bar.analytics["estimators"]
+            annualized = bar.analytics["estimators_annualized"]
+            assert bar.volatility == estimators["close_to_close"]
+            assert annualized["window"] == estimators["window"] == 5
+            for name in ESTIMATOR_NAMES:
+                assert annualized[name] == pytest.approx(estimators[name] * factor, rel=1e-14)
+    # And close_to_close is the sample standard deviation of the last 5 published returns.
+    closes = np.array([[bar.close for bar in batch] for batch in batches])
+    returns = np.log(closes[1:] / closes[:-1])
+    for t in range(5, len(batches)):
+        expected = np.std(returns[t - 5 : t], axis=0, ddof=1)
         got = [bar.volatility for bar in batches[t]]
-        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+# --- the schedule ------------------------------------------------------------------------------
 
 
 async def test_ticks_follow_absolute_deadlines_with_a_slow_consumer(
@@ -332,11 +267,11 @@ async def test_missed_ticks_are_skipped_not_burst(
         async with trio.open_nursery() as nursery:
             await nursery.start(generator.run)
             start = trio.current_time()
-            await receive.receive()  # tick 0
+            first = await receive.receive()  # tick 0
             await trio.sleep(stall * interval)  # tick 1 is stamped at 1.0 and waits in send
-            received_at = []
+            received_at, batches = [], [first]
             for _ in range(4):
-                await receive.receive()
+                batches.append(await receive.receive())
                 received_at.append(trio.current_time() - start)
             nursery.cancel_scope.cancel()
     # Tick 1 (stamped on time, delivered late), then one batch for the latest due tick, sent at
@@ -349,6 +284,12 @@ async def test_missed_ticks_are_skipped_not_burst(
     skips = [e for e in logs if e["event"] == "generator_ticks_skipped"]
     assert [e["count"] for e in skips] == [skipped]
     assert skips[0]["log_level"] == "warning"
+    # A skipped tick skips no bar: the series goes on from the last bar sent.
+    for before, after in pairwise(batches):
+        assert [b.open for b in after] == [b.close for b in before]
+
+
+# --- cancellation and restarts -------------------------------------------------------------------
 
 
 async def test_run_is_cancellable_and_never_closes_the_channel(
@@ -356,10 +297,7 @@ async def test_run_is_cancellable_and_never_closes_the_channel(
 ) -> None:
     send, receive = trio.open_memory_channel[list[Bar]](100)
     generator = make_generator(send, interval=2.0)
-    start = trio.current_time()
-    with trio.move_on_after(9.0) as scope:
-        await generator.run()
-    assert scope.cancelled_caught
+    start = await run_for(generator, 9.0)
     assert trio.current_time() == pytest.approx(start + 9.0)  # left at the cancel, not later
     assert len(drain(receive)) == 5  # ticks 0, 2, 4, 6, 8
     with pytest.raises(trio.WouldBlock):  # not EndOfChannel: the channel is still open
@@ -367,47 +305,89 @@ async def test_run_is_cancellable_and_never_closes_the_channel(
     send.send_nowait([])  # and still usable by a restarted run()
 
 
+async def test_a_run_cancelled_during_its_warm_up_does_not_warm_up_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send, receive = trio.open_memory_channel[list[Bar]](0)
+    generator = make_generator(send, warmup_bars=40)
+    with trio.move_on_after(0.5) as scope:
+        await generator.run()  # the clock jumps to the deadline while the warm-up thread runs
+    assert scope.cancelled_caught
+    batches = await collect(generator, receive, 3)
+    reference_send, reference_receive = trio.open_memory_channel[list[Bar]](0)
+    reference = make_generator(reference_send, warmup_bars=40)
+    assert without_time(batches) == without_time(await collect(reference, reference_receive, 3))
+
+
 async def test_restarted_run_continues_the_same_series(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send, receive = trio.open_memory_channel[list[Bar]](100)
     generator = make_generator(send)
-    with trio.move_on_after(9.0):
-        await generator.run()
+    await run_for(generator, 9.0)
     before = drain(receive)
     await trio.sleep(7.3)  # the supervisor's backoff: off the old grid on purpose
-    with trio.move_on_after(9.0):
-        await generator.run()
+    await run_for(generator, 9.0)
     after = drain(receive)
     assert len(before) == len(after) == 5
     for a, b in zip(before[-1], after[0], strict=True):
         assert b.open == a.close
     # Identical to an uninterrupted run with the same seed.
     reference_send, reference_receive = trio.open_memory_channel[list[Bar]](100)
-    with trio.move_on_after(19.0):
-        await make_generator(reference_send).run()
-    assert prices(before + after) == prices(drain(reference_receive))
+    await run_for(make_generator(reference_send), 19.0)
+    assert without_time(before + after) == without_time(drain(reference_receive))
+
+
+async def test_restarts_keep_the_estimators_and_garch_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Refits every 3 bars (in worker threads), several restarts with a batch in flight each time
+    # (the channel has no buffer): every field of every update, the GARCH forecast included, is
+    # the uninterrupted run's.
+    fields: dict[str, object] = {
+        "warmup_bars": 120,
+        "garch_fit": {"window": 100, "refit_every": 3, "horizon": 4},
+    }
+    send, receive = trio.open_memory_channel[list[Bar]](0)
+    generator = make_generator(send, **fields)
+    batches = []
+    for _ in range(3):
+        batches += await collect(generator, receive, 4)
+        await trio.sleep(1.7)
+    reference_send, reference_receive = trio.open_memory_channel[list[Bar]](0)
+    reference = await collect(make_generator(reference_send, **fields), reference_receive, 12)
+    assert without_time(batches) == without_time(reference)
+    statuses = {bar.analytics["garch_forecast"]["status"] for batch in batches for bar in batch}
+    assert statuses <= {"ok", "nonstationary", "failed"} and "ok" in statuses
+    since = [batch[0].analytics["garch_forecast"]["bars_since_fit"] for batch in batches]
+    assert 0 in since  # refits did happen across the restarts
 
 
 async def test_a_batch_whose_send_was_cancelled_is_sent_by_the_next_run(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send, receive = trio.open_memory_channel[list[Bar]](0)
-    generator = make_generator(send, initial_price=100.0)
-    with trio.move_on_after(1.0) as scope:
-        await generator.run()  # nobody receives: stuck in the first send
-    assert scope.cancelled_caught
+    stamps = Stamps()
+    generator = make_generator(send, stamps, initial_price=100.0, warmup_bars=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(generator.run)  # nobody receives: stuck in the first send
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert len(stamps.times) == 1
+    await trio.sleep(0.25)
     batches = []
     async with trio.open_nursery() as nursery:
         await nursery.start(generator.run)
+        restarted = trio.current_time()
         for _ in range(3):
             batches.append(await receive.receive())
         nursery.cancel_scope.cancel()
-    assert all(bar.open == 100.0 for bar in batches[0])
+    assert all(bar.open == 100.0 for bar in batches[0])  # the first bar, not lost
+    assert batches[0][0].timestamp == EPOCH + timedelta(seconds=restarted)  # stamped anew
     reference_send, reference_receive = trio.open_memory_channel[list[Bar]](100)
-    with trio.move_on_after(5.0):
-        await make_generator(reference_send, initial_price=100.0).run()
-    assert prices(batches) == prices(drain(reference_receive))
+    reference = make_generator(reference_send, initial_price=100.0, warmup_bars=0)
+    await run_for(reference, 5.0)
+    assert without_time(batches) == without_time(drain(reference_receive))
 
 
 async def test_run_refuses_to_run_twice_at_once(autojump_clock: trio.testing.MockClock) -> None:
@@ -415,18 +395,156 @@ async def test_run_refuses_to_run_twice_at_once(autojump_clock: trio.testing.Moc
     generator = make_generator(send)
     async with trio.open_nursery() as nursery:
         await nursery.start(generator.run)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="already running"):
             await generator.run()
         nursery.cancel_scope.cancel()
 
 
 async def test_a_naive_wall_clock_is_refused(autojump_clock: trio.testing.MockClock) -> None:
-    send, _receive = trio.open_memory_channel[list[Bar]](100)
-    generator = Generator(
-        GeneratorSettings(seed=1),
-        send,
-        structlog.get_logger(),
-        wall_clock=lambda: datetime(2024, 1, 1),
-    )
+    send, receive = trio.open_memory_channel[list[Bar]](100)
+    generator = make_generator(send, lambda: datetime(2024, 1, 1))
     with pytest.raises(ValueError, match="timezone-aware"):
         await generator.run()
+    assert drain(receive) == []
+
+
+# --- what each symbol gets -----------------------------------------------------------------------
+
+
+async def test_per_symbol_overrides_take_effect(autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = trio.open_memory_channel[list[Bar]](100)
+    generator = make_generator(
+        send,
+        warmup_bars=0,
+        seed=3,
+        overrides={
+            "ETH/USD": {"model": "gbm", "initial_price": 3000.0, "gbm": {"sigma": 0.002}},
+            "SOL/USD": {"model": "heston", "heston": {"rho": -0.8}},
+        },
+    )
+    batches = await collect(generator, receive, 60)
+    expected = {
+        "BTC/USD": reference_model("garch", models.GarchParams(), 3, "BTC/USD", 50000.0),
+        "ETH/USD": reference_model("gbm", models.GbmParams(sigma=0.002), 3, "ETH/USD", 3000.0),
+        "SOL/USD": reference_model("heston", models.HestonParams(rho=-0.8), 3, "SOL/USD", 50000.0),
+    }
+    for i, symbol in enumerate(SYMBOLS):
+        block = expected[symbol].simulate(60)
+        got = np.array([[b[i].open, b[i].high, b[i].low, b[i].close, b[i].volume] for b in batches])
+        want = np.column_stack([block.open, block.high, block.low, block.close, block.volume])
+        assert np.array_equal(got, want), symbol
+
+
+async def test_a_symbols_stream_does_not_depend_on_the_other_symbols(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def eth_bars(symbols: list[str], seed: int = 11) -> list[tuple[object, ...]]:
+        send, receive = trio.open_memory_channel[list[Bar]](100)
+        batches = await collect(make_generator(send, symbols=symbols, seed=seed), receive, 25)
+        index = symbols.index("ETH/USD")
+        return without_time([[batch[index]] for batch in batches])
+
+    alone = await eth_bars(["ETH/USD"])
+    assert await eth_bars(["BTC/USD", "ETH/USD"]) == alone
+    assert await eth_bars(["XRP/USD", "DOGE/USD", "ETH/USD", "BTC/USD"]) == alone
+    assert await eth_bars(["ETH/USD"], seed=12) != alone
+
+
+async def test_different_symbols_never_share_a_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # "plumless" and "buckeroo" have the same CRC-32: a seed derived from a 32-bit hash of the
+    # name would give them the very same prices.
+    symbols = ["plumless", "buckeroo", "BTC/USD"]
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")
+    send, receive = trio.open_memory_channel[list[Bar]](100)
+    batches = await collect(make_generator(send, symbols=symbols, warmup_bars=0), receive, 5)
+    closes = np.array([[bar.close for bar in batch] for batch in batches]).T
+    for i in range(3):
+        for j in range(i):
+            assert not np.any(closes[i] == closes[j]), (symbols[i], symbols[j])
+
+
+# --- file and replay sources through the service -------------------------------------------------
+
+
+def ohlcv_records(count: int, symbol: str = "BTC/USD") -> list[dict[str, object]]:
+    records = []
+    close = 100.0
+    for i in range(count):
+        open_ = close
+        close = open_ * (1.001 if i % 3 else 0.998)
+        records.append(
+            {
+                "timestamp": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z",
+                "symbol": symbol,
+                "open": open_,
+                "high": max(open_, close) * 1.0005,
+                "low": min(open_, close) * 0.9995,
+                "close": close,
+                "volume": 1.0 + i,
+            }
+        )
+    return records
+
+
+def bar_fields(bar: Bar) -> tuple[object, ...]:
+    return (bar.symbol, bar.timestamp, bar.open, bar.high, bar.low, bar.close, bar.volume)
+
+
+def record_fields(record: dict[str, object]) -> tuple[object, ...]:
+    stamp = datetime.fromisoformat(str(record["timestamp"]).replace("Z", "+00:00"))
+    keys = ("open", "high", "low", "close", "volume")
+    return (record["symbol"], stamp, *(record[k] for k in keys))
+
+
+async def test_file_source_bars_go_through_the_pipeline(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "feed.jsonl"
+    records = ohlcv_records(12) + ohlcv_records(3, symbol="ETH/USD")
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    send, receive = trio.open_memory_channel[list[Bar]](100)
+    generator = make_generator(
+        send,
+        symbols=["BTC/USD", "ETH/USD"],
+        source="file",
+        file={"path": str(path), "poll_interval": 0.05},
+    )
+    batches = await collect(generator, receive, 15)
+    assert [len(batch) for batch in batches] == [1] * 15
+    bars = [batch[0] for batch in batches]
+    assert [bar_fields(bar) for bar in bars] == [record_fields(r) for r in records]
+    btc = bars[:12]
+    for previous, bar in pairwise(btc):
+        assert bar.returns == pytest.approx(math.log(bar.close / previous.close), rel=1e-12)
+    assert btc[0].returns is None and bars[12].returns is None  # each symbol's own series
+    returns = np.array([bar.returns for bar in btc[1:]])
+    assert btc[-1].volatility == pytest.approx(np.std(returns[-5:], ddof=1), rel=1e-10)
+
+
+async def test_file_source_restart_neither_repeats_nor_loses_a_record(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    # The consumer stops after 2 bars and the generator is cancelled while it holds more: the
+    # restarted run must publish exactly the rest.
+    path = tmp_path / "feed.jsonl"
+    records = ohlcv_records(10)
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    send, receive = trio.open_memory_channel[list[Bar]](0)
+    generator = make_generator(
+        send, symbols=["BTC/USD"], source="file", file={"path": str(path), "poll_interval": 0.05}
+    )
+    first = await collect(generator, receive, 2, linger=0.5)  # the 3rd bar waits in send
+    got = [batch[0] for batch in first]
+    with trio.move_on_after(0.5):  # nobody receives: cancelled again with bars in hand
+        await generator.run()
+    async with trio.open_nursery() as nursery:
+        # start_soon: this run first re-sends the bar it holds, before reporting started().
+        nursery.start_soon(generator.run)
+        with trio.fail_after(30):
+            got += [(await receive.receive())[0] for _ in range(8)]
+        await trio.sleep(1.0)
+        assert drain(receive) == []
+        nursery.cancel_scope.cancel()
+    assert [bar_fields(bar) for bar in got] == [record_fields(r) for r in records]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agentspoonsd import settings as settings_module
+from agentspoonsd.market import models
 from agentspoonsd.settings import (
     CONFIG_ENV_VAR,
     ConfigError,
@@ -415,3 +417,116 @@ def test_contract_keys_whose_feature_is_not_built_are_refused(
         load_settings(path)
     assert f"{path}: {key}:" in str(error.value)
     assert "not available in this version" in str(error.value)
+
+
+# --- [generator] model tables ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "params"),
+    [
+        (settings_module.GbmSettings, models.GbmParams),
+        (settings_module.GarchModelSettings, models.GarchParams),
+        (settings_module.GjrGarchSettings, models.GjrGarchParams),
+        (settings_module.HestonSettings, models.HestonParams),
+        (settings_module.VolumeSettings, models.VolumeParams),
+    ],
+)
+def test_model_table_defaults_are_the_models_defaults(table: type, params: type) -> None:
+    """The TOML tables and the model dataclasses document the same defaults: they cannot drift."""
+    dataclass_defaults = {f.name: f.default for f in dataclasses.fields(params)}
+    assert table().model_dump() == dataclass_defaults
+    assert list(table.model_fields) == list(dataclass_defaults)  # same keys, same order
+    # And the loaded defaults build exactly the default dataclasses.
+    generator = load_settings(None).generator
+    name = {
+        models.GbmParams: "gbm",
+        models.GarchParams: "garch",
+        models.GjrGarchParams: "gjr_garch",
+        models.HestonParams: "heston",
+    }.get(params)
+    if name is not None:
+        per_symbol = generator.model_copy(update={"model": name})
+        assert per_symbol.params_for("BTC/USD") == params()
+    else:
+        assert generator.volume_for("BTC/USD") == params()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("[generator.garch]\nalpha = 0.2\nbeta = 0.8", "generator.garch", "stationarity"),
+        ("[generator.garch]\nnu = 2", "generator.garch.nu", "greater than 2"),
+        ("[generator.gjr_garch]\nbeta = 0.96", "generator.gjr_garch", "stationarity"),
+        ("[generator.gjr_garch]\nalpha = 0.01\ngamma = -0.5", "generator.gjr_garch", "gamma"),
+        ("[generator.heston]\nrho = 2", "generator.heston.rho", "less than or equal to 1"),
+        ("[generator.heston]\nkappa = 1.5", "generator.heston.kappa", "less than or equal to 1"),
+        ("[generator.gbm]\nsigma = 0", "generator.gbm.sigma", "greater than 0"),
+        ("[generator.gbm]\nmu = nan", "generator.gbm.mu", "finite"),
+        ("[generator.volume]\nscale = inf", "generator.volume.scale", "finite"),
+        ("[generator]\ninitial_price = inf", "generator.initial_price", "finite"),
+        ("[generator]\nbar_seconds = inf", "generator.bar_seconds", "finite"),
+        ("[generator.replay]\nspeed = inf", "generator.replay.speed", "finite"),
+        ("[generator.garch_fit]\nwindow = 99", "generator.garch_fit.window", "100"),
+        (
+            '[generator.overrides."BTC/USD".garch]\nalpha = 0.5\nbeta = 0.5',
+            "generator.overrides.BTC/USD.garch",
+            "stationarity",
+        ),
+        (
+            '[generator.overrides."BTC/USD"]\ninitial_price = inf',
+            "generator.overrides.BTC/USD.initial_price",
+            "finite",
+        ),
+        (
+            '[generator.overrides."BTC/USD"]\nmodel = "arima"',
+            "generator.overrides.BTC/USD.model",
+            "heston",
+        ),
+    ],
+)
+def test_an_invalid_model_table_names_its_key(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert f"{path}: {key}: " in message, message
+    assert reason in message, message
+
+
+@pytest.mark.parametrize("source", ["file", "replay"])
+def test_an_external_source_needs_its_path(tmp_path: Path, source: str) -> None:
+    message = config_error(write(tmp_path, f'[generator]\nsource = "{source}"\n'))
+    assert f"generator.{source}.path" in message
+    assert message.startswith(f"{tmp_path / 'conf.toml'}: generator: ")
+    ok = write(tmp_path, f'[generator]\nsource = "{source}"\n[generator.{source}]\npath = "x"\n')
+    assert getattr(load_settings(ok).generator, source).path == Path("x")
+
+
+def test_overrides_for_an_unknown_symbol_are_an_error(tmp_path: Path) -> None:
+    text = (
+        '[generator]\nsymbols = ["BTC/USD"]\n'
+        '[generator.overrides."ETH/USD"]\nmodel = "gbm"\n'
+        '[generator.overrides."DOGE/USD"]\ninitial_price = 0.1\n'
+    )
+    message = config_error(write(tmp_path, text))
+    assert "generator: " in message
+    assert "overrides for symbols not in generator.symbols: DOGE/USD, ETH/USD" in message
+
+
+def test_overrides_apply_to_their_symbol_only(tmp_path: Path) -> None:
+    text = (
+        '[generator]\nsymbols = ["BTC/USD", "ETH/USD"]\nmodel = "garch"\n'
+        "[generator.heston]\nrho = -0.7\n"
+        '[generator.overrides."ETH/USD"]\nmodel = "heston"\ninitial_price = 3000.0\n'
+        '[generator.overrides."ETH/USD".volume]\nscale = 4.0\n'
+    )
+    generator = load_settings(write(tmp_path, text)).generator
+    assert generator.model_for("BTC/USD") == "garch"
+    assert generator.params_for("BTC/USD") == models.GarchParams()
+    assert generator.initial_price_for("BTC/USD") == 50000.0
+    assert generator.volume_for("BTC/USD") == models.VolumeParams()
+    assert generator.model_for("ETH/USD") == "heston"
+    assert generator.params_for("ETH/USD") == models.HestonParams(rho=-0.7)  # the shared table
+    assert generator.initial_price_for("ETH/USD") == 3000.0
+    assert generator.volume_for("ETH/USD") == models.VolumeParams(scale=4.0)

@@ -103,7 +103,7 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         settings, _ = _settings(args.config)
         generator = settings.generator
-        symbol = args.symbol or generator.symbols[0]
+        symbol = generator.symbols[0] if args.symbol is None else args.symbol
         changes: dict[str, object] = {"source": "synthetic"}
         if symbol not in generator.symbols:
             changes["symbols"] = [*generator.symbols, symbol]

@@ -155,13 +155,21 @@ class AuthSettings(_Section):
         return tokens
 
 
+class _MarketSection(_Section):
+    """A [generator] table: every number must be finite. TOML has inf and nan, and `gt=0`
+    alone lets inf through (initial_price = inf, bar_seconds = inf, speed = inf...), which the
+    models and the pipeline would refuse only when the daemon starts."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
 def _check_params(factory: Any, settings: BaseModel) -> None:
     """Build the model's parameter dataclass, so its cross-field rules (stationarity, Feller...)
     are checked when the config is loaded and reported under the table's key."""
     factory(**settings.model_dump())
 
 
-class GbmSettings(_Section):
+class GbmSettings(_MarketSection):
     """Geometric Brownian motion, per bar."""
 
     mu: float = Field(0.0, description="Drift of the log price per bar.")
@@ -173,7 +181,7 @@ class GbmSettings(_Section):
         return self
 
 
-class GarchModelSettings(_Section):
+class GarchModelSettings(_MarketSection):
     """GARCH(1,1) with Student-t innovations, per bar."""
 
     omega: float = Field(1.62e-8, gt=0, description="Constant of the variance recursion.")
@@ -187,7 +195,7 @@ class GarchModelSettings(_Section):
         return self
 
 
-class GjrGarchSettings(_Section):
+class GjrGarchSettings(_MarketSection):
     """GJR-GARCH(1,1): GARCH plus a leverage term gamma·r²·[r < 0], per bar."""
 
     omega: float = Field(1.62e-8, gt=0)
@@ -202,7 +210,7 @@ class GjrGarchSettings(_Section):
         return self
 
 
-class HestonSettings(_Section):
+class HestonSettings(_MarketSection):
     """Heston stochastic volatility, per bar (variance units: per-bar variance)."""
 
     kappa: float = Field(0.02, gt=0, le=1, description="Mean reversion speed of the variance.")
@@ -218,14 +226,14 @@ class HestonSettings(_Section):
         return self
 
 
-class VolumeSettings(_Section):
+class VolumeSettings(_MarketSection):
     """Bar volume: lognormal around a level that rises with the bar's absolute return."""
 
     scale: float = Field(1.0, gt=0, description="Typical volume of one bar.")
     dispersion: float = Field(0.5, ge=0, description="Standard deviation of log volume.")
 
 
-class SymbolOverride(_Section):
+class SymbolOverride(_MarketSection):
     """`[generator.overrides."SYMBOL"]`: what differs for one symbol."""
 
     model: ModelKind | None = None
@@ -237,7 +245,7 @@ class SymbolOverride(_Section):
     volume: VolumeSettings | None = None
 
 
-class GarchFitSettings(_Section):
+class GarchFitSettings(_MarketSection):
     """[generator.garch_fit]: GARCH(1,1) maximum-likelihood fit behind `data.garch_forecast`."""
 
     enabled: bool = True
@@ -246,7 +254,7 @@ class GarchFitSettings(_Section):
     horizon: int = Field(10, ge=1, le=10_000, description="h of the h-step variance forecast.")
 
 
-class FileSourceSettings(_Section):
+class FileSourceSettings(_MarketSection):
     """[generator.file]: follow a JSON array or JSON Lines file written by another process."""
 
     path: Path | None = Field(None, description='The file; required when source = "file".')
@@ -256,7 +264,7 @@ class FileSourceSettings(_Section):
     poll_interval: float = Field(0.5, gt=0, le=60, description="Seconds between checks.")
 
 
-class ReplaySourceSettings(_Section):
+class ReplaySourceSettings(_MarketSection):
     """[generator.replay]: replay a CSV of OHLCV bars."""
 
     path: Path | None = Field(None, description='The CSV; required when source = "replay".')
@@ -264,7 +272,7 @@ class ReplaySourceSettings(_Section):
     loop: bool = Field(True, description="Start over at the end (timestamps keep increasing).")
 
 
-class GeneratorSettings(_Section):
+class GeneratorSettings(_MarketSection):
     """[generator]: where bars come from, and the analytics computed on them."""
 
     source: Literal["synthetic", "file", "replay"] = Field(

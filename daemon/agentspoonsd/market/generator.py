@@ -259,7 +259,10 @@ class Generator:
         if self._unsent is not None:
             await self._send.send(self._unsent)
             self._unsent = None
-        records_in, records_out = trio.open_memory_channel[Record](64)
+        # Unbuffered: a record the source has handed over (and counts as published, in its
+        # watermarks) is already in this task's hands, where _bar_of/_unsent keep it through a
+        # cancellation. A buffer would drop the records it holds when run() is cancelled.
+        records_in, records_out = trio.open_memory_channel[Record](0)
         async with trio.open_nursery() as nursery:
             if settings.source == "file":
                 source = partial(

@@ -1,0 +1,396 @@
+"""market/pipeline.py: from bars to the `data` of an update, for one symbol.
+
+References are written here from the formulas, independently of the code under test: the GARCH
+recursion as a plain loop, the rolling estimators as textbook window computations over bars built
+by hand (with gaps, so every term of every estimator matters), the annualisation as a product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from agentspoonsd.market.bar import Bar
+from agentspoonsd.market.block import BarBlock
+from agentspoonsd.market.estimators import ESTIMATOR_NAMES
+from agentspoonsd.market.garch_fit import GarchFit, fit_garch11, variance_forecast
+from agentspoonsd.market.pipeline import (
+    GarchTracker,
+    PipelineConfig,
+    SymbolPipeline,
+    fit_phase,
+)
+from agentspoonsd.protocol import iso_utc, update_data
+
+EPOCH = datetime(2024, 3, 1, tzinfo=UTC)
+FORECAST_KEYS = [
+    "status",
+    "message",
+    "horizon",
+    "omega",
+    "alpha",
+    "beta",
+    "persistence",
+    "variance_1",
+    "variance_h",
+    "volatility_1",
+    "volatility_h",
+    "fit_bars",
+    "bars_since_fit",
+]
+VALUE_KEYS = FORECAST_KEYS[3:]
+
+
+def garch_returns(n: int, seed: int, omega: float = 2e-8, alpha: float = 0.08, beta: float = 0.9):
+    """A plain-loop GARCH(1,1) series with normal innovations."""
+    rng = np.random.default_rng(seed)
+    variance = omega / (1 - alpha - beta)
+    out = np.empty(n)
+    for t in range(n):
+        out[t] = math.sqrt(variance) * rng.standard_normal()
+        variance = omega + alpha * out[t] ** 2 + beta * variance
+    return out
+
+
+def roll(fit_or_params: Any, v: float, r: float) -> float:
+    return fit_or_params.omega + fit_or_params.alpha * r * r + fit_or_params.beta * v
+
+
+def h_step(omega: float, alpha: float, beta: float, v1: float, h: int) -> float:
+    """sigma²_{t+h} from sigma²_{t+1} by iterating the expected recursion h - 1 times."""
+    v = v1
+    for _ in range(h - 1):
+        v = omega + (alpha + beta) * v
+    return v
+
+
+# --- GarchTracker ------------------------------------------------------------------------------
+
+
+def test_refits_come_on_the_phase_with_the_latest_window() -> None:
+    config = PipelineConfig(fit_window=200, refit_every=50, horizon=10)
+    tracker = GarchTracker(config, phase=7)
+    returns = garch_returns(400, seed=1)
+    assert tracker.observe(math.nan) is None  # the first bar has no return: not counted
+    due = []
+    for count, r in enumerate(returns, start=1):
+        window = tracker.observe(float(r))
+        if window is not None:
+            due.append(count)
+            assert np.array_equal(window, returns[:count][-200:])
+    # (count - phase) % refit_every == 0, once there are 100 returns to fit.
+    assert due == [107, 157, 207, 257, 307, 357]
+
+
+def test_forecast_follows_the_fit_and_rolls_forward_between_refits() -> None:
+    horizon = 10
+    tracker = GarchTracker(PipelineConfig(fit_window=300, refit_every=60, horizon=horizon), 0)
+    returns = garch_returns(700, seed=2)
+    fit: GarchFit | None = None
+    v1 = math.nan  # the reference one-step variance, by the plain recursion
+    since = 0
+    refits = []
+    for count, r in enumerate(returns.tolist(), start=1):
+        window = tracker.observe(r)
+        if fit is not None:
+            v1 = roll(fit, v1, r)
+            since += 1
+        if window is not None:
+            new = fit_garch11(window, previous=tracker.last_fit)
+            assert new.status == "ok"
+            tracker.install(new)
+            fit, v1, since = new, new.next_variance, 0
+            refits.append(count)
+            assert new.n_obs == min(count, 300)
+            forecast = tracker.forecast()
+            # Right after a fit: the forecasts are garch_fit's own.
+            expected = variance_forecast(fit, horizon)
+            assert forecast["variance_1"] == expected[0]
+            assert forecast["variance_h"] == pytest.approx(expected[-1], rel=1e-12)
+        forecast = tracker.forecast()
+        assert list(forecast) == FORECAST_KEYS
+        if fit is None:
+            assert forecast["status"] == "pending"
+            assert all(forecast[key] is None for key in VALUE_KEYS)
+            continue
+        assert forecast["status"] == "ok" and forecast["message"] is None
+        assert forecast["horizon"] == horizon
+        assert (forecast["omega"], forecast["alpha"], forecast["beta"]) == (
+            fit.omega,
+            fit.alpha,
+            fit.beta,
+        )
+        assert forecast["persistence"] == pytest.approx(fit.alpha + fit.beta, rel=1e-15)
+        assert forecast["variance_1"] == pytest.approx(v1, rel=1e-13)
+        vh = h_step(fit.omega, fit.alpha, fit.beta, v1, horizon)
+        assert forecast["variance_h"] == pytest.approx(vh, rel=1e-11)
+        assert forecast["volatility_1"] == pytest.approx(math.sqrt(v1), rel=1e-13)
+        assert forecast["volatility_h"] == pytest.approx(math.sqrt(vh), rel=1e-11)
+        assert forecast["fit_bars"] == fit.n_obs
+        assert forecast["bars_since_fit"] == since
+    assert refits == list(range(120, 700, 60))  # 60 returns are too few to fit
+
+
+def test_status_values_and_the_last_good_fit() -> None:
+    config = PipelineConfig(fit_window=100, refit_every=1, horizon=5)
+    tracker = GarchTracker(config, phase=0)
+    returns = garch_returns(150, seed=3).tolist()
+    for r in returns[:99]:
+        assert tracker.observe(r) is None
+    pending = tracker.forecast()
+    assert pending == dict.fromkeys(FORECAST_KEYS) | {"status": "pending", "horizon": 5}
+
+    # A failed fit before any good one: reported, and still no values.
+    tracker.observe(returns[99])
+    failed = fit_garch11(np.zeros(100))
+    assert failed.status == "failed"
+    tracker.install(failed)
+    forecast = tracker.forecast()
+    assert list(forecast) == FORECAST_KEYS
+    assert forecast["status"] == "failed" and forecast["message"] == failed.message != ""
+    assert all(forecast[key] is None for key in VALUE_KEYS)
+
+    # A good fit.
+    window = tracker.observe(returns[100])
+    assert window is not None
+    good = fit_garch11(window)
+    assert good.status == "ok"
+    tracker.install(good)
+    ok = tracker.forecast()
+    assert ok["status"] == "ok" and ok["message"] is None
+    assert ok["variance_1"] == good.next_variance and ok["bars_since_fit"] == 0
+    v1 = good.next_variance
+
+    # Nonstationary, then failed: reported with their message, while the values (rolled forward
+    # every bar) keep coming from the last good fit.
+    boundary = dataclasses.replace(
+        good, status="nonstationary", alpha=0.3, beta=0.7, omega=5e-9, message="on the boundary"
+    )
+    for step, (attempt, status) in enumerate(
+        [(boundary, "nonstationary"), (failed, "failed"), (boundary, "nonstationary")], start=1
+    ):
+        r = returns[100 + step]
+        assert tracker.observe(r) is not None
+        v1 = roll(good, v1, r)
+        tracker.install(attempt)
+        forecast = tracker.forecast()
+        assert list(forecast) == FORECAST_KEYS
+        assert forecast["status"] == status
+        assert forecast["message"] == attempt.message
+        assert (forecast["omega"], forecast["alpha"], forecast["beta"]) == (
+            good.omega,
+            good.alpha,
+            good.beta,
+        )
+        assert forecast["variance_1"] == pytest.approx(v1, rel=1e-13)
+        assert forecast["bars_since_fit"] == step
+        assert forecast["fit_bars"] == good.n_obs
+    assert tracker.last_fit is good
+
+    # The next good fit replaces it and clears the message.
+    window = tracker.observe(returns[104])
+    better = fit_garch11(window, previous=tracker.last_fit)
+    tracker.install(better)
+    forecast = tracker.forecast()
+    assert forecast["status"] == "ok" and forecast["message"] is None
+    assert forecast["alpha"] == better.alpha and forecast["bars_since_fit"] == 0
+
+
+def test_disabled_never_asks_for_a_fit() -> None:
+    tracker = GarchTracker(PipelineConfig(fit_enabled=False, fit_window=100, refit_every=1), 0)
+    for r in garch_returns(300, seed=4).tolist():
+        assert tracker.observe(r) is None
+    forecast = tracker.forecast()
+    assert list(forecast) == FORECAST_KEYS
+    assert forecast == dict.fromkeys(FORECAST_KEYS) | {"status": "disabled", "horizon": 10}
+
+
+def test_pipeline_config_is_validated() -> None:
+    for kwargs in ({"fit_window": 99}, {"refit_every": 0}, {"horizon": 0}, {"bars_per_year": 0}):
+        with pytest.raises(ValueError):
+            PipelineConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# --- fit phases ----------------------------------------------------------------------------------
+
+
+def test_fit_phase_is_the_crc_of_the_name_and_spreads_symbols() -> None:
+    names = [f"SYM{i}/USD" for i in range(1000)]
+    phases = [fit_phase(name, 100) for name in names]
+    assert phases == [zlib.crc32(name.encode()) % 100 for name in names]
+    counts = Counter(phases)
+    assert len(counts) == 100  # every phase is used...
+    assert max(counts.values()) <= 25  # ...about evenly (10 each on average)
+
+
+def test_symbols_with_different_phases_refit_on_different_bars() -> None:
+    config = PipelineConfig(window=5, fit_window=100, refit_every=10)
+    a, b = "BTC/USD", "ETH/USD"
+    assert fit_phase(a, 10) != fit_phase(b, 10)
+    block = hand_made_block(260, seed=5)
+    refits: dict[str, list[int]] = {}
+    for symbol in (a, b):
+        pipeline = SymbolPipeline(symbol, config)
+        pipeline.feed(block)
+        refits[symbol] = [i for i in range(260) if pipeline.advance() is not None]
+    for symbol in (a, b):
+        # Bar i carries return number i (bar 0 has none).
+        expected = [i for i in range(100, 260) if (i - fit_phase(symbol, 10)) % 10 == 0]
+        assert refits[symbol] == expected
+    assert not set(refits[a]) & set(refits[b])
+
+
+# --- SymbolPipeline ------------------------------------------------------------------------------
+
+
+def hand_made_block(n: int, seed: int, start: float = 100.0) -> BarBlock:
+    """Bars with gaps (open != previous close) and wicks, not from the models."""
+    rng = np.random.default_rng(seed)
+    gap = rng.normal(0, 0.0005, n)
+    body = rng.normal(0, 0.002, n)
+    up, down = np.abs(rng.normal(0, 0.001, n)), np.abs(rng.normal(0, 0.001, n))
+    open_, close = np.empty(n), np.empty(n)
+    previous = start
+    for i in range(n):
+        open_[i] = previous * math.exp(gap[i])
+        close[i] = open_[i] * math.exp(body[i])
+        previous = close[i]
+    high = np.maximum(open_, close) * np.exp(up)
+    low = np.minimum(open_, close) * np.exp(-down)
+    volume = rng.lognormal(0, 0.5, n)
+    return BarBlock(open_, high, low, close, volume)
+
+
+def textbook(bars: list[tuple[float, ...]], window: int, lam: float) -> list[dict[str, Any]]:
+    """The six estimators of every bar, from the formulas (None where undefined)."""
+    out: list[dict[str, Any]] = []
+    ewma_var = None
+    for t in range(len(bars)):
+        if t == 0:
+            out.append(dict.fromkeys(ESTIMATOR_NAMES) | {"window": 0})
+            continue
+        r_t = math.log(bars[t][3] / bars[t - 1][3])
+        ewma_var = r_t * r_t if ewma_var is None else lam * ewma_var + (1 - lam) * r_t * r_t
+        n = min(window, t)
+        row: dict[str, Any] = dict.fromkeys(ESTIMATOR_NAMES) | {"window": n}
+        row["ewma"] = math.sqrt(ewma_var)
+        if n >= 2:
+            r, o, c, hl, u, d = [], [], [], [], [], []
+            for i in range(t - n + 1, t + 1):
+                op, hi, lo, cl, _ = bars[i]
+                prev = bars[i - 1][3]
+                r.append(math.log(cl / prev))
+                o.append(math.log(op / prev))
+                c.append(math.log(cl / op))
+                hl.append(math.log(hi / lo))
+                u.append(math.log(hi / op))
+                d.append(math.log(lo / op))
+            rs = [ui * (ui - ci) + di * (di - ci) for ui, di, ci in zip(u, d, c, strict=True)]
+            gk = [
+                0.5 * x * x - (2 * math.log(2) - 1) * ci * ci for x, ci in zip(hl, c, strict=True)
+            ]
+            k = 0.34 / (1.34 + (n + 1) / (n - 1))
+            row["close_to_close"] = float(np.std(r, ddof=1))
+            row["parkinson"] = math.sqrt(sum(x * x for x in hl) / (4 * math.log(2) * n))
+            row["garman_klass"] = math.sqrt(sum(gk) / n)
+            row["rogers_satchell"] = math.sqrt(sum(rs) / n)
+            row["yang_zhang"] = math.sqrt(
+                np.var(o, ddof=1) + k * np.var(c, ddof=1) + (1 - k) * sum(rs) / n
+            )
+        out.append(row)
+    return out
+
+
+def floats_in(value: object) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in floats_in(v)]
+    return []
+
+
+def test_data_is_update_data_of_bar_for_every_bar_warm_up_included() -> None:
+    window, bars_per_year = 5, 1000.0
+    config = PipelineConfig(
+        window=window, bars_per_year=bars_per_year, fit_window=100, refit_every=20, horizon=3
+    )
+    pipeline = SymbolPipeline("ETH/USD", config)
+    block = hand_made_block(400, seed=6)
+    bars = list(zip(*(field.tolist() for field in block), strict=True))
+    expected = textbook(bars, window, 0.94)
+    sizes = [1, 1, 3, 50, 200, 7, 138]
+    assert sum(sizes) == 400
+    seq, fits, begin = 0, 0, 0
+    for size in sizes:
+        pipeline.feed(BarBlock(*(field[begin : begin + size] for field in block)))
+        begin += size
+        while pipeline.pending:
+            window_to_fit = pipeline.advance()
+            if window_to_fit is not None:
+                pipeline.install(fit_garch11(window_to_fit, previous=pipeline.last_fit))
+                fits += 1
+            seq += 1
+            moment = EPOCH + timedelta(seconds=seq, microseconds=seq * 7)
+            bar = pipeline.bar(moment)
+            assert isinstance(bar, Bar) and bar.timestamp == moment
+            data = pipeline.data(iso_utc(moment), seq)
+            reference = update_data(bar, seq)
+            assert data == reference
+            assert orjson.dumps(data) == orjson.dumps(reference)  # same order, same floats
+            assert not [f for f in floats_in(data) if math.isnan(f)]  # NaN is None, never NaN
+
+            i = seq - 1
+            o, h, lo, c, v = bars[i]
+            assert (data["open"], data["high"], data["low"], data["close"]) == (o, h, lo, c)
+            assert data["price"] == c and data["volume"] == v and data["symbol"] == "ETH/USD"
+            if i == 0:
+                assert data["returns"] is None
+            else:
+                assert data["returns"] == pytest.approx(math.log(c / bars[i - 1][3]), rel=1e-12)
+            estimators = data["estimators"]
+            assert list(estimators) == [*ESTIMATOR_NAMES, "window"]
+            assert estimators["window"] == expected[i]["window"]
+            for name in ESTIMATOR_NAMES:
+                want = expected[i][name]
+                if want is None:
+                    assert estimators[name] is None, (i, name)
+                    assert data["estimators_annualized"][name] is None
+                else:
+                    assert estimators[name] == pytest.approx(want, rel=1e-9), (i, name)
+                    assert data["estimators_annualized"][name] == pytest.approx(
+                        estimators[name] * math.sqrt(bars_per_year), rel=1e-15
+                    )
+            assert data["volatility"] == estimators["close_to_close"]
+            assert data["estimators_annualized"]["window"] == estimators["window"]
+            assert list(data["garch_forecast"]) == FORECAST_KEYS
+    assert seq == 400 and fits >= 14
+
+
+def test_feeding_while_bars_are_pending_raises() -> None:
+    pipeline = SymbolPipeline("BTC/USD", PipelineConfig())
+    with pytest.raises(RuntimeError):
+        pipeline.advance()  # nothing fed
+    block = hand_made_block(3, seed=7)
+    pipeline.feed(block)
+    with pytest.raises(RuntimeError):
+        pipeline.bar(EPOCH)  # fed but not advanced
+    pipeline.advance()
+    assert pipeline.pending == 2
+    with pytest.raises(RuntimeError, match="pending"):
+        pipeline.feed(hand_made_block(3, seed=8))
+    assert pipeline.pending == 2  # the refused block changed nothing
+    pipeline.advance()
+    pipeline.advance()
+    assert pipeline.bar(EPOCH).close == block.close[2]
+    with pytest.raises(RuntimeError):
+        pipeline.advance()
+    pipeline.feed(hand_made_block(2, seed=9))  # now it is accepted
+    assert pipeline.pending == 2
