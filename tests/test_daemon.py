@@ -237,3 +237,16 @@ async def test_sigint_also_closes_clients_with_1001(daemon_factory) -> None:
                 await ws.get_message()
         assert closed.value.reason.code == 1001
     assert await daemon.wait_exit(SHUTDOWN_TIMEOUT + 1) == 0
+
+
+def test_default_allowed_origins_are_the_dashboards_own() -> None:
+    from agentspoonsd.daemon import allowed_origins
+    from agentspoonsd.settings import Settings
+
+    default = allowed_origins(Settings(health={"port": 9000}))
+    assert default is not None
+    assert {"http://localhost:9000", "http://127.0.0.1:9000"} <= default
+    assert "http://evil.example:9000" not in default
+    assert allowed_origins(Settings(server={"allowed_origins": ["*"]})) is None
+    configured = allowed_origins(Settings(server={"allowed_origins": ["https://A.example/"]}))
+    assert configured == frozenset({"https://a.example"})

@@ -546,3 +546,83 @@ async def test_deflate_can_be_switched_off(running: Running) -> None:
         head += await stream.receive_some()
     assert head.startswith(b"HTTP/1.1 101") and b"permessage-deflate" not in head.lower()
     await stream.aclose()
+
+
+# --- admission: origins and limits (before the upgrade) ------------------------------------------
+
+
+async def upgrade_status(port: int, target: str, *headers: bytes) -> tuple[int, bytes]:
+    """Send one upgrade request by hand; the HTTP status and the whole head of the answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(
+        b"GET " + target.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        head += chunk
+    await stream.aclose()
+    return int(head.split(b" ", 2)[1]), head
+
+
+@pytest.mark.parametrize(
+    "running",
+    [{"allowed_origins": frozenset({"https://dash.example.com"})}],
+    indirect=True,
+)
+async def test_foreign_origins_get_403_before_the_upgrade(running: Running) -> None:
+    target = f"/?access_token={TOKEN}"
+    status, _ = await upgrade_status(running.port, target, b"Origin: https://evil.example.net")
+    assert status == 403
+    status, _ = await upgrade_status(running.port, target, b"Origin: https://Dash.example.com/")
+    assert status == 101
+    status, _ = await upgrade_status(running.port, target)  # no Origin: not a browser
+    assert status == 101
+    assert running.stats.rejected_upgrades["origin"] == 1
+
+
+@pytest.mark.parametrize("running", [{"max_connections_per_ip": 2}], indirect=True)
+async def test_per_address_limit_is_429_with_retry_after(running: Running) -> None:
+    async with open_websocket_url(running.url), open_websocket_url(running.url):
+        status, head = await upgrade_status(running.port, f"/?access_token={TOKEN}")
+        assert status == 429 and b"Retry-After:" in head
+    assert running.stats.rejected_upgrades["per_ip"] == 1
+    async with open_websocket_url(running.url) as ws:  # counts went back down
+        assert json.loads(await ws.get_message())["type"] == "connected"
+
+
+@pytest.mark.parametrize("running", [{"max_auth_failures_per_minute": 3}], indirect=True)
+async def test_repeated_auth_failures_from_an_address_get_429(running: Running) -> None:
+    for _ in range(3):
+        status, _ = await upgrade_status(running.port, "/?access_token=wrong")
+        assert status == 401
+    status, head = await upgrade_status(running.port, "/?access_token=wrong")
+    assert status == 429 and b"Retry-After:" in head
+    status, _ = await upgrade_status(running.port, f"/?access_token={TOKEN}")
+    assert status == 429  # even a good token, for a while: no guessing at full speed
+    assert running.stats.rejected_upgrades["auth_rate_limited"] == 2
+
+
+async def test_revoked_token_connections_close_with_4001(running: Running) -> None:
+    other = new_token()
+    running.server.auth = TokenStore(
+        [
+            TokenSettings(name="test", sha256=hash_token(TOKEN)),
+            TokenSettings(name="other", sha256=hash_token(other)),
+        ]
+    )
+    other_url = f"ws://127.0.0.1:{running.port}/?access_token={other}"
+    async with open_websocket_url(running.url) as revoked, open_websocket_url(other_url) as kept:
+        await revoked.get_message()
+        await kept.get_message()
+        assert running.server.close_token_connections({"test"}) == 1
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(3):
+            while True:
+                await revoked.get_message()
+        assert closed.value.reason.code == 4001
+        publish(running, 1)
+        assert (await until_update(kept))["data"]["symbol"] == "BTC/USD"

@@ -78,7 +78,23 @@ def limits_from(settings: Settings) -> Limits:
         max_client_messages_per_second=s.max_client_messages_per_second,
         max_client_errors=s.max_client_errors,
         permessage_deflate=s.permessage_deflate,
+        allowed_origins=allowed_origins(settings),
+        max_connections_per_ip=s.max_connections_per_ip,
+        max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
     )
+
+
+def allowed_origins(settings: Settings) -> frozenset[str] | None:
+    """The Origins a browser may connect from: the configured ones ("*": any, None returned), or
+    by default only the daemon's own dashboard (the HTTP port, by its usual local names)."""
+    configured = settings.server.allowed_origins
+    if configured is not None:
+        if "*" in configured:
+            return None
+        return frozenset(o.lower().rstrip("/") for o in configured)
+    port = settings.health.port
+    hosts = {settings.health.host, "localhost", "127.0.0.1", "[::1]"} - {"0.0.0.0", "::"}
+    return frozenset(f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https"))
 
 
 def open_history(settings: Settings) -> History:

@@ -106,6 +106,16 @@ class ServerSettings(_Section):
     max_client_errors: int = Field(
         10, ge=1, description="Errors within 10 s before the client is closed with 1008."
     )
+    allowed_origins: list[str] | None = Field(
+        None,
+        description=(
+            "Browser Origins that may connect (e.g. https://example.com); an upgrade with another"
+            ' Origin gets 403. Unset: only the daemon\'s own dashboard. ["*"]: any.'
+        ),
+    )
+    max_connections_per_ip: int | None = Field(
+        None, ge=1, description="Connections from one address; unset: no limit (429 past it)."
+    )
     permessage_deflate: bool = Field(
         True,
         description="Compress (RFC 7692) for clients that offer it; each update once for all.",
@@ -143,6 +153,9 @@ class AuthSettings(_Section):
     """[auth]: bearer tokens."""
 
     enabled: bool = Field(True, description="false serves anyone; it must be explicit.")
+    max_failures_per_minute: int = Field(
+        20, ge=1, description="Failed authentications from one address before 429 answers."
+    )
     tokens: list[TokenSettings] = Field(default_factory=list)
 
     @field_validator("tokens")

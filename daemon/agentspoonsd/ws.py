@@ -73,6 +73,9 @@ class Limits:
     max_client_messages_per_second: int = 20
     max_client_errors: int = 10  # within ERROR_WINDOW seconds, then close 1008
     permessage_deflate: bool = True  # accept RFC 7692 compression when a client offers it
+    allowed_origins: frozenset[str] | None = None  # None: any Origin (and requests without one)
+    max_connections_per_ip: int | None = None
+    max_auth_failures_per_minute: int = 20  # per IP; past it upgrades get 429 for a while
 
 
 # A server ping frame: unmasked, no payload, the same bytes for every client.
@@ -109,6 +112,7 @@ class Client:
         "finished",
         "grant",
         "handshake",
+        "ip",
         "last_seen",
         "outbox",
         "peer",
@@ -130,6 +134,7 @@ class Client:
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()  # kept: a closed socket's fileno() is -1
+        self.ip = peer.rpartition(":")[0].strip("[]")
         self._finish = finish  # the server's: forget this client and close its socket
         self._deadlines = deadlines  # the server's: when to abort a client that has not finished
         self.peer = peer
@@ -272,6 +277,9 @@ class WebSocketServer:
         self._poller: select.epoll | None = None
         self._nursery: trio.Nursery | None = None
         self._established = 0  # clients past the upgrade
+        self._per_ip: dict[str, int] = {}  # established clients by address
+        self._per_token: dict[str, int] = {}  # established clients by token name
+        self._auth_failures: dict[str, deque[float]] = {}  # by address, the last minute's
         self._accepting: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
@@ -319,6 +327,7 @@ class WebSocketServer:
         while True:
             await trio.sleep(REAP_INTERVAL)
             now = trio.current_time()
+            self._forget_old_auth_failures(now)
             for client in [c for c, deadline in self._deadlines.items() if deadline <= now]:
                 del self._deadlines[client]
                 # A lingering close already carries its reason; otherwise this was the handshake.
@@ -436,6 +445,9 @@ class WebSocketServer:
                 self._log.info("handshake_timeout", peer=client.peer)
             return
         self._established -= 1
+        _decrement(self._per_ip, client.ip)
+        if client.grant is not None:
+            _decrement(self._per_token, client.grant.name)
         self._stats.clients_connected -= 1
         self._stats.disconnects[reason] += 1
         self._log.info(
@@ -499,37 +511,15 @@ class WebSocketServer:
             self._answer(client, request)
 
     def _answer(self, client: Client, request: UpgradeRequest) -> None:
-        if self._established >= self.limits.max_connections:
-            self._stats.rejected_upgrades["capacity"] += 1
-            self._log.warning("upgrade_refused", peer=client.peer, reason="capacity")
-            self._reject(
-                client,
-                503,
-                "capacity",
-                "server is at max_connections",
-                headers=((b"Retry-After", b"5"),),
-            )
-            return
-        verdict = self.auth.authenticate(presented_token(request.target, request.headers))
-        if isinstance(verdict, AuthFailure):
-            self._stats.auth_failures[verdict.value] += 1
-            self._stats.rejected_upgrades[verdict.value] += 1
-            self._log.warning("auth_failed", peer=client.peer, reason=verdict.value)
-            challenge = b'Bearer realm="agentspoonsd"'
-            if verdict is AuthFailure.INVALID:
-                challenge += b', error="invalid_token"'
-            self._reject(
-                client,
-                401,
-                verdict.value,
-                "a valid bearer token is required",
-                headers=((b"WWW-Authenticate", challenge),),
-            )
+        verdict = self._admit_upgrade(client, request)
+        if verdict is None:
             return
         del self._deadlines[client]
         client.grant = verdict
         client.connected_at = client.last_seen = trio.current_time()
         self._established += 1
+        self._per_ip[client.ip] = self._per_ip.get(client.ip, 0) + 1
+        self._per_token[verdict.name] = self._per_token.get(verdict.name, 0) + 1
         self._stats.connections_accepted += 1
         self._stats.clients_connected += 1
         hub = self._hub
@@ -584,6 +574,100 @@ class WebSocketServer:
         hub.subscribe(client, initial)
         for symbol, seq in resume:
             hub.resume(client, symbol, seq)
+
+    def _admit_upgrade(self, client: Client, request: UpgradeRequest) -> Grant | None:
+        """The grant for this upgrade, or None after answering it with a refusal.
+
+        In order: the browser's Origin (403: cross-site WebSocket hijacking), total capacity
+        (503), the address's recent authentication failures (429), the token (401), then the
+        address's and the token's connection limits (429). Every refusal is an HTTP answer
+        before the upgrade, counted in `rejected_upgrades{reason}` and logged without secrets.
+        """
+        limits = self.limits
+        origin = _header(request.headers, b"origin")
+        if (
+            origin is not None
+            and limits.allowed_origins is not None
+            and origin.decode("latin-1").lower().rstrip("/") not in limits.allowed_origins
+        ):
+            self._refuse(client, 403, "origin", "this Origin may not connect")
+            return None
+        if self._established >= limits.max_connections:
+            self._refuse(client, 503, "capacity", "server is at max_connections", retry=5)
+            return None
+        now = trio.current_time()
+        failures = self._auth_failures.get(client.ip)
+        if failures is not None:
+            while failures and failures[0] <= now - 60.0:
+                failures.popleft()
+            if len(failures) >= limits.max_auth_failures_per_minute:
+                retry = max(1, int(failures[0] + 60.0 - now) + 1)
+                self._refuse(
+                    client, 429, "auth_rate_limited", "too many failed attempts", retry=retry
+                )
+                return None
+        verdict = self.auth.authenticate(presented_token(request.target, request.headers))
+        if isinstance(verdict, AuthFailure):
+            if failures is None:
+                failures = self._auth_failures[client.ip] = deque()
+            failures.append(now)
+            self._stats.auth_failures[verdict.value] += 1
+            self._stats.rejected_upgrades[verdict.value] += 1
+            self._log.warning("auth_failed", peer=client.peer, reason=verdict.value)
+            challenge = b'Bearer realm="agentspoonsd"'
+            if verdict is not AuthFailure.MISSING:
+                challenge += b', error="invalid_token"'
+            self._reject(
+                client,
+                401,
+                verdict.value,
+                "a valid bearer token is required",
+                headers=((b"WWW-Authenticate", challenge),),
+            )
+            return None
+        per_ip = limits.max_connections_per_ip
+        if per_ip is not None and self._per_ip.get(client.ip, 0) >= per_ip:
+            self._refuse(client, 429, "per_ip", "too many connections from this address", retry=5)
+            return None
+        per_token = getattr(verdict, "max_connections", None)
+        if per_token is not None and self._per_token.get(verdict.name, 0) >= per_token:
+            self._refuse(client, 429, "per_token", "too many connections for this token", retry=5)
+            return None
+        return verdict
+
+    def _refuse(
+        self,
+        client: Client,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        retry: int | None = None,
+    ) -> None:
+        self._stats.rejected_upgrades[reason] += 1
+        self._log.warning("upgrade_refused", peer=client.peer, reason=reason, status=status)
+        headers = ((b"Retry-After", str(retry).encode()),) if retry is not None else ()
+        self._reject(client, status, reason, message, headers=headers)
+
+    def close_token_connections(
+        self, names: set[str] | frozenset[str], code: int = 4001, reason: str = "token revoked"
+    ) -> int:
+        """Close every established connection whose token is in `names` (a revocation).
+
+        Each gets a close frame with `code` and a grace, like any server-initiated close; returns
+        how many were closed."""
+        closing = [
+            c
+            for c in self._clients.values()
+            if c.grant is not None and c.grant.name in names and not c.outbox.sealed
+        ]
+        for client in closing:
+            client.linger_close(code, reason, "token_revoked")
+        return len(closing)
+
+    def _forget_old_auth_failures(self, now: float) -> None:
+        for ip in [ip for ip, f in self._auth_failures.items() if not f or f[-1] <= now - 60.0]:
+            del self._auth_failures[ip]
 
     def _symbol_problem(self, grant: Grant, symbol: str) -> dict[str, Any] | None:
         """The error for a symbol this connection may not use, or None."""
@@ -788,6 +872,21 @@ class _MessageAssembler:
         text = "".join(self._parts)
         self._parts.clear()
         return text if isinstance(event, TextMessage) else None
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value.strip()
+    return None
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _recv_now(sock: socket.socket) -> bytes | None:
