@@ -1,3 +1,3 @@
 """agentspoonsd: a real-time market-volatility streaming daemon."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

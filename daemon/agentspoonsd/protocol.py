@@ -199,7 +199,7 @@ def parse_request(text: str, *, history_size: int) -> Request:
         symbol = message.get("symbol")
         if not isinstance(symbol, str) or not symbol:
             raise RequestError(ErrorCode.INVALID_MESSAGE, 'history needs a string "symbol"')
-        limit = message.get("limit", DEFAULT_HISTORY_LIMIT)
+        limit = message.get("limit", min(DEFAULT_HISTORY_LIMIT, history_size))
         if not _is_int(limit) or not 1 <= limit <= history_size:
             raise RequestError(
                 ErrorCode.INVALID_MESSAGE,
