@@ -40,6 +40,7 @@ format: $(VENV)/.installed-test
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(ARGS)
 	$(BIN)/python bench/market.py $(MARKET_ARGS)
+	$(BIN)/python bench/ship.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs
