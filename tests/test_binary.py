@@ -178,6 +178,11 @@ def test_every_subcommand_runs_frozen(frozen: Path, tmp_path: Path) -> None:
     assert frozen_out.stdout == source_out.stdout
     assert len(frozen_out.stdout.splitlines()) == 5
 
+    # The client tools are in the binary too: a probe of a closed port is "unavailable" (69).
+    probe = run("probe", "ws://127.0.0.1:9/", "--timeout", "5", "--token", "x")
+    assert probe.returncode == 69, probe.stderr
+    assert run("watch", "--help").returncode == 0
+
 
 # --- the daemon, frozen, end to end --------------------------------------------------------------
 

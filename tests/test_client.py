@@ -1,0 +1,451 @@
+"""agentspoonsd.client: the pure parts directly, the rest against the real daemon subprocess."""
+
+from __future__ import annotations
+
+import signal
+import statistics
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from agentspoonsd.client import (
+    AuthenticationError,
+    ClientClosed,
+    ConnectFailed,
+    ServerError,
+    Status,
+    StreamReset,
+    StreamTracker,
+    Update,
+    Verdict,
+    VolatilityClient,
+    backoff_delay,
+    open_client,
+)
+from daemon_process import DaemonProcess, config_text, new_token
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.4, "close_timeout": 2.0}
+
+# --- pure parts ---------------------------------------------------------------------------
+
+
+def test_backoff_delay_full_jitter_bounds() -> None:
+    for attempt in range(40):
+        ceiling = min(30.0, 0.5 * 2**attempt)
+        assert backoff_delay(attempt, 0.5, 30.0, rand=lambda: 0.0) == 0.0
+        top = backoff_delay(attempt, 0.5, 30.0, rand=lambda: 0.999999)
+        assert ceiling * 0.999 < top < ceiling
+        for _ in range(50):
+            assert 0.0 <= backoff_delay(attempt, 0.5, 30.0) < ceiling
+    assert backoff_delay(10**6, 0.5, 30.0, rand=lambda: 0.5) == 15.0  # no overflow, capped
+    # Full jitter: uniform, so the mean is half the ceiling.
+    samples = [backoff_delay(3, 0.5, 30.0) for _ in range(4000)]
+    assert statistics.fmean(samples) == pytest.approx(2.0, rel=0.08)
+    with pytest.raises(ValueError):
+        backoff_delay(-1)
+
+
+def test_tracker_urls_for_all_explicit_and_resume() -> None:
+    base = "ws://h:1/?access_token=a%2Bb"
+    everything = StreamTracker()
+    assert everything.target(base) == "ws://h:1/?access_token=a%2Bb"
+    assert not everything.needs_subscribe_all()
+    assert everything.accept("BTC/USD", 41) is Verdict.DELIVER
+    assert everything.target(base) == "ws://h:1/?access_token=a%2Bb&resume=BTC%2FUSD:41"
+    assert everything.needs_subscribe_all()  # resume alone would drop the other symbols
+
+    chosen = StreamTracker(["BTC/USD", "ETH/USD"])
+    assert chosen.target("ws://h:1") == "ws://h:1/?symbols=BTC%2FUSD,ETH%2FUSD"
+    chosen.accept("ETH/USD", 17)
+    assert chosen.target("ws://h:1/x?symbols=Z") == (
+        "ws://h:1/x?symbols=BTC%2FUSD&resume=ETH%2FUSD:17"
+    )
+    chosen.accept("BTC/USD", 5)
+    assert chosen.target("ws://h:1/") == "ws://h:1/?symbols=&resume=BTC%2FUSD:5,ETH%2FUSD:17"
+    assert not chosen.needs_subscribe_all()
+
+
+def test_tracker_duplicates_gaps_reset_and_unsubscribe() -> None:
+    tracker = StreamTracker()
+    assert [tracker.accept("A", s) for s in (10, 11, 11, 9, 13, 12)] == [
+        Verdict.DELIVER,
+        Verdict.DELIVER,
+        Verdict.DUPLICATE,
+        Verdict.DUPLICATE,
+        Verdict.GAP,  # 12 is missing: not delivered, not recorded
+        Verdict.DELIVER,
+    ]
+    assert tracker.last_seq == {"A": 12}
+    assert tracker.reset("A", 500) == 12
+    assert tracker.accept("A", 500) is Verdict.DELIVER
+    tracker.accept("B", 3)
+    tracker.subscription_changed(["B"])
+    assert not tracker.want_all and tracker.last_seq == {"B": 3}
+    assert tracker.target("ws://h/") == "ws://h/?symbols=&resume=B:3"
+
+
+def test_update_latency() -> None:
+    update = Update({"symbol": "A", "seq": 1}, "2026-01-01T00:00:00.000000Z", 1767225600.25)
+    assert update.latency == pytest.approx(0.25)
+    assert (update.symbol, update.seq) == ("A", 1)
+    assert Update({}, "None", 0.0).latency is None
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="URL"):
+        VolatilityClient("http://127.0.0.1:8765/")
+    with pytest.raises(ValueError):
+        VolatilityClient(backoff_initial=-1)
+
+
+# --- against the real daemon --------------------------------------------------------------
+
+Factory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+async def daemon_factory(tmp_path: Path) -> AsyncIterator[Factory]:
+    started: list[DaemonProcess] = []
+
+    def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
+        path.write_text(text)
+        process = DaemonProcess(path, env)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def assert_consecutive(updates: list[dict[str, Any]]) -> dict[str, list[int]]:
+    by_symbol: dict[str, list[int]] = {}
+    for data in updates:
+        by_symbol.setdefault(data["symbol"], []).append(data["seq"])
+    for symbol, seqs in by_symbol.items():
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (symbol, seqs)
+    return by_symbol
+
+
+async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> None:
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    async with open_client(f"ws://127.0.0.1:{port}/", token, **FAST) as client:
+        assert client.server_info is not None and client.server_info["token"] == "t"
+        seen = []
+        async for update in client:
+            seen.append(update)
+            if len(seen) == 8:
+                break
+        by_symbol = assert_consecutive(seen)
+        assert set(by_symbol) == {"BTC/USD", "ETH/USD"}
+        latest = client.get_latest_data("BTC/USD")
+        assert latest is not None and latest["seq"] >= by_symbol["BTC/USD"][-1]
+
+        history = await client.get_data_history(5, "BTC/USD")
+        assert len(history) == 5 and {d["symbol"] for d in history} == {"BTC/USD"}
+        assert_consecutive(history)
+        merged = await client.get_data_history(6)  # both symbols, newest 6 by bar time
+        assert len(merged) == 6 and {d["symbol"] for d in merged} == {"BTC/USD", "ETH/USD"}
+        assert [d["timestamp"] for d in merged] == sorted(d["timestamp"] for d in merged)
+
+        with pytest.raises(ServerError) as refused:
+            await client.get_data_history(5, "DOGE/USD")
+        assert refused.value.code == "unknown_symbol"
+        assert (await client.request({"type": "ping"}))["type"] == "pong"
+
+        # Unsubscribing is remembered: only ETH/USD from here on, still gap-free.
+        assert await client.unsubscribe(["BTC/USD"]) == ["ETH/USD"]
+        after: list[dict[str, Any]] = []
+        with trio.fail_after(5):
+            while len([d for d in after if d["symbol"] == "ETH/USD"]) < 4:
+                after.append(await client.__anext__())
+        # A reconnect would now resume ETH/USD alone (BTC/USD is forgotten, not resumed).
+        assert client.tracker.target("ws://h/").startswith("ws://h/?symbols=&resume=ETH%2FUSD:")
+        assert_consecutive([d for d in seen + after if d["symbol"] == "ETH/USD"])
+        assert client.duplicates == 0
+
+
+async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None:
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    statuses: list[Status] = []
+    client = VolatilityClient(
+        f"ws://127.0.0.1:{port}/", token, ["ETH/USD", "NOPE"], on_status=statuses.append, **FAST
+    )
+    got: list[dict[str, Any]] = []
+    enough = trio.Event()
+
+    async def on_update(data: dict[str, Any]) -> None:
+        got.append(data)
+        if len(got) >= 4:
+            enough.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await client.connect(nursery)
+            nursery.start_soon(client.listen, on_update)
+            await enough.wait()
+            assert len(await client.get_data_history(3)) == 3
+            await client.send({"type": "ping"})  # fire and forget: its pong is not mistaken
+            assert (await client.request({"type": "ping"}))["type"] == "pong"
+            await client.disconnect()  # listen() returns, so the nursery ends
+    assert {d["symbol"] for d in got} == {"ETH/USD"}
+    assert_consecutive(got)
+    assert client.get_latest_data()["symbol"] == "ETH/USD"  # type: ignore[index]
+    errors = [s for s in statuses if s.kind == "server_error"]
+    assert errors and errors[0].detail["code"] == "unknown_symbol"
+    await daemon.wait_for("client_disconnected", reason="close_1000")
+
+
+async def test_slow_consumer_backpressure_and_a_request_meanwhile(daemon_factory: Factory) -> None:
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    url = f"ws://127.0.0.1:{port}/"
+    async with open_client(url, token, buffer_size=2, **FAST) as client:
+        await trio.sleep(0.5)  # ~20 updates published
+        assert client.buffered == 2  # then the client stopped reading
+        with trio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
+            assert len(await client.get_data_history(3, "ETH/USD")) == 3
+        got = [await client.__anext__() for _ in range(30)]
+    assert_consecutive(got)  # nothing was lost by not reading
+
+
+async def test_cancelling_the_iteration_closes_cleanly(daemon_factory: Factory) -> None:
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    url = f"ws://127.0.0.1:{port}/"
+    count = 0
+    with trio.move_on_after(10) as outer:  # not reached: the inner scope cancels first
+        with trio.CancelScope() as scope:
+            async with open_client(url, token, **FAST) as client:
+                async for _update in client:
+                    count += 1
+                    if count == 3:
+                        scope.cancel()
+                        cancelled_at = trio.current_time()
+                        # the cancellation lands in the next step of the iteration
+    assert scope.cancelled_caught and not outer.cancelled_caught and count == 3
+    # The close handshake completed (well under close_timeout): a close frame each way.
+    assert trio.current_time() - cancelled_at < 1.0
+    event = await daemon.wait_for("client_disconnected")
+    assert event["reason"] == "close_1000"  # a close frame, not a dropped socket
+
+    # Callback style: cancelling the nursery without disconnect() also closes cleanly.
+    daemon.events.clear()
+    client = VolatilityClient(url, token, **FAST)
+    with trio.move_on_after(10) as outer:
+        async with trio.open_nursery() as nursery:
+            await client.connect(nursery)
+            nursery.start_soon(client.listen, lambda data: None)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+            cancelled_at = trio.current_time()
+    assert not outer.cancelled_caught and trio.current_time() - cancelled_at < 1.0
+    event = await daemon.wait_for("client_disconnected")
+    assert event["reason"] == "close_1000"
+    with pytest.raises(ClientClosed):
+        await client.receive()
+
+
+async def test_bad_token_revoked_token_and_refused(daemon_factory: Factory) -> None:
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    url = f"ws://127.0.0.1:{port}/"
+    with trio.fail_after(5), pytest.raises(AuthenticationError) as denied:
+        async with open_client(url, new_token(), **FAST):
+            pass
+    assert denied.value.status == 401
+
+    # Revoked while connected (4001): not retried, raised from the iteration.
+    with trio.fail_after(10), pytest.raises(AuthenticationError) as revoked:
+        async with open_client(url, token, **FAST) as client:
+            await client.__anext__()
+            daemon.config_path.write_text(config_text(tokens={"other": new_token()}))
+            daemon.signal(signal.SIGHUP)
+            async for _update in client:
+                pass
+    assert "revoked" in str(revoked.value) and "4001" in str(revoked.value)
+
+    with trio.fail_after(5), pytest.raises(ConnectFailed) as refused:
+        async with open_client("ws://127.0.0.1:1/", reconnect=False, **FAST):
+            pass
+    assert refused.value.refused
+
+
+async def collect(
+    client: VolatilityClient,
+    into: list[dict[str, Any]],
+    resets: list[StreamReset],
+    until: Callable[[], bool],
+) -> None:
+    """Iterate, recording updates and resets, until `until()` holds."""
+    while not until():
+        try:
+            into.append(await client.__anext__())
+        except StreamReset as reset:
+            resets.append(reset)
+
+
+async def restart(
+    daemon_factory: Factory, text: str, port: int, old: DaemonProcess
+) -> DaemonProcess:
+    old.signal(signal.SIGKILL)
+    assert await old.wait_exit() == -signal.SIGKILL
+    new = daemon_factory(text, env={"AGENTSPOONSD_SERVER__PORT": str(port)})
+    await new.ports()
+    return new
+
+
+@pytest.mark.parametrize("persist", [True, False])
+async def test_kill_and_restart(daemon_factory: Factory, tmp_path: Path, persist: bool) -> None:
+    """kill -9 the daemon mid-stream, start another on the same port: with a persisted history
+    the consumer's sequence continues with no gap and no duplicate (the missed updates are
+    replayed); without one, each symbol's stream is `reset` (and gap-free after it)."""
+    token = new_token()
+    history = f'\n[history]\npersist = {"true" if persist else "false"}\ndir = "{tmp_path}/h"\n'
+    text = config_text(tokens={"t": token}, interval=0.05, extra=history)
+    first = daemon_factory(text)
+    port, _ = await first.ports()
+    updates: list[dict[str, Any]] = []
+    resets: list[StreamReset] = []
+    statuses: list[Status] = []
+    with trio.fail_after(20):
+        async with open_client(
+            f"ws://127.0.0.1:{port}/", token, on_status=statuses.append, **FAST
+        ) as client:
+            await collect(client, updates, resets, lambda: len(updates) >= 10)
+            second = await restart(daemon_factory, text, port, first)
+            before = len(updates)
+            await trio.sleep(0.3)  # the new daemon publishes while the client reconnects
+            await collect(
+                client,
+                updates,
+                resets,
+                lambda: client.connections >= 2 and len(updates) >= before + 30,
+            )
+            await second.wait_for("client_connected")
+    assert any(s.kind == "disconnected" for s in statuses)
+    assert client.connections == 2
+    if persist:
+        assert resets == []
+        by_symbol = assert_consecutive(updates)  # across the restart: no gap, no duplicate
+        assert all(len(seqs) >= 10 for seqs in by_symbol.values())
+    else:
+        assert sorted(r.symbol for r in resets) == ["BTC/USD", "ETH/USD"]
+        for reset in resets:
+            mine = [d["seq"] for d in updates if d["symbol"] == reset.symbol]
+            assert reset.last_seq in mine
+            cut = mine.index(reset.last_seq) + 1
+            assert mine[cut] == reset.oldest_seq > reset.last_seq  # seq never repeats
+            assert_consecutive([{"symbol": "x", "seq": s} for s in mine[:cut]])
+            assert_consecutive([{"symbol": "x", "seq": s} for s in mine[cut:]])
+
+
+class Gate:
+    """A TCP relay between the client and the daemon that the test can cut and hold shut, so
+    the daemon publishes while the client is away: what it missed must be replayed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.is_open = True
+        self._links: list[trio.CancelScope] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listeners[0].accept()
+                nursery.start_soon(self._link, stream)
+
+    async def _link(self, client: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._links.append(scope)
+            try:
+                if not self.is_open:
+                    return  # closed at once: the client's handshake fails, it backs off
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                async with upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+            except OSError:
+                pass
+            finally:
+                await trio.aclose_forcefully(client)
+
+    @staticmethod
+    async def _pump(
+        source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    def cut(self) -> None:
+        """Drop every relayed connection (no close frame) and refuse new ones."""
+        self.is_open = False
+        for scope in self._links:
+            scope.cancel()
+
+    def reopen(self) -> None:
+        self.is_open = True
+
+
+async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Held away while the daemon publishes, the client gets what it missed on reconnect:
+    first from the running daemon's history, then, after kill -9 and a restart with
+    `[history] persist`, from the history the new daemon loaded."""
+    token = new_token()
+    history = f'\n[history]\npersist = true\ndir = "{tmp_path}/h"\n'
+    text = config_text(tokens={"t": token}, interval=0.05, extra=history)
+    daemon = daemon_factory(text)
+    port, _ = await daemon.ports()
+    got: list[Update] = []
+    statuses: list[Status] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            gate = Gate(port)
+            relay_port = await nursery.start(gate.serve)
+            url = f"ws://127.0.0.1:{relay_port}/"
+            async with open_client(url, token, on_status=statuses.append, **FAST) as client:
+                for restart_daemon in (False, True):
+                    while len(got) < 10 * (2 if restart_daemon else 1):
+                        got.append(await client.receive())
+                    gate.cut()
+                    if restart_daemon:
+                        daemon = await restart(daemon_factory, text, port, daemon)
+                    await trio.sleep(0.5)  # ~10 updates per symbol published meanwhile
+                    gate.reopen()
+                    connections = client.connections
+                    while client.connections == connections:  # until the client is back
+                        got.append(await client.receive())
+                    assert client.server_info is not None
+                    back_at = client.server_info["timestamp"]  # the new `connected`
+                    # Its first updates are replayed ones: published while it was away.
+                    got.append(await client.receive())
+                    assert got[-1].published < back_at
+                    while len(got) < 10 * (4 if restart_daemon else 3):
+                        got.append(await client.receive())
+            nursery.cancel_scope.cancel()
+    assert client.connections == 3
+    # A connection closed during the handshake is retried at once (with backoff), not after
+    # the connect timeout.
+    assert any("closed during the handshake" in s.message for s in statuses)
+    by_symbol = assert_consecutive([u.data for u in got])  # no gap, no duplicate, all along
+    assert all(len(seqs) >= 10 for seqs in by_symbol.values())
