@@ -14,6 +14,12 @@
  * Progress goes to stderr as JSON lines (all_connected, window_start, window_end) so a driver can
  * sample the server exactly over the measurement window; the result is one JSON object on stdout.
  *
+ * Churn (--churn-rate R, for the soak): from all_connected to window_end, R connections per
+ * second are closed (a masked close frame, then close()) and reopened at once, round-robin over
+ * the last --churn-pool connections; the others are never churned and keep their whole stream.
+ * A reopened connection is a new joiner (its seq tracking restarts); its upgrade time goes into
+ * churn_connect_ms, its failures into churn_failed, never into the connect-phase figures.
+ *
  * Build: gcc -O2 -Wall -Wextra -o loadclient loadclient.c
  */
 #define _GNU_SOURCE
@@ -65,6 +71,8 @@ struct options {
     double connect_timeout;  /* seconds for the whole connect phase */
     double nonreading_fraction;
     bool deflate;            /* offer permessage-deflate (RFC 7692) and inflate what comes */
+    double churn_rate;       /* connections closed and reopened per second; 0 = none */
+    int churn_pool;          /* how many connections (the last ones) churn; default: all */
 };
 
 enum state { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_PARKED, ST_SURVEY, ST_DONE };
@@ -74,6 +82,7 @@ struct conn {
     uint8_t state;
     bool nonreading;
     bool cut;                /* the server closed it (close frame or EOF) */
+    bool rejoin;             /* reopened by churn: counted apart from the connect phase */
     uint16_t req_sent;
     uint32_t pending_len, pending_cap;
     unsigned char *pending;  /* an incomplete frame (or HTTP response) carried to the next recv */
@@ -98,6 +107,7 @@ struct stats {
     uint64_t nonreaders_drained_bytes;   /* what the survey read: queued for the non-readers */
     uint64_t close_codes[16];   /* 1000..1015 */
     uint64_t close_other;
+    uint64_t churned, churn_upgraded, churn_failed, churn_skipped;
     char first_error[128];
 };
 
@@ -105,6 +115,11 @@ static struct options opt;
 static struct conn *conns;
 static struct histogram hist;          /* delivery latency, measurement window only */
 static struct histogram connect_hist;  /* connect() to 101, per connection */
+static struct histogram churn_hist;    /* the same for connections reopened by churn */
+static bool churning;                  /* churn runs between all_connected and window_end */
+static double churn_t0;
+static double run_t0;                  /* the start, for progress lines */
+static uint64_t churn_cursor;
 static struct stats st;
 static int epfd;
 static struct sockaddr_storage addr;
@@ -382,6 +397,15 @@ static void count_close_code(unsigned code)
         st.close_other++;
 }
 
+/* A failed connection attempt: a churn reopen is counted apart from the connect phase. */
+static void count_failure(struct conn *c, int *counter)
+{
+    if (c->rejoin)
+        st.churn_failed++;
+    else
+        ++*counter;
+}
+
 static void finish(struct conn *c, uint8_t state)
 {
     if (c->fd >= 0) {
@@ -557,19 +581,20 @@ static void keep_pending(struct conn *c, const unsigned char *data, size_t n)
 
 static void start_connect(struct conn *c)
 {
-    st.started++;
+    if (!c->rejoin)
+        st.started++;
     c->started = mono_now();
     int fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         note_error("socket", errno);
-        st.connect_failed++;
+        count_failure(c, &st.connect_failed);
         c->state = ST_DONE;
         return;
     }
     c->fd = fd;
     if (connect(fd, (struct sockaddr *)&addr, addrlen) < 0 && errno != EINPROGRESS) {
         note_error("connect", errno);
-        st.connect_failed++;
+        count_failure(c, &st.connect_failed);
         finish(c, ST_DONE);
         return;
     }
@@ -585,7 +610,7 @@ static void send_request(struct conn *c)
         if (errno == EAGAIN)
             return;
         note_error("send upgrade", errno);
-        st.connect_failed++;
+        count_failure(c, &st.connect_failed);
         finish(c, ST_DONE);
         return;
     }
@@ -605,7 +630,7 @@ static void on_writable(struct conn *c)
         getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
         if (err) {
             note_error("connect", err);
-            st.connect_failed++;
+            count_failure(c, &st.connect_failed);
             finish(c, ST_DONE);
             return;
         }
@@ -620,27 +645,32 @@ static ssize_t on_http_response(struct conn *c, const unsigned char *buf, size_t
     const unsigned char *end = memmem(buf, len, "\r\n\r\n", 4);
     if (!end) {
         if (len > MAX_HTTP_RESPONSE) {
-            st.http_refused++;
+            count_failure(c, &st.http_refused);
             finish(c, ST_DONE);
         }
         return -1;
     }
     size_t head = (size_t)(end - buf) + 4;
     if (len < 12 || memcmp(buf, "HTTP/1.1 101", 12) != 0) {
-        st.http_refused++;
+        count_failure(c, &st.http_refused);
         if (!st.first_error[0])
             snprintf(st.first_error, sizeof st.first_error, "upgrade refused: %.12s", buf);
         finish(c, ST_DONE);
         return -1;
     }
     if (!memmem(buf, head, WS_ACCEPT, sizeof WS_ACCEPT - 1)) {
-        st.bad_accept++;
+        count_failure(c, &st.bad_accept);
         finish(c, ST_DONE);
         return -1;
     }
-    st.upgraded++;
-    *last_upgrade = mono_now();
-    hist_add(&connect_hist, (uint64_t)((*last_upgrade - c->started) * 1e6));
+    if (c->rejoin) {
+        st.churn_upgraded++;
+        hist_add(&churn_hist, (uint64_t)((mono_now() - c->started) * 1e6));
+    } else {
+        st.upgraded++;
+        *last_upgrade = mono_now();
+        hist_add(&connect_hist, (uint64_t)((*last_upgrade - c->started) * 1e6));
+    }
     if (c->nonreading) {
         /* Never read again: the kernel's socket buffers fill (on loopback, 3-4 MB once the
          * server's send buffer has autotuned), and only then the server's own backlog.
@@ -666,7 +696,7 @@ static void on_readable(struct conn *c, double *last_upgrade)
         bool handshaking = c->state == ST_HANDSHAKE;
         if (handshaking) {
             note_error("upgrade response", n < 0 ? errno : ECONNRESET);
-            st.connect_failed++;
+            count_failure(c, &st.connect_failed);
         } else if (!c->cut) {
             if (!c->nonreading)
                 ++*(n == 0 ? &st.closed_eof : &st.closed_error);
@@ -786,11 +816,59 @@ static void connect_phase(double t0, double *last_upgrade)
                  opt.connect_timeout);
 }
 
+/* Close one connection of the churn pool and open it again; the next one in turn if it is still
+ * connecting (its previous reopen has not finished) or is a non-reader. */
+static void churn_one(void)
+{
+    int pool = opt.churn_pool, first = opt.clients - pool;
+    static const unsigned char normal[2] = {0x03, 0xe8};   /* 1000 */
+    for (int tries = 0; tries < pool; tries++) {
+        struct conn *c = &conns[first + (int)(churn_cursor++ % (uint64_t)pool)];
+        if (c->nonreading || c->state == ST_CONNECTING || c->state == ST_HANDSHAKE)
+            continue;
+        if (c->state == ST_OPEN)
+            send_control(c, 0x8, normal, 2);
+        finish(c, ST_IDLE);
+        c->rejoin = true;
+        c->cut = false;
+        c->req_sent = 0;
+        c->skip = 0;
+        memset(c->last_seq, 0xff, sizeof c->last_seq);   /* a new joiner */
+        st.churned++;
+        start_connect(c);
+        return;
+    }
+    st.churn_skipped++;
+}
+
+static void churn_due(void)
+{
+    static double last_report;
+    if (!churning || opt.churn_rate <= 0)
+        return;
+    double now = mono_now();
+    uint64_t due = (uint64_t)((now - churn_t0) * opt.churn_rate);
+    while (st.churned + st.churn_skipped < due)
+        churn_one();
+    if (now - last_report >= 10.0) {
+        last_report = now;
+        fprintf(stderr,
+                "{\"event\":\"churn\",\"t\":%.3f,\"churned\":%llu,\"rejoined\":%llu,"
+                "\"failed\":%llu}\n",
+                now - run_t0, (unsigned long long)st.churned, (unsigned long long)st.churn_upgraded,
+                (unsigned long long)st.churn_failed);
+        fflush(stderr);
+    }
+}
+
 static void run_until(double until, double *last_upgrade)
 {
     for (double now = mono_now(); now < until; now = mono_now()) {
         int ms = (int)((until - now) * 1000) + 1;
-        pump(ms > 50 ? 50 : ms, last_upgrade);
+        /* Churn is due every 1/rate s: wake often enough to keep the pace even. */
+        int cap = churning && opt.churn_rate > 0 ? 5 : 50;
+        pump(ms > cap ? cap : ms, last_upgrade);
+        churn_due();
     }
 }
 
@@ -856,6 +934,19 @@ static void print_report(double connect_s, double window_s, const double cpu_win
            (unsigned long long)st.lost_window, (unsigned long long)st.lost_total,
            (unsigned long long)st.out_of_order, (unsigned long long)st.negative_latency);
     printf("\"inflated\":%llu,", (unsigned long long)st.inflated);
+    if (opt.churn_rate > 0) {
+        int pending = 0;
+        for (int i = opt.clients - opt.churn_pool; i < opt.clients; i++)
+            pending += conns[i].state == ST_CONNECTING || conns[i].state == ST_HANDSHAKE;
+        printf("\"churn_rate\":%.1f,\"churn_pool\":%d,\"churned\":%llu,\"churn_upgraded\":%llu,"
+               "\"churn_failed\":%llu,\"churn_skipped\":%llu,\"churn_pending\":%d,",
+               opt.churn_rate, opt.churn_pool, (unsigned long long)st.churned,
+               (unsigned long long)st.churn_upgraded, (unsigned long long)st.churn_failed,
+               (unsigned long long)st.churn_skipped, pending);
+        printf("\"churn_connect_ms\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},",
+               hist_percentile_ms(&churn_hist, 0.50), hist_percentile_ms(&churn_hist, 0.90),
+               hist_percentile_ms(&churn_hist, 0.99), (double)churn_hist.max_us / 1000.0);
+    }
     printf("\"other_messages\":%llu,\"unparsed\":%llu,\"oversized\":%llu,\"pings\":%llu,",
            (unsigned long long)st.other_messages, (unsigned long long)st.unparsed,
            (unsigned long long)st.oversized, (unsigned long long)st.pings);
@@ -886,7 +977,7 @@ static void usage(void)
 {
     fputs("usage: loadclient --port P [--host H] [--clients N] [--token T] [--path /]\n"
           "       [--duration S] [--warmup S] [--connect-rate R] [--connect-timeout S]\n"
-          "       [--nonreading-fraction F] [--deflate]\n",
+          "       [--nonreading-fraction F] [--deflate] [--churn-rate R] [--churn-pool N]\n",
           stderr);
     exit(2);
 }
@@ -901,10 +992,13 @@ static void parse_options(int argc, char **argv)
         {"connect-timeout", required_argument, 0, 'T'},
         {"nonreading-fraction", required_argument, 0, 'f'},
         {"deflate", no_argument, 0, 'z'},
+        {"churn-rate", required_argument, 0, 'c'},
+        {"churn-pool", required_argument, 0, 'C'},
         {0, 0, 0, 0},
     };
     opt = (struct options){.host = "127.0.0.1", .port = NULL, .token = "", .path = "/",
-                           .clients = 1000, .duration = 20, .warmup = 5, .connect_timeout = 60};
+                           .clients = 1000, .duration = 20, .warmup = 5, .connect_timeout = 60,
+                           .churn_pool = -1};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (ch) {
@@ -919,11 +1013,16 @@ static void parse_options(int argc, char **argv)
         case 'r': opt.connect_rate = atof(optarg); break;
         case 'T': opt.connect_timeout = atof(optarg); break;
         case 'f': opt.nonreading_fraction = atof(optarg); break;
+        case 'c': opt.churn_rate = atof(optarg); break;
+        case 'C': opt.churn_pool = atoi(optarg); break;
         default: usage();
         }
     }
+    if (opt.churn_pool < 0 || opt.churn_pool > opt.clients)
+        opt.churn_pool = opt.clients;
     if (!opt.port || opt.clients < 1 || opt.duration <= 0 || opt.warmup < 0 ||
-        opt.nonreading_fraction < 0 || opt.nonreading_fraction >= 1)
+        opt.nonreading_fraction < 0 || opt.nonreading_fraction >= 1 || opt.churn_rate < 0 ||
+        (opt.churn_rate > 0 && opt.churn_pool < 1))
         usage();
 }
 
@@ -948,10 +1047,13 @@ int main(int argc, char **argv)
     }
 
     double t0 = mono_now(), last_upgrade = t0;
+    run_t0 = t0;
     connect_phase(t0, &last_upgrade);
     double connect_s = st.upgraded ? last_upgrade - t0 : 0;
     progress("all_connected", t0);
 
+    churning = true;
+    churn_t0 = mono_now();
     run_until(mono_now() + opt.warmup, &last_upgrade);
     double cpu0[2], cpu1[2];
     cpu_seconds(cpu0);
@@ -960,6 +1062,7 @@ int main(int argc, char **argv)
     progress("window_start", t0);
     run_until(w0 + opt.duration, &last_upgrade);
     in_window = false;
+    churning = false;
     double window_s = mono_now() - w0;
     cpu_seconds(cpu1);
     double cpu_window[2] = {cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]};

@@ -330,3 +330,290 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert info.value.code == 2
     capsys.readouterr()
+
+
+# --- token new --file | list | revoke, as subprocesses --------------------------------------------
+# Independent scenarios run side by side (one thread each); the steps of one run in order.
+
+DIGEST_CFG = hashlib.sha256(b"in-the-config").hexdigest()
+DIGEST_OLD = hashlib.sha256(b"expired-one").hexdigest()
+
+
+def cli_run(args: list[str], cwd: Path) -> Result:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentspoonsd", *args],
+        cwd=cwd,
+        env=clean_environ(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@dataclass
+class TokenRuns:
+    dir: Path
+    results: dict[str, Result]
+    snapshots: dict[str, bytes]  # the tokens file after the named step
+    modes: dict[str, int]
+
+    def __getitem__(self, name: str) -> Result:
+        return self.results[name]
+
+
+@pytest.fixture(scope="module")
+def token_runs(tmp_path_factory: pytest.TempPathFactory) -> TokenRuns:
+    import threading
+
+    tmp = tmp_path_factory.mktemp("tokens")
+    results: dict[str, Result] = {}
+    snapshots: dict[str, bytes] = {}
+    modes: dict[str, int] = {}
+
+    # A: a tokens file and no config at all.
+    file_dir = tmp / "file"
+    file_dir.mkdir()
+    tokens = file_dir / "tokens.toml"
+    steps_a = [
+        (
+            "new_first",
+            [
+                *("token", "new", "first", "--file", str(tokens), "--symbols", "ETH/USD"),
+                *("--expires", "2099-01-01T00:00:00+01:00", "--max-connections", "3"),
+            ],
+        ),
+        ("new_second", ["token", "new", "second", "--file", str(tokens)]),
+        ("new_duplicate", ["token", "new", "first", "--file", str(tokens)]),
+        ("revoke_first", ["token", "revoke", "first", "--file", str(tokens)]),
+    ]
+
+    # B: a config with its own token and a tokens file (one entry, expired).
+    conf_dir = tmp / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "tokens.toml").write_text(
+        f'[[tokens]]\nname = "old"\nsha256 = "{DIGEST_OLD}"\nexpires = 2020-01-01T00:00:00Z\n'
+    )
+    (conf_dir / "tokens.toml").chmod(0o600)
+    config = conf_dir / "c.toml"
+    config.write_text(
+        '[auth]\ntokens_file = "tokens.toml"\n'
+        f'[[auth.tokens]]\nname = "cfg"\nsha256 = "{DIGEST_CFG}"\n'
+        'symbols = ["BTC/USD", "ETH/USD"]\n'
+    )
+    c = ["--config", str(config)]
+    steps_b = [
+        ("list", ["token", "list", *c]),
+        ("revoke_config_token", ["token", "revoke", "cfg", *c]),
+    ]
+
+    # C: a config naming a tokens file that does not exist yet.
+    new_dir = tmp / "new"
+    new_dir.mkdir()
+    (new_dir / "c.toml").write_text('[auth]\ntokens_file = "created.toml"\n')
+    steps_c = [("new_creates_configured", ["token", "new", "x", "--config", "c.toml"])]
+
+    def sequence(steps: list[tuple[str, list[str]]], cwd: Path, watch: Path | None) -> None:
+        for name, args in steps:
+            results[name] = cli_run(args, cwd)
+            if watch is not None and watch.exists():
+                snapshots[name] = watch.read_bytes()
+                modes[name] = watch.stat().st_mode & 0o7777
+
+    threads = [
+        threading.Thread(target=sequence, args=(steps_a, file_dir, tokens)),
+        threading.Thread(target=sequence, args=(steps_b, conf_dir, conf_dir / "tokens.toml")),
+        threading.Thread(target=sequence, args=(steps_c, new_dir, new_dir / "created.toml")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return TokenRuns(tmp, results, snapshots, modes)
+
+
+def printed(result: Result) -> str:
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("token: ")]
+    return line.removeprefix("token: ")
+
+
+def test_token_new_file_creates_it_0600_with_the_entry(token_runs: TokenRuns) -> None:
+    r = token_runs["new_first"]
+    token = printed(r)
+    assert r.stdout.count(token) == 1 and "created, mode 0600" in r.stdout
+    assert token_runs.modes["new_first"] == 0o600
+    text = token_runs.snapshots["new_first"].decode()
+    assert text.startswith("# agentspoonsd tokens")
+    assert tomllib.loads(text) == {
+        "tokens": [
+            {
+                "name": "first",
+                "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                "symbols": ["ETH/USD"],
+                "expires": tomllib.loads("x = 2099-01-01T00:00:00+01:00")["x"],
+                "max_connections": 3,
+            }
+        ]
+    }
+    assert token not in text
+
+
+def test_token_new_file_appends_without_rewriting(token_runs: TokenRuns) -> None:
+    token = printed(token_runs["new_second"])
+    before, after = token_runs.snapshots["new_first"], token_runs.snapshots["new_second"]
+    assert after.startswith(before) and len(after) > len(before)
+    names = [t["name"] for t in tomllib.loads(after.decode())["tokens"]]
+    assert names == ["first", "second"]
+    assert hashlib.sha256(token.encode()).hexdigest().encode() in after
+    assert token_runs.modes["new_second"] == 0o600
+
+
+def test_token_new_refuses_a_duplicate_name(token_runs: TokenRuns) -> None:
+    r = token_runs["new_duplicate"]
+    assert r.returncode == EX_CONFIG
+    assert 'a token named "first" already exists' in r.stderr
+    assert "token:" not in r.stdout  # no token made
+    assert token_runs.snapshots["new_duplicate"] == token_runs.snapshots["new_second"]
+
+
+def test_token_revoke_removes_the_entry_atomically(token_runs: TokenRuns) -> None:
+    r = token_runs["revoke_first"]
+    assert r.returncode == 0, r.stderr
+    assert "systemctl reload agentspoonsd" in r.stdout and "kill -HUP" in r.stdout
+    assert "4001" in r.stdout
+    text = token_runs.snapshots["revoke_first"].decode()
+    assert [t["name"] for t in tomllib.loads(text)["tokens"]] == ["second"]
+    assert text.startswith("# agentspoonsd tokens")  # the header comment stays
+    assert token_runs.modes["revoke_first"] == 0o600
+    assert sorted(p.name for p in (token_runs.dir / "file").iterdir()) == ["tokens.toml"]
+
+
+def test_token_list_shows_both_sources_and_never_a_whole_digest(token_runs: TokenRuns) -> None:
+    r = token_runs["list"]
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert rows == [
+        ["NAME", "STATUS", "SYMBOLS", "EXPIRES", "MAX_CONNECTIONS", "SHA256", "SOURCE"],
+        ["cfg", "active", "BTC/USD,ETH/USD", "never", "unlimited", DIGEST_CFG[:8], "config"],
+        ["old", "expired", "*", "2020-01-01T00:00:00Z", "unlimited", DIGEST_OLD[:8], "tokens_file"],
+    ]
+    for digest in (DIGEST_CFG, DIGEST_OLD):
+        assert digest[:9] not in r.stdout + r.stderr
+    assert "tokens.toml" in r.stderr  # where they came from
+
+
+def test_token_revoke_of_a_config_token_is_refused(token_runs: TokenRuns) -> None:
+    r = token_runs["revoke_config_token"]
+    assert r.returncode == EX_CONFIG
+    assert "c.toml" in r.stderr and "[[auth.tokens]]" in r.stderr
+    assert "remove its block from the config" in r.stderr
+    assert token_runs.snapshots["revoke_config_token"] == token_runs.snapshots["list"]
+
+
+def test_token_new_creates_the_configured_tokens_file(token_runs: TokenRuns) -> None:
+    r = token_runs["new_creates_configured"]
+    printed(r)
+    created = token_runs.dir / "new" / "created.toml"
+    assert str(created) in r.stdout  # relative to the config's directory, shown absolute
+    assert [t["name"] for t in tomllib.loads(created.read_text())["tokens"]] == ["x"]
+    assert token_runs.modes["new_creates_configured"] == 0o600
+    for result in token_runs.results.values():
+        assert "Traceback" not in result.stderr
+
+
+# --- token refusals, in process: nothing is made, nothing is changed ------------------------------
+
+
+def token_main(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
+    status = main(["token", *args])
+    captured = capsys.readouterr()
+    return Result(status, captured.out, captured.err)
+
+
+def test_token_new_refuses_bad_expiry_and_limits(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_agentspoonsd_env: Path,
+) -> None:
+    from agentspoonsd import settings
+
+    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
+    for args, message in [
+        (["--expires", "2099-01-01T00:00:00"], "--expires: needs a timezone"),
+        (["--expires", "2099-01-01"], "--expires: must be an RFC 3339 date-time"),
+        (["--expires", "2001-01-01T00:00:00Z"], "already past"),
+        (["--max-connections", "0"], "--max-connections: Input should be greater than"),
+    ]:
+        r = token_main(capsys, "new", "x", *args)
+        assert r.returncode == EX_CONFIG and message in r.stderr, (args, r.stderr)
+        assert "token:" not in r.stdout
+
+
+def test_token_new_without_a_file_prints_expiry_and_limit_in_the_block(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_agentspoonsd_env: Path,
+) -> None:
+    from agentspoonsd import settings
+
+    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    r = token_main(
+        capsys, "new", "x", "--expires", "2099-01-01T00:00:00+02:00", "--max-connections", "4"
+    )
+    assert r.returncode == 0, r.stderr
+    entry = tomllib.loads(r.stdout[r.stdout.index("[[auth.tokens]]") :])["auth"]["tokens"][0]
+    assert entry["max_connections"] == 4
+    assert TokenSettings(**entry).expires.isoformat() == "2099-01-01T00:00:00+02:00"  # type: ignore[union-attr]
+    assert list(no_agentspoonsd_env.iterdir()) == []  # no file written
+
+
+def test_token_refusals_with_a_config(
+    capsys: pytest.CaptureFixture[str], no_agentspoonsd_env: Path
+) -> None:
+    tmp = no_agentspoonsd_env
+    plain = tmp / "plain.toml"
+    plain.write_text(GOOD)  # a [[auth.tokens]] "dashboard", no tokens file
+    r = token_main(capsys, "revoke", "x", "--config", str(plain))
+    assert r.returncode == EX_CONFIG and "auth.tokens_file is not set" in r.stderr
+    r = token_main(capsys, "new", "dashboard", "--config", str(plain))
+    assert r.returncode == EX_CONFIG and '"dashboard" is already in' in r.stderr
+    assert "token:" not in r.stdout
+
+    missing = tmp / "missing.toml"
+    missing.write_text('[auth]\ntokens_file = "nowhere.toml"\n')
+    r = token_main(capsys, "list", "--config", str(missing))
+    assert r.returncode == EX_CONFIG
+    assert "auth.tokens_file: " in r.stderr and "nowhere.toml: file not found" in r.stderr
+    r = token_main(capsys, "revoke", "x", "--config", str(missing))
+    assert r.returncode == EX_CONFIG and "file not found" in r.stderr
+
+    tokens = tmp / "t.toml"
+    assert token_main(capsys, "new", "a", "--file", str(tokens)).returncode == 0
+    before = tokens.read_bytes()
+    r = token_main(capsys, "revoke", "b", "--file", str(tokens))
+    assert r.returncode == EX_CONFIG and 'no token named "b"' in r.stderr
+    assert tokens.read_bytes() == before
+
+
+def test_token_list_without_tokens(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_agentspoonsd_env: Path,
+) -> None:
+    from agentspoonsd import settings
+
+    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    r = token_main(capsys, "list")
+    assert r.returncode == 0
+    assert r.stdout.split() == [
+        "NAME",
+        "STATUS",
+        "SYMBOLS",
+        "EXPIRES",
+        "MAX_CONNECTIONS",
+        "SHA256",
+        "SOURCE",
+    ]
+    assert "ephemeral" in r.stderr

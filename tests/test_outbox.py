@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from agentspoonsd.outbox import Outbox
+from agentspoonsd.outbox import Outbox, TlsOutbox
+from agentspoonsd.tls import TlsSession, server_context
 
 TIMEOUT = 2.0  # no step of these tests should come near it
 
@@ -463,3 +467,238 @@ async def test_detach_then_close_ends_the_drain_task_silently(
         writer.close()
         await h.outbox.flushed()  # the drain task ended
     assert (h.overflows, h.failures) == (0, 0)
+
+
+# --- TlsOutbox: the same write path for a wss:// client -------------------------------------------
+#
+# A real TLS session (server side: agentspoonsd.tls; client side: an ssl.SSLObject in memory)
+# is established first, then the outbox writes through it on the socketpair and the reader
+# decrypts what arrives. TLS records cannot be dropped, so a backlog must stay plaintext.
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    directory = tmp_path_factory.mktemp("pki")
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    return ca, cert, key
+
+
+class TlsPeer:
+    """The client end of an established session: decrypts what the reader socket receives."""
+
+    def __init__(self, tls_files: tuple[Any, Path, Path]) -> None:
+        ca, cert, key = tls_files
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self._in, self._out, server_hostname="localhost")
+        self.session = TlsSession(server_context(cert, key))
+        for _ in range(10):
+            try:
+                self.ssl.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            if data := self._out.read():
+                self.session.receive(data)
+            self._in.write(self.session.outgoing())
+            if done and self.session.established:
+                break
+        assert self.session.established
+        self.closed = False  # close_notify seen
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        self._in.write(ciphertext)
+        out = bytearray()
+        while True:
+            try:
+                chunk = self.ssl.read(65536)
+            except ssl.SSLWantReadError:
+                return bytes(out)
+            if not chunk:
+                self.closed = True
+                return bytes(out)
+            out += chunk
+
+    async def read_exactly(self, sock: socket.socket, n: int) -> bytes:
+        buf = bytearray()
+        with trio.fail_after(TIMEOUT):
+            while len(buf) < n:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                assert chunk, f"EOF after {len(buf)} of {n} bytes"
+                buf += self.decrypt(chunk)
+        assert len(buf) == n, f"decrypted {len(buf)} bytes, expected {n}"
+        return bytes(buf)
+
+    async def read_available(self, sock: socket.socket) -> bytes:
+        return self.decrypt(await read_available(sock))
+
+
+@asynccontextmanager
+async def tls_outbox_on(
+    sock: socket.socket, peer: TlsPeer, max_bytes: int = 1 << 30
+) -> AsyncIterator[Harness]:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            h = Harness(nursery, sock, max_bytes)
+            h.outbox = TlsOutbox(
+                sock,
+                peer.session,
+                max_bytes=max_bytes,
+                spawn=h.spawn,
+                on_overflow=h.overflow,
+                on_failure=h.failure,
+            )
+            yield h
+            nursery.cancel_scope.cancel()
+
+
+async def test_tls_writes_that_fit_go_out_at_once(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer) as h:
+        writes = [f"frame {i};".encode() for i in range(20)]
+        for data in writes:
+            h.outbox.write(data)
+            assert h.outbox.queued_bytes == 0
+        h.outbox.write(b"")
+        assert h.spawned == 0
+        total = b"".join(writes)
+        assert await peer.read_exactly(reader, len(total)) == total
+
+
+async def test_tls_backlog_stays_plaintext_and_drains_in_order(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer) as h:
+        writes = fill(h)
+        ciphertext_queued = h.outbox.queued_bytes
+        for i in range(len(writes), len(writes) + 200):
+            writes.append(chunk(i))
+            h.outbox.write(writes[-1])
+        # Queued as plaintext: exactly the writes' sizes, on top of the one ciphertext chunk.
+        assert h.outbox.queued_bytes == ciphertext_queued + 200 * 1000
+        assert h.spawned == 1
+        total = b"".join(writes)
+        assert await peer.read_exactly(reader, len(total)) == total
+        await h.outbox.flushed()
+        assert h.outbox.queued_bytes == 0 and nothing_pending(reader)
+    assert (h.overflows, h.failures) == (0, 0)
+
+
+async def test_tls_overflow_seals_and_counts_plaintext(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer, max_bytes=10_000) as h:
+        writes = fill(h)
+        while h.overflows == 0:
+            writes.append(chunk(len(writes)))
+            h.outbox.write(writes[-1])
+        assert h.outbox.sealed and h.overflows == 1
+        h.outbox.write(b"ignored")
+        total = b"".join(writes)
+        assert await peer.read_exactly(reader, len(total)) == total
+        await h.outbox.flushed()
+        assert await peer.read_available(reader) == b""
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_tls_seal_discard_leaves_whole_writes_then_final(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path], seed: int
+) -> None:
+    """The slow-client path over TLS: unsent writes are dropped as plaintext, and the peer
+    decrypts a well-formed stream of whole writes then `final` (no torn frame, no bad record)."""
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    rng = random.Random(seed)
+    async with tls_outbox_on(writer, peer) as h:
+        writes = []
+        received = bytearray()
+        for i in range(rng.randint(5, 60)):
+            writes.append(chunk(i, rng.choice([50, 700, 5000, 30_000])))
+            h.outbox.write(writes[-1])
+            if rng.random() < 0.2:
+                received += await peer.read_available(reader)
+        h.outbox.seal(FINAL, discard_unsent=True)
+        received += await peer.read_available(reader)
+        await h.outbox.flushed()
+        received += await peer.read_available(reader)
+    stream = bytes(received)
+    assert stream.endswith(FINAL)
+    body = stream[: -len(FINAL)]
+    assert body in [b"".join(writes[:k]) for k in range(len(writes) + 1)], "torn stream"
+
+
+async def test_tls_seal_discard_drops_the_plaintext_backlog(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer) as h:
+        writes = fill(h)  # the last write's ciphertext is partly on the wire: it must stay
+        in_flight = h.outbox.queued_bytes
+        for i in range(50):
+            h.outbox.write(chunk(1000 + i))
+        h.outbox.seal(FINAL, discard_unsent=True)
+        assert h.outbox.queued_bytes == in_flight + len(FINAL)  # FINAL waits as plaintext
+        expected = b"".join(writes) + FINAL
+        assert await peer.read_exactly(reader, len(expected)) == expected
+        await h.outbox.flushed()
+        assert await peer.read_available(reader) == b""
+
+
+async def test_tls_close_notify_and_raw_write(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer) as h:
+        h.outbox.write(b"bye")
+        h.outbox.close_notify()
+        assert await peer.read_available(reader) == b"bye" and peer.closed
+    writer2, reader2 = socket.socketpair()
+    writer2.setblocking(False)
+    reader2.setblocking(False)
+    try:
+        async with tls_outbox_on(writer2, TlsPeer(tls_files)) as h:
+            h.outbox.write_raw(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # to a plain-HTTP peer
+            assert h.outbox.sealed
+            h.outbox.write(b"ignored")
+            assert await read_available(reader2) == b"HTTP/1.1 400 Bad Request\r\n\r\n"
+    finally:
+        writer2.close()
+        reader2.close()
+
+
+async def test_tls_write_to_a_closed_peer_fails_once(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer) as h:
+        fill(h)
+        for i in range(20):
+            h.outbox.write(chunk(100 + i))
+        reader.close()
+        await h.outbox.flushed()
+        assert h.failures == 1 and h.outbox.failed and h.outbox.queued_bytes == 0
+        h.outbox.write(b"ignored")
+        h.outbox.close_notify()  # failed: nothing, no error
+        assert h.failures == 1

@@ -404,7 +404,6 @@ def test_redacted_never_contains_a_full_digest(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('[server]\ntls_cert = "/etc/agentspoonsd/tls.crt"\n', "server.tls_cert"),
         ('[broker]\nkind = "redis"\n', "broker.kind"),
     ],
 )

@@ -2,6 +2,8 @@
 
 Tokens are kept only as SHA-256 digests. A presented token is hashed and compared with every
 configured digest in constant time, so neither a match nor its position leaks through timing.
+A token past its `expires` is refused like an unknown one (the 401 says invalid_token), with its
+own failure label so logs and metrics tell them apart.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from .settings import TokenSettings
 
@@ -24,6 +27,7 @@ class AuthFailure(Enum):
 
     MISSING = "missing_token"
     INVALID = "invalid_token"
+    EXPIRED = "expired"  # a configured token past its `expires`; answered as invalid_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,8 @@ class Grant:
 
     name: str
     symbols: frozenset[str]  # may contain "*"
+    max_connections: int | None = None  # connections this token may hold at once; None: any
+    expires: datetime | None = None  # aware; refused from this instant on
 
     def allows(self, symbol: str) -> bool:
         return "*" in self.symbols or symbol in self.symbols
@@ -53,16 +59,30 @@ def hash_token(token: str) -> str:
 class TokenStore:
     """The configured tokens, by digest. Immutable: a reload builds a new store."""
 
-    def __init__(self, tokens: Iterable[TokenSettings], *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        tokens: Iterable[TokenSettings],
+        *,
+        enabled: bool = True,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.enabled = enabled
+        self._clock = clock
         self._entries = tuple(
-            (bytes.fromhex(t.sha256), Grant(t.name, frozenset(t.symbols))) for t in tokens
+            (
+                bytes.fromhex(t.sha256),
+                Grant(t.name, frozenset(t.symbols), t.max_connections, t.expires),
+            )
+            for t in tokens
         )
+        self._by_name = {grant.name: (digest, grant) for digest, grant in self._entries}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def authenticate(self, token: str | None) -> Grant | AuthFailure:
+    def authenticate(
+        self, token: str | None, *, now: datetime | None = None
+    ) -> Grant | AuthFailure:
         """Return the token's grant, or why it is refused. With auth disabled, everyone passes."""
         if not self.enabled:
             return ANONYMOUS
@@ -74,7 +94,44 @@ class TokenStore:
             # No early exit: every digest is compared, whatever matches.
             if hmac.compare_digest(digest, expected):
                 found = grant
-        return found if found is not None else AuthFailure.INVALID
+        if found is None:
+            return AuthFailure.INVALID
+        if found.expires is not None and (now or self._clock()) >= found.expires:
+            return AuthFailure.EXPIRED
+        return found
+
+    def grant(self, name: str) -> Grant | None:
+        """The grant of the token called `name`, expired or not."""
+        entry = self._by_name.get(name)
+        return entry[1] if entry else None
+
+    def expired(self, now: datetime) -> dict[str, datetime]:
+        """The tokens refused at `now` because of their `expires`, with that instant."""
+        return {
+            grant.name: grant.expires
+            for _, grant in self._entries
+            if grant.expires is not None and now >= grant.expires
+        }
+
+    def revoked_since(self, old: TokenStore, now: datetime) -> dict[str, str]:
+        """The tokens of `old` whose connections this store no longer allows, with why.
+
+        `removed`: the name is gone; `replaced`: the name now has another token (digest);
+        `expired`: the name is past its `expires` at `now`. Nothing is revoked when either store
+        has auth disabled (its connections are anonymous, or every client is now welcome).
+        """
+        if not (old.enabled and self.enabled):
+            return {}
+        revoked = {}
+        for name, (digest, _) in old._by_name.items():
+            entry = self._by_name.get(name)
+            if entry is None:
+                revoked[name] = "removed"
+            elif not hmac.compare_digest(entry[0], digest):
+                revoked[name] = "replaced"
+            elif entry[1].expires is not None and now >= entry[1].expires:
+                revoked[name] = "expired"
+        return revoked
 
 
 def presented_token(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -89,7 +146,8 @@ def presented_token(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str 
             if scheme.lower() == "bearer" and credentials.strip():
                 return credentials.strip()
             return None
-    for key, value in parse_qsl(urlsplit(target).query):
+    # Not urlsplit: it raises on some targets (e.g. "//[x"), and only the query matters here.
+    for key, value in parse_qsl(target.partition("?")[2].partition("#")[0]):
         if key == "access_token":
             return value
     return None

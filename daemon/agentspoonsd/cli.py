@@ -1,7 +1,8 @@
-"""Command line: `agentspoonsd run | check-config | token new NAME | simulate | --version`.
+"""Command line: `agentspoonsd run | check-config | token new|list|revoke | simulate | --version`.
 
 Exit statuses follow sysexits: 0 ok, 70 a service exhausted its crash budget, 71 a listener could
-not be bound, 78 the configuration is invalid (nothing was started).
+not be bound, 73 the tokens file cannot be written, 78 the configuration is invalid (nothing was
+started) or a token command was refused (nothing was changed).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, tools
 from .auth import hash_token, new_token
 from .settings import EXIT_CONFIG, ConfigError, Settings, find_config_path, load_settings, redacted
 
@@ -32,9 +33,33 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="manage bearer tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    new = token_commands.add_parser("new", help="print a new token and its config block")
+    new = token_commands.add_parser(
+        "new",
+        help="make a token: append it to the tokens file, or print its config block",
+        description="Print a new token once. With --file, or auth.tokens_file in the config, its"
+        " entry is appended to that file (created mode 0600); otherwise the [[auth.tokens]]"
+        " block to paste into the config is printed.",
+    )
     new.add_argument("name", help="the token's name, shown in logs (e.g. dashboard)")
     new.add_argument("--symbols", nargs="+", default=["*"], help='allowed symbols (default "*")')
+    new.add_argument(
+        "--expires", metavar="RFC3339", help="refused from then on, e.g. 2026-12-31T00:00:00Z"
+    )
+    new.add_argument(
+        "--max-connections", type=int, metavar="N", help="connections at once (default: any)"
+    )
+    new.add_argument("--file", metavar="PATH", help="tokens file (default: auth.tokens_file)")
+    new.add_argument("--config", metavar="PATH", help="TOML config file")
+    listing = token_commands.add_parser(
+        "list", help="the configured tokens: scopes, expiry, limits, source (digests shortened)"
+    )
+    listing.add_argument("--config", metavar="PATH", help="TOML config file")
+    revoke = token_commands.add_parser(
+        "revoke", help="remove a token from the tokens file (then reload the daemon)"
+    )
+    revoke.add_argument("name", help="the token's name")
+    revoke.add_argument("--file", metavar="PATH", help="tokens file (default: auth.tokens_file)")
+    revoke.add_argument("--config", metavar="PATH", help="TOML config file")
 
     sim = commands.add_parser(
         "simulate", help="write the synthetic stream offline (JSON Lines or CSV), at full speed"
@@ -53,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         help="timestamp origin: update k is stamped start + k × bar_seconds",
     )
     sim.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    tools.add_commands(commands)
     return parser
 
 
@@ -72,26 +98,163 @@ def _check_config(config: str | None) -> int:
     return 0
 
 
-def _toml_string(value: str) -> str:
-    """A TOML basic string. JSON's escapes are TOML's, except the surrogate pairs `ensure_ascii`
-    writes for characters past U+FFFF (TOML wants scalar values) and DEL, which JSON leaves raw."""
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+_TOKEN_OPTIONS = {
+    "name": "NAME",
+    "symbols": "--symbols",
+    "expires": "--expires",
+    "max_connections": "--max-connections",
+}
+EX_CANTCREAT = 73  # the tokens file cannot be written
+RELOAD_HINT = "systemctl reload agentspoonsd, or kill -HUP <pid>"
 
 
-def _token_new(name: str, symbols: list[str]) -> int:
+def _fail(message: str, status: int = EXIT_CONFIG) -> int:
+    print(f"agentspoonsd: {message}", file=sys.stderr)
+    return status
+
+
+def _tokens_config(
+    args: argparse.Namespace, *, read_tokens_file: bool
+) -> tuple[Settings | None, Path | None]:
+    """The config a token command works with. With --file and no --config there is none: the file
+    is all the command touches."""
+    if getattr(args, "file", None) is not None and args.config is None:
+        return None, None
+    path = find_config_path(args.config, os.environ)
+    return load_settings(path, read_tokens_file=read_tokens_file), path
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from .settings import TokenSettings
+    from .tokenfile import TokenFileError, append_token, check_new, entry_text
 
     try:
-        TokenSettings(name=name, sha256="0" * 64, symbols=symbols)
-    except ValueError as exc:
-        print(f"agentspoonsd: invalid token name or symbols: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        entry = TokenSettings(
+            name=args.name,
+            sha256="0" * 64,
+            symbols=args.symbols,
+            expires=args.expires,
+            max_connections=args.max_connections,
+        )
+        check_new(entry)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{_TOKEN_OPTIONS.get(str(e['loc'][0]), e['loc'][0])}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        return _fail(f"invalid token name or options: {details}")
+    except TokenFileError as exc:
+        return _fail(f"invalid token options: {exc}")
+    try:
+        settings, config_path = _tokens_config(args, read_tokens_file=False)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    in_config = {t.name for t in settings.auth.tokens} if settings else set()
+    file = Path(args.file) if args.file else settings.auth.tokens_file if settings else None
+    if args.name in in_config:
+        return _fail(
+            f'a token named "{args.name}" is already in {config_path or "the config"}'
+            " ([[auth.tokens]]); choose another name"
+        )
+
     token = new_token()
-    listed = ", ".join(_toml_string(s) for s in symbols)
+    entry = entry.model_copy(update={"sha256": hash_token(token)})
+    if file is None:
+        print(f"token: {token}")
+        print("# Shown once: give it to the client; only its digest goes in the config.")
+        print(f"# Paste into agentspoonsd.toml, then reload: {RELOAD_HINT}\n")
+        print(entry_text(entry, table="auth.tokens"), end="")
+        return 0
+    try:
+        created = append_token(file, entry, taken=in_config)
+    except TokenFileError as exc:
+        return _fail(f"token new: {exc}")
+    except OSError as exc:
+        return _fail(f"token new: {file}: cannot write: {exc.strerror}", EX_CANTCREAT)
     print(f"token: {token}")
-    print("# Shown once: give it to the client; only its digest goes in the config.")
-    print("# Paste into agentspoonsd.toml, then reload (systemctl reload agentspoonsd):\n")
-    print(f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{hash_token(token)}"\nsymbols = [{listed}]')
+    print("# Shown once: give it to the client; only its digest is stored.")
+    print(f'# Added "{entry.name}" to {file}' + (" (created, mode 0600)." if created else "."))
+    print(f"# Reload the daemon to accept it: {RELOAD_HINT}")
+    mode = os.stat(file).st_mode & 0o777
+    if mode & 0o077:
+        print(f"agentspoonsd: warning: {file} is mode {mode:04o}: chmod 600 it", file=sys.stderr)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from .tokenfile import format_expires
+
+    try:
+        settings, path = _tokens_config(args, read_tokens_file=True)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    assert settings is not None
+    auth = settings.auth
+    now = datetime.now(UTC)
+    rows = [("NAME", "STATUS", "SYMBOLS", "EXPIRES", "MAX_CONNECTIONS", "SHA256", "SOURCE")]
+    for tokens, source in ((auth.tokens, "config"), (auth.file_tokens, "tokens_file")):
+        for t in tokens:
+            rows.append(
+                (
+                    t.name,
+                    "expired" if t.expired(now) else "active",
+                    ",".join(t.symbols) or "-",
+                    format_expires(t.expires.astimezone(UTC)) if t.expires else "never",
+                    str(t.max_connections) if t.max_connections is not None else "unlimited",
+                    t.sha256[:8],  # enough to tell tokens apart, never the whole digest
+                    source,
+                )
+            )
+    print(
+        f"# config: {path or 'built-in defaults'}; tokens_file: {auth.tokens_file or 'none'}",
+        file=sys.stderr,
+    )
+    if not auth.enabled:
+        print(
+            "# auth is disabled: the daemon serves anyone, these tokens are not checked",
+            file=sys.stderr,
+        )
+    elif len(rows) == 1:
+        print("# no tokens: the daemon makes an ephemeral one at each start", file=sys.stderr)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from .tokenfile import TokenFileError, remove_token
+
+    try:
+        settings, config_path = _tokens_config(args, read_tokens_file=args.file is None)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    if settings is not None and any(t.name == args.name for t in settings.auth.tokens):
+        return _fail(
+            f'token "{args.name}" is defined in {config_path or "the environment"}'
+            " ([[auth.tokens]]), not in a tokens file: remove its block from the config there,"
+            f" then reload: {RELOAD_HINT}"
+        )
+    file = Path(args.file) if args.file else settings.auth.tokens_file if settings else None
+    if file is None:
+        return _fail(
+            f"no tokens file: auth.tokens_file is not set in {config_path or 'the config'}"
+            f' and no --file was given; no token "{args.name}" to revoke'
+        )
+    try:
+        remove_token(file, args.name)
+    except TokenFileError as exc:
+        return _fail(f"token revoke: {exc}")
+    except OSError as exc:
+        return _fail(f"token revoke: {file}: cannot rewrite: {exc.strerror}", EX_CANTCREAT)
+    print(f'Revoked "{args.name}": removed from {file}.')
+    print("Reload the daemon to apply it; the token's live connections are then closed (4001):")
+    print(f"  {RELOAD_HINT}")
     return 0
 
 
@@ -194,9 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "token":
-        return _token_new(args.name, args.symbols)
+        commands = {"new": _token_new, "list": _token_list, "revoke": _token_revoke}
+        return commands[args.token_command](args)
     if args.command == "simulate":
         return _simulate(args)
+    if args.command in tools.COMMANDS:
+        return tools.run_command(args)
     return _run(args.config)
 
 

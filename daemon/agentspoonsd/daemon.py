@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,17 @@ from .logs import LevelGate, get_logger
 from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
-from .settings import ConfigError, Settings, TokenSettings, load_settings
+from .settings import EXIT_CONFIG, ConfigError, Settings, TokenSettings, load_settings
 from .supervisor import RestartPolicy, supervise
+from .tls import TlsConfigError, server_context
 from .ws import Limits, WebSocketServer
 
 EXIT_OK = 0
 EXIT_SOFTWARE = 70  # a service exhausted its crash budget
 EXIT_OSERR = 71  # a listener could not be bound
 EXIT_CANTCREAT = 73  # the persisted history cannot be read or created
+CLOSE_TOKEN_REVOKED = 4001  # docs/PROTOCOL.md: the token was revoked or expired
+TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
 
 # Settings a SIGHUP applies live; any other change is reported as needing a restart.
 RELOADABLE = {"auth", "log"}
@@ -48,6 +53,8 @@ RELOADABLE_SERVER_KEYS = {
     "max_message_size",
     "handshake_timeout",
     "shutdown_timeout",
+    "tls_cert",  # re-read on every reload; switching TLS on or off needs a restart
+    "tls_key",
 }
 
 
@@ -82,6 +89,14 @@ def limits_from(settings: Settings) -> Limits:
         max_connections_per_ip=s.max_connections_per_ip,
         max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
     )
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The wss:// context of [server] tls_cert/tls_key, None for ws://. Raises TlsConfigError."""
+    s = settings.server
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    return server_context(s.tls_cert, s.tls_key)
 
 
 def allowed_origins(settings: Settings) -> frozenset[str] | None:
@@ -139,11 +154,22 @@ class Daemon:
         self._log = get_logger("agentspoonsd.daemon")
         self._notifier = sdnotify.Notifier(None)  # replaced in run() from $NOTIFY_SOCKET
         self._ephemeral: TokenSettings | None = None
+        # (name, expires) of the tokens whose expiry was already acted on.
+        self._expiries_handled: set[tuple[str, datetime]] = set()
 
     def token_store(self, settings: Settings) -> TokenStore:
-        """The auth store for `settings`, with the ephemeral token when none is configured."""
-        tokens = list(settings.auth.tokens)
-        if settings.auth.enabled and not tokens:
+        """The auth store for `settings`, with the ephemeral token when none is configured (and
+        no tokens file: an empty one refuses everyone).
+
+        Warns about a tokens file others may read, and about configured tokens already expired
+        (their connections, if any, are closed by `_reload`; `_expire_tokens` skips them).
+        """
+        auth = settings.auth
+        tokens = list(auth.all_tokens)
+        if auth.enabled and not tokens and auth.tokens_file is not None:
+            # Tokens are managed in a file: its last one revoked means no one, not a new token.
+            self._log.warning("auth_no_tokens", tokens_file=str(auth.tokens_file))
+        elif auth.enabled and not tokens:
             if self._ephemeral is None:
                 token = new_token()
                 self._ephemeral = TokenSettings(name="ephemeral", sha256=hash_token(token))
@@ -156,7 +182,53 @@ class Daemon:
                     hint="add [[auth.tokens]] (agentspoonsd token new NAME)",
                 )
             tokens = [self._ephemeral]
-        return TokenStore(tokens, enabled=settings.auth.enabled)
+        mode = auth.tokens_file_mode
+        if auth.tokens_file is not None and mode is not None and mode & 0o077:
+            self._log.warning(
+                "tokens_file_permissions",
+                path=str(auth.tokens_file),
+                mode=f"{mode:04o}",
+                hint=f"group or others have access: chmod 600 {auth.tokens_file}",
+            )
+        store = TokenStore(tokens, enabled=auth.enabled)
+        expired = store.expired(datetime.now(UTC))
+        if expired and auth.enabled:
+            self._log.warning("tokens_expired", names=sorted(expired))
+        self._expiries_handled.update(expired.items())
+        return store
+
+    def _close_token_connections(
+        self, websocket: WebSocketServer, causes: dict[str, str], event: str, reason: str
+    ) -> None:
+        """Close the live connections of each token in `causes` (4001) and log `event` per name."""
+        for name in sorted(causes):  # one call per name: the log says how many each had
+            closed = websocket.close_token_connections(
+                {name}, code=CLOSE_TOKEN_REVOKED, reason=reason
+            )
+            self._log.info(event, name=name, cause=causes[name], connections=closed)
+
+    async def _expire_tokens(self, websocket: WebSocketServer) -> None:
+        """Close a token's live connections once it expires (within the check interval).
+
+        An expired token is refused at the upgrade by the store; this task is for connections
+        opened before. One pass a second over the few tokens costs nothing.
+        """
+        while True:
+            await trio.sleep(TOKEN_EXPIRY_CHECK_INTERVAL)
+            try:
+                due = {
+                    name: expires
+                    for name, expires in websocket.auth.expired(datetime.now(UTC)).items()
+                    if (name, expires) not in self._expiries_handled
+                }
+                if websocket.auth.enabled and due:
+                    self._expiries_handled.update(due.items())
+                    causes = dict.fromkeys(due, "expired")
+                    self._close_token_connections(
+                        websocket, causes, "token_expired", "token expired"
+                    )
+            except Exception as exc:  # an unsupervised task: never take the daemon down
+                self._log.error("token_expiry_check_failed", error=repr(exc))
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (returns 0) or a crash budget is exhausted (returns 70)."""
@@ -185,6 +257,11 @@ class Daemon:
         except OSError as exc:
             log.error("history_unavailable", dir=str(s.history.dir), error=str(exc))
             return EXIT_CANTCREAT
+        try:
+            tls = tls_context(s)
+        except TlsConfigError as exc:  # the files changed since the config was checked
+            log.error("tls_unavailable", key=f"server.{exc.key}", error=exc.message)
+            return EXIT_CONFIG
         hub = Hub(s.generator.symbols, receive, self.stats, history=history)
         generator = Generator(s.generator, send, get_logger("agentspoonsd.generator"))
         websocket = WebSocketServer(
@@ -194,6 +271,7 @@ class Daemon:
             limits_from(s),
             self.stats,
             get_logger("agentspoonsd.ws"),
+            tls=tls,
         )
         http_listener = trio.SocketListener(trio.socket.from_stdlib_socket(http_sock))
         probes = Probes(
@@ -227,7 +305,13 @@ class Daemon:
                 root.start_soon(sdnotify.watchdog_loop, notifier)
                 root.start_soon(sdnotify.status_loop, notifier, self.stats)
                 root.start_soon(sdnotify.ready_when, notifier, lambda: hub.last_publish is not None)
-                log.info("listener_bound", service="websocket", address=_address(ws_sock))
+                root.start_soon(self._expire_tokens, websocket)
+                log.info(
+                    "listener_bound",
+                    service="websocket",
+                    address=_address(ws_sock),
+                    scheme="wss" if tls is not None else "ws",
+                )
                 log.info("listener_bound", service="http", address=_address(http_sock))
                 log.info(
                     "daemon_started",
@@ -268,17 +352,25 @@ class Daemon:
             return
 
     def _reload(self, websocket: WebSocketServer) -> None:
-        """Apply a re-read config: tokens, limits and log level. Never drops a connection."""
+        """Apply a re-read config: tokens, limits and log level.
+
+        Only the connections of revoked tokens are closed (4001): a token removed from the config
+        or the tokens file, given another digest, or now past its `expires`.
+        """
         try:
             new = load_settings(self.config_path)
         except ConfigError as exc:
             self.stats.config_reloads["rejected"] += 1
             self._log.error("config_reload_rejected", path=str(self.config_path), error=str(exc))
             return
-        websocket.auth = self.token_store(new)
+        old_auth = websocket.auth
+        websocket.auth = self.token_store(new)  # first: a revoked token can no longer reconnect
+        revoked = websocket.auth.revoked_since(old_auth, datetime.now(UTC))
+        self._close_token_connections(websocket, revoked, "token_revoked", "token revoked")
         websocket.limits = limits_from(new)
+        tls_needs_restart = self._reload_tls(websocket, new)
         self._level_gate.set(new.log.level)
-        needs_restart = changes_needing_restart(self.settings, new)
+        needs_restart = changes_needing_restart(self.settings, new) + tls_needs_restart
         self.settings = new.model_copy(
             update={
                 section: getattr(self.settings, section)
@@ -295,6 +387,23 @@ class Daemon:
         )
         if needs_restart:
             self._log.warning("config_reload_needs_restart", keys=needs_restart)
+
+    def _reload_tls(self, websocket: WebSocketServer, new: Settings) -> list[str]:
+        """Re-read the certificate and key: new connections get them, established ones keep
+        theirs. A context that cannot be built is logged and the old one stays. Switching TLS on
+        or off is not applied (the keys are returned as needing a restart)."""
+        if (websocket.tls is None) != (new.server.tls_cert is None):
+            return ["server.tls_cert", "server.tls_key"]
+        if websocket.tls is None:
+            return []
+        try:
+            context = tls_context(new)
+        except TlsConfigError as exc:
+            self._log.error("tls_reload_rejected", key=f"server.{exc.key}", error=exc.message)
+            return []
+        websocket.tls = context
+        self._log.info("tls_reloaded", cert=str(new.server.tls_cert))
+        return []
 
     @staticmethod
     def _age(hub: Hub) -> float | None:

@@ -9,15 +9,22 @@ and no buffer.
 Past `max_bytes` of backlog the outbox stops accepting writes and calls `on_overflow` once; the
 owner decides how to end the connection. A socket error calls `on_failure` once. Neither callback
 may block or raise.
+
+`TlsOutbox` is the same write path for a wss:// client: what is written is plaintext, encrypted
+as the socket takes it (see its docstring). A plain client's `Outbox` pays nothing for TLS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from .tls import TlsError, TlsSession
 
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
@@ -176,3 +183,150 @@ class Outbox:
         self._queue = None
         self.queued_bytes = 0
         self._on_failure()
+
+
+class TlsOutbox(Outbox):
+    """An `Outbox` whose writes are plaintext, encrypted by the client's `TlsSession` at send time.
+
+    TLS records cannot be dropped from the middle of the stream (each one's MAC covers its
+    sequence number), so a backlog is kept as plaintext: `_plain` holds whole writes not yet
+    encrypted, and `_queue` (the base class's) only ciphertext already produced, in stream order:
+    at most one batch being sent, plus whatever the session produced on its own (handshake
+    records, session tickets, alerts). So `seal(final, discard_unsent=True)` still drops every
+    unsent write and the stream stays well-formed: the peer reads some whole writes, then `final`.
+
+    Invariant: `_plain` is empty whenever `_queue` is (a write with nothing queued is encrypted
+    and sent at once; the drain encrypts the next batch as soon as `_queue` empties), so the base
+    class's drain loop and fast-path test apply unchanged. `queued_bytes` counts both.
+    """
+
+    __slots__ = ("_ciphertext", "_encrypt", "_plain", "_tls")
+
+    BATCH = 16384  # plaintext encrypted at once by the drain: one full TLS record
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: TlsSession,
+        *,
+        max_bytes: int,
+        spawn: Spawn,
+        on_overflow: Callable[[], None],
+        on_failure: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            sock, max_bytes=max_bytes, spawn=spawn, on_overflow=on_overflow, on_failure=on_failure
+        )
+        self._tls = tls
+        self._encrypt, self._ciphertext = tls.encryptor()
+        self._plain: deque[bytes] = deque()
+
+    def _enqueue(self, data: bytes) -> None:
+        if self._queue:  # a backlog: keep the write as plaintext until the socket has room
+            self._plain.append(data)
+            self.queued_bytes += len(data)
+            return
+        # The broadcast's path for a TLS client: encrypt, one non-blocking send. Inlined (the
+        # session's `encrypt`, the base `_enqueue`): it runs once per client per update.
+        try:
+            self._encrypt(data)
+        except ssl.SSLError:
+            self._fail()
+            return
+        ciphertext = self._ciphertext()
+        try:
+            sent = self._send(ciphertext)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._fail()
+            return
+        if sent != len(ciphertext):
+            self._queue_rest(memoryview(ciphertext)[sent:], started=sent > 0)
+
+    def send_tls_output(self) -> None:
+        """Send the records the session produced by itself (after a `receive`), in order.
+
+        Sealing does not stop them: a record once produced must reach the peer. They count
+        against `max_bytes` like any write (a peer that provokes records and never reads them).
+        """
+        ciphertext = self._tls.outgoing()
+        if ciphertext and not self.failed:
+            Outbox._enqueue(self, ciphertext)
+            if self.queued_bytes > self.max_bytes and not self.sealed and not self.failed:
+                self.sealed = True
+                self._on_overflow()
+
+    def write_raw(self, data: bytes) -> None:
+        """Send `data` unencrypted, then accept nothing more: the plain HTTP error a client gets
+        when it sends plain HTTP to the TLS port (nothing of TLS was sent to it)."""
+        if not self.failed:
+            self.sealed = True
+            Outbox._enqueue(self, data)
+
+    def seal(self, final: bytes, *, discard_unsent: bool = False) -> None:
+        """As `Outbox.seal`; `discard_unsent` drops the plaintext backlog, never ciphertext."""
+        if self.failed:
+            return
+        if discard_unsent and self._plain:
+            self.queued_bytes -= sum(map(len, self._plain))
+            self._plain.clear()
+        self.sealed = True
+        self._enqueue(final)
+
+    def close_notify(self) -> None:
+        """Best effort, just before the owner closes the socket: send TLS close_notify if the
+        stream is idle (nothing queued). Calls nothing, raises nothing."""
+        if self.failed or self._queue:
+            return
+        ciphertext = self._tls.close()
+        if ciphertext:
+            with contextlib.suppress(OSError):
+                self._sock.send(ciphertext)
+
+    def _send_queued(self) -> None:
+        queue = self._queue
+        plain = self._plain
+        while queue is not None:
+            if not queue:
+                if not plain:
+                    return
+                self._encrypt_batch()
+                if self.failed:
+                    return
+            head = queue[0]
+            try:
+                sent = self._sock.send(head)
+            except BlockingIOError:
+                return
+            self.queued_bytes -= sent
+            if sent == len(head):
+                queue.popleft()
+            else:
+                queue[0] = head[sent:]
+                return
+
+    def _encrypt_batch(self) -> None:
+        """Encrypt queued writes, up to BATCH bytes (at least one write), into `_queue`."""
+        plain = self._plain
+        batch = [plain.popleft()]
+        size = len(batch[0])
+        while plain and size + len(plain[0]) <= self.BATCH:
+            batch.append(plain.popleft())
+            size += len(batch[-1])
+        try:
+            ciphertext = self._tls.encrypt(batch[0] if len(batch) == 1 else b"".join(batch))
+        except TlsError:
+            self._fail()
+            return
+        assert self._queue is not None
+        self._queue.append(memoryview(ciphertext))
+        self.queued_bytes += len(ciphertext) - size
+
+    def detach(self) -> None:
+        super().detach()
+        self._plain.clear()
+
+    def _fail(self) -> None:
+        self._plain.clear()
+        super()._fail()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -250,13 +250,15 @@ def parse_connect_target(target: str) -> ConnectOptions:
     """
     symbols: tuple[str, ...] | None = None
     resume: list[tuple[str, int]] = []
-    for key, value in parse_qsl(urlsplit(target).query, keep_blank_values=True):
+    query = target.partition("?")[2].partition("#")[0]  # not urlsplit: it raises on some targets
+    for key, value in parse_qsl(query, keep_blank_values=True):
         if key == "symbols":
             symbols = tuple(dict.fromkeys(s for s in value.split(",") if s))
         elif key == "resume":
             for pair in filter(None, value.split(",")):
                 symbol, _, seq = pair.rpartition(":")
-                if not symbol or not seq.isdigit():
+                # ASCII digits only ("²".isdigit() is true), and few enough for a seq (< 2**53).
+                if not symbol or not (seq.isascii() and seq.isdigit()) or len(seq) > 16:
                     raise RequestError(
                         ErrorCode.INVALID_MESSAGE,
                         f"resume parameter: expected SYMBOL:SEQ pairs, got {pair!r}",

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
@@ -22,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -48,6 +51,9 @@ DEFAULT_SEARCH_PATHS = (
 # Keys of the public contract whose feature is not built yet: refused rather than silently ignored.
 _NOT_YET = "{} is not available in this version of agentspoonsd; remove the key"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# RFC 3339 §5.6 date-time; the offset is optional here only to say precisely that it is missing.
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?$")
+_EXPIRES_EXAMPLE = "2026-12-31T00:00:00Z"
 
 
 class ConfigError(Exception):
@@ -120,24 +126,49 @@ class ServerSettings(_Section):
         True,
         description="Compress (RFC 7692) for clients that offer it; each update once for all.",
     )
-    tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key serves wss://.")
-    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+    tls_cert: Path | None = Field(
+        None,
+        description=(
+            "PEM certificate chain (leaf first); with tls_key the port serves wss:// (TLS 1.2+)."
+            " Relative to the config file. Re-read on SIGHUP (new connections get the new one)."
+        ),
+    )
+    tls_key: Path | None = Field(
+        None,
+        validate_default=True,
+        description="Unencrypted PEM private key of tls_cert; set both or neither.",
+    )
 
-    @field_validator("tls_cert", "tls_key")
+    @field_validator("tls_key")
     @classmethod
-    def _tls_not_yet(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            raise ValueError(_NOT_YET.format("wss:// (TLS)"))
+    def _tls_both_or_neither(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "tls_cert" not in info.data:
+            return value  # tls_cert itself is invalid: that error is enough
+        cert = info.data["tls_cert"]
+        if cert is not None and value is None:
+            raise ValueError("missing: server.tls_cert is set, so tls_key must name its key")
+        if cert is None and value is not None:
+            raise ValueError("server.tls_cert is not set: set both (wss://) or neither (ws://)")
         return value
 
 
 class TokenSettings(_Section):
-    """One `[[auth.tokens]]` entry."""
+    """One `[[auth.tokens]]` entry (or one `[[tokens]]` entry of `auth.tokens_file`)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
     sha256: str = Field(description="SHA-256 hex digest of the token; never the token itself.")
     symbols: list[str] = Field(
         default_factory=lambda: ["*"], description='Streams this token may receive; "*" = all.'
+    )
+    expires: datetime | None = Field(
+        None,
+        description=(
+            "RFC 3339 date-time with a timezone (e.g. 2026-12-31T00:00:00Z) from which the token is"
+            " refused; its live connections are closed (4001) then. Unset: never expires."
+        ),
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="Connections this token may hold at once (429 past it); unset: any."
     )
 
     @field_validator("sha256")
@@ -148,6 +179,48 @@ class TokenSettings(_Section):
             raise ValueError("must be 64 hexadecimal characters (a SHA-256 digest)")
         return value
 
+    @field_validator("expires", mode="before")
+    @classmethod
+    def _rfc3339_with_timezone(cls, value: Any) -> Any:
+        # TOML gives an offset date-time as an aware datetime and a local one as a naive datetime;
+        # the environment and JSON give strings. A bare date, a time or a number is refused.
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            if not _RFC3339.match(text):
+                raise ValueError(f"must be an RFC 3339 date-time, e.g. {_EXPIRES_EXAMPLE}")
+            try:
+                value = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise ValueError(f"not a valid date-time: {exc}") from None
+        elif not isinstance(value, datetime):
+            raise ValueError(f"must be an RFC 3339 date-time, e.g. {_EXPIRES_EXAMPLE}")
+        if value.utcoffset() is None:
+            raise ValueError(f"needs a timezone: end it with Z or ±hh:mm (e.g. {_EXPIRES_EXAMPLE})")
+        return value
+
+    def expired(self, now: datetime) -> bool:
+        """Refused at `now` (aware): from `expires` on, that instant included."""
+        return self.expires is not None and now >= self.expires
+
+
+def _duplicate_problems(tokens: list[TokenSettings]) -> list[str]:
+    """Two entries with one name, or one token (digest) under two names, are ambiguous: a
+    revocation of one name would leave the same token valid under the other."""
+    names = [t.name for t in tokens]
+    problems = []
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"duplicate token name(s): {', '.join(duplicates)}")
+    by_digest: dict[str, list[str]] = {}
+    for t in tokens:
+        by_digest.setdefault(t.sha256, []).append(t.name)
+    for same in by_digest.values():
+        if len(same) > 1:
+            problems.append(f"one token (the same sha256) under several names: {', '.join(same)}")
+    return problems
+
 
 class AuthSettings(_Section):
     """[auth]: bearer tokens."""
@@ -157,14 +230,53 @@ class AuthSettings(_Section):
         20, ge=1, description="Failed authentications from one address before 429 answers."
     )
     tokens: list[TokenSettings] = Field(default_factory=list)
+    tokens_file: Path | None = Field(
+        None,
+        description=(
+            "TOML file of [[tokens]] entries (the keys of [[auth.tokens]]) merged with them; it"
+            " must exist; keep it mode 0600. Relative: to the config file's directory."
+            " `agentspoonsd token new|revoke` edit it. Re-read on SIGHUP."
+        ),
+    )
+    # Filled by load_settings from tokens_file: not config keys, so not fields.
+    _file_tokens: tuple[TokenSettings, ...] = PrivateAttr(default=())
+    _tokens_file_mode: int | None = PrivateAttr(default=None)
 
     @field_validator("tokens")
     @classmethod
     def _unique_names(cls, tokens: list[TokenSettings]) -> list[TokenSettings]:
-        names = [t.name for t in tokens]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate token name(s): {', '.join(duplicates)}")
+        problems = _duplicate_problems(tokens)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return tokens
+
+    @property
+    def file_tokens(self) -> tuple[TokenSettings, ...]:
+        """The entries read from `tokens_file` (empty when it is unset or was not read)."""
+        return self._file_tokens
+
+    @property
+    def all_tokens(self) -> tuple[TokenSettings, ...]:
+        """Every token the daemon accepts: `[[auth.tokens]]`, then the tokens file's."""
+        return (*self.tokens, *self._file_tokens)
+
+    @property
+    def tokens_file_mode(self) -> int | None:
+        """The permission bits of `tokens_file` when it was read (st_mode & 0o7777)."""
+        return self._tokens_file_mode
+
+
+class TokensFile(_Section):
+    """The whole of `auth.tokens_file`: `[[tokens]]` entries, nothing else."""
+
+    tokens: list[TokenSettings] = Field(default_factory=list)
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique_names(cls, tokens: list[TokenSettings]) -> list[TokenSettings]:
+        problems = _duplicate_problems(tokens)
+        if problems:
+            raise ValueError("; ".join(problems))
         return tokens
 
 
@@ -475,20 +587,130 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def load_settings(path: Path | None) -> Settings:
-    """Build the Settings from `path` (None: defaults only) and `os.environ`.
+def load_settings(path: Path | None, *, read_tokens_file: bool = True) -> Settings:
+    """Build the Settings from `path` (None: defaults only), `os.environ` and `auth.tokens_file`.
 
-    Raises ConfigError with one line per problem, each naming the key and its source.
+    Raises ConfigError with one line per problem, each naming the key and its source. With
+    `read_tokens_file=False` the tokens file's path is resolved but the file is not read (it may
+    not exist yet: `agentspoonsd token new` creates it).
     """
     data = read_toml(path) if path is not None else {}
     _reject_unknown_env(os.environ)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, os.environ)) from None
     except SettingsError as exc:
         # pydantic-settings could not decode a list-valued variable (those must be JSON).
         raise ConfigError(_describe_undecodable_env(exc, os.environ)) from None
+    settings = _with_tls_files(settings, path, os.environ)
+    return _with_tokens_file(settings, path, os.environ, read=read_tokens_file)
+
+
+def _key_source(section: str, key: str, path: Path | None, environ: Mapping[str, str]) -> str:
+    """Where the value of `section.key` came from, as _describe names it."""
+    env_name = f"{ENV_PREFIX}{section}__{key}".upper()
+    if env_name in {k.upper() for k in environ}:
+        return f"environment variable {env_name}"
+    return str(path) if path is not None else "built-in defaults"
+
+
+def _with_tls_files(settings: Settings, path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Resolve `server.tls_cert`/`tls_key` against the config file and check they make a usable
+    TLS context now, so a bad certificate stops the daemon at start (or a reload keeps the old)."""
+    server = settings.server
+    if server.tls_cert is None or server.tls_key is None:
+        return settings
+    from .tls import TlsConfigError, server_context
+
+    files = {}
+    for key in ("tls_cert", "tls_key"):
+        file = getattr(server, key)
+        source = _key_source("server", key, path, environ)
+        if not file.is_absolute():
+            from_env = source.startswith("environment")
+            base = path.parent if path is not None and not from_env else Path.cwd()
+            file = Path(os.path.abspath(base / file))
+        files[key] = (file, source)
+    try:
+        server_context(files["tls_cert"][0], files["tls_key"][0])
+    except TlsConfigError as exc:
+        raise ConfigError(f"{files[exc.key][1]}: server.{exc.key}: {exc.message}") from None
+    resolved = server.model_copy(update={key: file for key, (file, _) in files.items()})
+    return settings.model_copy(update={"server": resolved})
+
+
+def _with_tokens_file(
+    settings: Settings, path: Path | None, environ: Mapping[str, str], *, read: bool
+) -> Settings:
+    auth = settings.auth
+    if auth.tokens_file is None:
+        return settings
+    source = _key_source("auth", "tokens_file", path, environ)
+    file = auth.tokens_file
+    if not file.is_absolute():
+        # Relative to the file that names it, so the config and its tokens move together.
+        from_env = source.startswith("environment")
+        base = path.parent if path is not None and not from_env else Path.cwd()
+        file = Path(os.path.abspath(base / file))
+    merged = auth.model_copy(update={"tokens_file": file})
+    if read:
+        tokens, mode = read_tokens_file(file, named_by=f"{source}: auth.tokens_file")
+        problems = []
+        in_config = {t.name: i for i, t in enumerate(auth.tokens)}
+        tokens_source = _key_source("auth", "tokens", path, environ)
+        for j, token in enumerate(tokens):
+            if token.name in in_config:
+                problems.append(
+                    f'{file}: tokens[{j}].name: token "{token.name}" is also defined in'
+                    f" {tokens_source}: auth.tokens[{in_config[token.name]}]"
+                )
+        config_digests = {t.sha256: t.name for t in auth.tokens}
+        for j, token in enumerate(tokens):
+            other = config_digests.get(token.sha256)
+            if other is not None and other != token.name:
+                problems.append(
+                    f'{file}: tokens[{j}].sha256: the token of "{token.name}" is also'
+                    f' "{other}" in {tokens_source}: auth.tokens (one token, one name)'
+                )
+        if problems:
+            raise ConfigError("\n".join(problems))
+        merged._file_tokens = tokens
+        merged._tokens_file_mode = mode
+    return settings.model_copy(update={"auth": merged})
+
+
+def read_tokens_file(
+    file: Path, *, named_by: str = "auth.tokens_file"
+) -> tuple[tuple[TokenSettings, ...], int]:
+    """The entries of a tokens file and its permission bits; ConfigError names the file and key.
+
+    A missing file is an error, not an empty list: a typo in the path must not leave the daemon
+    serving only the tokens of the main config (or only an ephemeral one).
+    """
+    try:
+        with file.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{named_by}: {file}: not a regular file")
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{named_by}: {file}: file not found (`agentspoonsd token new NAME` creates it)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{named_by}: {file}: cannot read: {exc.strerror}") from None
+    try:
+        parsed = TokensFile(**data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            lines.append(f"{file}: {_dotted(error['loc'])}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+    return tuple(parsed.tokens), stat.S_IMODE(mode)
 
 
 def _reject_unknown_env(environ: Mapping[str, str]) -> None:
@@ -553,8 +775,17 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective config as plain data, with token digests shortened (safe to print)."""
+    """The effective config as plain data, with token digests shortened (safe to print).
+
+    `auth.tokens` lists the tokens file's entries too, each token with its `source`.
+    """
     data = settings.model_dump(mode="json")
+    auth = settings.auth
+    data["auth"]["tokens"] = [
+        {**token.model_dump(mode="json"), "source": source}
+        for tokens, source in ((auth.tokens, "config"), (auth.file_tokens, "tokens_file"))
+        for token in tokens
+    ]
     for token in data["auth"]["tokens"]:
         token["sha256"] = token["sha256"][:8] + "…(redacted)"
     return data

@@ -5,12 +5,18 @@ dispatcher task reads every client (see `WebSocketServer`), and each client has 
 only write path: broadcast frames from the hub, replies, pongs and close frames all go through it.
 
 A refused upgrade is an HTTP answer (401, 503, 400), never an accepted socket that closes later.
+
+wss://: with a TLS context, each client also has a `tls.TlsSession` (an SSLObject on memory
+BIOs) that the dispatcher drives like the rest: received bytes are decrypted before the upgrade
+parser and wsproto see them, and the client's outbox (`TlsOutbox`) encrypts whatever it sends.
+The handshake deadline covers the TLS handshake, which comes first.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +41,9 @@ from . import protocol
 from .auth import AuthFailure, Grant, TokenStore, presented_token
 from .hub import Hub
 from .metrics import Stats
-from .outbox import Outbox
+from .outbox import Outbox, TlsOutbox
 from .protocol import ErrorCode, RequestError
+from .tls import TlsError, TlsSession
 from .upgrade import (
     HandshakeError,
     Headers,
@@ -50,6 +57,9 @@ from .upgrade import (
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64  # handshakes run inline at accept: keep each batch short
 DISPATCH_BATCH = 128  # ready sockets handled per dispatcher round
+# TLS handshake steps (key exchange, signature: ~1 ms of CPU each) per dispatcher or accept
+# round: a wss:// reconnect storm must not hold the event loop away from the fan-out for long.
+TLS_HANDSHAKES_PER_ROUND = 16
 
 CLOSE_GRACE = 2.0  # seconds a peer gets to answer a close the server started
 REAP_INTERVAL = 0.25  # how often handshake and close deadlines are enforced
@@ -119,6 +129,7 @@ class Client:
         "reading",
         "send_frame",
         "sock",
+        "tls",
     )
 
     def __init__(
@@ -131,6 +142,7 @@ class Client:
         log: Any,
         deadlines: dict[Client, float],
         finish: Callable[[Client, str], None],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()  # kept: a closed socket's fileno() is -1
@@ -152,13 +164,26 @@ class Client:
         self.last_seen = 0.0  # trio time the peer last sent anything
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
-        self.outbox = Outbox(
-            sock,
-            max_bytes=outbox_cap,
-            spawn=spawn,
-            on_overflow=self._on_overflow,
-            on_failure=self._on_failure,
-        )
+        # wss://: the connection's TLS state machine; its outbox encrypts at send time.
+        self.tls: TlsSession | None = None
+        if tls is None:
+            self.outbox = Outbox(
+                sock,
+                max_bytes=outbox_cap,
+                spawn=spawn,
+                on_overflow=self._on_overflow,
+                on_failure=self._on_failure,
+            )
+        else:
+            self.tls = TlsSession(tls)
+            self.outbox = TlsOutbox(
+                sock,
+                self.tls,
+                max_bytes=outbox_cap,
+                spawn=spawn,
+                on_overflow=self._on_overflow,
+                on_failure=self._on_failure,
+            )
         # The hub's entry point: a pre-encoded frame goes straight into the single write path.
         self.send_frame = self.outbox.write
 
@@ -250,8 +275,9 @@ class WebSocketServer:
     are an outbox's drain task, which exists while that client lags, and one per closing client
     waiting for its last bytes to leave.
 
-    `auth` and `limits` are replaced wholesale on reload; each new handshake reads the current ones
-    and established connections are left alone.
+    `auth`, `limits` and `tls` (the SSLContext of wss://, None for ws://) are replaced wholesale
+    on reload; each new connection reads the current ones and established connections are left
+    alone (a TLS connection keeps the certificate it was served).
     """
 
     def __init__(
@@ -264,8 +290,11 @@ class WebSocketServer:
         log: Any,
         *,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._listener = listener
+        self.tls = tls
+        self._tls_handshakes = 0  # TLS handshake steps in the current dispatch or accept round
         self._hub = hub
         self.auth = auth
         self.limits = limits
@@ -354,16 +383,20 @@ class WebSocketServer:
     async def _dispatch_loop(self, poller: select.epoll) -> None:
         """Run the state machine of every client whose socket is readable, forever.
 
-        Each round handles at most DISPATCH_BATCH ready sockets and then waits on Trio's own
-        epoll again, which is a checkpoint: the hub and the accept loop get their turn between
+        Each round handles at most DISPATCH_BATCH ready sockets (fewer once it has run
+        TLS_HANDSHAKES_PER_ROUND TLS handshake steps) and then waits on Trio's own epoll again,
+        which is a checkpoint: the hub and the accept loop get their turn between
         rounds. Sockets stay ready (level-triggered) until read, so nothing is missed.
         """
         while True:
             await trio.lowlevel.wait_readable(poller)
+            self._tls_handshakes = 0
             for fd, _ in poller.poll(0, DISPATCH_BATCH):
                 client = self._clients.get(fd)
                 if client is not None:
                     self._on_readable(client)
+                    if self._tls_handshakes >= TLS_HANDSHAKES_PER_ROUND:
+                        break  # the rest stay ready (level-triggered): next round
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Close the listener, send every client a close frame with `code`, wait until all are gone.
@@ -389,7 +422,10 @@ class WebSocketServer:
             await trio.lowlevel.wait_readable(self._listener)
             # Accept in batches so a reconnect storm is taken in quickly, yet each batch ends
             # with a checkpoint and the fan-out keeps its turn.
+            self._tls_handshakes = 0
             for _ in range(ACCEPT_BATCH):
+                if self._tls_handshakes >= TLS_HANDSHAKES_PER_ROUND:
+                    break
                 try:
                     sock, address = self._listener.accept()
                 except BlockingIOError:
@@ -413,6 +449,7 @@ class WebSocketServer:
             self._log,
             self._deadlines,
             self._finish,
+            self.tls,
         )
         if not self._clients:
             self._idle = trio.Event()
@@ -436,6 +473,8 @@ class WebSocketServer:
         self._hub.unsubscribe_all(client)
         if not self._clients:
             self._idle.set()
+        if client.tls is not None:
+            client.outbox.close_notify()  # type: ignore[attr-defined]
         client.outbox.detach()
         trio.lowlevel.notify_closing(client.sock)  # wakes a drain task waiting on the socket
         client.sock.close()
@@ -488,6 +527,13 @@ class WebSocketServer:
         if data is None:
             return  # nothing yet (the usual case right after accept)
         client.last_seen = trio.current_time()
+        if client.tls is not None and data:
+            self._on_ciphertext(client, data)
+        else:
+            self._on_plaintext(client, data)
+
+    def _on_plaintext(self, client: Client, data: bytes) -> None:
+        """Run the upgrade parser or wsproto on `data`; b"" is the peer's end of stream."""
         if client.conn is not None:
             client.conn.receive_data(data or None)  # None: the peer closed, wsproto sees 1006
             self._handle_events(client)
@@ -495,6 +541,60 @@ class WebSocketServer:
             self._finish(client, "closed")  # gone before completing a request
         elif client.handshake is not None:
             self._feed_handshake(client, data)
+
+    def _on_ciphertext(self, client: Client, data: bytes) -> None:
+        """Decrypt `data` and run the client's state machine on the plaintext, if any.
+
+        What the TLS session has to send (handshake records, session tickets) is written first;
+        the peer's close_notify counts as its end of stream.
+        """
+        tls = client.tls
+        assert tls is not None
+        if not tls.established:
+            self._tls_handshakes += 1
+        try:
+            plaintext = tls.receive(data)
+        except TlsError as exc:
+            self._tls_failed(client, exc)
+            return
+        client.outbox.send_tls_output()  # type: ignore[attr-defined]
+        if client.finished:
+            return
+        if plaintext:
+            self._on_plaintext(client, plaintext)
+        if tls.peer_closed and not client.finished and client.reading:
+            self._on_plaintext(client, b"")
+
+    def _tls_failed(self, client: Client, exc: TlsError) -> None:
+        """End a connection whose peer broke TLS: send its alert (or, to a plain HTTP request,
+        a plain 400) and close. Only this connection is affected."""
+        outbox: TlsOutbox = client.outbox  # type: ignore[assignment]
+        if client.connected_at is None:
+            reason = "tls_handshake" if exc.during_handshake else "tls_error"
+            self._stats.rejected_upgrades[reason] += 1
+            self._log.info(
+                "tls_handshake_failed" if exc.during_handshake else "tls_error",
+                peer=client.peer,
+                reason=exc.reason,
+                plain_http=exc.plain_http,
+            )
+        else:
+            self._log.info("tls_error", peer=client.peer, reason=exc.reason)
+        client.handshake = None
+        if exc.plain_http:
+            outbox.write_raw(
+                reject_response(
+                    400,
+                    orjson.dumps(
+                        {"error": "tls_required", "message": "this port serves wss:// (TLS)"}
+                    ),
+                    b"application/json",
+                )
+            )
+        else:
+            outbox.send_tls_output()  # the alert (protocol_version, bad_record_mac, …)
+        if not client.finished:
+            self._finish_when_flushed(client, "tls_error")
 
     def _feed_handshake(self, client: Client, data: bytes) -> None:
         assert client.handshake is not None
