@@ -250,3 +250,28 @@ def test_default_allowed_origins_are_the_dashboards_own() -> None:
     assert allowed_origins(Settings(server={"allowed_origins": ["*"]})) is None
     configured = allowed_origins(Settings(server={"allowed_origins": ["https://A.example/"]}))
     assert configured == frozenset({"https://a.example"})
+
+
+async def test_garbage_collection_loop_collects_cycles_and_stops_when_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import gc
+    import weakref
+
+    from agentspoonsd.daemon import collect_garbage_loop
+
+    class Node:
+        pass
+
+    gc.disable()  # only the loop may collect during this test
+    try:
+        cycle = Node()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        alive = weakref.ref(cycle)
+        del cycle
+        with trio.move_on_after(45) as scope:
+            await collect_garbage_loop(30.0)
+        assert scope.cancelled_caught  # it runs until cancelled, and then stops
+        assert alive() is None  # collected by the loop's first round
+    finally:
+        gc.enable()

@@ -15,6 +15,7 @@ each service what it needs; services hold no global state.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import ssl
@@ -110,6 +111,23 @@ def allowed_origins(settings: Settings) -> frozenset[str] | None:
     port = settings.health.port
     hosts = {settings.health.host, "localhost", "127.0.0.1", "[::1]"} - {"0.0.0.0", "::"}
     return frozenset(f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https"))
+
+
+GC_INTERVAL = 30.0  # seconds between full collections of the cyclic garbage collector
+
+
+async def collect_garbage_loop(interval: float) -> None:
+    """Run a full cyclic collection every `interval` seconds, forever (cancel to stop).
+
+    `cli.tune_gc` raises the collector's thresholds so collections stay off the broadcast path;
+    with them, the reference cycles a closed connection leaves (wsproto's parser is a generator
+    that refers to its own object) would reach the oldest generation and wait there for a full
+    collection that the thresholds make rare: memory would grow with connection churn. A full
+    collection of live objects only (start-up objects are frozen) takes milliseconds.
+    """
+    while True:
+        await trio.sleep(interval)
+        gc.collect()
 
 
 def open_history(settings: Settings) -> History:
@@ -302,6 +320,7 @@ class Daemon:
                     )
                 # systemd: READY=1 once the first update exists, WATCHDOG=1 from this loop (a
                 # wedged event loop stops petting), STATUS= with clients and update rate.
+                root.start_soon(collect_garbage_loop, GC_INTERVAL)
                 root.start_soon(sdnotify.watchdog_loop, notifier)
                 root.start_soon(sdnotify.status_loop, notifier, self.stats)
                 root.start_soon(sdnotify.ready_when, notifier, lambda: hub.last_publish is not None)
