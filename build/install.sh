@@ -6,6 +6,11 @@
 #   $DESTDIR/etc/agentspoonsd/agentspoonsd.toml          the commented production config
 #   $DESTDIR/etc/agentspoonsd/agentspoonsd.env           environment overrides (all commented)
 #   $DESTDIR/etc/agentspoonsd/agentspoonsd.schema.json   the config's JSON Schema, for editors
+#   $DESTDIR/etc/agentspoonsd/tokens.toml                the clients' tokens (none yet), mode 0600
+#   $DESTDIR/etc/sysusers.d/agentspoonsd.conf            the service's system user
+#
+# Installing on this machine (no DESTDIR) also creates that user and gives it the tokens file
+# (build/service-user.sh); a package runs that script after unpacking.
 #
 # DESTDIR stages the tree for a package; empty, it installs on this machine (as root).
 # The binary, units and schema are replaced on every install (an upgrade). The config and env file
@@ -40,6 +45,9 @@ mv -f "$DESTDIR$unitdir/agentspoonsd.service.tmp" "$DESTDIR$unitdir/agentspoonsd
 install -m 0644 "$top/systemd/agentspoonsd.socket" "$DESTDIR$unitdir/agentspoonsd.socket"
 echo "installed $DESTDIR$unitdir/agentspoonsd.service and agentspoonsd.socket"
 install -m 0644 "$top/config/agentspoonsd.schema.json" "$DESTDIR$confdir/agentspoonsd.schema.json"
+install -d -m 0755 "$DESTDIR/etc/sysusers.d"
+install -m 0644 "$top/systemd/agentspoonsd.sysusers" "$DESTDIR/etc/sysusers.d/agentspoonsd.conf"
+echo "installed $DESTDIR/etc/sysusers.d/agentspoonsd.conf"
 
 kept=""
 # install_config SOURCE NAME MODE: never replaces an operator's edits.
@@ -60,12 +68,20 @@ install_config() {
 # token digests only, never tokens. The env file is read by systemd itself, as root.
 install_config "$top/config/agentspoonsd.example.toml" agentspoonsd.toml 0644
 install_config "$top/config/agentspoonsd.env" agentspoonsd.env 0600
+# The tokens file is created once and then only ever edited by `agentspoonsd token`.
+if [ ! -e "$DESTDIR$confdir/tokens.toml" ]; then
+    install -m 0600 "$top/config/tokens.toml" "$DESTDIR$confdir/tokens.toml"
+    echo "installed $DESTDIR$confdir/tokens.toml"
+fi
+if [ -z "$DESTDIR" ]; then
+    sh "$here/service-user.sh" /
+fi
 
 cat <<EOF
 
 agentspoonsd is installed. Next steps:
-  1. Make a token for each client and paste its block into $confdir/agentspoonsd.toml:
-       $bindir/agentspoonsd token new dashboard
+  1. Make a token for each client (appended to $confdir/tokens.toml; the token is printed once):
+       $bindir/agentspoonsd token new dashboard --config $confdir/agentspoonsd.toml
   2. Check the config:
        $bindir/agentspoonsd check-config --config $confdir/agentspoonsd.toml
   3. Start it, now and at every boot:
@@ -82,5 +98,6 @@ if [ -n "$kept" ]; then
 fi
 if [ -n "$DESTDIR" ]; then
     echo
-    echo "(staged under DESTDIR=$DESTDIR: nothing on this machine changed)"
+    echo "(staged under DESTDIR=$DESTDIR: nothing on this machine changed; once unpacked, run"
+    echo " build/service-user.sh to create the agentspoonsd user and give it the tokens file)"
 fi

@@ -7,14 +7,18 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from agentspoonsd import tokenfile
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "agentspoonsd.example.toml"
 ENV_FILE = ROOT / "config" / "agentspoonsd.env"
+SYSUSERS = ROOT / "systemd" / "agentspoonsd.sysusers"
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +68,23 @@ def test_install_stages_everything_with_the_right_modes(frozen: Path, tmp_path: 
     env = dest / "etc/agentspoonsd/agentspoonsd.env"
     assert env.read_text() == ENV_FILE.read_text() and mode(env) == 0o600
     assert (dest / "etc/agentspoonsd/agentspoonsd.schema.json").is_file()
-    # Nothing else, nowhere else.
+    tokens = dest / "etc/agentspoonsd/tokens.toml"
+    assert tokens.read_text() == tokenfile.HEADER and mode(tokens) == 0o600
+    sysusers = dest / "etc/sysusers.d/agentspoonsd.conf"
+    assert sysusers.read_text() == SYSUSERS.read_text() and mode(sysusers) == 0o644
+    # Nothing else, nowhere else: staging creates no user.
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert files == [
         "etc/agentspoonsd/agentspoonsd.env",
         "etc/agentspoonsd/agentspoonsd.schema.json",
         "etc/agentspoonsd/agentspoonsd.toml",
+        "etc/agentspoonsd/tokens.toml",
         "etc/systemd/system/agentspoonsd.service",
         "etc/systemd/system/agentspoonsd.socket",
+        "etc/sysusers.d/agentspoonsd.conf",
         "usr/local/bin/agentspoonsd",
     ]
+    assert "build/service-user.sh" in out
     assert "systemctl daemon-reload && systemctl enable --now agentspoonsd" in out
     assert "token new" in out and "journalctl -u agentspoonsd" in out
 
@@ -147,3 +158,96 @@ def test_prefix_moves_the_binary_and_the_units_exec_start(frozen: Path, tmp_path
     assert "ExecStart=/opt/agentspoonsd/bin/agentspoonsd run --config" in unit
     assert "/usr/local/bin" not in unit
     assert (dest / "etc/agentspoonsd/agentspoonsd.toml").is_file()  # config stays in /etc
+
+
+def test_shipped_tokens_file_is_the_header_token_new_writes() -> None:
+    assert (ROOT / "config" / "tokens.toml").read_text() == tokenfile.HEADER
+
+
+def test_installed_tokens_file_is_never_replaced(frozen: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "pkg"
+    make_install(dest)
+    tokens = dest / "etc/agentspoonsd/tokens.toml"
+    tokens.write_text(tokenfile.HEADER + '\n[[tokens]]\nname = "a"\nsha256 = "' + "a" * 64 + '"\n')
+    before = tokens.read_text()
+    make_install(dest)
+    assert tokens.read_text() == before
+    assert not tokens.with_name("tokens.toml.new").exists()
+
+
+def run_as(uid: int, gid: int, *argv: str, tmpdir: Path) -> subprocess.CompletedProcess[str]:
+    """`argv` as uid:gid with no supplementary groups, as systemd runs the service."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
+
+
+def test_the_service_user_reads_its_tokens_file_and_root_edits_keep_it_theirs(
+    frozen: Path,
+) -> None:
+    """The gap DynamicUser alone leaves: a 0600 tokens file root made is unreadable to the
+    service. build/service-user.sh creates the static user (in the tree's own passwd) and gives
+    it the file; `token new|revoke`, run as root, keep it that user's."""
+    # Outside pytest's tmp_path: its parents are root-only, and the service user must traverse.
+    base = Path(tempfile.mkdtemp(prefix="agentspoonsd-install-"))
+    try:
+        base.chmod(0o755)
+        dest = base / "root"
+        make_install(dest)
+        user = subprocess.run(
+            ["sh", str(ROOT / "build" / "service-user.sh"), str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert user.returncode == 0, user.stderr
+        (entry,) = [
+            line.split(":")
+            for line in (dest / "etc/passwd").read_text().splitlines()
+            if line.startswith("agentspoonsd:")
+        ]
+        uid, gid, shell = int(entry[2]), int(entry[3]), entry[6]
+        assert 0 < uid < 1000 and shell == "/usr/sbin/nologin"  # a system user, no login
+        tokens = dest / "etc/agentspoonsd/tokens.toml"
+        assert (tokens.stat().st_uid, tokens.stat().st_gid, mode(tokens)) == (uid, gid, 0o600)
+
+        binary = str(dest / "usr/local/bin/agentspoonsd")
+        config = str(dest / "etc/agentspoonsd/agentspoonsd.toml")
+        for name in ("dashboard", "scripts"):
+            made = subprocess.run(
+                [binary, "token", "new", name, "--config", config],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "TMPDIR": str(base)},
+            )
+            assert made.returncode == 0, made.stderr
+        revoked = subprocess.run(
+            [binary, "token", "revoke", "scripts", "--config", config],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TMPDIR": str(base)},
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        assert (tokens.stat().st_uid, tokens.stat().st_gid, mode(tokens)) == (uid, gid, 0o600)
+
+        unpack = base / "unpack"  # the one-file build's TMPDIR, the service user's
+        unpack.mkdir()
+        os.chown(unpack, uid, gid)
+        checked = run_as(uid, gid, binary, "check-config", "--config", config, tmpdir=unpack)
+        assert checked.returncode == 0, checked.stderr
+        assert '"dashboard"' in checked.stdout and '"scripts"' not in checked.stdout
+
+        # Without the user: the file root made is refused, naming the key (what the unit's
+        # transient user hit before).
+        os.chown(tokens, 0, 0)
+        refused = run_as(uid, gid, binary, "check-config", "--config", config, tmpdir=unpack)
+        assert refused.returncode == 78
+        assert "auth.tokens_file" in refused.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

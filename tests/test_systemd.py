@@ -190,6 +190,8 @@ def test_one_file_unpacks_into_the_runtime_directory_not_tmp() -> None:
 def test_hardening_directives() -> None:
     expected = {
         "DynamicUser": "yes",
+        "User": "agentspoonsd",  # the static one from sysusers.d when it exists
+        "Group": "agentspoonsd",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
@@ -399,3 +401,15 @@ def test_descriptors_that_are_not_listeners_are_skipped(listeners: list[socket.s
     assert report["fd3_open"] is False  # the pipe was ours (LISTEN_FDS): closed, not leaked
     child.send_signal(signal.SIGTERM)
     child.wait(5)
+
+
+def test_sysusers_entry_names_the_units_user(tmp_path: Path) -> None:
+    """systemd-sysusers accepts the shipped entry and creates the user and group the unit names."""
+    subprocess.run(["sh", str(ROOT / "build" / "ensure-systemd.sh")], check=True)
+    conf = ROOT / "systemd" / "agentspoonsd.sysusers"
+    (tmp_path / "etc").mkdir()  # where it writes passwd and group
+    subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(conf)], check=True)
+    user = one(SERVICE, "Service", "User")
+    group = one(SERVICE, "Service", "Group")
+    assert (tmp_path / "etc/passwd").read_text().startswith(f"{user}:")
+    assert (tmp_path / "etc/group").read_text().startswith(f"{group}:")

@@ -239,12 +239,12 @@ def test_revoked_since() -> None:
         "rotated": "replaced",
         "expiring": "expired",
     }
-    # Auth switched off, or on: nothing is tied to a token on the other side.
+    # Auth switched off: every client is welcome, nothing is closed. Switched on: the anonymous
+    # connections the old store let in are.
     assert store_of(enabled=False).revoked_since(old, T0) == {}
-    assert (
-        new.revoked_since(store_of(TokenSettings(name="x", sha256=DIGEST_A), enabled=False), T0)
-        == {}
-    )
+    assert new.revoked_since(
+        store_of(TokenSettings(name="x", sha256=DIGEST_A), enabled=False), T0
+    ) == {"anonymous": "auth_enabled"}
 
 
 # --- auth.tokens_file -----------------------------------------------------------------------------
@@ -784,3 +784,34 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
     for secret in (kept, revoked, short):
         assert secret not in daemon.log_text
         assert hash_token(secret) not in daemon.log_text
+
+
+async def test_a_reload_that_switches_auth_on_closes_the_anonymous_connections(
+    tmp_path: Path, daemon_proc: list[DaemonProcess]
+) -> None:
+    config = tmp_path / "agentspoonsd.toml"
+    config.write_text(config_text(auth_enabled=False))
+    daemon = DaemonProcess(config)
+    daemon.start()
+    daemon_proc.append(daemon)
+    ws_port, _ = await daemon.ports()
+    url = f"ws://127.0.0.1:{ws_port}/"
+    token = new_token()
+
+    async with open_websocket_url(url) as anonymous:
+        assert json.loads(await anonymous.get_message())["token"] == "anonymous"
+        await next_update(anonymous)
+        config.write_text(config_text(tokens={"dashboard": token}))
+        daemon.signal(signal.SIGHUP)
+
+        assert await closed_with(anonymous, 5) == (4001, "token required")
+        event = await daemon.wait_for("token_revoked", name="anonymous")
+        assert event["cause"] == "auth_enabled" and event["connections"] == 1
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with open_websocket_url(url):
+                pass
+        assert rejected.value.status_code == 401
+        async with open_websocket_url(url, extra_headers=bearer(token)) as authenticated:
+            assert json.loads(await authenticated.get_message())["token"] == "dashboard"
+            await next_update(authenticated)
+    assert token not in daemon.log_text

@@ -117,11 +117,14 @@ class TokenStore:
         """The tokens of `old` whose connections this store no longer allows, with why.
 
         `removed`: the name is gone; `replaced`: the name now has another token (digest);
-        `expired`: the name is past its `expires` at `now`. Nothing is revoked when either store
-        has auth disabled (its connections are anonymous, or every client is now welcome).
+        `expired`: the name is past its `expires` at `now`. Switching auth on revokes the
+        anonymous connections the old store let in (`auth_enabled`); switching it off revokes
+        nothing, since every client is now welcome.
         """
-        if not (old.enabled and self.enabled):
+        if not self.enabled:
             return {}
+        if not old.enabled:
+            return {ANONYMOUS.name: "auth_enabled"}
         revoked = {}
         for name, (digest, _) in old._by_name.items():
             entry = self._by_name.get(name)

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from . import __version__, activation, sdnotify
-from .auth import TokenStore, hash_token, new_token
+from .auth import ANONYMOUS, TokenStore, hash_token, new_token
 from .health import HttpService, Probes, make_handler
 from .history import History, HistoryStore
 from .hub import Hub, encode_text_frame
@@ -374,7 +374,8 @@ class Daemon:
         """Apply a re-read config: tokens, limits and log level.
 
         Only the connections of revoked tokens are closed (4001): a token removed from the config
-        or the tokens file, given another digest, or now past its `expires`.
+        or the tokens file, given another digest, or now past its `expires`; and, when the reload
+        switches auth on, the anonymous connections let in while it was off.
         """
         try:
             new = load_settings(self.config_path)
@@ -385,6 +386,10 @@ class Daemon:
         old_auth = websocket.auth
         websocket.auth = self.token_store(new)  # first: a revoked token can no longer reconnect
         revoked = websocket.auth.revoked_since(old_auth, datetime.now(UTC))
+        if revoked.pop(ANONYMOUS.name, None) is not None:  # auth switched on
+            self._close_token_connections(
+                websocket, {ANONYMOUS.name: "auth_enabled"}, "token_revoked", "token required"
+            )
         self._close_token_connections(websocket, revoked, "token_revoked", "token revoked")
         websocket.limits = limits_from(new)
         tls_needs_restart = self._reload_tls(websocket, new)
