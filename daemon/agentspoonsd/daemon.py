@@ -27,6 +27,7 @@ import trio
 
 from . import __version__, activation, sdnotify
 from .auth import ANONYMOUS, TokenStore, hash_token, new_token
+from .dashboard import PageConfig, load_dashboard
 from .health import HttpService, Probes, make_handler
 from .history import History, HistoryStore
 from .hub import Hub, encode_text_frame
@@ -298,8 +299,13 @@ class Daemon:
             interval=lambda: self.settings.generator.interval,
         )
         registry = make_registry(self.stats, lambda: self._age(hub))
+        # The page connects to the port actually bound (socket activation may differ from config).
+        page = PageConfig("wss" if tls else "ws", ws_sock.getsockname()[1], allowed_origins(s))
+        dashboard = load_dashboard(page, log)
         http = HttpService(
-            http_listener, make_handler(probes, registry), get_logger("agentspoonsd.http")
+            http_listener,
+            make_handler(probes, registry, dashboard),
+            get_logger("agentspoonsd.http"),
         )
         services = [
             ("hub", hub),

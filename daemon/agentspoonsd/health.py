@@ -1,4 +1,4 @@
-"""The HTTP routes: /healthz, /readyz and /metrics. Pure: state in, `HttpResponse` out."""
+"""The HTTP routes: /healthz, /readyz, /metrics and the dashboard. Pure: state in, response out."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import metrics
+from .dashboard import Dashboard
 from .httpserver import Handler, HttpResponse, serve_http
 
 JSON = "application/json"
@@ -25,6 +26,7 @@ class Probes:
     ws_listening: Callable[[], bool]
     last_update_age: Callable[[], float | None]
     interval: Callable[[], float]
+    broker_problem: Callable[[], str | None] = lambda: None  # the redis broker's, if any
 
 
 def readiness(probes: Probes) -> tuple[bool, list[str]]:
@@ -32,6 +34,9 @@ def readiness(probes: Probes) -> tuple[bool, list[str]]:
     reasons = []
     if not probes.ws_listening():
         reasons.append("websocket listener is not accepting")
+    broker = probes.broker_problem()
+    if broker is not None:
+        reasons.append(broker)
     age = probes.last_update_age()
     limit = READY_AGE_FACTOR * probes.interval()
     if age is None:
@@ -41,8 +46,10 @@ def readiness(probes: Probes) -> tuple[bool, list[str]]:
     return not reasons, reasons
 
 
-def make_handler(probes: Probes, registry: CollectorRegistry) -> Callable[[str, str], HttpResponse]:
-    """The request handler for `httpserver.serve_http`."""
+def make_handler(
+    probes: Probes, registry: CollectorRegistry, dashboard: Dashboard | None = None
+) -> Callable[[str, str], HttpResponse]:
+    """The request handler for `httpserver.serve_http`; `dashboard` adds `/` and `/dashboard/`."""
 
     def handle(method: str, target: str) -> HttpResponse:
         path = urlsplit(target).path
@@ -54,6 +61,8 @@ def make_handler(probes: Probes, registry: CollectorRegistry) -> Callable[[str, 
             return HttpResponse(200 if ready else 503, orjson.dumps(body), JSON)
         if path == "/metrics":
             return HttpResponse(200, metrics.render(registry), metrics.CONTENT_TYPE)
+        if dashboard is not None and (page := dashboard.response(target)) is not None:
+            return page
         return HttpResponse(404, orjson.dumps({"error": "not_found"}), JSON)
 
     return handle

@@ -1,0 +1,223 @@
+"""The live dashboard: a static page at `/` of the HTTP port. Pure: a target in, a response out.
+
+The page (``static/``: HTML, JS, CSS and the vendored uPlot) is read from the package once, when the
+daemon starts; a request never touches the file system. A path is served only when it is a key of
+that table (`/` for the page, `/dashboard/NAME` for the rest), so no request can name another file.
+
+The page finds the WebSocket through `/dashboard/config.json` (scheme, port, the origins allowed to
+connect): the WebSocket listens on another port than the page, so the browser cannot guess it.
+
+Every response carries the same security headers: a Content-Security-Policy that allows the page's
+own files and its WebSocket and nothing else (no inline script or style, no framing, no form
+submission), nosniff, no referrer. Assets are referenced from the page as `NAME?v=DIGEST`, so they
+may be cached for good; the page itself and its config are revalidated on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from ..httpserver import HttpResponse
+
+__all__ = [
+    "CONFIG_PATH",
+    "PAGE_PATH",
+    "Dashboard",
+    "PageConfig",
+    "load_dashboard",
+    "read_static",
+]
+
+PAGE_PATH = "/"
+ASSET_PREFIX = "/dashboard/"
+CONFIG_PATH = ASSET_PREFIX + "config.json"
+INDEX = "index.html"
+
+CACHE_PAGE = "no-cache"  # revalidate: a new daemon version must bring its new page at once
+CACHE_CONFIG = "no-store"
+CACHE_IMMUTABLE = "public, max-age=31536000, immutable"  # only when ?v= matches the content
+_VERSION_LENGTH = 16
+
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+    ".md": "text/markdown; charset=utf-8",
+}
+_TEXT = "text/plain; charset=utf-8"
+# src="/dashboard/NAME" or href="/dashboard/NAME" in the page: rewritten to carry ?v=DIGEST.
+_ASSET_REFERENCE = re.compile(r'(?P<attr>src|href)="/dashboard/(?P<name>[^"?#]+)"')
+
+
+@dataclass(frozen=True, slots=True)
+class PageConfig:
+    """What the page needs to reach the WebSocket: from the settings and the bound listener."""
+
+    ws_scheme: Literal["ws", "wss"]
+    ws_port: int
+    allowed_origins: frozenset[str] | None  # as the WebSocket server checks Origin; None: any
+
+    def to_json(self) -> bytes:
+        origins = None if self.allowed_origins is None else sorted(self.allowed_origins)
+        body: dict[str, Any] = {
+            "websocket": {"scheme": self.ws_scheme, "port": self.ws_port, "path": "/"},
+            "allowed_origins": origins,
+        }
+        return orjson.dumps(body)
+
+    def connect_sources(self) -> list[str]:
+        """CSP sources for the WebSocket: its port on each host a page may connect from.
+
+        The page connects to the host it was loaded from, and only origins the WebSocket server
+        accepts can connect at all, so their hosts are the exact list. CSP has no syntax for IPv6
+        literals: a page loaded from `[::1]` is refused by the browser (and says so).
+        """
+        if self.allowed_origins is None:
+            return [f"{self.ws_scheme}://*:{self.ws_port}"]
+        hosts = {urlsplit(origin).hostname for origin in self.allowed_origins}
+        return sorted(
+            f"{self.ws_scheme}://{host}:{self.ws_port}"
+            for host in hosts
+            if host and re.fullmatch(r"[A-Za-z0-9.-]+", host)
+        )
+
+    def content_security_policy(self) -> str:
+        connect = " ".join(["'self'", *self.connect_sources()])
+        return "; ".join(
+            [
+                "default-src 'none'",
+                "script-src 'self'",
+                "style-src 'self'",
+                "img-src 'self'",
+                f"connect-src {connect}",
+                "base-uri 'none'",
+                "form-action 'none'",  # the token form is handled by script, never submitted
+                "frame-ancestors 'none'",
+            ]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Asset:
+    body: bytes
+    content_type: str
+    version: str
+
+
+class Dashboard:
+    """The dashboard's routes over files read beforehand (`read_static`)."""
+
+    def __init__(self, config: PageConfig, files: Mapping[str, bytes]) -> None:
+        if INDEX not in files:
+            raise ValueError(f"the dashboard has no {INDEX}")
+        self._assets = {
+            name: _Asset(body, _content_type(name), _digest(body))
+            for name, body in files.items()
+            if name != INDEX
+        }
+        self._page = self._versioned_page(files[INDEX])
+        self._config = config.to_json()
+        csp = config.content_security_policy()
+        self._security = (
+            ("Content-Security-Policy", csp),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+            ("X-Frame-Options", "DENY"),  # frame-ancestors for browsers that predate it
+            ("Cross-Origin-Opener-Policy", "same-origin"),
+            ("Cross-Origin-Resource-Policy", "same-origin"),
+        )
+
+    @property
+    def asset_names(self) -> list[str]:
+        return sorted(self._assets)
+
+    def asset_url(self, name: str) -> str:
+        """The URL the page uses for asset `name` (with its content digest)."""
+        return f"{ASSET_PREFIX}{name}?v={self._assets[name].version}"
+
+    def response(self, target: str) -> HttpResponse | None:
+        """The answer for `target` (path and query), or None when it is not a dashboard path.
+
+        Any path under /dashboard/ is the dashboard's: an unknown one is a 404 with its headers.
+        """
+        parts = urlsplit(target)
+        if parts.path == PAGE_PATH:
+            return self._respond(self._page, _CONTENT_TYPES[".html"], CACHE_PAGE)
+        if parts.path == CONFIG_PATH:
+            return self._respond(self._config, _CONTENT_TYPES[".json"], CACHE_CONFIG)
+        if not parts.path.startswith(ASSET_PREFIX):
+            return None
+        asset = self._assets.get(parts.path[len(ASSET_PREFIX) :])
+        if asset is None:
+            return self.not_found()
+        versioned = parse_qs(parts.query).get("v") == [asset.version]
+        return self._respond(
+            asset.body, asset.content_type, CACHE_IMMUTABLE if versioned else CACHE_PAGE
+        )
+
+    def not_found(self) -> HttpResponse:
+        """A 404 with the dashboard's headers (for unknown paths under /dashboard/)."""
+        return self._respond(b"Not Found\n", _TEXT, CACHE_CONFIG, status=404)
+
+    def _respond(
+        self, body: bytes, content_type: str, cache: str, status: int = 200
+    ) -> HttpResponse:
+        headers = (*self._security, ("Cache-Control", cache))
+        return HttpResponse(status, body, content_type, headers)
+
+    def _versioned_page(self, page: bytes) -> bytes:
+        def versioned(match: re.Match[str]) -> str:
+            name = match["name"]
+            if name not in self._assets:
+                raise ValueError(f"{INDEX} refers to a missing asset: {name}")
+            return f'{match["attr"]}="{self.asset_url(name)}"'
+
+        return _ASSET_REFERENCE.sub(versioned, page.decode("utf-8")).encode("utf-8")
+
+
+def read_static(root: Traversable | None = None) -> dict[str, bytes]:
+    """Every file of the dashboard, by its path relative to `static/` (e.g. `vendor/x/y.js`).
+
+    Raises OSError when the package's files cannot be read (a broken installation).
+    """
+    base = root if root is not None else resources.files(__package__).joinpath("static")
+    return {name: entry.read_bytes() for name, entry in _walk(base, "")}
+
+
+def load_dashboard(config: PageConfig, log: Any) -> Dashboard | None:
+    """The dashboard, or None (logged as `dashboard_unavailable`) when its files are missing:
+    a broken installation must not stop the stream, only the page."""
+    try:
+        return Dashboard(config, read_static())
+    except (OSError, ValueError) as exc:
+        log.error("dashboard_unavailable", error=str(exc))
+        return None
+
+
+def _walk(entry: Traversable, prefix: str) -> Iterator[tuple[str, Traversable]]:
+    for child in entry.iterdir():
+        name = prefix + child.name
+        if child.is_dir():
+            yield from _walk(child, name + "/")
+        elif not child.name.startswith("."):
+            yield name, child
+
+
+def _content_type(name: str) -> str:
+    suffix = name[name.rfind(".") :] if "." in name.rpartition("/")[2] else ""
+    return _CONTENT_TYPES.get(suffix, _TEXT)
+
+
+def _digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:_VERSION_LENGTH]
