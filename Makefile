@@ -51,7 +51,8 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 # The freeze is cached: rebuilt only when a source, the spec or the dependencies change (the
 # package's folders are listed too, so an added or removed module counts).
-BINARY_SOURCES := $(shell find daemon/agentspoonsd -name '*.py' -o -type d ! -name __pycache__) \
+BINARY_SOURCES := $(shell find daemon/agentspoonsd -name '*.py' -o -type d ! -name __pycache__ \
+	-o -path '*/dashboard/static/*' -type f) \
 	build/agentspoonsd.spec build/entry.py build/freeze.sh pyproject.toml
 
 $(VENV)/.installed-pyinstaller: | $(BIN)/python

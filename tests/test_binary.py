@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -217,6 +218,11 @@ async def test_frozen_daemon_serves_reloads_and_stops_cleanly(
         assert update["data"]["symbol"] == "BTC/USD" and update["data"]["seq"] >= 1
         status, _, _ = await http_get(http_port, "/healthz")
         assert status == 200
+        # The dashboard's files are in the bundle: the page, and the script it names.
+        status, headers, page = await http_get(http_port, "/")
+        assert status == 200 and "connect-src" in headers["Content-Security-Policy"]
+        script = re.search(rb'src="(/dashboard/app\.js\?v=\w+)"', page)
+        assert script and (await http_get(http_port, script[1].decode()))[0] == 200
 
         # systemctl reload = kill -HUP $MAINPID: the bootloader forwards it to the daemon.
         daemon.signal(signal.SIGHUP)

@@ -623,7 +623,7 @@
 
   function axes(format) {
     const style = { stroke: "#8aa0b2", grid: { stroke: "#263544" }, ticks: { stroke: "#263544" } };
-    return [style, { ...style, size: 72, values: (u, ticks) => ticks.map(format) }];
+    return [style, { ...style, size: 80, values: (u, ticks) => ticks.map(format) }];
   }
 
   function priceOptions(width) {
@@ -632,7 +632,7 @@
       width,
       height: 220,
       scales: { x: { time: true } },
-      axes: axes((v) => formatPrice(v)),
+      axes: axes(formatAxisPrice),
       series: [
         {},
         { label: "close", stroke: COLORS[0], width: 1.5, value },
@@ -725,6 +725,12 @@
     if (v == null) return "–";
     const digits = Math.abs(v) < 10 ? 6 : 2;
     return v.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: digits });
+  }
+
+  function formatAxisPrice(v) {
+    // Ticks differ by round steps: whole units are enough above 1,000, and keep the axis narrow.
+    const digits = Math.abs(v) >= 1000 ? 0 : Math.abs(v) >= 10 ? 2 : 6;
+    return v.toLocaleString("en-US", { maximumFractionDigits: digits });
   }
 
   function formatNumber(v, precision) {
