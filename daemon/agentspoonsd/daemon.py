@@ -282,6 +282,16 @@ class Daemon:
             log.error("tls_unavailable", key=f"server.{exc.key}", error=exc.message)
             return EXIT_CONFIG
         hub = Hub(s.generator.symbols, receive, self.stats, history=history)
+        broker = None
+        if s.broker.kind == "redis":  # imported only then: coredis is not loaded by a single node
+            from .broker.service import RedisBroker
+
+            broker = RedisBroker(
+                s,
+                hub,
+                get_logger("agentspoonsd.broker"),
+                generator_log=get_logger("agentspoonsd.generator"),
+            )
         generator = Generator(s.generator, send, get_logger("agentspoonsd.generator"))
         websocket = WebSocketServer(
             ws_sock,
@@ -297,6 +307,7 @@ class Daemon:
             ws_listening=lambda: websocket.listening,
             last_update_age=lambda: self._age(hub),
             interval=lambda: self.settings.generator.interval,
+            broker_problem=lambda: broker.problem if broker is not None else None,
         )
         registry = make_registry(self.stats, lambda: self._age(hub))
         # The page connects to the port actually bound (socket activation may differ from config).
@@ -307,12 +318,10 @@ class Daemon:
             make_handler(probes, registry, dashboard),
             get_logger("agentspoonsd.http"),
         )
-        services = [
-            ("hub", hub),
-            ("generator", generator),
-            ("websocket", websocket),
-            ("http", http),
-        ]
+        services: list[tuple[str, Any]] = [("hub", hub), ("generator", generator)]
+        if broker is not None:  # it fills the hub from Redis, and generates while elected
+            services = [("broker", broker)]
+        services += [("websocket", websocket), ("http", http)]
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as root:
                 for name, service in services:
@@ -344,6 +353,7 @@ class Daemon:
                     symbols=s.generator.symbols,
                     interval_s=s.generator.interval,
                     auth=s.auth.enabled,
+                    broker=s.broker.kind,
                 )
                 await self._handle_signals(signals, websocket)
                 root.cancel_scope.cancel()

@@ -75,6 +75,11 @@ class SymbolHistory:
         self._ring.append(entry)
         self.next_seq = entry.seq + 1
 
+    def restart(self, next_seq: int) -> None:
+        """Forget every entry and continue at `next_seq`: what is retained stays contiguous."""
+        self._ring.clear()
+        self.next_seq = next_seq
+
     def last(self, limit: int) -> list[Entry]:
         """The newest `limit` entries, oldest first."""
         if limit >= len(self._ring):
@@ -197,6 +202,10 @@ class History:
 
     def next_seq(self, symbol: str) -> int:
         return self._symbols[symbol].next_seq
+
+    def restart(self, symbol: str, next_seq: int) -> None:
+        """Drop `symbol`'s entries and continue at `next_seq` (a discontinuity upstream)."""
+        self._symbols[symbol].restart(next_seq)
 
     def record(
         self, symbol: str, seq: int, payload: bytes, frame: bytes, data: dict[str, Any]

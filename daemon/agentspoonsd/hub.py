@@ -101,28 +101,44 @@ class Hub:
         published = self._wall_clock()
         history = self.history
         for bar in bars:
-            symbol = bar.symbol
-            seq = history.next_seq(symbol)
+            seq = history.next_seq(bar.symbol)
             message = protocol.update_message(bar, seq, published)
-            payload = protocol.encode(message)
-            frame = encode_text_frame(payload)
-            history.record(symbol, seq, payload, frame, message["data"])  # before anyone sees it
-            subscribers = self._subscribers[symbol]
-            # A snapshot: a write that fails closes its client, which unsubscribes it at once.
-            for send_frame in tuple(subscribers.values()):
-                send_frame(frame)
-            deflaters = self._deflaters[symbol]
-            if deflaters:
-                compressed = encode_deflate_frame(payload)
-                for send_frame in tuple(deflaters.values()):
-                    send_frame(compressed)
-            self.last_update[symbol] = message
-            self._stats.updates_published += 1
-            self._stats.messages_sent += len(subscribers) + len(deflaters)
-            self._stats.bytes_sent += len(frame) * len(subscribers)
-            if deflaters:
-                self._stats.bytes_sent += len(compressed) * len(deflaters)
+            self._broadcast(bar.symbol, seq, protocol.encode(message), message)
         self.last_publish = trio.current_time()
+
+    def publish_encoded(
+        self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]
+    ) -> None:
+        """Record and broadcast an update numbered and encoded elsewhere (the redis broker: every
+        node sends the bytes the generating node encoded). No checkpoint.
+
+        `seq` must not be below the history's next seq (the caller skips what it already has).
+        A higher one is a discontinuity (updates lost upstream): the ring restarts there, so a
+        resume from before it gets a `reset` instead of a silent hole.
+        """
+        if seq != self.history.next_seq(symbol):
+            self.history.restart(symbol, seq)
+        self._broadcast(symbol, seq, payload, message)
+        self.last_publish = trio.current_time()
+
+    def _broadcast(self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]) -> None:
+        frame = encode_text_frame(payload)
+        self.history.record(symbol, seq, payload, frame, message["data"])  # before anyone sees it
+        subscribers = self._subscribers[symbol]
+        # A snapshot: a write that fails closes its client, which unsubscribes it at once.
+        for send_frame in tuple(subscribers.values()):
+            send_frame(frame)
+        deflaters = self._deflaters[symbol]
+        if deflaters:
+            compressed = encode_deflate_frame(payload)
+            for send_frame in tuple(deflaters.values()):
+                send_frame(compressed)
+        self.last_update[symbol] = message
+        self._stats.updates_published += 1
+        self._stats.messages_sent += len(subscribers) + len(deflaters)
+        self._stats.bytes_sent += len(frame) * len(subscribers)
+        if deflaters:
+            self._stats.bytes_sent += len(compressed) * len(deflaters)
 
     def _table(
         self, subscriber: Subscriber

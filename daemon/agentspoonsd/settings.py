@@ -48,8 +48,6 @@ DEFAULT_SEARCH_PATHS = (
     Path("/etc/agentspoonsd/agentspoonsd.toml"),
 )
 
-# Keys of the public contract whose feature is not built yet: refused rather than silently ignored.
-_NOT_YET = "{} is not available in this version of agentspoonsd; remove the key"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # RFC 3339 §5.6 date-time; the offset is optional here only to say precisely that it is missing.
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?$")
@@ -496,18 +494,32 @@ class HistorySettings(_Section):
 
 
 class BrokerSettings(_Section):
-    """[broker]: where updates flow between nodes."""
+    """[broker]: where updates flow. "memory": within this process (nothing else needed);
+    "redis": several nodes share one Redis, one of them (elected) generates, every node serves
+    its own clients from the Redis streams (docs/SCALING.md)."""
 
-    kind: Literal["memory", "redis"] = "memory"
-
-    @field_validator("kind")
-    @classmethod
-    def _redis_not_yet(cls, value: str) -> str:
-        if value == "redis":
-            raise ValueError(_NOT_YET.format("the redis broker"))
-        return value
-
-    url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    kind: Literal["memory", "redis"] = Field(
+        "memory", description='"memory" (one node) or "redis" (a cluster of nodes).'
+    )
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        pattern=r"^(rediss?|unix)://.+",
+        description="The Redis (>= 7) or Valkey of the cluster: redis://, rediss:// or unix://.",
+    )
+    lease: float = Field(
+        2.0,
+        ge=0.1,
+        le=60.0,
+        description="Seconds the generating node's lease lasts. It renews every third of it; "
+        "when it dies another node takes over within 2 x lease.",
+    )
+    prefix: str = Field(
+        "agentspoonsd",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_.:{}-]+$",
+        description="Key prefix: clusters sharing one Redis need different prefixes.",
+    )
 
 
 class HealthSettings(_Section):
@@ -603,8 +615,20 @@ def load_settings(path: Path | None, *, read_tokens_file: bool = True) -> Settin
     except SettingsError as exc:
         # pydantic-settings could not decode a list-valued variable (those must be JSON).
         raise ConfigError(_describe_undecodable_env(exc, os.environ)) from None
+    _check_broker(settings, path, os.environ)
     settings = _with_tls_files(settings, path, os.environ)
     return _with_tokens_file(settings, path, os.environ, read=read_tokens_file)
+
+
+def _check_broker(settings: Settings, path: Path | None, environ: Mapping[str, str]) -> None:
+    """With the redis broker the stream is the history: a second, local copy on disk would
+    disagree with it after another node generated."""
+    if settings.broker.kind == "redis" and settings.history.persist:
+        source = _key_source("history", "persist", path, environ)
+        raise ConfigError(
+            f'{source}: history.persist: must be false with broker.kind = "redis" '
+            "(the Redis streams keep the history)"
+        )
 
 
 def _key_source(section: str, key: str, path: Path | None, environ: Mapping[str, str]) -> str:

@@ -15,9 +15,10 @@ fits GARCH; the numbers are computed by the pure modules.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import numpy as np
 import trio
@@ -77,6 +78,23 @@ def build_model(settings: GeneratorSettings, symbol: str) -> Model:
     )
 
 
+def continuation_seed(seed: int | None, symbol: str, seq: int) -> np.random.SeedSequence:
+    """The seed of a symbol's model carried on after the update `seq` (see `continue_from`):
+    `symbol_seed`'s key plus the seq, so each continuation draws shocks of its own."""
+    if seed is None:
+        return np.random.SeedSequence()
+    return np.random.SeedSequence(entropy=seed, spawn_key=(*symbol.encode(), seq))
+
+
+def _published_block(updates: Sequence[Mapping[str, Any]]) -> BarBlock:
+    def column(name: str) -> np.ndarray:
+        return np.array([float(u[name]) for u in updates], dtype=np.float64)
+
+    return BarBlock(
+        column("open"), column("high"), column("low"), column("close"), column("volume")
+    )
+
+
 def single_bar_block(record: Record) -> BarBlock:
     def one(value: float) -> np.ndarray:
         return np.array([value], dtype=np.float64)
@@ -120,12 +138,52 @@ class Generator:
         self._unsent: list[Bar] | None = None
         self._watermarks: dict[str, datetime] = {}  # file source: last record per symbol
         self._unknown_symbols: set[str] = set()
+        self._continued: set[str] = set()  # symbols carried on from published updates
         self._running = False
 
     @property
     def symbols(self) -> tuple[str, ...]:
         """The symbols, in the order of every batch this generator sends."""
         return self._symbols
+
+    def continue_from(self, published: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Carry on series another node published (the redis broker's takeover), instead of
+        starting them afresh. Call before `run()`; CPU-bound (GARCH fits): a worker thread.
+
+        `published` maps a symbol to the `data` of its newest updates, oldest first. A synthetic
+        symbol's pipeline is fed those bars (estimator windows and the GARCH fit continue, with
+        no warm-up) and its model starts again at the last close, with a seed of its own for
+        this continuation (a fixed seed stays reproducible without replaying the same shocks).
+        A file source skips records up to the last published timestamp. Symbols not named, or
+        with nothing published, start as they would without it.
+        """
+        config = pipeline_config(self._settings)
+        for symbol, updates in published.items():
+            if symbol not in self._pipelines or not updates:
+                continue
+            last = updates[-1]
+            if self._settings.source == "file":
+                self._watermarks[symbol] = datetime.fromisoformat(last["timestamp"])
+                continue
+            if self._settings.source != "synthetic":
+                continue
+            pipeline = SymbolPipeline(symbol, config)
+            self._pipelines[symbol] = pipeline
+            pipeline.feed(_published_block(updates))
+            while pipeline.pending:
+                window = pipeline.advance()
+                if window is not None:
+                    self._install(symbol, fit_garch11(window, previous=pipeline.last_fit))
+            self._models[symbol] = make_model(
+                self._settings.model_for(symbol),
+                self._settings.params_for(symbol),
+                seed=continuation_seed(self._settings.seed, symbol, int(last["seq"])),
+                initial_price=float(last["close"]),
+                volume=self._settings.volume_for(symbol),
+                substeps=self._settings.substeps,
+            )
+            self._continued.add(symbol)
+        self._unsent = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send batches of bars (``list[Bar]``) forever; see the module docstring per source.
@@ -185,6 +243,8 @@ class Generator:
     def _warm_up(self, bars: int) -> None:
         """Run `bars` bars of every symbol through its pipeline, unpublished (a worker thread)."""
         for symbol in self._symbols:
+            if symbol in self._continued:
+                continue  # its pipeline carries a published series already
             pipeline = self._pipelines[symbol]
             for _ in range(bars):
                 window = self._step_model(symbol)
