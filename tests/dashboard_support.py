@@ -54,10 +54,15 @@ def write_config(
 
 
 def start_daemon(
-    directory: Path, ports: Ports, tokens: dict[str, str], extra: str = "", name: str = "a"
+    directory: Path,
+    ports: Ports,
+    tokens: dict[str, str],
+    extra: str = "",
+    name: str = "a",
+    env: dict[str, str] | None = None,
 ) -> DaemonProcess:
     """A daemon on `ports`, returned once /readyz answers 200 (it publishes updates)."""
-    daemon = DaemonProcess(write_config(directory, ports, tokens, extra, name))
+    daemon = DaemonProcess(write_config(directory, ports, tokens, extra, name), env)
     daemon.start()
     try:
         wait_ready(daemon, ports)

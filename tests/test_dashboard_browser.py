@@ -13,6 +13,7 @@ on its charts), `data-seq`, `data-gaps` (seq jumps: never expected) and `data-re
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from daemon_process import DaemonProcess
-from dashboard_support import Ports, free_ports, start_daemon, stop_daemon
+from dashboard_support import Ports, free_ports, start_daemon, stop_daemon, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -140,6 +141,33 @@ def test_wrong_token_is_shown_and_a_typed_token_then_connects(
     wait_state(page, "live")
     wait_updates(page, "ETH/USD", 3)
     assert page.url == url(ports)  # submitted by script: nothing in the URL
+
+
+def test_revoked_token_is_shown(
+    tmp_path: Path, daemon: tuple[DaemonProcess, Ports], page: Page
+) -> None:
+    process, ports = daemon
+    page.goto(url(ports, TOKEN))
+    wait_state(page, "live")
+    # The token leaves the config; a reload closes its connections with 4001.
+    write_config(tmp_path, ports, {"other": "some-other-token"})
+    process.signal(signal.SIGHUP)
+    wait_state(page, "revoked")
+    assert "token revoked" in page.inner_text("#detail")
+    assert page.is_visible("#token-form")
+
+
+def test_origin_the_daemon_refuses_is_shown(tmp_path: Path, page: Page) -> None:
+    ports = free_ports()
+    only = {"AGENTSPOONSD_SERVER__ALLOWED_ORIGINS": '["https://dash.example.com"]'}
+    process = start_daemon(tmp_path, ports, {"dash": TOKEN}, env=only)
+    try:
+        page.goto(url(ports, TOKEN))
+        wait_state(page, "origin")
+        detail = page.inner_text("#detail")
+        assert "https://dash.example.com" in detail and "server.allowed_origins" in detail
+    finally:
+        process.kill()
 
 
 def test_no_token_asks_for_one(daemon: tuple[DaemonProcess, Ports], page: Page) -> None:
