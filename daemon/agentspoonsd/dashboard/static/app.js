@@ -58,6 +58,7 @@
     token: null,
     ws: null,
     requests: null,
+    generation: 0, // bumped by every connect(): an older attempt's late callbacks then do nothing
     opened: false, // the current socket's handshake succeeded
     attempt: 0, // failed attempts since the last good connection (backoff exponent)
     refusals: 0,
@@ -174,18 +175,23 @@
 
   async function connect() {
     clearTimers();
+    stopSocket();
+    const generation = ++state.generation;
     if (!state.token) {
       setState("no-token", "Not connected", "Enter an access token to watch the stream.");
       askForToken();
       return;
     }
     if (!state.config) {
+      let config;
       try {
-        state.config = await loadConfig();
+        config = await loadConfig();
       } catch {
-        daemonDown();
+        if (generation === state.generation) daemonDown();
         return;
       }
+      if (generation !== state.generation) return;
+      state.config = config;
     }
     if (!originAllowed()) {
       setState(
@@ -217,7 +223,7 @@
     };
     // A failure fires `error` then `close`; the close event carries all that can be known.
     ws.onclose = (event) => {
-      if (ws === state.ws) onClose(event);
+      if (ws === state.ws) onClose(event, generation);
     };
   }
 
@@ -235,7 +241,7 @@
     state.timer = state.countdown = null;
   }
 
-  function onClose(event) {
+  function onClose(event, generation) {
     const opened = state.opened;
     stopSocket();
     if (event.code === CLOSE_TOKEN_REVOKED) {
@@ -249,6 +255,7 @@
     }
     if (opened) {
       state.downSince ??= Date.now();
+      state.config = null; // a restarted daemon may listen elsewhere: ask again
       const why =
         {
           1001: "the daemon is shutting down or restarting",
@@ -258,10 +265,10 @@
       scheduleReconnect("reconnecting", "Disconnected", `Disconnected: ${why}.`);
       return;
     }
-    handshakeFailed();
+    handshakeFailed(generation);
   }
 
-  async function handshakeFailed() {
+  async function handshakeFailed(generation) {
     if (state.cspBlocked) {
       setState(
         "origin",
@@ -272,7 +279,9 @@
       );
       return;
     }
-    if (!(await daemonAnswers())) {
+    const answers = await daemonAnswers();
+    if (generation !== state.generation) return; // a new token or Retry in the meantime
+    if (!answers) {
       daemonDown();
       return;
     }
@@ -299,6 +308,7 @@
 
   function daemonDown() {
     state.downSince ??= Date.now();
+    state.config = null;
     state.refusals = 0;
     const since = new Date(state.downSince).toLocaleTimeString();
     scheduleReconnect(
