@@ -626,3 +626,68 @@ async def test_revoked_token_connections_close_with_4001(running: Running) -> No
         assert closed.value.reason.code == 4001
         publish(running, 1)
         assert (await until_update(kept))["data"]["symbol"] == "BTC/USD"
+
+
+def server_side_cycles(garbage: list[object]) -> list[str]:
+    """The server's connection objects among the cyclic garbage (the clients' are not ours)."""
+    from wsproto.connection import Connection
+    from wsproto.frame_protocol import FrameProtocol
+
+    from agentspoonsd.outbox import Outbox
+    from agentspoonsd.upgrade import UpgradeParser
+    from agentspoonsd.ws import Client
+
+    found = []
+    for obj in garbage:
+        if isinstance(obj, Client | Outbox | UpgradeParser):
+            found.append(type(obj).__name__)
+        elif isinstance(obj, FrameProtocol | Connection) and obj.client is False:
+            found.append(f"server {type(obj).__name__}")
+    return found
+
+
+@pytest.mark.parametrize("running", [{"handshake_timeout": 0.2}], indirect=True)
+async def test_a_finished_connection_leaves_no_reference_cycle(running: Running) -> None:
+    """Freed by reference counting the moment it ends: nothing waits for the cyclic collector,
+    whose full collections would pause every client (the daemon runs them rarely)."""
+    import gc
+
+    async def polite() -> None:
+        stream, ws = await open_raw_client(running.port, 65536)
+        await stream.send_all(ws.send(CloseConnection(code=1000)))
+        await read_to_close(stream, ws)
+        await stream.aclose()
+
+    async def abrupt() -> None:
+        stream, _ = await open_raw_client(running.port, 65536)
+        publish(running, 1)
+        await stream.aclose()
+
+    async def refused() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        await stream.receive_some(4096)
+        await stream.aclose()
+
+    async def silent() -> None:  # cut by the handshake timeout
+        stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+        await stream.receive_some(4096)
+        await stream.aclose()
+
+    await polite()  # first use: imports and caches are not the connection's
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            for connect in (polite, abrupt, refused, silent):
+                await connect()
+        with trio.fail_after(5):
+            await running.server.wait_idle()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        assert server_side_cycles(gc.garbage) == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert running.stats.disconnects["close_1000"] >= 5

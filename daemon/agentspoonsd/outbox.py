@@ -29,6 +29,10 @@ from .tls import TlsError, TlsSession
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
 
+def _nothing() -> None:
+    """The callbacks of a detached outbox."""
+
+
 class Outbox:
     __slots__ = (
         "_draining",
@@ -192,10 +196,16 @@ class Outbox:
                 return
 
     def detach(self) -> None:
-        """The owner is closing the socket: drop everything, call nothing, write nothing more."""
+        """The owner is closing the socket: drop everything, call nothing, write nothing more.
+
+        The callbacks are dropped too: they are the owner's bound methods, and an owner that
+        holds its outbox would otherwise stay in a reference cycle with it, left for the cyclic
+        collector instead of freed when the owner lets go.
+        """
         self.failed = True
         self._queue = None
         self.queued_bytes = 0
+        self._on_overflow = self._on_failure = _nothing
 
     def _fail(self) -> None:
         if self.failed:

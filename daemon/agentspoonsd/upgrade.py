@@ -46,31 +46,43 @@ class UpgradeRequest:
     key: bytes  # Sec-WebSocket-Key, as sent
 
 
+class _RequestHead:
+    """What httptools reports of a request head (its callbacks). A separate object from the
+    parser's owner, so parser and callbacks form no reference cycle: a connection's handshake
+    state is freed by reference counting the moment it is dropped, never left to the cyclic
+    collector."""
+
+    __slots__ = ("complete", "headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 class UpgradeParser:
     """Accumulates one request head, fed in pieces of any size."""
 
-    __slots__ = ("_complete", "_headers", "_parser", "_size", "_url")
+    __slots__ = ("_head", "_parser", "_size")
 
     def __init__(self) -> None:
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._head = _RequestHead()
         self._size = 0
-        self._complete = False
-        self._parser = httptools.HttpRequestParser(self)
-
-    # httptools callbacks
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self._complete = True
+        self._parser = httptools.HttpRequestParser(self._head)
 
     def feed(self, data: bytes) -> UpgradeRequest | None:
         """Take the next bytes; the request once its head is complete, else None."""
-        if self._complete:
+        head = self._head
+        if head.complete:
             return None  # bytes after the head: the client must wait for our answer (§4.1)
         self._size += len(data)
         try:
@@ -79,21 +91,22 @@ class UpgradeParser:
             pass  # llhttp stops at the end of an upgrade request's head: what we want
         except httptools.HttpParserError:
             raise HandshakeError(400, "malformed HTTP request") from None
-        head_size = self._head_size() if self._complete else self._size
+        head_size = self._head_size() if head.complete else self._size
         if head_size > MAX_REQUEST_HEAD:
             raise HandshakeError(431, "request head too large")
-        if not self._complete:
+        if not head.complete:
             return None
         return validate(
             self._parser.get_method(),
             self._parser.get_http_version(),
-            self._url,
-            self._headers,
+            head.url,
+            head.headers,
         )
 
     def _head_size(self) -> int:
         """The head's size, near enough (request line and header lines, without spacing)."""
-        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        head = self._head
+        return len(head.url) + sum(len(n) + len(v) + 4 for n, v in head.headers)
 
 
 def validate(

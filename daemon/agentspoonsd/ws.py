@@ -398,6 +398,10 @@ class WebSocketServer:
                     if self._tls_handshakes >= TLS_HANDSHAKES_PER_ROUND:
                         break  # the rest stay ready (level-triggered): next round
 
+    async def wait_idle(self) -> None:
+        """Return once no client is connected (none at all, mid-handshake ones included)."""
+        await self._idle.wait()
+
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Close the listener, send every client a close frame with `code`, wait until all are gone.
 
