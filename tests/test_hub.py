@@ -148,3 +148,51 @@ async def test_deflate_subscribers_get_the_compressed_frame_and_replays() -> Non
     assert [orjson.loads(inflate(f))["data"]["seq"] for f in late.frames] == [2, 3]
     hub.unsubscribe_all(packed)
     assert hub.subscriptions(packed) == []
+
+
+def decode_all(data: bytes, *, deflate: bool = False) -> list[dict]:
+    """Every message of `data`, a run of whole frames (compressed ones with `deflate`)."""
+    from wsproto.extensions import PerMessageDeflate
+
+    extensions = []
+    if deflate:
+        extension = PerMessageDeflate(client_no_context_takeover=True)
+        extension.finalize("permessage-deflate; server_no_context_takeover")
+        extensions.append(extension)
+    decoder = FrameDecoder(client=True, extensions=extensions)
+    decoder.receive_bytes(data)
+    messages = []
+    while (parsed := decoder.process_buffer()) is not None:
+        assert parsed.frame_finished and parsed.message_finished
+        payload = parsed.payload if isinstance(parsed.payload, str) else bytes(parsed.payload)
+        messages.append(orjson.loads(payload))
+    return messages
+
+
+async def test_a_symbols_bars_of_one_batch_go_out_in_one_write() -> None:
+    """A generator catching up sends several bars of a symbol in one batch: each subscriber
+    gets them in one write, frames back to back in seq order, compressed ones too."""
+    stats = Stats()
+    hub, _ = make_hub(stats)
+    plain, compressed, eth_only = Collector(), Collector(), Collector()
+    compressed.deflate = True  # type: ignore[attr-defined]
+    hub.subscribe(plain, SYMBOLS)
+    hub.subscribe(compressed, SYMBOLS)
+    hub.subscribe(eth_only, ["ETH/USD"])
+    hub.publish([bar("BTC/USD", 100), bar("ETH/USD", 10), bar("BTC/USD", 101)])
+
+    assert len(plain.frames) == 2 and len(compressed.frames) == 2 and len(eth_only.frames) == 1
+    btc, eth = decode_all(plain.frames[0]), decode_all(plain.frames[1])
+    assert [(m["data"]["symbol"], m["data"]["seq"], m["data"]["close"]) for m in btc] == [
+        ("BTC/USD", 1, 100.0),
+        ("BTC/USD", 2, 101.0),
+    ]
+    assert [m["data"]["seq"] for m in eth] == [1]
+    assert decode_all(compressed.frames[0], deflate=True) == btc
+    assert decode_all(compressed.frames[1], deflate=True) == eth
+    assert decode_all(eth_only.frames[0]) == eth
+    # Counted as messages, not writes; the history has each update on its own.
+    assert (
+        stats.updates_published == 3 and stats.messages_sent == 2 * 2 + 2 * 1 + 1
+    )  # BTC ×2, ETH to three
+    assert [e.seq for e in hub.history["BTC/USD"].last(10)] == [1, 2]

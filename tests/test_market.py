@@ -33,7 +33,7 @@ from structlog.testing import capture_logs
 from agentspoonsd.market import models
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.estimators import ESTIMATOR_NAMES
-from agentspoonsd.market.generator import Generator, symbol_seed
+from agentspoonsd.market.generator import MAX_CATCH_UP_TICKS, Generator, symbol_seed
 from agentspoonsd.settings import GeneratorSettings
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
@@ -255,14 +255,18 @@ async def test_ticks_follow_absolute_deadlines_with_a_slow_consumer(
     assert not [e for e in logs if e["event"] == "generator_ticks_skipped"]
 
 
-@pytest.mark.parametrize(("stall", "skipped"), [(3.5, 1), (10.25, 8)])
-async def test_missed_ticks_are_skipped_not_burst(
-    autojump_clock: trio.testing.MockClock, stall: float, skipped: int
+@pytest.mark.parametrize(
+    ("stall", "caught_up", "skipped"),
+    [(3.5, 1, 0), (10.25, MAX_CATCH_UP_TICKS, 8 - MAX_CATCH_UP_TICKS)],
+)
+async def test_missed_ticks_are_made_up_then_skipped_never_burst(
+    autojump_clock: trio.testing.MockClock, stall: float, caught_up: int, skipped: int
 ) -> None:
     interval = 1.0
     send, receive = trio.open_memory_channel[list[Bar]](0)
     stamps = Stamps()
     generator = make_generator(send, stamps, interval=interval)
+    symbols = len(generator._symbols)
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             await nursery.start(generator.run)
@@ -274,19 +278,32 @@ async def test_missed_ticks_are_skipped_not_burst(
                 batches.append(await receive.receive())
                 received_at.append(trio.current_time() - start)
             nursery.cancel_scope.cancel()
-    # Tick 1 (stamped on time, delivered late), then one batch for the latest due tick, sent at
-    # once, then back on the grid.
+    # Tick 1 (stamped on time, delivered late), then one batch for the latest due tick that
+    # carries the bars of up to MAX_CATCH_UP_TICKS missed ticks too, sent at once, then back on
+    # the grid.
     resume = math.floor(stall) + 1
     assert received_at == pytest.approx([stall, stall, resume, resume + 1.0])
     assert [t - start for t in stamps.times[:4]] == pytest.approx(
         [0.0, 1.0, stall, resume], abs=1e-9
     )
+    assert [len(b) for b in batches] == [symbols, symbols, symbols * (1 + caught_up)] + [
+        symbols
+    ] * 2
     skips = [e for e in logs if e["event"] == "generator_ticks_skipped"]
-    assert [e["count"] for e in skips] == [skipped]
-    assert skips[0]["log_level"] == "warning"
-    # A skipped tick skips no bar: the series goes on from the last bar sent.
-    for before, after in pairwise(batches):
-        assert [b.open for b in after] == [b.close for b in before]
+    assert [e["count"] for e in skips] == ([skipped] if skipped else [])
+    assert all(e["log_level"] == "warning" for e in skips)
+    # Neither a made-up nor a skipped tick breaks the series: each symbol's bars, in batch
+    # order, go on from the last bar sent; their close times keep going forward, a made-up
+    # bar's one interval before the next, the batch's last at its emission.
+    emitted = EPOCH + timedelta(seconds=stall)
+    expected = [emitted - timedelta(seconds=interval * k) for k in range(caught_up, -1, -1)]
+    for symbol in generator._symbols:
+        series = [bar for batch in batches for bar in batch if bar.symbol == symbol]
+        assert len(series) == 4 + 1 + caught_up
+        for before, after in pairwise(series):
+            assert after.open == before.close
+            assert after.timestamp > before.timestamp
+        assert [bar.timestamp for bar in series[2 : 3 + caught_up]] == expected
 
 
 # --- cancellation and restarts -------------------------------------------------------------------

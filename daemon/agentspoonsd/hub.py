@@ -97,13 +97,23 @@ class Hub:
             self.publish(bars)
 
     def publish(self, bars: list[Bar]) -> None:
-        """Number, encode, record and hand each bar to its subscribers. No checkpoint."""
+        """Number, encode, record and hand each bar to its subscribers. No checkpoint.
+
+        A symbol's bars of one batch (a generator catching up sends several) reach each of its
+        subscribers in one write, their frames back to back in seq order: one send per client
+        whatever the number of bars, which is what lets a late generator catch up.
+        """
         published = self._wall_clock()
         history = self.history
+        encoded: dict[str, list[tuple[bytes, bytes]]] = {}  # symbol → [(payload, frame)]
         for bar in bars:
             seq = history.next_seq(bar.symbol)
             message = protocol.update_message(bar, seq, published)
-            self._broadcast(bar.symbol, seq, protocol.encode(message), message)
+            payload = protocol.encode(message)
+            frame = self._record(bar.symbol, seq, payload, message)
+            encoded.setdefault(bar.symbol, []).append((payload, frame))
+        for symbol, updates in encoded.items():
+            self._send(symbol, updates)
         self.last_publish = trio.current_time()
 
     def publish_encoded(
@@ -118,27 +128,36 @@ class Hub:
         """
         if seq != self.history.next_seq(symbol):
             self.history.restart(symbol, seq)
-        self._broadcast(symbol, seq, payload, message)
+        frame = self._record(symbol, seq, payload, message)
+        self._send(symbol, [(payload, frame)])
         self.last_publish = trio.current_time()
 
-    def _broadcast(self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]) -> None:
+    def _record(self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]) -> bytes:
+        """Keep the update in the history (before anyone sees it); its frame."""
         frame = encode_text_frame(payload)
-        self.history.record(symbol, seq, payload, frame, message["data"])  # before anyone sees it
+        self.history.record(symbol, seq, payload, frame, message["data"])
+        self.last_update[symbol] = message
+        self._stats.updates_published += 1
+        return frame
+
+    def _send(self, symbol: str, updates: list[tuple[bytes, bytes]]) -> None:
+        """Write `updates` ((payload, frame) of one symbol, in seq order) to its subscribers:
+        one write per subscriber."""
+        frames = updates[0][1] if len(updates) == 1 else b"".join(f for _, f in updates)
         subscribers = self._subscribers[symbol]
         # A snapshot: a write that fails closes its client, which unsubscribes it at once.
         for send_frame in tuple(subscribers.values()):
-            send_frame(frame)
+            send_frame(frames)
+        stats = self._stats
+        stats.messages_sent += len(subscribers) * len(updates)
+        stats.bytes_sent += len(frames) * len(subscribers)
         deflaters = self._deflaters[symbol]
         if deflaters:
-            compressed = encode_deflate_frame(payload)
+            compressed = b"".join(encode_deflate_frame(payload) for payload, _ in updates)
             for send_frame in tuple(deflaters.values()):
                 send_frame(compressed)
-        self.last_update[symbol] = message
-        self._stats.updates_published += 1
-        self._stats.messages_sent += len(subscribers) + len(deflaters)
-        self._stats.bytes_sent += len(frame) * len(subscribers)
-        if deflaters:
-            self._stats.bytes_sent += len(compressed) * len(deflaters)
+            stats.messages_sent += len(deflaters) * len(updates)
+            stats.bytes_sent += len(compressed) * len(deflaters)
 
     def _table(
         self, subscriber: Subscriber

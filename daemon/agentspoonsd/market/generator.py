@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -36,6 +36,11 @@ from .sources import follow_file, replay_csv
 # Bars simulated per model call: large enough to amortise numpy's per-call cost, small enough
 # that a refill (every BLOCK_BARS ticks) costs well under a millisecond per symbol.
 BLOCK_BARS = 256
+# Ticks a late loop makes up in its next batch (bars of each symbol beyond the due one). Falling
+# behind by a tick under load then costs no update: the hub sends a symbol's bars of one batch to
+# each client in one write, so catching up is cheaper than the ticks were. Later ticks than this
+# are skipped, so a long stall never turns into a burst.
+MAX_CATCH_UP_TICKS = 2
 
 
 def _utc_now() -> datetime:
@@ -139,6 +144,7 @@ class Generator:
         self._watermarks: dict[str, datetime] = {}  # file source: last record per symbol
         self._unknown_symbols: set[str] = set()
         self._continued: set[str] = set()  # symbols carried on from published updates
+        self._last_stamp: datetime | None = None  # close time of the newest bar sent
         self._running = False
 
     @property
@@ -210,9 +216,10 @@ class Generator:
         """Schedule: the first tick is emitted at once after `task_status.started()`; tick ``k``
         is due at ``start + k * interval`` on Trio's clock. Deadlines are absolute, so time spent
         generating or blocked in ``send`` (a slow consumer) never accumulates as drift. If the
-        loop falls behind by whole intervals, the ticks whose deadlines have all passed are
-        skipped (logged as ``generator_ticks_skipped`` with their ``count``) and one batch is
-        sent for the latest due tick: never a burst. Bars are stamped `wall_clock()` at emission.
+        loop falls behind by whole intervals, the next batch makes up to `MAX_CATCH_UP_TICKS` of
+        the missed ticks: it carries their bars too, each symbol's in series order. Ticks missed
+        beyond that are skipped (logged as ``generator_ticks_skipped`` with their ``count``):
+        never a burst. Bars are stamped `wall_clock()` at emission.
         """
         settings = self._settings
         if not self._warmed_up:
@@ -234,11 +241,11 @@ class Generator:
         while True:
             await trio.sleep_until(start + tick * interval)
             due = _latest_due_tick(start, interval, trio.current_time())
-            if due > tick:
-                self._log.warning("generator_ticks_skipped", count=due - tick)
-                tick = due
-            await self._emit()
-            tick += 1
+            if due - tick > MAX_CATCH_UP_TICKS:
+                self._log.warning("generator_ticks_skipped", count=due - tick - MAX_CATCH_UP_TICKS)
+                tick = due - MAX_CATCH_UP_TICKS
+            await self._emit(bars_per_symbol=due - tick + 1)
+            tick = due + 1
 
     def _warm_up(self, bars: int) -> None:
         """Run `bars` bars of every symbol through its pipeline, unpublished (a worker thread)."""
@@ -251,32 +258,53 @@ class Generator:
                 if window is not None:
                     self._install(symbol, fit_garch11(window, previous=pipeline.last_fit))
 
-    async def _emit(self) -> None:
+    async def _emit(self, bars_per_symbol: int = 1) -> None:
         stamp = self._timestamp()
         if self._unsent is not None:
-            batch = [bar._replace(timestamp=stamp) for bar in self._unsent]
+            # Re-stamped as a whole: a made-up tick keeps its place one interval before the next.
+            shift = stamp - self._unsent[-1].timestamp
+            batch = [bar._replace(timestamp=bar.timestamp + shift) for bar in self._unsent]
         else:
-            batch = await self._next_batch(stamp)
+            batch = await self._next_batch(self._round_stamps(stamp, bars_per_symbol))
         # Remember the batch until the send completes: a Cancelled from a Trio channel send means
         # it was not delivered, and dropping it would leave a hole in the price series.
         self._unsent = batch
         await self._send.send(batch)
+        self._last_stamp = batch[-1].timestamp
         self._unsent = None
 
-    async def _next_batch(self, stamp: datetime) -> list[Bar]:
+    def _round_stamps(self, stamp: datetime, rounds: int) -> list[datetime]:
+        """The close times of `rounds` bars ending at `stamp`: the made-up ticks' bars one
+        interval apart before it, as if each had been emitted on time, yet never before the bar
+        last sent (a bar's time never goes backwards)."""
+        step = timedelta(seconds=self._settings.interval)
+        floor = self._last_stamp
+        stamps = []
+        for k in range(rounds - 1, -1, -1):
+            t = stamp - k * step
+            if floor is not None and t < floor:
+                t = floor
+            stamps.append(t)
+            floor = t
+        return stamps
+
+    async def _next_batch(self, stamps: list[datetime]) -> list[Bar]:
+        """One bar of every symbol per stamp, round by round (each symbol's bars in series
+        order)."""
         # Shielded: the batch is built whole or not at all (a cancel between symbols would
         # advance some series without publishing them). Its only wait is a bounded GARCH fit.
         with trio.CancelScope(shield=True):
             batch = []
-            for symbol in self._symbols:
-                pipeline = self._pipelines[symbol]
-                window = self._step_model(symbol)
-                if window is not None:
-                    fit = await trio.to_thread.run_sync(
-                        partial(fit_garch11, window, previous=pipeline.last_fit)
-                    )
-                    self._install(symbol, fit)
-                batch.append(pipeline.bar(stamp))
+            for stamp in stamps:
+                for symbol in self._symbols:
+                    pipeline = self._pipelines[symbol]
+                    window = self._step_model(symbol)
+                    if window is not None:
+                        fit = await trio.to_thread.run_sync(
+                            partial(fit_garch11, window, previous=pipeline.last_fit)
+                        )
+                        self._install(symbol, fit)
+                    batch.append(pipeline.bar(stamp))
             return batch
 
     def _step_model(self, symbol: str) -> FloatArray | None:
