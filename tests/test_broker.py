@@ -15,7 +15,14 @@ import structlog
 import trio
 
 from agentspoonsd import protocol
-from agentspoonsd.broker.election import Election, Role, Transition
+from agentspoonsd.broker.election import (
+    ACQUIRE_SCRIPT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+    Election,
+    Role,
+    Transition,
+)
 from agentspoonsd.broker.entries import (
     PUBLISH_SCRIPT,
     BadEntry,
@@ -338,6 +345,26 @@ async def test_publish_is_fenced_by_the_lease_and_the_seq(redis: RedisServer) ->
         args = ["node-a", 10, 9, payload(9), 10, payload(10)]
         assert await publish(keys=[lease, key, key], args=args) == 0
     assert await stream_seqs(redis.url) == [7, 8, 9, 10]
+
+
+async def test_lease_scripts_take_renew_and_release_only_their_own(redis: RedisServer) -> None:
+    lease = lease_key("unit")
+    async with coredis.Redis.from_url(redis.url) as client:
+        acquire = client.register_script(ACQUIRE_SCRIPT)
+        renew = client.register_script(RENEW_SCRIPT)
+        release = client.register_script(RELEASE_SCRIPT)
+        assert await renew(keys=[lease], args=["node-a", 5000]) == 0  # nobody's: not renewed
+        assert await acquire(keys=[lease], args=["node-a", 5000]) == 1  # SET NX PX
+        assert await acquire(keys=[lease], args=["node-b", 5000]) == 0  # held by a
+        assert await renew(keys=[lease], args=["node-b", 60_000]) == 0  # never another's
+        assert 0 < await client.pttl(lease) <= 5000
+        assert await acquire(keys=[lease], args=["node-a", 7000]) == 1  # its own: taken back
+        assert await renew(keys=[lease], args=["node-a", 9000]) == 1
+        assert 7000 < await client.pttl(lease) <= 9000
+        assert await release(keys=[lease], args=["node-b"]) == 0
+        assert await client.get(lease) == b"node-a"
+        assert await release(keys=[lease], args=["node-a"]) == 1
+        assert await client.get(lease) is None
 
 
 async def test_a_deposed_leader_stops_generating(redis: RedisServer) -> None:

@@ -1,8 +1,9 @@
 """Who generates: a lease in Redis, held by one node at a time. Pure state machine, no I/O.
 
 The lease is one key (``{prefix}:leader``) whose value is the holder's node id, set with
-``SET key id NX PX lease`` (take it when nobody holds it) and renewed with a compare-and-renew
-script (extend it only while the value is still our id: a node never extends another's lease).
+``SET key id NX PX lease`` (take it when nobody holds it; `ACQUIRE_SCRIPT`) and renewed with a
+compare-and-renew script (extend it only while the value is still our id: a node never extends
+another's lease).
 
 Local time is the judge of how long the lease is ours: it counts from when the request that got
 it was *sent*, which is no later than when Redis set the expiry, so the node stops believing it
@@ -18,6 +19,21 @@ from enum import Enum
 
 RENEW_FRACTION = 1 / 3
 RETRY_FRACTION = 1 / 4
+
+# Take the lease: SET NX PX when nobody holds it. Also 1 when it is already ours (a node whose
+# term ended on its own deadline while a renewal was in flight takes it back at once instead of
+# waiting for its own key to expire; nobody else could publish meanwhile: publishing checks the
+# holder). 1: ours now, 0: another node's.
+ACQUIRE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+return 0
+"""
 
 # Renew only our own lease: PEXPIRE if the value is still ours. 1: renewed, 0: not ours (or gone).
 RENEW_SCRIPT = """

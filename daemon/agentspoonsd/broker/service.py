@@ -33,7 +33,14 @@ from ..hub import Hub
 from ..market.bar import Bar
 from ..market.generator import Generator
 from ..settings import Settings
-from .election import RELEASE_SCRIPT, RENEW_SCRIPT, Election, Role, Transition
+from .election import (
+    ACQUIRE_SCRIPT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+    Election,
+    Role,
+    Transition,
+)
 from .entries import (
     PUBLISH_SCRIPT,
     BadEntry,
@@ -184,6 +191,7 @@ class RedisBroker:
         url = self._settings.broker.url
         timeout = self._request_timeout
         client = coredis.Redis.from_url(url, connect_timeout=timeout, stream_timeout=None)
+        self._acquire = client.register_script(ACQUIRE_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
         self._publish_script = client.register_script(PUBLISH_SCRIPT)
         self._election = Election(self.lease)  # a restarted run starts as a follower
@@ -290,7 +298,6 @@ class RedisBroker:
         Redis trouble: a failed request is retried, and a lease not renewed in time ends the
         term (the term's deadline does that even while a request hangs)."""
         election = self._election
-        client = self._require_client()
         lease_ms = int(self.lease * 1000)
         while True:
             await trio.sleep_until(election.next_attempt_at())
@@ -298,18 +305,9 @@ class RedisBroker:
             role = election.attempting(sent_at)
             try:
                 with trio.fail_after(self._request_timeout):
-                    if role is Role.FOLLOWER:
-                        granted = await client.set(
-                            self._lease_key,
-                            self.node_id,
-                            condition=coredis.PureToken.NX,
-                            px=lease_ms,
-                        )
-                    else:
-                        reply = await self._renew(
-                            keys=[self._lease_key], args=[self.node_id, lease_ms]
-                        )
-                        granted = reply == 1
+                    script = self._acquire if role is Role.FOLLOWER else self._renew
+                    reply = await script(keys=[self._lease_key], args=[self.node_id, lease_ms])
+                    granted = reply == 1
             except UNAVAILABLE as exc:
                 self.link.down(exc)
                 transition = election.failed(trio.current_time())
