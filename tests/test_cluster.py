@@ -121,7 +121,7 @@ def log_time(event: dict[str, Any]) -> float:
 
 
 async def test_every_node_sends_the_same_updates_and_history(start_node) -> None:
-    first, first_ws, _ = await start_node()
+    first, first_ws, first_http = await start_node()
     await first.wait_for("leader_elected")
     second, second_ws, second_http = await start_node()
     async with trio.open_nursery() as nursery:
@@ -154,6 +154,10 @@ async def test_every_node_sends_the_same_updates_and_history(start_node) -> None
     assert all(on_a[seq] == text for seq, text in resumed.updates if seq in on_a)
     status, _, body = await http_get(second_http, "/readyz")
     assert (status, json.loads(body)["status"]) == (200, "ready")
+    for port, leader in ((first_http, 1.0), (second_http, 0.0)):
+        metrics = (await http_get(port, "/metrics"))[2].decode()
+        assert f"agentspoonsd_broker_leader {leader}" in metrics
+        assert "agentspoonsd_broker_connected 1.0" in metrics
 
 
 async def test_kill_9_of_the_leader_hands_over_within_two_leases(start_node) -> None:
@@ -206,6 +210,9 @@ async def test_redis_outage_keeps_clients_and_recovers(start_node, redis: RedisS
             await node.wait_for("broker_disconnected", within=5)
             _, _, body = await wait_for_readyz(http_port, 503)
             assert any("redis unavailable" in reason for reason in json.loads(body)["reasons"])
+            metrics = (await http_get(http_port, "/metrics"))[2].decode()
+            assert "agentspoonsd_broker_connected 0.0" in metrics
+            assert "agentspoonsd_broker_disconnects_total 1.0" in metrics
         await trio.sleep(3 * LEASE)  # the leader's lease runs out meanwhile
         seen = [client.seqs[-1] for client in clients]
         for client in clients:  # still connected, still answered

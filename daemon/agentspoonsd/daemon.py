@@ -316,6 +316,10 @@ class Daemon:
             broker_problem=lambda: broker.problem if broker is not None else None,
         )
         registry = make_registry(self.stats, lambda: self._age(hub))
+        if broker is not None:
+            from .broker.metrics import BrokerCollector
+
+            registry.register(BrokerCollector(broker))
         # The page connects to the port actually bound (socket activation may differ from config).
         page = PageConfig("wss" if tls else "ws", ws_sock.getsockname()[1], allowed_origins(s))
         dashboard = load_dashboard(page, log)

@@ -80,6 +80,7 @@ class Link:
         self.error: str | None = None
         self._down_since: float | None = None
         self._last_ok = float("-inf")
+        self.outages = 0  # broker_disconnected events so far
 
     def up(self) -> None:
         self._last_ok = trio.current_time()
@@ -99,6 +100,7 @@ class Link:
         if self.connected and trio.current_time() - self._last_ok < LINK_GRACE:
             return  # one stale pooled connection right after a success: not an outage yet
         self.connected, self.error = False, error
+        self.outages += 1
         self._down_since = trio.current_time()
         self._log.warning("broker_disconnected", url=self._url, error=error)
 
@@ -162,6 +164,7 @@ class RedisBroker:
         self.link = Link(log, settings.broker.url)
         self._election = Election(self.lease)
         self._term: trio.CancelScope | None = None  # while leading: cancels the generator
+        self.terms = 0  # times elected
         self._client: coredis.Redis[bytes] | None = None
 
     # ------------------------------------------------------------------ public state
@@ -318,6 +321,7 @@ class RedisBroker:
 
     def _on_transition(self, transition: Transition | None, nursery: trio.Nursery) -> None:
         if transition is Transition.ELECTED:
+            self.terms += 1
             self._term = trio.CancelScope(deadline=self._election.valid_until)
             nursery.start_soon(self._lead, self._term)
         elif transition is not None:
