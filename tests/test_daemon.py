@@ -250,6 +250,25 @@ def test_default_allowed_origins_are_the_dashboards_own() -> None:
     assert allowed_origins(Settings(server={"allowed_origins": ["*"]})) is None
     configured = allowed_origins(Settings(server={"allowed_origins": ["https://A.example/"]}))
     assert configured == frozenset({"https://a.example"})
+    bound = allowed_origins(Settings(health={"port": 0}), http_port=43210)
+    assert bound is not None and "http://127.0.0.1:43210" in bound
+
+
+async def test_default_origins_follow_the_bound_http_port(daemon_factory) -> None:
+    """`[health] port = 0`: the dashboard is served from the port the kernel picked, and that is
+    the origin its WebSocket is let in from."""
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"dashboard": token}))
+    ws_port, http_port = await daemon.ports()
+    url = f"ws://127.0.0.1:{ws_port}/"
+    own = [(b"Origin", f"http://127.0.0.1:{http_port}".encode()), *bearer(token)]
+    async with open_websocket_url(url, extra_headers=own) as ws:
+        assert json.loads(await ws.get_message())["type"] == "connected"
+    other = [(b"Origin", b"http://127.0.0.1:1"), *bearer(token)]
+    with pytest.raises(ConnectionRejected) as rejected:
+        async with open_websocket_url(url, extra_headers=other):
+            pass
+    assert rejected.value.status_code == 403
 
 
 async def test_garbage_collection_loop_collects_cycles_and_stops_when_cancelled(

@@ -76,7 +76,7 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def limits_from(settings: Settings) -> Limits:
+def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
     s = settings.server
     return Limits(
         max_connections=s.max_connections,
@@ -88,7 +88,7 @@ def limits_from(settings: Settings) -> Limits:
         max_client_messages_per_second=s.max_client_messages_per_second,
         max_client_errors=s.max_client_errors,
         permessage_deflate=s.permessage_deflate,
-        allowed_origins=allowed_origins(settings),
+        allowed_origins=allowed_origins(settings, http_port),
         max_connections_per_ip=s.max_connections_per_ip,
         max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
     )
@@ -102,15 +102,18 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return server_context(s.tls_cert, s.tls_key)
 
 
-def allowed_origins(settings: Settings) -> frozenset[str] | None:
+def allowed_origins(settings: Settings, http_port: int | None = None) -> frozenset[str] | None:
     """The Origins a browser may connect from: the configured ones ("*": any, None returned), or
-    by default only the daemon's own dashboard (the HTTP port, by its usual local names)."""
+    by default only the daemon's own dashboard (the HTTP port, by its usual local names).
+
+    `http_port`: the port the HTTP listener actually bound (`[health] port = 0`, or a socket
+    systemd passed); the configured one when not given."""
     configured = settings.server.allowed_origins
     if configured is not None:
         if "*" in configured:
             return None
         return frozenset(o.lower().rstrip("/") for o in configured)
-    port = settings.health.port
+    port = settings.health.port if http_port is None else http_port
     hosts = {settings.health.host, "localhost", "127.0.0.1", "[::1]"} - {"0.0.0.0", "::"}
     return frozenset(f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https"))
 
@@ -181,6 +184,7 @@ class Daemon:
         self._ephemeral: TokenSettings | None = None
         # (name, expires) of the tokens whose expiry was already acted on.
         self._expiries_handled: set[tuple[str, datetime]] = set()
+        self._http_port: int | None = None  # the HTTP listener's bound port, once bound
 
     def token_store(self, settings: Settings) -> TokenStore:
         """The auth store for `settings`, with the ephemeral token when none is configured (and
@@ -271,6 +275,7 @@ class Daemon:
         except OSError as exc:
             log.error("listener_bind_failed", error=str(exc))
             return EXIT_OSERR
+        self._http_port = http_sock.getsockname()[1]
         for name in inherited.close_unused():
             log.warning("inherited_socket_unused", fd_name=name)
         if not s.auth.enabled:
@@ -303,7 +308,7 @@ class Daemon:
             ws_sock,
             hub,
             self.token_store(s),
-            limits_from(s),
+            limits_from(s, self._http_port),
             self.stats,
             get_logger("agentspoonsd.ws"),
             tls=tls,
@@ -321,7 +326,9 @@ class Daemon:
 
             registry.register(BrokerCollector(broker))
         # The page connects to the port actually bound (socket activation may differ from config).
-        page = PageConfig("wss" if tls else "ws", ws_sock.getsockname()[1], allowed_origins(s))
+        page = PageConfig(
+            "wss" if tls else "ws", ws_sock.getsockname()[1], allowed_origins(s, self._http_port)
+        )
         dashboard = load_dashboard(page, log)
         http = HttpService(
             http_listener,
@@ -417,7 +424,7 @@ class Daemon:
                 websocket, {ANONYMOUS.name: "auth_enabled"}, "token_revoked", "token required"
             )
         self._close_token_connections(websocket, revoked, "token_revoked", "token revoked")
-        websocket.limits = limits_from(new)
+        websocket.limits = limits_from(new, self._http_port)
         tls_needs_restart = self._reload_tls(websocket, new)
         self._level_gate.set(new.log.level)
         needs_restart = changes_needing_restart(self.settings, new) + tls_needs_restart
