@@ -663,6 +663,12 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
             deflate=True,
             **common,
         ),
+        "E": Scenario(
+            "E",
+            "capacity: A at twice the rate, more than any server here delivers (its maximum)",
+            rate=2 * args.rate,
+            **common,
+        ),
     }
     chosen = [all_scenarios[k] for k in args.scenarios]
     if args.connect_rate:
@@ -673,7 +679,7 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 clients, 10 s")
-    parser.add_argument("--scenarios", default="ABCD", type=lambda v: list(v.replace(",", "")))
+    parser.add_argument("--scenarios", default="ABCDE", type=lambda v: list(v.replace(",", "")))
     parser.add_argument("--servers", default=",".join(SERVERS), type=lambda v: v.split(","))
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=20.0, help="updates/s in A and C")
