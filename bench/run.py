@@ -701,7 +701,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.clients, args.duration, args.warmup = 1000, 10.0, 3.0
     unknown = [s for s in args.servers if s not in SERVERS] + [
-        k for k in args.scenarios if k not in "ABCD"
+        k for k in args.scenarios if k not in "ABCDE"
     ]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
