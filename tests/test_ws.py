@@ -691,3 +691,12 @@ async def test_a_finished_connection_leaves_no_reference_cycle(running: Running)
         gc.garbage.clear()
         gc.enable()
     assert running.stats.disconnects["close_1000"] >= 5
+
+
+@pytest.mark.parametrize("running", [{"send_buffer_bytes": 65536}], indirect=True)
+async def test_client_sockets_get_the_configured_send_buffer(running: Running) -> None:
+    """What the kernel may hold for one client is bounded (Linux doubles the value asked)."""
+    stream, _ = await open_raw_client(running.port, 65536)
+    (client,) = running.server._clients.values()
+    assert client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
+    await stream.aclose()

@@ -81,6 +81,7 @@ def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
     return Limits(
         max_connections=s.max_connections,
         max_backlog_bytes=s.max_backlog_bytes,
+        send_buffer_bytes=s.send_buffer_bytes or None,
         max_message_size=s.max_message_size,
         handshake_timeout=s.handshake_timeout,
         ping_interval=s.ping_interval,

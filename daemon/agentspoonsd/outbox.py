@@ -62,7 +62,10 @@ class Outbox:
         self._sock = sock
         self._send = sock.send
         # Created on first need: most connections keep up and never queue anything.
-        self._queue: deque[memoryview] | None = None
+        # Whole writes are queued as the bytes given (the broadcast's frame is one object shared
+        # by every client that lags: a queued update costs a client 8 bytes, not a copy or a
+        # view); only a partly sent head becomes a memoryview of its rest.
+        self._queue: deque[bytes | memoryview] | None = None
         self._head_started = False  # some bytes of _queue[0] are already on the wire
         self._spawn = spawn
         self._on_overflow = on_overflow
@@ -94,7 +97,7 @@ class Outbox:
             self._fail()
             return
         if sent != len(data):
-            self._queue_rest(memoryview(data)[sent:], started=sent > 0)
+            self._queue_rest(memoryview(data)[sent:] if sent else data, started=sent > 0)
             if self.queued_bytes > self.max_bytes:
                 self.sealed = True
                 self._on_overflow()
@@ -139,7 +142,7 @@ class Outbox:
 
     def _enqueue(self, data: bytes) -> None:
         if self._queue:
-            self._queue_rest(memoryview(data), started=self._head_started)
+            self._queue_rest(data, started=self._head_started)
             return
         # The hot path of every broadcast: one non-blocking send of the whole frame.
         try:
@@ -150,9 +153,9 @@ class Outbox:
             self._fail()
             return
         if sent != len(data):
-            self._queue_rest(memoryview(data)[sent:], started=sent > 0)
+            self._queue_rest(memoryview(data)[sent:] if sent else data, started=sent > 0)
 
-    def _queue_rest(self, view: memoryview, *, started: bool) -> None:
+    def _queue_rest(self, view: bytes | memoryview, *, started: bool) -> None:
         if self._queue is None:
             self._queue = deque()
         if not self._queue:
@@ -191,7 +194,7 @@ class Outbox:
                 queue.popleft()
                 self._head_started = False
             else:
-                queue[0] = head[sent:]
+                queue[0] = memoryview(head)[sent:]  # no copy of the rest
                 self._head_started = True
                 return
 
@@ -338,7 +341,7 @@ class TlsOutbox(Outbox):
             if sent == len(head):
                 queue.popleft()
             else:
-                queue[0] = head[sent:]
+                queue[0] = memoryview(head)[sent:]  # no copy of the rest
                 return
 
     def _encrypt_batch(self) -> None:

@@ -84,6 +84,7 @@ class Limits:
     max_client_errors: int = 10  # within ERROR_WINDOW seconds, then close 1008
     permessage_deflate: bool = True  # accept RFC 7692 compression when a client offers it
     allowed_origins: frozenset[str] | None = None  # None: any Origin (and requests without one)
+    send_buffer_bytes: int | None = None  # SO_SNDBUF of each client socket; None: the kernel's
     max_connections_per_ip: int | None = None
     max_auth_failures_per_minute: int = 20  # per IP; past it upgrades get 429 for a while
 
@@ -444,6 +445,12 @@ class WebSocketServer:
         assert self._poller is not None and self._nursery is not None
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.limits.send_buffer_bytes:
+            # Bounds what the kernel holds for a client that stops reading (autotuned, up to
+            # tcp_wmem's 4 MiB each: a thousand such clients put every socket of the host under
+            # TCP memory pressure, and every send slows down); the rest waits in the outbox,
+            # under max_backlog_bytes.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes)
         client = Client(
             sock,
             peer,
