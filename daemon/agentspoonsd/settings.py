@@ -91,11 +91,12 @@ class ServerSettings(_Section):
         description="Bytes queued for one slow client before it is closed with code 1013.",
     )
     send_buffer_bytes: int = Field(
-        128 * 1024,
+        32 * 1024,
         ge=0,
         description=(
             "SO_SNDBUF of each client socket (Linux doubles it): what the kernel holds for a"
-            " client that stops reading, before the max_backlog_bytes queue takes over. 0: the"
+            " client that stops reading, before the max_backlog_bytes queue takes over; it also"
+            " bounds one client's throughput to about twice this per round trip. 0: the"
             " kernel's autotuning (up to 4 MiB per client)."
         ),
     )
