@@ -196,3 +196,37 @@ async def test_a_symbols_bars_of_one_batch_go_out_in_one_write() -> None:
         stats.updates_published == 3 and stats.messages_sent == 2 * 2 + 2 * 1 + 1
     )  # BTC ×2, ETH to three
     assert [e.seq for e in hub.history["BTC/USD"].last(10)] == [1, 2]
+
+
+async def test_clients_that_confirmed_reading_are_written_first() -> None:
+    """The broadcast writes newest confirmations first: a client that answered a ping goes ahead
+    of every client that has not since, so stalled clients end up last (see `confirm_reading`)."""
+    order: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str, *, deflate: bool = False) -> None:
+            self.name, self.deflate = name, deflate
+
+        def send_frame(self, frame: bytes) -> None:
+            order.append(self.name)
+
+    hub, _ = make_hub()
+    a, b, c, z = Recorder("a"), Recorder("b"), Recorder("c"), Recorder("z", deflate=True)
+    for subscriber in (a, b, c, z):
+        hub.subscribe(subscriber, SYMBOLS)
+    hub.publish([bar("BTC/USD")])
+    assert order == ["c", "b", "a", "z"]  # nobody confirmed yet: the newest first
+    hub.confirm_reading(a)
+    hub.confirm_reading(z)
+    order.clear()
+    hub.publish([bar("BTC/USD"), bar("ETH/USD")])
+    assert order == ["a", "c", "b", "z"] * 2  # every symbol's table, compressed ones too
+    assert hub.broadcast_order("ETH/USD") == [a, c, b, z]
+    # Confirming changes nothing else: the subscriptions, and unsubscribed symbols stay so.
+    hub.unsubscribe(b, ["ETH/USD"])
+    hub.confirm_reading(b)
+    assert hub.subscriptions(b) == ["BTC/USD"]
+    assert hub.broadcast_order("BTC/USD") == [b, a, c, z]
+    assert hub.broadcast_order("ETH/USD") == [a, c, z]
+    hub.confirm_reading(Recorder("never subscribed"))  # a no-op
+    assert hub.broadcast_order("ETH/USD") == [a, c, z]

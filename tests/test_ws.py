@@ -14,7 +14,7 @@ import trio
 import trio.lowlevel
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
 from agentspoonsd.auth import TokenStore, hash_token, new_token
 from agentspoonsd.daemon import bind_listener
@@ -454,6 +454,43 @@ async def test_rate_limit_and_too_many_errors_close_1008(running: Running) -> No
         assert codes[:4] == ["rate_limited"] * 4
         assert closed.value.reason.code == 1008
     assert running.stats.disconnects["too_many_errors"] == 1
+
+
+async def test_first_ping_right_after_connecting_and_its_pong_moves_the_client_first(
+    running: Running,
+) -> None:
+    """The server pings a new client at once, before `connected` (not after ping_interval, 20 s
+    here); answering puts the client first in the broadcast order, ahead of one that connected
+    later but has not answered."""
+
+    async def connect() -> tuple[trio.SocketStream, WSConnection, list]:
+        stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="x", target=f"/?access_token={TOKEN}")))
+        events: list = []
+        with trio.fail_after(3):
+            while not any(isinstance(e, Ping) for e in events):
+                ws.receive_data(await stream.receive_some() or None)
+                events.extend(ws.events())
+        return stream, ws, events
+
+    first, first_ws, events = await connect()
+    assert [type(e).__name__ for e in events[:2]] == ["AcceptConnection", "Ping"]
+    with trio.fail_after(3):
+        while not any(isinstance(e, TextMessage) for e in events):
+            first_ws.receive_data(await first.receive_some())
+            events.extend(first_ws.events())
+    assert json.loads(events[2].data)["type"] == "connected"  # the first message
+    second, _, _ = await connect()  # never answers
+    clients = list(running.server._clients.values())
+    early, late = sorted(clients, key=lambda c: c.connected_at)
+    assert running.hub.broadcast_order("BTC/USD") == [late, early]  # nobody answered: newest
+    await first.send_all(first_ws.send(events[1].response()))
+    with trio.fail_after(3):
+        while running.hub.broadcast_order("BTC/USD") != [early, late]:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    await first.aclose()
+    await second.aclose()
 
 
 @pytest.mark.parametrize("running", [{"ping_interval": 0.1, "idle_timeout": 0.35}], indirect=True)

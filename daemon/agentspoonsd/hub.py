@@ -76,6 +76,7 @@ class Hub:
         self._wall_clock = wall_clock
         self.history = history or History(symbols, 1000, decode_frame=encode_text_frame)
         # symbol → {subscriber: its bound send_frame}; bound once so the broadcast loop is lean.
+        # Insertion order is the broadcast's order, newest first (see `confirm_reading`).
         self._subscribers: dict[str, dict[Subscriber, Callable[[bytes], None]]] = {
             s: {} for s in symbols
         }
@@ -145,8 +146,9 @@ class Hub:
         one write per subscriber."""
         frames = updates[0][1] if len(updates) == 1 else b"".join(f for _, f in updates)
         subscribers = self._subscribers[symbol]
-        # A snapshot: a write that fails closes its client, which unsubscribes it at once.
-        for send_frame in tuple(subscribers.values()):
+        # A snapshot (a write that fails closes its client, which unsubscribes it at once), in
+        # reverse: the clients that most recently proved they read come first.
+        for send_frame in reversed(tuple(subscribers.values())):
             send_frame(frames)
         stats = self._stats
         stats.messages_sent += len(subscribers) * len(updates)
@@ -154,7 +156,7 @@ class Hub:
         deflaters = self._deflaters[symbol]
         if deflaters:
             compressed = b"".join(encode_deflate_frame(payload) for payload, _ in updates)
-            for send_frame in tuple(deflaters.values()):
+            for send_frame in reversed(tuple(deflaters.values())):
                 send_frame(compressed)
             stats.messages_sent += len(deflaters) * len(updates)
             stats.bytes_sent += len(compressed) * len(deflaters)
@@ -169,6 +171,23 @@ class Hub:
         for symbol in symbols:
             table[symbol][subscriber] = subscriber.send_frame
 
+    def confirm_reading(self, subscriber: Subscriber) -> None:
+        """`subscriber` has read everything sent to it so far (it answered a ping sent after it):
+        move it to the front of every broadcast it receives, ahead of those that have not.
+
+        Order matters beyond latency. The kernel copies each send into small fragments of pages
+        it shares between sockets, and a page is freed only once every fragment in it is read.
+        Sent in arbitrary order, a client that stopped reading pins the pages of all the clients
+        written around it: with 10 % of clients stalled, nearly every page, so the kernel keeps
+        taking fresh memory at the full broadcast rate until their buffers are full, and every
+        send gets slower. Sent last, the stalled ones share pages only with each other.
+        """
+        for table in (self._subscribers, self._deflaters):
+            for subscribers in table.values():
+                send_frame = subscribers.pop(subscriber, None)
+                if send_frame is not None:
+                    subscribers[subscriber] = send_frame  # re-inserted: newest, so sent first
+
     def unsubscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
         table = self._table(subscriber)
         for symbol in symbols:
@@ -177,6 +196,11 @@ class Hub:
     def unsubscribe_all(self, subscriber: Subscriber) -> None:
         for subscribers in self._table(subscriber).values():
             subscribers.pop(subscriber, None)
+
+    def broadcast_order(self, symbol: str) -> list[Subscriber]:
+        """The subscribers of `symbol` in the order a broadcast writes to them (each table, the
+        uncompressed one first)."""
+        return [*reversed(self._subscribers[symbol]), *reversed(self._deflaters[symbol])]
 
     def subscriptions(self, subscriber: Subscriber) -> list[str]:
         """The symbols `subscriber` receives, in the hub's symbol order."""
