@@ -7,7 +7,9 @@ second each.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -292,6 +294,15 @@ class FrozenNode(DaemonProcess):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=self.env,
+            start_new_session=True,  # its own process group: `kill` reaches the child too
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def kill(self) -> None:
+        """SIGKILL the one-file bootloader *and* the daemon it unpacked and started: a SIGKILL
+        is not forwarded, so killing the bootloader alone would leave the daemon running."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
