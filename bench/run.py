@@ -74,6 +74,8 @@ class Result:
     server_rss_mb: float | None = None
     listen_overflows: int = 0  # the kernel's count of connections dropped, accept queue full
     ticks_skipped: int = 0  # generator ticks the daemon skipped because it was behind
+    kernel_tcp_mb: float | None = None  # peak of the kernel's TCP buffer memory (all sockets)
+    memory_in_use_mb: float | None = None  # peak rise of the machine's memory in use
     error: str | None = None
 
 
@@ -251,6 +253,46 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def kernel_memory_mb() -> tuple[float, float]:
+    """(TCP buffer memory, memory in use) of the whole machine, MB: what sockets hold in the
+    kernel (both ends, on loopback), and MemTotal - MemAvailable, which also counts pages the
+    kernel keeps beyond what it charges to sockets."""
+    pages = 0
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            pages = int(fields[fields.index("mem") + 1])
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = int(value.split()[0])  # kB
+    in_use = (info["MemTotal"] - info["MemAvailable"]) / 1024
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20, in_use
+
+
+class PeakKernelMemory(threading.Thread):
+    """Polls `kernel_memory_mb` until stopped: the peaks, memory in use as a rise over the start."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.period = period
+        self.tcp_mb, baseline = kernel_memory_mb()
+        self.baseline, self.in_use_mb = baseline, 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            tcp, in_use = kernel_memory_mb()
+            self.tcp_mb = max(self.tcp_mb, tcp)
+            self.in_use_mb = max(self.in_use_mb, in_use - self.baseline)
+            self._stop_event.wait(self.period)
+
+    def stop(self) -> tuple[float, float]:
+        self._stop_event.set()
+        self.join()
+        return self.tcp_mb, self.in_use_mb
+
+
 class PeakRss(threading.Thread):
     """Polls a process's VmRSS until stopped and keeps the peak."""
 
@@ -386,6 +428,8 @@ def measure(scenario: Scenario, server: str, token: str, profile: bool) -> Resul
             with server_process(cmd, RUNS / f"{name}.log") as (proc, port):
                 rss = PeakRss(proc.pid)
                 rss.start()
+                kernel = PeakKernelMemory()
+                kernel.start()
                 profiler = Profiler(proc.pid, scenario, RUNS / name) if profile else None
                 window = WindowCpu(proc.pid, profiler.start if profiler else None)
                 try:
@@ -394,6 +438,7 @@ def measure(scenario: Scenario, server: str, token: str, profile: bool) -> Resul
                     )
                 finally:
                     result.server_rss_mb = rss.stop()
+                    result.kernel_tcp_mb, result.memory_in_use_mb = kernel.stop()
                     if profiler:
                         profiler.finish()
                 result.server_cpu_pct = window.percent()
@@ -482,6 +527,11 @@ def notes(result: Result) -> str:
             f"non-readers cut {c['nonreaders_cut']}/{c['nonreaders']}, "
             f"{queued_kb:,.0f} KiB queued for each"
         )
+        if result.kernel_tcp_mb is not None and result.memory_in_use_mb is not None:
+            found.append(
+                f"kernel TCP buffers peak {result.kernel_tcp_mb:,.0f} MB, "
+                f"machine's memory in use +{result.memory_in_use_mb:,.0f} MB"
+            )
     codes = ", ".join(f"{k}×{v}" for k, v in c.get("close_codes", {}).items())
     if codes:
         found.append(f"close codes {codes}")
