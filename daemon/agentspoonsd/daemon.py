@@ -119,19 +119,18 @@ def allowed_origins(settings: Settings, http_port: int | None = None) -> frozens
     return frozenset(f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https"))
 
 
-GC_INTERVAL = 30.0  # seconds between full collections of the cyclic garbage collector
+GC_INTERVAL = 600.0  # seconds between full collections of the cyclic garbage collector
 
 
 async def collect_garbage_loop(interval: float) -> None:
     """Run a full cyclic collection every `interval` seconds, forever (cancel to stop).
 
     `cli.tune_gc` raises the collector's thresholds so collections stay off the broadcast path,
-    which makes full collections rare. A finished connection leaves no reference cycle (a test
-    keeps it so), yet the soak (5,000 clients, 100 reconnects/s) still shows why this loop is
-    here: with a full collection every 30 s RSS is flat after the history fills, every 10 min it
-    grows ~3 MB a minute, though the collections find no garbage (not yet explained: freelists
-    or allocator fragmentation; see bench/RESULTS.md). The pause grows with the live objects;
-    `garbage_collected` (debug) logs it.
+    which makes full collections rare. Nothing the daemon makes per connection or per update
+    is left in a reference cycle (tests keep it so: see `hub.release_frame_parser`, which ended
+    the ~4 MB a minute the soak grew by), so this is a safety net for what might still be, not
+    a cleaner the daemon depends on. Each one pauses every client (~35 ms with 5,000 of them);
+    `garbage_collected` (debug) logs how long and what it found.
     """
     while True:
         await trio.sleep(interval)

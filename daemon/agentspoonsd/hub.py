@@ -8,12 +8,13 @@ takes and queues the rest under its cap (see `outbox.Outbox`).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import trio
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
 from . import protocol
@@ -31,7 +32,7 @@ class Subscriber(Protocol):
 
 def encode_text_frame(payload: bytes) -> bytes:
     """One unmasked, unfragmented server text frame carrying `payload` (UTF-8 JSON)."""
-    return bytes(FrameProtocol(client=False, extensions=[]).send_data(payload.decode(), fin=True))
+    return _encode_frame(payload, [])
 
 
 def encode_deflate_frame(payload: bytes) -> bytes:
@@ -40,8 +41,31 @@ def encode_deflate_frame(payload: bytes) -> bytes:
     inflate, whatever it received before."""
     extension = PerMessageDeflate(server_no_context_takeover=True)
     extension.accept("permessage-deflate")
-    protocol = FrameProtocol(client=False, extensions=[extension])
-    return bytes(protocol.send_data(payload.decode(), fin=True))
+    return _encode_frame(payload, [extension])
+
+
+def _encode_frame(payload: bytes, extensions: list[Extension]) -> bytes:
+    protocol = FrameProtocol(client=False, extensions=extensions)
+    try:
+        return bytes(protocol.send_data(payload.decode(), fin=True))
+    finally:
+        release_frame_parser(protocol)
+
+
+def release_frame_parser(protocol: FrameProtocol | None) -> None:
+    """End `protocol`'s parser, so that the protocol is freed as soon as it is let go.
+
+    wsproto's `FrameProtocol` parses with a generator that holds the protocol, which holds the
+    generator: a cycle, left to the cyclic collector's full collections (a pause for every
+    client). One such protocol per update encoded and per connection, at 100 reconnects/s, was
+    ~4 MB of RSS a minute unless a full collection ran every 30 s. Closing the generator breaks
+    the cycle. wsproto has no public call for it, so this reaches in, and does nothing if a later
+    wsproto names things differently (a test notices the cycle coming back). Call it only once
+    nothing is parsed with `protocol` any more.
+    """
+    parser = getattr(protocol, "_parse_more", None)
+    if isinstance(parser, types.GeneratorType):
+        parser.close()
 
 
 def frame_payload(frame: bytes) -> bytes:

@@ -41,7 +41,7 @@ from wsproto.utilities import LocalProtocolError
 
 from . import protocol
 from .auth import AuthFailure, Grant, TokenStore, presented_token
-from .hub import Hub
+from .hub import Hub, release_frame_parser
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
 from .protocol import ErrorCode, RequestError
@@ -503,6 +503,8 @@ class WebSocketServer:
         if client.tls is not None:
             client.outbox.close_notify()  # type: ignore[attr-defined]
         client.outbox.detach()
+        if client.conn is not None:  # wsproto's parser cycle (see release_frame_parser)
+            release_frame_parser(getattr(client.conn, "_proto", None))
         trio.lowlevel.notify_closing(client.sock)  # wakes a drain task waiting on the socket
         client.sock.close()
         if client.connected_at is None:
