@@ -378,7 +378,7 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path, search_paths: tuple[P
         find_config_path(missing, {})
     with pytest.raises(ConfigError, match=re.escape(str(missing))):
         find_config_path(None, {CONFIG_ENV_VAR: str(missing)})
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"not a regular file \(a directory\)"):
         find_config_path(tmp_path, {})  # a directory is not a config file
 
 

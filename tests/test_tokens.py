@@ -342,7 +342,7 @@ def test_empty_tokens_file_is_valid(tmp_path: Path) -> None:
 
 def test_tokens_file_that_is_a_directory(tmp_path: Path) -> None:
     path = write(tmp_path / "c.toml", f'[auth]\ntokens_file = "{tmp_path}"\n')
-    assert "cannot read: Is a directory" in config_error(path)
+    assert "not a regular file (a directory)" in config_error(path)
 
 
 def test_unreadable_tokens_file(tmp_path: Path) -> None:
@@ -450,7 +450,7 @@ def reload_setup(tmp_path: Path) -> tuple[Daemon, FakeServer, Path, io.BytesIO]:
     return daemon, server, tokens, stream
 
 
-def test_reload_closes_the_connections_of_revoked_tokens(tmp_path: Path) -> None:
+async def test_reload_closes_the_connections_of_revoked_tokens(tmp_path: Path) -> None:
     daemon, server, tokens, stream = reload_setup(tmp_path)
     new_digest = hash_token("rotated-2")
     write(
@@ -459,7 +459,7 @@ def test_reload_closes_the_connections_of_revoked_tokens(tmp_path: Path) -> None
         + block("kept", DIGEST_C, "tokens")
         + block("added", hash_token("x"), "tokens"),
     )
-    daemon._reload(server)  # type: ignore[arg-type]
+    await daemon.reload(server)  # type: ignore[arg-type]
     assert server.auth.grant("added") is not None and server.auth.grant("gone") is None
     assert sorted(server.closed, key=lambda c: sorted(c[0])) == [
         ({"gone"}, 4001, "token revoked"),
@@ -476,7 +476,7 @@ def test_reload_closes_the_connections_of_revoked_tokens(tmp_path: Path) -> None
         assert digest not in text and digest[:16] not in text
 
 
-def test_reload_revokes_a_token_that_is_now_expired(tmp_path: Path) -> None:
+async def test_reload_revokes_a_token_that_is_now_expired(tmp_path: Path) -> None:
     daemon, server, tokens, stream = reload_setup(tmp_path)
     past = "2020-01-01T00:00:00Z"
     write(
@@ -485,7 +485,7 @@ def test_reload_revokes_a_token_that_is_now_expired(tmp_path: Path) -> None:
         + block("rotated", DIGEST_B, "tokens")
         + block("kept", DIGEST_C, "tokens", f"expires = {past}"),
     )
-    daemon._reload(server)  # type: ignore[arg-type]
+    await daemon.reload(server)  # type: ignore[arg-type]
     assert server.closed == [({"kept"}, 4001, "token revoked")]
     events = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert {"event": "tokens_expired", "names": ["kept"]}.items() <= next(
@@ -495,11 +495,11 @@ def test_reload_revokes_a_token_that_is_now_expired(tmp_path: Path) -> None:
     assert revoked["cause"] == "expired" and revoked["connections"] == 5
 
 
-def test_rejected_reload_revokes_nothing(tmp_path: Path) -> None:
+async def test_rejected_reload_revokes_nothing(tmp_path: Path) -> None:
     daemon, server, tokens, stream = reload_setup(tmp_path)
     before = server.auth
     tokens.unlink()  # a missing tokens file is an error: the running tokens stay
-    daemon._reload(server)  # type: ignore[arg-type]
+    await daemon.reload(server)  # type: ignore[arg-type]
     assert server.auth is before and server.closed == []
     assert b"config_reload_rejected" in stream.getvalue()
 

@@ -82,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _invalid(exc: ConfigError) -> str:
+    """The message for a refused config: on the same line when it is one problem, else one
+    problem per line below."""
+    message = str(exc)
+    separator = "\n" if "\n" in message else " "
+    return f"invalid configuration:{separator}{message}"
+
+
 def _settings(config: str | None) -> tuple[Settings, Path | None]:
     path = find_config_path(config, os.environ)
     return load_settings(path), path
@@ -91,7 +99,7 @@ def _check_config(config: str | None) -> int:
     try:
         settings, path = _settings(config)
     except ConfigError as exc:
-        print(f"agentspoonsd: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"agentspoonsd: {_invalid(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"# effective configuration from {path or 'built-in defaults'}", file=sys.stderr)
     print(json.dumps(redacted(settings), indent=2, ensure_ascii=False))
@@ -151,7 +159,7 @@ def _token_new(args: argparse.Namespace) -> int:
     try:
         settings, config_path = _tokens_config(args, read_tokens_file=False)
     except ConfigError as exc:
-        return _fail(f"invalid configuration:\n{exc}")
+        return _fail(_invalid(exc))
     in_config = {t.name for t in settings.auth.tokens} if settings else set()
     file = Path(args.file) if args.file else settings.auth.tokens_file if settings else None
     if args.name in in_config:
@@ -192,7 +200,7 @@ def _token_list(args: argparse.Namespace) -> int:
     try:
         settings, path = _tokens_config(args, read_tokens_file=True)
     except ConfigError as exc:
-        return _fail(f"invalid configuration:\n{exc}")
+        return _fail(_invalid(exc))
     assert settings is not None
     auth = settings.auth
     now = datetime.now(UTC)
@@ -233,7 +241,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
     try:
         settings, config_path = _tokens_config(args, read_tokens_file=args.file is None)
     except ConfigError as exc:
-        return _fail(f"invalid configuration:\n{exc}")
+        return _fail(_invalid(exc))
     if settings is not None and any(t.name == args.name for t in settings.auth.tokens):
         return _fail(
             f'token "{args.name}" is defined in {config_path or "the environment"}'
@@ -306,7 +314,7 @@ def _run(config: str | None) -> int:
     except ConfigError as exc:
         # Logging is not configured yet (the log settings may be what is wrong): plain stderr,
         # plus one JSON line on stdout so a journal reader sees it too.
-        print(f"agentspoonsd: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"agentspoonsd: {_invalid(exc)}", file=sys.stderr)
         sys.stdout.write(
             json.dumps(
                 {

@@ -15,11 +15,13 @@ each service what it needs; services hold no global state.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ EXIT_OSERR = 71  # a listener could not be bound
 EXIT_CANTCREAT = 73  # the persisted history cannot be read or created
 CLOSE_TOKEN_REVOKED = 4001  # docs/PROTOCOL.md: the token was revoked or expired
 TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
+# Seconds a reload may spend reading its files (a hung NFS mount) before it is rejected.
+RELOAD_TIMEOUT = 10.0
+AUTH_DISABLED_DETAIL = "every client is served without a token"
 
 # Settings a SIGHUP applies live; any other change is reported as needing a restart.
 RELOADABLE = {"auth", "log"}
@@ -281,7 +286,7 @@ class Daemon:
         for name in inherited.close_unused():
             log.warning("inherited_socket_unused", fd_name=name)
         if not s.auth.enabled:
-            log.warning("auth_disabled", detail="every client is served without a token")
+            log.warning("auth_disabled", detail=AUTH_DISABLED_DETAIL)
 
         send, receive = trio.open_memory_channel[list[Bar]](16)
         try:
@@ -374,7 +379,9 @@ class Daemon:
                     auth=s.auth.enabled,
                     broker=s.broker.kind,
                 )
-                await self._handle_signals(signals, websocket)
+                reload_requests, reload_queue = trio.open_memory_channel[None](1)
+                root.start_soon(self._serve_reloads, reload_queue, websocket)
+                await self._handle_signals(signals, websocket, reload_requests)
                 root.cancel_scope.cancel()
         ws_sock.close()
         history.close()
@@ -382,13 +389,21 @@ class Daemon:
         log.info("daemon_stopped", exit_status=EXIT_OK)
         return EXIT_OK
 
-    async def _handle_signals(self, signals: Any, websocket: WebSocketServer) -> None:
-        """Return when asked to stop, after closing every client (bounded by shutdown_timeout)."""
+    async def _handle_signals(
+        self,
+        signals: Any,
+        websocket: WebSocketServer,
+        reload_requests: trio.MemorySendChannel[None],
+    ) -> None:
+        """Return when asked to stop, after closing every client (bounded by shutdown_timeout).
+
+        SIGHUP only asks `_serve_reloads` for a reload and goes back to waiting: a reload that
+        waits on a slow disk must not delay a SIGTERM. A SIGHUP while one reload is queued is
+        part of that one (it reads the files afresh anyway)."""
         async for signum in signals:
             if signum == signal.SIGHUP:
-                self._notifier.reloading()
-                self._reload(websocket)
-                self._notifier.ready()
+                with contextlib.suppress(trio.WouldBlock):
+                    reload_requests.send_nowait(None)
                 continue
             self._notifier.stopping()
             timeout = self.settings.server.shutdown_timeout
@@ -405,31 +420,65 @@ class Daemon:
                 self._log.warning("shutdown_deadline_reached", clients_left=websocket.client_count)
             return
 
-    def _reload(self, websocket: WebSocketServer) -> None:
-        """Apply a re-read config: tokens, limits and log level.
+    async def _serve_reloads(
+        self, requests: trio.MemoryReceiveChannel[None], websocket: WebSocketServer
+    ) -> None:
+        """Run the requested reloads one at a time, until cancelled (at shutdown)."""
+        async for _ in requests:
+            await self.reload(websocket)
 
-        Only the connections of revoked tokens are closed (4001): a token removed from the config
-        or the tokens file, given another digest, or now past its `expires`; and, when the reload
-        switches auth on, the anonymous connections let in while it was off.
+    async def reload(
+        self,
+        websocket: WebSocketServer,
+        load: Callable[[Path | None], Settings] = load_settings,
+    ) -> None:
+        """Re-read the config, the tokens file and the TLS files, then apply them.
+
+        The files are read and parsed in a worker thread (`load`, load_settings unless a test
+        gives another), never on the event loop. Never raises but trio.Cancelled, and in every
+        failure the running settings stay: a file refused logs `config_reload_rejected`; a read
+        still going after RELOAD_TIMEOUT is abandoned to its thread and rejected alike; any
+        other exception logs `reload_failed` with its traceback.
         """
+        self._notifier.reloading()
         try:
-            new = load_settings(self.config_path)
+            new = None
+            with trio.move_on_after(RELOAD_TIMEOUT):
+                new = await trio.to_thread.run_sync(load, self.config_path, abandon_on_cancel=True)
+            if new is None:
+                raise ConfigError(f"reading the files took over {RELOAD_TIMEOUT:g} s; not applied")
+            self._apply(websocket, new)
         except ConfigError as exc:
             self.stats.config_reloads["rejected"] += 1
             self._log.error("config_reload_rejected", path=str(self.config_path), error=str(exc))
-            return
-        old_auth = websocket.auth
-        websocket.auth = self.token_store(new)  # first: a revoked token can no longer reconnect
-        revoked = websocket.auth.revoked_since(old_auth, datetime.now(UTC))
-        if revoked.pop(ANONYMOUS.name, None) is not None:  # auth switched on
-            self._close_token_connections(
-                websocket, {ANONYMOUS.name: "auth_enabled"}, "token_revoked", "token required"
+        except Exception as exc:  # a defect: logged whole, never let out to the root nursery
+            self.stats.config_reloads["rejected"] += 1
+            self._log.error(
+                "reload_failed", path=str(self.config_path), error=repr(exc), exc_info=True
             )
-        self._close_token_connections(websocket, revoked, "token_revoked", "token revoked")
-        websocket.limits = limits_from(new, self._http_port)
-        tls_needs_restart = self._reload_tls(websocket, new)
-        self._level_gate.set(new.log.level)
+        finally:
+            self._notifier.ready()
+
+    def _apply(self, websocket: WebSocketServer, new: Settings) -> None:
+        """Apply re-read settings: tokens, limits, TLS files and log level.
+
+        Everything is built before anything is changed, so a failure while building leaves the
+        running settings whole. Only the connections of revoked tokens are closed (4001): a token
+        removed from the config or the tokens file, given another digest, or now past its
+        `expires`; and, when the reload switches auth on, the anonymous connections let in while
+        it was off.
+        """
+        store = self.token_store(new)
+        limits = limits_from(new, self._http_port)
+        tls, tls_needs_restart = self._reloaded_tls(websocket, new)
         needs_restart = changes_needing_restart(self.settings, new) + tls_needs_restart
+        was_enabled = self.settings.auth.enabled
+
+        old_auth = websocket.auth
+        websocket.auth = store  # first: a revoked token can no longer reconnect
+        websocket.limits = limits
+        websocket.tls = tls
+        self._level_gate.set(new.log.level)
         self.settings = new.model_copy(
             update={
                 section: getattr(self.settings, section)
@@ -444,25 +493,36 @@ class Daemon:
             tokens=len(websocket.auth),
             log_level=new.log.level,
         )
+        if was_enabled and not new.auth.enabled:
+            self._log.warning("auth_disabled", detail=AUTH_DISABLED_DETAIL, by="reload")
         if needs_restart:
             self._log.warning("config_reload_needs_restart", keys=needs_restart)
+        revoked = websocket.auth.revoked_since(old_auth, datetime.now(UTC))
+        if revoked.pop(ANONYMOUS.name, None) is not None:  # auth switched on
+            self._close_token_connections(
+                websocket, {ANONYMOUS.name: "auth_enabled"}, "token_revoked", "token required"
+            )
+        self._close_token_connections(websocket, revoked, "token_revoked", "token revoked")
 
-    def _reload_tls(self, websocket: WebSocketServer, new: Settings) -> list[str]:
-        """Re-read the certificate and key: new connections get them, established ones keep
-        theirs. A context that cannot be built is logged and the old one stays. Switching TLS on
-        or off is not applied (the keys are returned as needing a restart)."""
+    def _reloaded_tls(
+        self, websocket: WebSocketServer, new: Settings
+    ) -> tuple[ssl.SSLContext | None, list[str]]:
+        """The context new connections get after the reload, and the keys needing a restart.
+
+        The certificate and key are re-read: new connections get them, established ones keep
+        theirs. A context that cannot be built is logged and the old one stays. Switching TLS
+        on or off is not applied (the keys are returned as needing a restart)."""
         if (websocket.tls is None) != (new.server.tls_cert is None):
-            return ["server.tls_cert", "server.tls_key"]
+            return websocket.tls, ["server.tls_cert", "server.tls_key"]
         if websocket.tls is None:
-            return []
+            return None, []
         try:
             context = tls_context(new)
         except TlsConfigError as exc:
             self._log.error("tls_reload_rejected", key=f"server.{exc.key}", error=exc.message)
-            return []
-        websocket.tls = context
+            return websocket.tls, []
         self._log.info("tls_reloaded", cert=str(new.server.tls_cert))
-        return []
+        return context, []
 
     @staticmethod
     def _age(hub: Hub) -> float | None:

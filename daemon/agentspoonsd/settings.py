@@ -14,7 +14,6 @@ import json
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +38,15 @@ from pydantic_settings import (
 
 from .market import models
 from .market.models import ModelKind
+from .tomlfile import (
+    MAX_CONFIG_BYTES,
+    MAX_TOKENS_FILE_BYTES,
+    FileRefused,
+    file_kind,
+    load_toml,
+    parse_toml,
+    read_bounded,
+)
 
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: the daemon refuses to start on a bad configuration
 ENV_PREFIX = "AGENTSPOONSD_"
@@ -589,8 +597,12 @@ def find_config_path(
     chosen = explicit if explicit is not None else environ.get(CONFIG_ENV_VAR) or None
     if chosen is not None:
         path = Path(chosen)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        try:
+            mode = path.stat().st_mode  # stat, not open: a FIFO is not waited on
+        except OSError:
+            raise ConfigError(f"{path}: config file not found") from None
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path}: not a regular file ({file_kind(mode)})")
         return path
     for candidate in DEFAULT_SEARCH_PATHS:
         if candidate.is_file():
@@ -599,14 +611,14 @@ def find_config_path(
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse one TOML file, raising ConfigError with the file and position on failure."""
+    """Parse the config file, raising ConfigError with one line naming the file (and the line
+    and column) for anything `tomlfile.load_toml` refuses: see there for the classes of input."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        return load_toml(path, MAX_CONFIG_BYTES)[0]
+    except FileRefused as exc:
+        if exc.missing:  # found, then removed before it was read
+            raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def load_settings(path: Path | None, *, read_tokens_file: bool = True) -> Settings:
@@ -723,19 +735,17 @@ def read_tokens_file(
     serving only the tokens of the main config (or only an ephemeral one).
     """
     try:
-        with file.open("rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise ConfigError(f"{named_by}: {file}: not a regular file")
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{named_by}: {file}: file not found (`agentspoonsd token new NAME` creates it)"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{named_by}: {file}: cannot read: {exc.strerror}") from None
+        raw, mode = read_bounded(file, MAX_TOKENS_FILE_BYTES)
+    except FileRefused as exc:
+        if exc.missing:
+            raise ConfigError(
+                f"{named_by}: {file}: file not found (`agentspoonsd token new NAME` creates it)"
+            ) from None
+        raise ConfigError(f"{named_by}: {file}: {exc}") from None
+    try:
+        data = parse_toml(raw)
+    except FileRefused as exc:
+        raise ConfigError(f"{file}: {exc}") from None
     try:
         parsed = TokensFile(**data)
     except ValidationError as exc:

@@ -22,9 +22,12 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from .tomlfile import FileRefused, read_bounded
+
 READ_SIZE = 65536  # plaintext taken from the session per read call
 _HTTP_METHOD = re.compile(rb"^[A-Z]{3,7} ")  # how a plain HTTP request to a TLS port begins
 _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+MAX_PEM_BYTES = 1 << 20  # a chain of a few certificates is ~10 KB
 _PEM_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
 
 
@@ -107,12 +110,12 @@ def _no_password() -> bytes:
 
 
 def _read(file: Path, key: str) -> bytes:
+    """The PEM file, read without waiting on a FIFO and at most MAX_PEM_BYTES of it."""
     try:
-        return Path(file).read_bytes()
-    except IsADirectoryError:
-        raise TlsConfigError(key, f"{file}: not a regular file") from None
-    except OSError as exc:
-        raise TlsConfigError(key, f"{file}: cannot read: {exc.strerror or exc}") from None
+        return read_bounded(Path(file), MAX_PEM_BYTES)[0]
+    except FileRefused as exc:
+        reason = "cannot read: No such file or directory" if exc.missing else str(exc)
+        raise TlsConfigError(key, f"{file}: {reason}") from None
 
 
 class TlsSession:

@@ -13,8 +13,8 @@ import contextlib
 import fcntl
 import os
 import re
+import stat
 import tempfile
-import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .settings import TokenSettings, TokensFile
+from .tomlfile import MAX_TOKENS_FILE_BYTES, FileRefused, file_kind, parse_toml
 
 FILE_MODE = 0o600
 HEADER = """\
@@ -31,6 +32,7 @@ HEADER = """\
 # `agentspoonsd token new NAME --file THIS` appends an entry, `agentspoonsd token revoke NAME`
 # removes one; then reload the daemon (systemctl reload agentspoonsd, or kill -HUP <pid>).
 """
+_TOO_LARGE = f"larger than the {MAX_TOKENS_FILE_BYTES >> 20} MiB limit for a tokens file"
 _TABLE_HEADER = re.compile(r"^\s*\[\[\s*tokens\s*\]\]\s*(#.*)?$")
 
 
@@ -77,7 +79,8 @@ def _locked(path: Path, *, create: bool) -> Iterator[tuple[int, bool]]:
     """
     while True:
         created = False
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO at the path is refused below instead of waited on.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
             if create:
                 try:
@@ -90,6 +93,9 @@ def _locked(path: Path, *, create: bool) -> Iterator[tuple[int, bool]]:
         except FileNotFoundError:
             raise TokenFileError(f"{path}: file not found") from None
         try:
+            kind = os.fstat(fd).st_mode
+            if not stat.S_ISREG(kind):
+                raise TokenFileError(f"{path}: not a regular file ({file_kind(kind)})")
             if created:
                 os.fchmod(fd, FILE_MODE)  # whatever the umask
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -108,21 +114,26 @@ def _locked(path: Path, *, create: bool) -> Iterator[tuple[int, bool]]:
             os.close(fd)
 
 
-def _read_all(fd: int) -> bytes:
+def _read_all(path: Path, fd: int) -> bytes:
+    """The whole file, refused (TokenFileError) past MAX_TOKENS_FILE_BYTES, as the daemon would."""
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
-    while chunk := os.read(fd, 65536):
+    total = 0
+    while chunk := os.read(fd, min(65536, MAX_TOKENS_FILE_BYTES + 1 - total)):
         chunks.append(chunk)
+        total += len(chunk)
+        if total > MAX_TOKENS_FILE_BYTES:
+            raise TokenFileError(f"{path}: {_TOO_LARGE}")
     return b"".join(chunks)
 
 
 def _parse(path: Path, raw: bytes) -> tuple[str, list[TokenSettings]]:
     """The file's text and entries; TokenFileError when it is not a valid tokens file."""
     try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise TokenFileError(f"{path}: invalid TOML: {exc}; fix it first") from None
+        data = parse_toml(raw)
+    except FileRefused as exc:
+        raise TokenFileError(f"{path}: {exc}; fix it first") from None
+    text = raw.decode("utf-8").removeprefix("\ufeff")  # parse_toml decoded it already
     try:
         return text, list(TokensFile(**data).tokens)
     except ValidationError as exc:
@@ -138,7 +149,7 @@ def append_token(path: Path, token: TokenSettings, *, taken: set[str] | None = N
     path = path.resolve()  # a symlinked file is edited where it lives
     with _locked(path, create=True) as (fd, created):
         try:
-            raw = _read_all(fd)
+            raw = _read_all(path, fd)
             text, tokens = _parse(path, raw)
             if any(t.name == token.name for t in tokens) or token.name in (taken or set()):
                 raise TokenFileError(
@@ -152,7 +163,10 @@ def append_token(path: Path, token: TokenSettings, *, taken: set[str] | None = N
                 addition = HEADER + "\n" + addition
             else:
                 addition = ("\n" if text.endswith("\n") else "\n\n") + addition
-            os.write(fd, addition.encode("utf-8"))
+            encoded = addition.encode("utf-8")
+            if len(raw) + len(encoded) > MAX_TOKENS_FILE_BYTES:
+                raise TokenFileError(f"{path}: {_TOO_LARGE} with one more entry")
+            os.write(fd, encoded)
             os.fsync(fd)
         except BaseException:
             if created:  # leave nothing behind a refused first entry
@@ -183,8 +197,8 @@ def _without(path: Path, text: str, name: str, tokens: list[TokenSettings]) -> s
     lines = text.splitlines(keepends=True)
     remaining = None
     for start, end in _entry_spans(lines):
-        with contextlib.suppress(tomllib.TOMLDecodeError):
-            entries = tomllib.loads("".join(lines[start:end])).get("tokens", [])
+        with contextlib.suppress(FileRefused):
+            entries = parse_toml("".join(lines[start:end]).encode()).get("tokens", [])
             if len(entries) == 1 and entries[0].get("name") == name:
                 remaining = "".join(lines[:start] + lines[end:])
                 break
@@ -193,8 +207,8 @@ def _without(path: Path, text: str, name: str, tokens: list[TokenSettings]) -> s
     expected = [t for t in tokens if t.name != name]
     if remaining is not None:
         try:
-            left = [TokenSettings(**e) for e in tomllib.loads(remaining).get("tokens", [])]
-        except (tomllib.TOMLDecodeError, ValidationError, TypeError):
+            left = [TokenSettings(**e) for e in parse_toml(remaining.encode()).get("tokens", [])]
+        except (FileRefused, ValidationError, TypeError):
             left = None
         if left == expected:
             return remaining
@@ -209,7 +223,7 @@ def remove_token(path: Path, name: str) -> TokenSettings:
     owner kept). Returns the removed entry. Raises TokenFileError (nothing changed) or OSError."""
     path = path.resolve()  # the rename replaces the file a symlink points to, not the symlink
     with _locked(path, create=False) as (fd, _):
-        text, tokens = _parse(path, _read_all(fd))
+        text, tokens = _parse(path, _read_all(path, fd))
         removed = next((t for t in tokens if t.name == name), None)
         if removed is None:
             raise TokenFileError(f'{path}: no token named "{name}"')
