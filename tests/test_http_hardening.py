@@ -582,7 +582,7 @@ async def test_slowloris_from_one_address_leaves_probes_answered(
         f"{[round(t * 1000) for _, t in same_address]} ms; "
         f"last abuser closed at {last_closed:.2f} s"
     )
-    assert max(t for _, t in probes) < 1.0  # generous: measured in the tens of milliseconds
+    assert max(t for _, t in probes) < 1.0  # generous: measured at 1-8 ms
     assert [status for status, _ in same_address] == [200, 200]
     assert refused_same_address[0] == 429
     assert held == PER_IP  # exactly the cap, none evicted
