@@ -341,6 +341,7 @@ class Daemon:
             http_listener,
             make_handler(probes, registry, dashboard),
             get_logger("agentspoonsd.http"),
+            s.health,
         )
         services: list[tuple[str, Any]] = [("hub", hub), ("generator", generator)]
         if broker is not None:  # it fills the hub from Redis, and generates while elected

@@ -14,9 +14,12 @@ from prometheus_client import CollectorRegistry
 from . import metrics
 from .dashboard import Dashboard
 from .httpserver import Handler, HttpResponse, serve_http
+from .settings import HealthSettings
 
 JSON = "application/json"
 READY_AGE_FACTOR = 3  # the newest update must be younger than 3 × interval
+METRICS_PATH = "/metrics"
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def make_handler(
             ready, reasons = readiness(probes)
             body = {"status": "ready" if ready else "not_ready", "reasons": reasons}
             return HttpResponse(200 if ready else 503, orjson.dumps(body), JSON)
-        if path == "/metrics":
+        if path == METRICS_PATH:
             return HttpResponse(200, metrics.render(registry), metrics.CONTENT_TYPE)
         if dashboard is not None and (page := dashboard.response(target)) is not None:
             return page
@@ -68,13 +71,44 @@ def make_handler(
     return handle
 
 
-class HttpService:
-    """The supervised HTTP service: serves `handler` on a listener the daemon bound."""
+def http_options(settings: HealthSettings) -> dict[str, Any]:
+    """`serve_http`'s keyword options for the `[health]` settings.
 
-    def __init__(self, listener: trio.SocketListener, handler: Handler, log: Any) -> None:
+    /healthz and /readyz are the probe paths: answered even on a connection past a connection cap
+    (they cost no more than a refusal), so a load balancer sharing an address with a client that
+    holds all of that address's connections still gets its answer.
+    """
+    digest = settings.metrics_token_sha256
+    return {
+        "request_timeout": settings.request_timeout,
+        "idle_timeout": settings.idle_timeout,
+        "max_connections": settings.max_connections,
+        "max_connections_per_ip": settings.max_connections_per_ip,
+        "allowed_hosts": (
+            None if settings.allowed_hosts is None else frozenset(settings.allowed_hosts)
+        ),
+        "bearer_digests": {} if digest is None else {METRICS_PATH: bytes.fromhex(digest)},
+        "probe_paths": PROBE_PATHS,
+    }
+
+
+class HttpService:
+    """The supervised HTTP service: serves `handler` on a listener the daemon bound, with the
+    limits of `settings` (the built-in `[health]` defaults when None)."""
+
+    def __init__(
+        self,
+        listener: trio.SocketListener,
+        handler: Handler,
+        log: Any,
+        settings: HealthSettings | None = None,
+    ) -> None:
         self._listener = listener
         self._handler = handler
         self._log = log
+        self._options = http_options(settings or HealthSettings())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_http(self._listener, self._handler, self._log, task_status=task_status)
+        await serve_http(
+            self._listener, self._handler, self._log, task_status=task_status, **self._options
+        )

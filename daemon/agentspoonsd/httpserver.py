@@ -12,14 +12,30 @@ What a client can rely on:
   server alone decides framing (Content-Length, Transfer-Encoding).
 - A connection serves requests one after another (keep-alive, pipelining) until either side closes.
 - A malformed request gets 400 (431 when the request head exceeds 16 KiB) and the connection closes.
-  A declared or chunked request body over 64 KiB gets 413 and the connection closes; smaller bodies
-  are read and discarded.
+  So does a request target that does not parse (`httppolicy.parse_target`: 400, or 414 past
+  8 KiB); the handler only ever sees an origin-form target (an absolute-form one is reduced to
+  its path and query). A declared or chunked request body over 64 KiB gets 413 and the
+  connection closes; smaller bodies are read and discarded.
+- A request with both Content-Length and Transfer-Encoding (a request-smuggling signature) is
+  answered, then the connection is closed (RFC 9112 §6.3).
+- With `allowed_hosts`, a request naming another host gets 421 (a missing or malformed Host: 400)
+  and the connection closes. A path in `bearer_digests` needs `Authorization: Bearer <token>`
+  whose SHA-256 is the path's digest; otherwise 401 with `WWW-Authenticate: Bearer`.
 - A handler that raises (or returns something other than an `HttpResponse`) yields 500; the
   failure is logged as `http_handler_failed` with its traceback and the connection stays usable.
-- Each request must arrive complete within `request_timeout` seconds of the server starting to wait
-  for it, so an idle keep-alive connection is also closed after `request_timeout`. A slow sender is
-  dropped without an answer. Writing one response has the same limit.
-- Past `max_connections` open connections, a new connection is answered 503 and closed.
+- Deadlines: the first byte of a request must arrive within `idle_timeout` (after accept, or
+  after the previous response: the keep-alive idle time); from that byte, the whole request
+  (head and body) must arrive within `request_timeout`, however slowly it trickles. A client
+  that misses either is closed without an answer. Writing one response has `request_timeout`.
+- Connections: at most `max_connections` served at once, at most `max_connections_per_ip` from
+  one address (`httppolicy.client_key`). A connection past a cap is never served like the
+  others and never evicts anyone: it is given 1 s to send one request; a
+  GET or HEAD of a `probe_paths` path (/healthz, /readyz: cheap, and what a load balancer
+  sends) is answered normally, anything else, or nothing, is answered 429 (per-address cap) or
+  503 (total cap); then the connection closes. Beyond 64 such refusals at once, further
+  connections past a cap are closed unanswered.
+- Per-peer log events above debug are rate-limited per address (`logthrottle.LogThrottle`:
+  5 per 10 s), the rest summarised as one `log_suppressed count=N` per address and window.
 
 Logs never contain a query string (where `access_token` lives) nor request header contents.
 """
@@ -27,15 +43,27 @@ Logs never contain a query string (where `access_token` lives) nor request heade
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TypeAlias
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import h11
 import trio
 from structlog.typing import FilteringBoundLogger
+
+from .httppolicy import (
+    Admission,
+    ConnectionTable,
+    RequestRefused,
+    bearer_matches,
+    check_host,
+    client_key,
+    parse_target,
+)
+from .logthrottle import LogThrottle
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -56,11 +84,15 @@ MAX_BODY_BYTES = 64 * 1024
 
 _RECEIVE_SIZE = 16 * 1024
 _LINGER_SECONDS = 1.0  # at most this long draining a client's input before a deliberate close
-_MAX_REJECTING = 64  # connections being answered 503 at once; beyond it they are closed unanswered
+_MAX_REJECTING = 64  # connections being refused at once; beyond it they are closed unanswered
+_REFUSAL_GRACE = 1.0  # a connection past a cap has this long to send its (probe) request
+_PEER_LOG_LIMIT = 5  # per-peer events above debug, per address and interval
+_PEER_LOG_INTERVAL = 10.0
 _SATURATION_LOG_INTERVAL = 10.0
 _ACCEPT_RETRY_SECONDS = 0.1
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+_FRAMING_HEADERS_B = frozenset({b"content-length", b"transfer-encoding"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -143,17 +175,64 @@ class _Request:
     method: str
     target: str
     started: float
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     refusal: int | None = None  # answered with this status (and closed) instead of the handler
+    ambiguous_framing: bool = False  # both Content-Length and Transfer-Encoding: close after
+
+    def header_values(self, name: bytes) -> list[str]:
+        """The values of header `name` (lower-case), decoded as Latin-1 like HTTP/1.1 does."""
+        return [value.decode("latin-1") for key, value in self.headers if key == name]
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    """What the server enforces on top of HTTP/1.1 itself; see `serve_http`."""
+
+    request_timeout: float
+    idle_timeout: float
+    allowed_hosts: frozenset[str] | None
+    bearer_digests: Mapping[str, bytes]
+    probe_paths: frozenset[str]
 
 
 @dataclass(slots=True)
 class _Occupancy:
-    """Server-wide connection counts; only touched from the Trio thread."""
+    """Server-wide connection state; only touched from the Trio thread."""
 
-    active: int = 0
-    rejecting: int = 0
+    table: ConnectionTable
+    throttle: LogThrottle
     rejected_unlogged: int = 0
     next_saturation_log: float = float("-inf")
+
+
+class _PeerLog:
+    """A connection's logger: events above debug go through the per-address `LogThrottle`."""
+
+    def __init__(self, log: FilteringBoundLogger, key: str, throttle: LogThrottle) -> None:
+        self._log = log
+        self._key = key
+        self._throttle = throttle
+        self.debug = log.debug
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._throttled(self._log.info, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._throttled(self._log.warning, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._throttled(self._log.error, event, fields)
+
+    def _throttled(self, emit: Callable[..., Any], event: str, fields: dict[str, Any]) -> None:
+        verdict = self._throttle.admit(self._key, trio.current_time())
+        if verdict.suppressed:
+            _log_suppressed(self._log, self._key, verdict.suppressed, self._throttle.interval)
+        if verdict.emit:
+            emit(event, **fields)
+
+
+def _log_suppressed(log: FilteringBoundLogger, key: str, count: int, interval: float) -> None:
+    log.warning("log_suppressed", client=key, count=count, interval_s=interval)
 
 
 async def serve_http(
@@ -162,10 +241,21 @@ async def serve_http(
     log: FilteringBoundLogger,
     *,
     request_timeout: float = 10.0,
+    idle_timeout: float | None = None,
     max_connections: int = 256,
+    max_connections_per_ip: int | None = None,
+    allowed_hosts: frozenset[str] | None = None,
+    bearer_digests: Mapping[str, bytes] | None = None,
+    probe_paths: frozenset[str] = frozenset(),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on `listener` and serve HTTP/1.1 on each until cancelled.
+
+    Options (see the module docstring for what a client sees): `idle_timeout` defaults to
+    `request_timeout`; `max_connections_per_ip` to `max_connections` (no per-address cap);
+    `allowed_hosts` (normalised with `httppolicy.normalise_host`) to any host; `bearer_digests`
+    maps a path to the SHA-256 digest of the bearer token it requires; `probe_paths` are answered
+    even on a connection refused for capacity.
 
     Guarantees:
     - `task_status.started()` is called once, when the accept loop is about to run.
@@ -173,36 +263,52 @@ async def serve_http(
       it, and may pass it to a new `serve_http` afterwards.
     - Each connection runs in a task of this function's own nursery; when this function is
       cancelled, every client stream is closed (forcefully, without waiting for peers) before it
-      returns.
+      returns, and pending `log_suppressed` summaries are logged.
     - Errors of one connection (resets, broken pipes, protocol errors, a failing handler) are
       logged and never end the server. Only a failing `accept` (other than a transient
       out-of-descriptors/memory error, which is retried after 0.1 s) propagates.
-    - At most `max_connections` connections are served at once; above that, up to 64 more are
-      each answered 503 and closed, and any beyond those are closed at once.
     """
-    if request_timeout <= 0:
-        raise ValueError("request_timeout must be > 0")
-    if max_connections < 1:
-        raise ValueError("max_connections must be >= 1")
-    occupancy = _Occupancy()
+    if request_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
+        raise ValueError("request_timeout and idle_timeout must be > 0")
+    if max_connections < 1 or (max_connections_per_ip is not None and max_connections_per_ip < 1):
+        raise ValueError("max_connections and max_connections_per_ip must be >= 1")
+    policy = _Policy(
+        request_timeout=request_timeout,
+        idle_timeout=request_timeout if idle_timeout is None else idle_timeout,
+        allowed_hosts=allowed_hosts,
+        bearer_digests=dict(bearer_digests or {}),
+        probe_paths=probe_paths,
+    )
+    table = ConnectionTable(max_connections, max_connections_per_ip, _MAX_REJECTING)
+    occupancy = _Occupancy(table, LogThrottle(_PEER_LOG_LIMIT, _PEER_LOG_INTERVAL))
     log.info("http_listening", address=_address(listener.socket.getsockname()))
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            stream = await _accept(listener, log)
-            if occupancy.active < max_connections:
-                occupancy.active += 1
-                reject = False
-            else:
-                _note_rejection(occupancy, log, max_connections)
-                if occupancy.rejecting >= _MAX_REJECTING:
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_log_summaries, occupancy.throttle, log)
+            task_status.started()
+            while True:
+                stream = await _accept(listener, log)
+                key = client_key(_peer_ip(stream))
+                admission = table.admit(key)
+                if admission is not Admission.SERVE:
+                    _note_refusal(occupancy, log, key, admission)
+                if admission is Admission.DROP:
                     await trio.aclose_forcefully(stream)
                     continue
-                occupancy.rejecting += 1
-                reject = True
-            nursery.start_soon(
-                _run_connection, stream, handler, log, occupancy, request_timeout, reject
-            )
+                nursery.start_soon(
+                    _run_connection, stream, handler, log, occupancy, policy, key, admission
+                )
+    finally:
+        for key, count in occupancy.throttle.flush(0.0, everything=True):
+            _log_suppressed(log, key, count, occupancy.throttle.interval)
+
+
+async def _flush_log_summaries(throttle: LogThrottle, log: FilteringBoundLogger) -> None:
+    """Every throttle interval, log the summaries of the windows that ended; until cancelled."""
+    while True:
+        await trio.sleep(throttle.interval)
+        for key, count in throttle.flush(trio.current_time()):
+            _log_suppressed(log, key, count, throttle.interval)
 
 
 async def _accept(listener: trio.SocketListener, log: FilteringBoundLogger) -> trio.SocketStream:
@@ -216,13 +322,29 @@ async def _accept(listener: trio.SocketListener, log: FilteringBoundLogger) -> t
             await trio.sleep(_ACCEPT_RETRY_SECONDS)
 
 
-def _note_rejection(occupancy: _Occupancy, log: FilteringBoundLogger, limit: int) -> None:
+def _note_refusal(
+    occupancy: _Occupancy, log: FilteringBoundLogger, key: str, admission: Admission
+) -> None:
+    table = occupancy.table
+    if admission is Admission.OVER_IP or (
+        admission is Admission.DROP
+        and table.max_per_ip is not None
+        and table.open_from(key) >= table.max_per_ip
+    ):
+        # One address at its cap: its own events, throttled per address.
+        _PeerLog(log, key, occupancy.throttle).warning(
+            "http_connections_per_ip_exceeded",
+            client=key,
+            max_connections_per_ip=table.max_per_ip,
+            answered=admission is not Admission.DROP,
+        )
+        return
     occupancy.rejected_unlogged += 1
     now = trio.current_time()
     if now >= occupancy.next_saturation_log:
         log.warning(
             "http_connections_saturated",
-            max_connections=limit,
+            max_connections=table.max_connections,
             rejected=occupancy.rejected_unlogged,
         )
         occupancy.rejected_unlogged = 0
@@ -234,13 +356,14 @@ async def _run_connection(
     handler: Handler,
     log: FilteringBoundLogger,
     occupancy: _Occupancy,
-    request_timeout: float,
-    reject: bool,
+    policy: _Policy,
+    key: str,
+    admission: Admission,
 ) -> None:
     """Serve one connection; whatever happens, release its slot and close the stream."""
-    clog = log.bind(peer=_peer(stream))
+    clog = _PeerLog(log.bind(peer=_peer(stream)), key, occupancy.throttle)
     try:
-        await _Connection(stream, handler, clog, request_timeout).serve(reject=reject)
+        await _Connection(stream, handler, clog, policy).serve(refusal=admission.status)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         clog.debug("http_connection_lost", error=type(exc).__name__)
     except trio.TooSlowError:
@@ -248,10 +371,7 @@ async def _run_connection(
     except Exception:
         clog.error("http_connection_failed", exc_info=True)
     finally:
-        if reject:
-            occupancy.rejecting -= 1
-        else:
-            occupancy.active -= 1
+        occupancy.table.release(key, admission)
         await trio.aclose_forcefully(stream)
 
 
@@ -259,51 +379,41 @@ class _Connection:
     """The read/respond loop of one connection, driving an h11 state machine."""
 
     def __init__(
-        self,
-        stream: trio.SocketStream,
-        handler: Handler,
-        log: FilteringBoundLogger,
-        timeout: float,
+        self, stream: trio.SocketStream, handler: Handler, log: _PeerLog, policy: _Policy
     ) -> None:
         self._stream = stream
         self._handler = handler
         self._log = log
-        self._timeout = timeout
+        self._policy = policy
+        self._timeout = policy.request_timeout
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._method: str | None = None  # of the request being answered, once its head is parsed
+        self._deadline: trio.CancelScope | None = None  # the read in progress, if any
+        # Seconds the whole request has from its first byte; None: the first byte changes nothing.
+        self._whole_request: float | None = policy.request_timeout
 
-    async def serve(self, *, reject: bool) -> None:
+    async def serve(self, *, refusal: int | None = None) -> None:
         """Answer requests until the client or the protocol ends the connection.
 
-        With `reject`, the first request is answered 503 and the connection closed.
-        Returns normally when the connection is over; I/O errors propagate.
+        With `refusal` (429, 503: the connection is past a cap), only one request is read, within
+        `_REFUSAL_GRACE`; a probe path is answered, anything else gets `refusal`; then the
+        connection closes. Returns normally when the connection is over; I/O errors propagate.
         """
         while True:
             try:
-                with trio.fail_after(self._timeout):
-                    request = await self._read_request()
+                request = await self._read_within_deadlines(refused=refusal is not None)
             except trio.TooSlowError:
-                self._log_timeout()
+                if refusal is not None:
+                    await self._answer_and_close(refusal)
+                else:
+                    self._log_timeout()
                 return
             except h11.RemoteProtocolError as exc:
                 await self._answer_protocol_error(exc)
                 return
             if request is None:
                 return
-
-            head = request.method == "HEAD"
-            close = True
-            if reject:
-                event, body = _render(status_response(503), head=head, close=True)
-            elif request.refusal is not None:
-                event, body = _render(status_response(request.refusal), head=head, close=True)
-            elif request.method not in ALLOWED_METHODS:
-                allow = (("Allow", ", ".join(ALLOWED_METHODS)),)
-                event, body = _render(status_response(405, allow), head=head, close=False)
-                close = False
-            else:
-                event, body = self._call_handler(request)
-                close = False
+            event, body, close = self._respond(request, refusal)
             await self._send(event, body)
             self._log.debug(
                 "http_request",
@@ -317,9 +427,81 @@ class _Connection:
                 return
             self._conn.start_next_cycle()
 
+    def _respond(self, request: _Request, refusal: int | None) -> tuple[h11.Response, bytes, bool]:
+        """The response event and body for `request`, and whether to close after it."""
+        head = request.method == "HEAD"
+        close = refusal is not None or request.ambiguous_framing
+        if request.refusal is not None:
+            status = request.refusal
+        elif refusal is not None and request.method not in ALLOWED_METHODS:
+            status = refusal  # past a cap only a probe (a GET or HEAD) is served
+        elif request.method not in ALLOWED_METHODS:
+            allow = (("Allow", ", ".join(ALLOWED_METHODS)),)
+            event, body = _render(status_response(405, allow), head=head, close=close)
+            return event, body, close
+        else:
+            try:
+                target = parse_target(request.target)
+                check_host(request.header_values(b"host"), target, self._policy.allowed_hosts)
+            except RequestRefused as exc:
+                self._log.debug("http_request_refused", status=exc.status, reason=exc.reason)
+                status = exc.status
+            else:
+                return self._route(request, target.origin, refusal, close)
+        event, body = _render(status_response(status), head=head, close=True)
+        return event, body, True
+
+    def _route(
+        self, request: _Request, origin: str, refusal: int | None, close: bool
+    ) -> tuple[h11.Response, bytes, bool]:
+        """A parsed request from an allowed host: refused, unauthorised or the handler's."""
+        head = request.method == "HEAD"
+        path = urlsplit(origin).path  # the same split the handler's routes use
+        if refusal is not None and path not in self._policy.probe_paths:
+            event, body = _render(status_response(refusal), head=head, close=True)
+            return event, body, True
+        digest = self._policy.bearer_digests.get(path)
+        if digest is not None and not bearer_matches(
+            request.header_values(b"authorization"), digest
+        ):
+            self._log.debug("http_unauthorized", path=path)
+            challenge = (("WWW-Authenticate", f'Bearer realm="{SERVER_NAME}"'),)
+            event, body = _render(status_response(401, challenge), head=head, close=close)
+            return event, body, close
+        event, body = self._call_handler(replace(request, target=origin), close=close)
+        return event, body, close
+
     def _reusable(self) -> bool:
         # Both sides DONE: h11 has found no reason (Connection: close, HTTP/1.0) to close.
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+
+    async def _read_within_deadlines(self, *, refused: bool) -> _Request | None:
+        """`_read_request` under the idle and whole-request deadlines; TooSlowError past them.
+
+        The read starts with `idle_timeout` to go; the first byte of the request (already
+        buffered, for a pipelined one) moves the deadline to `request_timeout` from then, once:
+        later bytes never move it. A refused connection has `_REFUSAL_GRACE` from accept for all
+        of it.
+        """
+        if refused:
+            idle = min(_REFUSAL_GRACE, self._policy.request_timeout)
+            self._whole_request = None
+        else:
+            idle = self._policy.idle_timeout
+            self._whole_request = self._policy.request_timeout
+        with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+            self._deadline = scope
+            if self._whole_request is not None and self._request_begun():
+                scope.deadline = trio.current_time() + self._whole_request
+            try:
+                return await self._read_request()
+            finally:
+                self._deadline = None
+        raise trio.TooSlowError
+
+    def _request_begun(self) -> bool:
+        pending, _ = self._conn.trailing_data
+        return bool(pending) or self._conn.their_state is not h11.IDLE
 
     async def _read_request(self) -> _Request | None:
         """The next request, its body read and discarded; None if the client closed cleanly.
@@ -335,14 +517,17 @@ class _Connection:
         if not isinstance(event, h11.Request):
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
         self._method = event.method.decode("ascii")
+        names = {name for name, _ in event.headers}
         request = _Request(
             method=self._method,
             target=event.target.decode("ascii"),
             started=trio.current_time(),
+            headers=tuple((name, value) for name, value in event.headers),
+            ambiguous_framing=names >= _FRAMING_HEADERS_B,
         )
         if _head_size(event) > MAX_HEADER_BYTES:
             return replace(request, refusal=431)
-        declared = _content_length(event.headers)
+        declared = None if b"transfer-encoding" in names else _content_length(event.headers)
         if declared is not None and declared > MAX_BODY_BYTES:
             return replace(request, refusal=413)
         received = 0
@@ -363,12 +548,16 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event
             # b"" (end of stream) is how h11 learns that the peer closed.
-            self._conn.receive_data(await self._stream.receive_some(_RECEIVE_SIZE))
+            data = await self._stream.receive_some(_RECEIVE_SIZE)
+            if data and self._deadline and self._whole_request and not self._request_begun():
+                # The request's first byte: from now on the whole-request deadline runs.
+                self._deadline.deadline = trio.current_time() + self._whole_request
+            self._conn.receive_data(data)
 
-    def _call_handler(self, request: _Request) -> tuple[h11.Response, bytes]:
+    def _call_handler(self, request: _Request, *, close: bool) -> tuple[h11.Response, bytes]:
         head = request.method == "HEAD"
         try:
-            return _render(self._handler(request.method, request.target), head=head, close=False)
+            return _render(self._handler(request.method, request.target), head=head, close=close)
         except Exception:
             self._log.error(
                 "http_handler_failed",
@@ -376,7 +565,7 @@ class _Connection:
                 path=log_path(request.target),
                 exc_info=True,
             )
-            return _render(status_response(500), head=head, close=False)
+            return _render(status_response(500), head=head, close=close)
 
     async def _send(self, event: h11.Response, body: bytes) -> None:
         """Write one whole response in one send; raises TooSlowError past the timeout."""
@@ -390,6 +579,10 @@ class _Connection:
     async def _answer_protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
         self._log.debug("http_bad_request", status=status, reason=_protocol_error_reason(exc))
+        await self._answer_and_close(status)
+
+    async def _answer_and_close(self, status: int) -> None:
+        """Answer `status` with Connection: close, if h11 still allows an answer, and linger."""
         # h11 lets a server answer from IDLE (nothing parsed) or SEND_RESPONSE (head parsed).
         if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -409,11 +602,10 @@ class _Connection:
                 pass
 
     def _log_timeout(self) -> None:
-        pending, _ = self._conn.trailing_data
-        if self._conn.their_state is h11.IDLE and not pending:
-            self._log.debug("http_connection_idle", timeout=self._timeout)
+        if not self._request_begun():
+            self._log.debug("http_connection_idle", timeout=self._policy.idle_timeout)
         else:
-            self._log.info("http_request_timeout", timeout=self._timeout)
+            self._log.info("http_request_timeout", timeout=self._policy.request_timeout)
 
 
 def _head_size(request: h11.Request) -> int:
@@ -430,6 +622,13 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if name == b"content-length":
             return int(value)
     return None
+
+
+def _peer_ip(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "unknown"
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -36,6 +36,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .httppolicy import normalise_host
 from .market import models
 from .market.models import ModelKind
 from .tomlfile import (
@@ -541,10 +542,95 @@ class BrokerSettings(_Section):
 
 
 class HealthSettings(_Section):
-    """[health]: HTTP /healthz, /readyz and /metrics."""
+    """[health]: HTTP /healthz, /readyz, /metrics and the dashboard; limits of that port."""
 
     host: str = "127.0.0.1"
     port: int = Field(8766, ge=0, le=65535)
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description=(
+            "HTTP connections served at once; past it a new one gets 503 (a /healthz or /readyz"
+            " request on it is still answered) and is closed."
+        ),
+    )
+    max_connections_per_ip: int = Field(
+        64,
+        ge=1,
+        description=(
+            "HTTP connections served at once from one address (IPv6: one /64); past it a new one"
+            " gets 429 (a /healthz or /readyz request on it is still answered) and is closed."
+            " At most max_connections, and below it so that one address leaves room for others."
+        ),
+    )
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds a request (head and body) has to arrive, from its first byte, however slowly"
+            " it trickles; a client past it is closed without an answer."
+        ),
+    )
+    idle_timeout: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "Seconds a connection may wait for its first request, or between requests"
+            " (keep-alive), before it is closed."
+        ),
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description=(
+            "Host names and addresses the HTTP port answers for (DNS-rebinding defence), e.g."
+            ' ["localhost", "127.0.0.1", "status.example.com"]; a request naming another Host'
+            " gets 421. Unset: any Host."
+        ),
+    )
+    metrics_token_sha256: str | None = Field(
+        None,
+        description=(
+            "SHA-256 hex digest of a token that /metrics then requires as `Authorization: Bearer"
+            " <token>` (401 without it); never the token itself. Unset: /metrics is open."
+        ),
+    )
+
+    @field_validator("max_connections_per_ip")
+    @classmethod
+    def _per_ip_within_total(cls, value: int, info: ValidationInfo) -> int:
+        total = info.data.get("max_connections")
+        if total is not None and value > total:
+            raise ValueError(f"must be at most health.max_connections ({total})")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_hosts(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        hosts = []
+        for entry in value:
+            # Ports are not compared (a Host header's port is ignored), so none is accepted here.
+            host = _ipv6_literal(entry) if ":" in entry else normalise_host(entry)
+            if host is None or host == "*":
+                raise ValueError(f"not a host name or address (without port): {entry!r}")
+            hosts.append(host)
+        return hosts
+
+    @field_validator("metrics_token_sha256")
+    @classmethod
+    def _is_hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if not _SHA256_HEX.match(value):
+            raise ValueError("must be 64 hexadecimal characters (a SHA-256 digest)")
+        return value
+
+
+def _ipv6_literal(text: str) -> str | None:
+    """`::1` or `[::1]` as the host `normalise_host` gives for `[::1]`; None if not IPv6."""
+    return normalise_host(f"[{text.strip().strip('[]')}]")
 
 
 class LogSettings(_Section):
