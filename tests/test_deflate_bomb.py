@@ -26,14 +26,23 @@ from pathlib import Path
 
 import orjson
 import pytest
+import structlog
 import trio
+import trio.lowlevel
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, Event, Message, Ping, TextMessage
 
+from agentspoonsd.auth import TokenStore, hash_token
+from agentspoonsd.daemon import bind_listener
 from agentspoonsd.deflate import BoundedDeflate, wire_limit
+from agentspoonsd.history import History
+from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.metrics import Stats
+from agentspoonsd.settings import TokenSettings
 from agentspoonsd.upgrade import UpgradeRequest, negotiate_deflate
+from agentspoonsd.ws import Limits, WebSocketServer
 from daemon_process import DaemonProcess, config_text, new_token
 
 LIMIT = 64 * 1024  # max_message_size of the unit tests (the daemon's default)
@@ -553,6 +562,12 @@ async def test_live_bombs_cost_the_daemon_almost_nothing(
     )
     assert not bystander.gaps, bystander.gaps
     assert peak - rss_before < 20 * MIB
+    refused = [
+        e
+        for e in process.events
+        if e.get("event") == "client_disconnected" and e.get("reason") == "message_too_large"
+    ]
+    assert len(refused) == len(attacks)
     assert max(during, default=0.0) < statistics.median(quiet) + 0.5
 
 
@@ -588,3 +603,68 @@ async def test_live_peer_sending_after_the_close_costs_nothing(
     # The daemon's idle work for these seconds is ~50 ms (generator and fan-out at 20/s);
     # inflating the flood would be hundreds of milliseconds.
     assert spent < 0.3
+
+
+# --------------------------------------------------------------------------- in-process: loop time
+
+
+class DispatcherSteps(trio.abc.Instrument):
+    """How long the server's dispatcher task ran, step by step: the loop time it takes."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.longest = 0.0
+        self._started: float | None = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("._dispatch_loop"):
+            self._started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._started is not None and task.name.endswith("._dispatch_loop"):
+            step = time.perf_counter() - self._started
+            self.total += step
+            self.longest = max(self.longest, step)
+            self._started = None
+
+
+async def test_in_process_bomb_costs_the_loop_little_time() -> None:
+    """The spec's bomb against an in-process server (max_message_size 1 MiB, so the frame is
+    within the wire bound and inflation is what refuses it): the dispatcher's steps while it is
+    read and refused add up to well under the spec's 50 ms (asserted: 250 ms, for a shared CPU)."""
+    token = new_token()
+    limits = Limits(
+        max_connections=10,
+        max_backlog_bytes=MIB,
+        max_message_size=MIB,
+        handshake_timeout=2.0,
+    )
+    listener = bind_listener("127.0.0.1", 0, 16)
+    stats = Stats()
+    _, receive = trio.open_memory_channel[list](1)
+    history = History(["BTC/USD"], 10, decode_frame=encode_text_frame, start_seq=1)
+    hub = Hub(["BTC/USD"], receive, stats, history=history)
+    store = TokenStore([TokenSettings(name="t", sha256=hash_token(token))])
+    server = WebSocketServer(listener, hub, store, limits, stats, structlog.get_logger())
+    data = frame(TEXT, bomb(256 * MIB), rsv1=True)
+    steps = DispatcherSteps()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            stream = await raw_upgrade(listener.getsockname()[1], token)
+            trio.lowlevel.add_instrument(steps)
+            async with trio.open_nursery() as sending:
+                sending.start_soon(send_ignoring_reset, stream, data)
+                code = await close_code_from(stream)
+                sending.cancel_scope.cancel()
+            trio.lowlevel.remove_instrument(steps)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+    print(
+        f"dispatcher: {steps.total * 1000:.2f} ms in all, longest step"
+        f" {steps.longest * 1000:.2f} ms, for the 256 KiB / 256 MiB bomb"
+    )
+    assert code == 1009
+    assert steps.total < 0.25
