@@ -159,7 +159,7 @@ def test_reject_response_is_well_formed_http() -> None:
 )
 def test_deflate_negotiation(offer: bytes, agreed: bytes | None) -> None:
     request = UpgradeRequest("/", ((b"sec-websocket-extensions", offer),), b"k")
-    result = negotiate_deflate(request)
+    result = negotiate_deflate(request, 65536)
     assert (result[1] if result else None) == agreed
     if result:
         assert result[0].enabled()

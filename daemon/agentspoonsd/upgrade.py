@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 import httptools
-from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import generate_accept_token
+
+from .deflate import BoundedDeflate
 
 MAX_REQUEST_HEAD = 16 * 1024
 
@@ -150,11 +151,14 @@ def accept_response(request: UpgradeRequest, extensions: bytes | None = None) ->
     )
 
 
-def negotiate_deflate(request: UpgradeRequest) -> tuple[PerMessageDeflate, bytes] | None:
+def negotiate_deflate(
+    request: UpgradeRequest, max_message_size: int
+) -> tuple[BoundedDeflate, bytes] | None:
     """Accept the client's first permessage-deflate offer (RFC 7692) in the mode that lets one
     compressed frame serve every client: ``server_no_context_takeover`` and the full 15-bit
     window. An offer limiting the server's window is declined (the connection is then simply
-    uncompressed). Returns the enabled extension (for wsproto's inbound side) and the
+    uncompressed). Returns the enabled extension (for wsproto's inbound side), which never
+    inflates a client message past `max_message_size` (see `BoundedDeflate`), and the
     Sec-WebSocket-Extensions value to answer with; None when nothing was agreed."""
     for name, value in request.headers:
         if name != b"sec-websocket-extensions":
@@ -166,7 +170,7 @@ def negotiate_deflate(request: UpgradeRequest) -> tuple[PerMessageDeflate, bytes
                 bits = offer.split("server_max_window_bits", 1)[1].lstrip(" =").split(";")[0]
                 if bits.strip() and bits.strip() != "15":
                     continue
-            extension = PerMessageDeflate(server_no_context_takeover=True)
+            extension = BoundedDeflate(max_message_size, server_no_context_takeover=True)
             try:
                 agreed = extension.accept(offer)
             except ValueError:  # malformed parameters: decline this offer

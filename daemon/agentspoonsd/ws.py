@@ -36,11 +36,11 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
 from . import protocol
 from .auth import AuthFailure, Grant, TokenStore, presented_token
+from .deflate import BoundedDeflate
 from .hub import Hub, release_frame_parser
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
@@ -123,6 +123,7 @@ class Client:
         "_stats",
         "assembler",
         "budget",
+        "bytes_after_close",
         "conn",
         "connected_at",
         "deflate",
@@ -131,6 +132,7 @@ class Client:
         "finished",
         "grant",
         "handshake",
+        "inflater",
         "ip",
         "last_seen",
         "outbox",
@@ -170,6 +172,8 @@ class Client:
         self.assembler: _MessageAssembler | None = None
         self.budget: _Budget | None = None
         self.deflate = False  # negotiated permessage-deflate: the hub sends compressed frames
+        self.inflater: BoundedDeflate | None = None  # its inbound side, when negotiated
+        self.bytes_after_close = 0  # received since the server sent its close frame
         self.last_seen = 0.0  # trio time the peer last sent anything
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
@@ -200,7 +204,7 @@ class Client:
         self,
         request: UpgradeRequest,
         greeting: dict[str, Any],
-        deflate: tuple[PerMessageDeflate, bytes] | None = None,
+        deflate: tuple[BoundedDeflate, bytes] | None = None,
     ) -> None:
         """Answer the upgrade with 101, a ping and `greeting` in one write: one syscall.
 
@@ -219,6 +223,7 @@ class Client:
         else:
             extension, header = deflate
             self.deflate = True
+            self.inflater = extension
             self.conn = Connection(ConnectionType.SERVER, extensions=[extension])
             response = accept_response(request, header)
         greeting_frame = self.conn.send(TextMessage(orjson.dumps(greeting).decode()))
@@ -244,11 +249,15 @@ class Client:
         self.outbox.write(data)
 
     def close(self, code: int, reason: str = "", *, discard_unsent: bool = False) -> None:
-        """Start the closing handshake: the close frame is the last thing written."""
+        """Start the closing handshake: the close frame is the last thing written.
+
+        From then on only the peer's close frame matters: nothing it sends is inflated."""
         if self.conn is not None and self.conn.state is ConnectionState.OPEN:
             self.outbox.seal(
                 self.conn.send(CloseConnection(code, reason)), discard_unsent=discard_unsent
             )
+            if self.inflater is not None:
+                self.inflater.stop_inflating()
 
     def linger_close(
         self, code: int, reason: str, drop_reason: str, *, discard_unsent: bool = False
@@ -563,8 +572,17 @@ class WebSocketServer:
 
     def _on_plaintext(self, client: Client, data: bytes) -> None:
         """Run the upgrade parser or wsproto on `data`; b"" is the peer's end of stream."""
-        if client.conn is not None:
-            client.conn.receive_data(data or None)  # None: the peer closed, wsproto sees 1006
+        conn = client.conn
+        if conn is not None:
+            if conn.state is ConnectionState.LOCAL_CLOSING and data:
+                # The server sent its close: only the peer's close frame matters now (nothing
+                # is inflated, see Client.close). A peer still sending after what it may have
+                # had in flight (one message, one read) is read no more and cut once flushed.
+                client.bytes_after_close += len(data)
+                if client.bytes_after_close > self.limits.max_message_size + RECV_SIZE:
+                    self._finish_when_flushed(client, "close_unanswered")
+                    return
+            conn.receive_data(data or None)  # None: the peer closed, wsproto sees 1006
             self._handle_events(client)
         elif not data:
             self._finish(client, "closed")  # gone before completing a request
@@ -679,7 +697,11 @@ class WebSocketServer:
         initial = [s for s in initial if s not in resumed]  # resume wins over a plain subscribe
         subscribed = [s for s in hub.symbols if s in resumed or s in initial]
         limits = self.limits
-        deflate = negotiate_deflate(request) if limits.permessage_deflate else None
+        deflate = (
+            negotiate_deflate(request, limits.max_message_size)
+            if limits.permessage_deflate
+            else None
+        )
         client.accept(
             request,
             protocol.connected_message(
@@ -841,7 +863,10 @@ class WebSocketServer:
                 if conn.state is ConnectionState.REMOTE_CLOSING:
                     client.send_event(event.response())
                 elif conn.state is ConnectionState.OPEN:  # wsproto saw a protocol error
-                    client.close(event.code, event.reason or "")
+                    if event.code == CLOSE_TOO_BIG:  # deflate.BoundedDeflate's bounds
+                        self._message_too_large(client)
+                    else:
+                        client.close(event.code, event.reason or "")
                 if not client.finished:
                     self._finish_when_flushed(client, f"close_{event.code}")
                 return
@@ -852,13 +877,7 @@ class WebSocketServer:
         assembler = client.assembler
         text = assembler.feed(event)
         if assembler.too_large:
-            limit = self.limits.max_message_size
-            client.send_message(
-                protocol.error_message(
-                    ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {limit} bytes"
-                )
-            )
-            client.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large")
+            self._message_too_large(client)
         elif isinstance(event, BytesMessage):
             if event.message_finished:
                 self._client_error(
@@ -870,6 +889,16 @@ class WebSocketServer:
                 )
         elif text is not None:
             self._on_request(client, text)
+
+    def _message_too_large(self, client: Client) -> None:
+        """Answer a message over `max_message_size`: an error reply, then close 1009."""
+        limit = self.limits.max_message_size
+        client.send_message(
+            protocol.error_message(
+                ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {limit} bytes"
+            )
+        )
+        client.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large")
 
     def _on_request(self, client: Client, text: str) -> None:
         """Answer one client text message (docs/PROTOCOL.md "Client → server")."""
