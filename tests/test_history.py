@@ -143,3 +143,30 @@ def test_each_append_reaches_the_file_at_once(tmp_path: Path) -> None:
     store.append("A", message("A", 1))
     assert os.path.getsize(store.path("A")) == len(message("A", 1)) + 1
     store.close()
+
+
+# --- pages and replay sizes (history requests, resume cost) ---------------------------------------
+
+
+def test_before_is_the_newest_limit_entries_below_a_seq() -> None:
+    ring = filled(5, 10, 12)  # retains 17..21
+    assert seqs(ring.before(None, 3)) == [19, 20, 21]
+    assert seqs(ring.before(20, 2)) == [18, 19]
+    assert seqs(ring.before(20, 100)) == [17, 18, 19]
+    assert seqs(ring.before(17, 5)) == []  # nothing retained below the oldest
+    assert seqs(ring.before(5, 5)) == []
+    assert seqs(ring.before(10**9, 2)) == [20, 21]  # a cursor past the newest: the newest
+
+
+def test_count_after_matches_what_after_returns() -> None:
+    ring = filled(5, 10, 12)
+    for seq in range(0, 30):
+        assert ring.count_after(seq) == len(ring.after(seq)[1]), seq
+    assert ring.count_after(21) == 0 and ring.count_after(16) == 5
+
+
+def test_an_entry_encodes_its_data_once() -> None:
+    item = entry(7)
+    first = item.data_json
+    assert orjson.loads(first) == {"seq": 7}
+    assert item.data_json is first  # kept, not encoded again

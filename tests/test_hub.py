@@ -9,6 +9,7 @@ import pytest
 import trio
 from wsproto.frame_protocol import FrameDecoder
 
+from agentspoonsd import protocol
 from agentspoonsd.history import History
 from agentspoonsd.hub import Hub, encode_deflate_frame, encode_text_frame, frame_payload
 from agentspoonsd.market.bar import Bar
@@ -230,3 +231,72 @@ async def test_clients_that_confirmed_reading_are_written_first() -> None:
     assert hub.broadcast_order("ETH/USD") == [a, c, z]
     hub.confirm_reading(Recorder("never subscribed"))  # a no-op
     assert hub.broadcast_order("ETH/USD") == [a, c, z]
+
+
+class ReplyCollector(Collector):
+    """A subscriber with a reply path: each reply is kept as its list of frames."""
+
+    def __init__(self, *, deflate: bool = False) -> None:
+        super().__init__()
+        self.deflate = deflate
+        self.replies: list[list[bytes]] = []
+
+    def send_reply(self, frames: list[bytes]) -> None:
+        self.replies.append(list(frames))
+
+
+async def test_a_replay_is_one_reply_of_the_historys_own_frames() -> None:
+    hub, _ = make_hub()
+    for i in range(5):
+        hub.publish([bar("BTC/USD", 100 + i)])
+    client = ReplyCollector()
+    assert hub.resume(client, "BTC/USD", 2) is None
+    assert len(client.replies) == 1 and client.frames == []
+    entries = hub.history["BTC/USD"].after(2)[1]
+    assert all(f is e.frame for f, e in zip(client.replies[0], entries, strict=True))
+    assert hub.subscriptions(client) == ["BTC/USD"]
+
+
+async def test_a_deflate_replay_compresses_each_entry_once_ever() -> None:
+    hub, _ = make_hub()
+    for i in range(5):
+        hub.publish([bar("BTC/USD", 100 + i)])
+    first, second = ReplyCollector(deflate=True), ReplyCollector(deflate=True)
+    hub.resume(first, "BTC/USD", 0)
+    hub.resume(second, "BTC/USD", 0)
+    assert [orjson.loads(inflate(f))["data"]["seq"] for f in first.replies[0]] == [1, 2, 3, 4, 5]
+    assert all(a is b for a, b in zip(first.replies[0], second.replies[0], strict=True))
+
+
+async def test_the_broadcast_keeps_the_frame_it_compressed_for_replays() -> None:
+    hub, _ = make_hub()
+    live = ReplyCollector(deflate=True)
+    hub.subscribe(live, ["BTC/USD"])
+    hub.publish([bar("BTC/USD")])
+    late = ReplyCollector(deflate=True)
+    hub.resume(late, "BTC/USD", 0)
+    assert late.replies[0][0] is live.frames[0]  # the very bytes the broadcast sent
+
+
+async def test_history_page_is_capped_and_carries_the_cursor() -> None:
+    hub, _ = make_hub()
+    analytics = {"estimators": {f"estimator_{k}": k / 7 for k in range(20)}}  # ~600 B of data
+    for i in range(1000):
+        hub.publish([bar("BTC/USD", 100 + i)._replace(analytics=analytics)])
+    message, count = hub.history_page("BTC/USD", 1000)
+    payload = orjson.dumps(message)
+    assert len(payload) <= protocol.MAX_HISTORY_REPLY_BYTES
+    decoded = orjson.loads(payload)
+    seqs = [u["seq"] for u in decoded["updates"]]
+    assert count == len(seqs) and 0 < count < 1000
+    assert seqs == list(range(1001 - count, 1001))  # the newest, oldest first
+    assert decoded["more"] is True and decoded["before_seq"] == seqs[0]
+    collected = seqs
+    while decoded["more"]:
+        message, _ = hub.history_page("BTC/USD", 1000, decoded["before_seq"])
+        decoded = orjson.loads(orjson.dumps(message))
+        collected = [u["seq"] for u in decoded["updates"]] + collected
+    assert collected == list(range(1, 1001))
+    small, count = hub.history_page("BTC/USD", 3)
+    assert [u["seq"] for u in orjson.loads(orjson.dumps(small))["updates"]] == [998, 999, 1000]
+    assert small["more"] is True and count == 3

@@ -702,3 +702,85 @@ async def test_tls_write_to_a_closed_peer_fails_once(
         h.outbox.write(b"ignored")
         h.outbox.close_notify()  # failed: nothing, no error
         assert h.failures == 1
+
+
+# --- replies: exempt from the cap up to their size ------------------------------------------------
+
+
+async def test_a_reply_larger_than_the_cap_is_delivered_whole(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    writer, reader = pair
+    async with outbox_on(writer, max_bytes=10_000) as h:
+        parts = [chunk(i) for i in range(200)]  # 200 KB against a 10 KB cap
+        h.outbox.write_reply(parts)
+        assert h.overflows == 0 and not h.outbox.sealed
+        assert h.outbox.queued_bytes > 10_000
+        assert h.outbox.reply_allowance() == h.outbox.queued_bytes
+        total = b"".join(parts)
+        assert await read_exactly(reader, len(total)) == total
+        await h.outbox.flushed()
+        assert h.outbox.reply_allowance() == 0
+
+
+async def test_the_broadcast_cap_stays_as_strict_behind_and_before_a_reply(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Writes other than the reply still overflow at exactly `max_bytes` of their own."""
+    writer, reader = pair
+    async with outbox_on(writer, max_bytes=10_000) as h:
+        before = fill(h)  # a broadcast backlog, then the reply behind it
+        backlog = h.outbox.queued_bytes
+        reply = [chunk(1000 + i) for i in range(100)]
+        h.outbox.write_reply(reply)
+        assert h.overflows == 0
+        others, later = backlog, []
+        while h.overflows == 0:
+            later.append(chunk(2000 + len(later)))
+            h.outbox.write(later[-1])
+            others += 1000
+            assert others <= 10_000 + 1000
+        assert others > 10_000  # cut only once the non-reply bytes passed the cap
+        assert h.outbox.sealed
+        total = b"".join(before + reply + later)
+        assert await read_exactly(reader, len(total)) == total
+
+
+async def test_only_one_reply_at_a_time_is_exempt(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A client that asks again and again without reading cannot grow its backlog forever."""
+    writer, _reader = pair
+    async with outbox_on(writer, max_bytes=10_000) as h:
+        for i in range(5):
+            h.outbox.write_reply([chunk(100 * i + j) for j in range(8)])  # 8 KB each
+        assert h.overflows == 1 and h.outbox.sealed
+
+
+async def test_a_reply_drains_with_few_sends_as_references(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The parts are queued as the objects given (no copy); the drain keeps them in order."""
+    writer, reader = pair
+    async with outbox_on(writer, max_bytes=1000) as h:
+        parts = [chunk(i, 300) for i in range(1000)]
+        h.outbox.write_reply(parts)
+        queue = h.outbox._queue
+        assert queue is not None and queue[-1] is parts[-1]
+        total = b"".join(parts)
+        assert await read_exactly(reader, len(total)) == total
+        await h.outbox.flushed()
+        assert h.overflows == 0 and h.outbox.queued_bytes == 0
+
+
+async def test_tls_reply_larger_than_the_cap_is_delivered_whole(
+    pair: tuple[socket.socket, socket.socket], tls_files: tuple[Any, Path, Path]
+) -> None:
+    writer, reader = pair
+    peer = TlsPeer(tls_files)
+    async with tls_outbox_on(writer, peer, max_bytes=10_000) as h:
+        parts = [chunk(i) for i in range(100)]
+        h.outbox.write_reply(parts)
+        assert h.overflows == 0 and not h.outbox.sealed
+        total = b"".join(parts)
+        assert await peer.read_exactly(reader, len(total)) == total

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 
-from agentspoonsd import __version__
+from agentspoonsd import __version__, protocol
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.protocol import (
     SERVER_BANNER,
@@ -324,3 +324,53 @@ def test_never_raises_and_reply_is_encodable(text: str) -> None:
 def test_control_characters_in_type_are_escaped_in_the_reply() -> None:
     reply = reply_to('{"type": "a\\u0000b\\u001b[31m"}', NOW)
     assert "\x00" not in reply["message"] and "\x1b" not in reply["message"]
+
+
+# --- history pages and request costs ----------------------------------------------------------
+
+
+def test_history_before_seq_is_an_optional_cursor() -> None:
+    parsed = parse_request('{"type":"history","symbol":"BTC/USD","limit":5}', history_size=10)
+    assert parsed == protocol.HistoryRequest("BTC/USD", 5, None)
+    text = '{"type":"history","symbol":"BTC/USD","limit":5,"before_seq":42}'
+    assert parse_request(text, history_size=10) == protocol.HistoryRequest("BTC/USD", 5, 42)
+    for bad in ('"42"', "-1", "true", "1.5", "null"):
+        text = f'{{"type":"history","symbol":"BTC/USD","before_seq":{bad}}}'
+        if bad == "null":
+            assert parse_request(text, history_size=10).before_seq is None
+            continue
+        with pytest.raises(protocol.RequestError) as caught:
+            parse_request(text, history_size=10)
+        assert caught.value.reply["code"] == "invalid_message"
+
+
+def test_history_message_keeps_the_old_shape_and_adds_more_and_the_cursor() -> None:
+    old = protocol.history_message("BTC/USD", [{"seq": 1}])
+    assert old == {"type": "history", "symbol": "BTC/USD", "updates": [{"seq": 1}], "more": False}
+    paged = protocol.history_message("BTC/USD", [{"seq": 9}], more=True, before_seq=9)
+    assert paged["more"] is True and paged["before_seq"] == 9
+
+
+def test_history_page_size_fits_the_reply_budget() -> None:
+    budget = protocol.MAX_HISTORY_REPLY_BYTES
+    sizes = [1000] * 1000
+    count = protocol.history_page_size(sizes)
+    assert count * 1001 + protocol.HISTORY_ENVELOPE_BYTES <= budget
+    assert (count + 1) * 1001 + protocol.HISTORY_ENVELOPE_BYTES > budget
+    assert protocol.history_page_size([10] * 5) == 5  # all fit
+    assert protocol.history_page_size([]) == 0
+    assert protocol.history_page_size([budget * 2]) == 1  # one oversized update still goes
+    assert protocol.history_page_size([5, budget * 2]) == 1  # the newest first
+
+
+def test_request_cost_grows_with_the_updates_a_reply_carries() -> None:
+    unit = protocol.UPDATES_PER_COST_UNIT
+    assert protocol.request_cost(protocol.Ping()) == 1
+    assert protocol.request_cost(protocol.Subscribe(("*",)), 10_000) == 1
+    history = protocol.HistoryRequest("BTC/USD", 1000)
+    assert protocol.request_cost(history, 0) == 1
+    assert protocol.request_cost(history, unit - 1) == 1
+    assert protocol.request_cost(history, 1000) == 1 + 1000 // unit
+    resume = protocol.Resume((("BTC/USD", 1),))
+    assert protocol.request_cost(resume, 5) == 1  # a reconnect that missed a few: cheap
+    assert protocol.request_cost(resume, 1_000_000) == 1 + 1_000_000 // unit

@@ -682,12 +682,27 @@ class VolatilityClient:
         symbols = [symbol] if symbol is not None else list(conn.info.get("symbols") or [])
         rows: list[dict[str, Any]] = []
         for name in symbols:
-            reply = await self.request({"type": "history", "symbol": name, "limit": limit})
-            rows.extend(reply.get("updates") or [])
+            rows.extend(await self._history_pages(name, limit))
         if len(symbols) > 1:
             rows.sort(key=lambda d: (str(d.get("timestamp")), str(d.get("symbol"))))
             rows = rows[-limit:]
         return rows
+
+    async def _history_pages(self, symbol: str, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` updates of `symbol`, oldest first, following the daemon's pages
+        (a reply holds at most 256 KiB: `more` and `before_seq` lead to the older ones)."""
+        request: dict[str, Any] = {"type": "history", "symbol": symbol, "limit": limit}
+        pages: list[list[dict[str, Any]]] = []
+        wanted = limit
+        while wanted > 0:
+            reply = await self.request(request)
+            updates = list(reply.get("updates") or [])
+            pages.append(updates)
+            wanted -= len(updates)
+            if not reply.get("more") or not updates or "before_seq" not in reply:
+                break  # a daemon without pages, or nothing older retained
+            request = {**request, "limit": wanted, "before_seq": reply["before_seq"]}
+        return [row for page in reversed(pages) for row in page]
 
     @staticmethod
     def _expected_reply(message: Mapping[str, Any]) -> str:

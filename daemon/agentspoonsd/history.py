@@ -1,7 +1,9 @@
 """Per-symbol history: the last `size` updates with their seq numbers, optionally on disk.
 
 The ring serves `history` requests and `resume` replays. Each entry keeps the update's encoded
-frame, so a replay writes the very bytes the live broadcast wrote.
+frame, so a replay writes the very bytes the live broadcast wrote, and caches what replies need
+beyond it (the compressed frame, the `data` object's JSON) on first use: a replay or a history
+page encodes nothing that was encoded before.
 
 Seq numbers never repeat, across restarts too:
 
@@ -15,6 +17,7 @@ Seq numbers never repeat, across restarts too:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -28,13 +31,25 @@ from typing import Any
 import orjson
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Entry:
-    """One published update."""
+    """One published update, and the encodings replies reuse (each made once, then kept)."""
 
     seq: int
     frame: bytes  # the WebSocket frame as broadcast
     data: dict[str, Any]  # its `data` object (what `history` replies carry)
+    # The permessage-deflate frame of the same message: set by the broadcast when a compressing
+    # client received it, else by the first replay that needs it (see `Hub.deflated_frame`).
+    deflated: bytes | None = None
+    _data_json: bytes | None = None
+
+    @property
+    def data_json(self) -> bytes:
+        """`data` as JSON, encoded on first use and kept (a reply embeds it as an
+        `orjson.Fragment`: copied, not encoded again)."""
+        if self._data_json is None:
+            self._data_json = orjson.dumps(self.data)
+        return self._data_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,19 @@ class SymbolHistory:
             return list(self._ring)
         return list(self._ring)[-limit:]
 
+    def before(self, seq: int | None, limit: int) -> list[Entry]:
+        """The newest `limit` entries with a seq below `seq` (any seq when None), oldest first."""
+        end = (
+            len(self._ring) if seq is None else max(0, min(len(self._ring), seq - self.oldest_seq))
+        )
+        return list(itertools.islice(self._ring, max(0, end - limit), end))
+
+    def count_after(self, seq: int) -> int:
+        """How many entries `after(seq)` returns, without building them."""
+        if seq > self.latest_seq or seq < self.oldest_seq - 1:
+            return len(self._ring)
+        return self.latest_seq - seq
+
     def after(self, seq: int) -> tuple[Gap | None, list[Entry]]:
         """What a client that has everything up to `seq` is missing, oldest first.
 
@@ -95,7 +123,10 @@ class SymbolHistory:
         """
         if seq > self.latest_seq or seq < self.oldest_seq - 1:
             return Gap(self.oldest_seq, self.latest_seq), list(self._ring)
-        return None, [entry for entry in self._ring if entry.seq > seq]
+        # Seqs are contiguous: the missed entries are the last `latest_seq - seq`, found by
+        # position instead of comparing every retained seq.
+        count = self.latest_seq - seq
+        return None, list(itertools.islice(self._ring, len(self._ring) - count, None))
 
 
 class HistoryStore:
@@ -209,11 +240,13 @@ class History:
 
     def record(
         self, symbol: str, seq: int, payload: bytes, frame: bytes, data: dict[str, Any]
-    ) -> None:
-        """Keep one update (and store it first, when persisted)."""
+    ) -> Entry:
+        """Keep one update (and store it first, when persisted); its entry."""
         if self._store is not None:
             self._store.append(symbol, payload)
-        self._symbols[symbol].append(Entry(seq, frame, data))
+        entry = Entry(seq, frame, data)
+        self._symbols[symbol].append(entry)
+        return entry
 
     def close(self) -> None:
         if self._store is not None:

@@ -9,16 +9,17 @@ takes and queues the rest under its cap (see `outbox.Outbox`).
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
 import trio
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
 from . import protocol
-from .history import Gap, History
+from .history import Entry, Gap, History
 from .market.bar import Bar
 from .metrics import Stats
 
@@ -28,6 +29,22 @@ class Subscriber(Protocol):
 
     def send_frame(self, frame: bytes) -> None:
         """Queue one complete, pre-encoded frame; never blocks, never raises."""
+
+
+class ReplySubscriber(Subscriber, Protocol):
+    def send_reply(self, frames: Sequence[bytes]) -> None:
+        """Queue a reply (whole frames, in order), exempt from the backlog cap up to its size
+        (see `outbox.Outbox.write_reply`); never blocks, never raises."""
+
+
+def send_reply(subscriber: Subscriber, frames: Sequence[bytes]) -> None:
+    """Write `frames` to `subscriber` as one reply, or frame by frame if it has no reply path."""
+    reply = getattr(subscriber, "send_reply", None)
+    if reply is not None:
+        reply(frames)
+        return
+    for frame in frames:
+        subscriber.send_frame(frame)
 
 
 def encode_text_frame(payload: bytes) -> bytes:
@@ -66,6 +83,14 @@ def release_frame_parser(protocol: FrameProtocol | None) -> None:
     parser = getattr(protocol, "_parse_more", None)
     if isinstance(parser, types.GeneratorType):
         parser.close()
+
+
+def deflated_frame(entry: Entry) -> bytes:
+    """`entry`'s frame compressed for permessage-deflate clients: made once, then kept."""
+    deflated = entry.deflated
+    if deflated is None:
+        deflated = entry.deflated = encode_deflate_frame(frame_payload(entry.frame))
+    return deflated
 
 
 def frame_payload(frame: bytes) -> bytes:
@@ -130,13 +155,13 @@ class Hub:
         """
         published = self._wall_clock()
         history = self.history
-        encoded: dict[str, list[tuple[bytes, bytes]]] = {}  # symbol → [(payload, frame)]
+        encoded: dict[str, list[tuple[bytes, Entry]]] = {}  # symbol → [(payload, entry)]
         for bar in bars:
             seq = history.next_seq(bar.symbol)
             message = protocol.update_message(bar, seq, published)
             payload = protocol.encode(message)
-            frame = self._record(bar.symbol, seq, payload, message)
-            encoded.setdefault(bar.symbol, []).append((payload, frame))
+            entry = self._record(bar.symbol, seq, payload, message)
+            encoded.setdefault(bar.symbol, []).append((payload, entry))
         for symbol, updates in encoded.items():
             self._send(symbol, updates)
         self.last_publish = trio.current_time()
@@ -153,22 +178,23 @@ class Hub:
         """
         if seq != self.history.next_seq(symbol):
             self.history.restart(symbol, seq)
-        frame = self._record(symbol, seq, payload, message)
-        self._send(symbol, [(payload, frame)])
+        entry = self._record(symbol, seq, payload, message)
+        self._send(symbol, [(payload, entry)])
         self.last_publish = trio.current_time()
 
-    def _record(self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]) -> bytes:
-        """Keep the update in the history (before anyone sees it); its frame."""
-        frame = encode_text_frame(payload)
-        self.history.record(symbol, seq, payload, frame, message["data"])
+    def _record(self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]) -> Entry:
+        """Keep the update in the history (before anyone sees it); its entry."""
+        entry = self.history.record(
+            symbol, seq, payload, encode_text_frame(payload), message["data"]
+        )
         self.last_update[symbol] = message
         self._stats.updates_published += 1
-        return frame
+        return entry
 
-    def _send(self, symbol: str, updates: list[tuple[bytes, bytes]]) -> None:
-        """Write `updates` ((payload, frame) of one symbol, in seq order) to its subscribers:
+    def _send(self, symbol: str, updates: list[tuple[bytes, Entry]]) -> None:
+        """Write `updates` ((payload, entry) of one symbol, in seq order) to its subscribers:
         one write per subscriber."""
-        frames = updates[0][1] if len(updates) == 1 else b"".join(f for _, f in updates)
+        frames = updates[0][1].frame if len(updates) == 1 else b"".join(e.frame for _, e in updates)
         subscribers = self._subscribers[symbol]
         # A snapshot (a write that fails closes its client, which unsubscribes it at once), in
         # reverse: the clients that most recently proved they read come first.
@@ -179,7 +205,11 @@ class Hub:
         stats.bytes_sent += len(frames) * len(subscribers)
         deflaters = self._deflaters[symbol]
         if deflaters:
-            compressed = b"".join(encode_deflate_frame(payload) for payload, _ in updates)
+            # Compressed once per update, for every compressing client, and kept with the entry:
+            # a replay to such a client reuses it.
+            for payload, entry in updates:
+                entry.deflated = encode_deflate_frame(payload)
+            compressed = b"".join(entry.deflated for _, entry in updates)  # type: ignore[misc]
             for send_frame in reversed(tuple(deflaters.values())):
                 send_frame(compressed)
             stats.messages_sent += len(deflaters) * len(updates)
@@ -239,16 +269,50 @@ class Hub:
         the live ones. Atomic: no checkpoint, so nothing is broadcast in between. Returns the gap.
         """
         gap, entries = self.history[symbol].after(after_seq)
-        send = subscriber.send_frame
         deflate = getattr(subscriber, "deflate", False)
-        encode = encode_deflate_frame if deflate else encode_text_frame
+        frames: list[bytes] = []
         if gap is not None:
-            send(encode(protocol.encode(protocol.reset_message(symbol, gap))))
-        for entry in entries:
-            send(encode_deflate_frame(frame_payload(entry.frame)) if deflate else entry.frame)
-        self._table(subscriber)[symbol][subscriber] = send
+            encode = encode_deflate_frame if deflate else encode_text_frame
+            frames.append(encode(protocol.encode(protocol.reset_message(symbol, gap))))
+        if deflate:
+            frames.extend(map(deflated_frame, entries))
+        else:
+            frames.extend(entry.frame for entry in entries)
+        if frames:
+            # One reply: the history's own frames, no copy, exempt from the backlog cap up to
+            # its size (a valid replay never gets its client cut as a slow consumer).
+            send_reply(subscriber, frames)
+        self._table(subscriber)[symbol][subscriber] = subscriber.send_frame
         return gap
+
+    def replay_size(self, symbol: str, after_seq: int) -> int:
+        """How many updates `resume(…, symbol, after_seq)` would replay now (its cost)."""
+        return self.history[symbol].count_after(after_seq)
 
     def recent(self, symbol: str, limit: int) -> list[dict[str, Any]]:
         """The `data` objects of the newest `limit` updates of `symbol`, oldest first."""
         return [entry.data for entry in self.history[symbol].last(limit)]
+
+    def history_page(
+        self, symbol: str, limit: int, before_seq: int | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """The `history` reply for `symbol` and its number of updates.
+
+        It carries the newest `limit` retained updates below `before_seq` (all retained ones
+        when None), oldest first, as many as fit `protocol.MAX_HISTORY_REPLY_BYTES`; `more` and
+        the next `before_seq` when older retained updates exist. Each update's JSON is encoded
+        once and kept with its entry.
+        """
+        ring = self.history[symbol]
+        entries = ring.before(before_seq, limit)
+        count = protocol.history_page_size([len(entry.data_json) for entry in entries])
+        entries = entries[len(entries) - count :]
+        oldest = entries[0].seq if entries else before_seq
+        more = oldest is not None and len(ring) > 0 and oldest > ring.oldest_seq
+        message = protocol.history_message(
+            symbol,
+            [orjson.Fragment(entry.data_json) for entry in entries],
+            more=more,
+            before_seq=oldest,
+        )
+        return message, count

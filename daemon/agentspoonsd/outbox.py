@@ -7,8 +7,10 @@ takes right now and queues the rest in order. Only while a backlog exists does a
 and no buffer.
 
 Past `max_bytes` of backlog the outbox stops accepting writes and calls `on_overflow` once; the
-owner decides how to end the connection. A socket error calls `on_failure` once. Neither callback
-may block or raise.
+owner decides how to end the connection. A reply the client asked for (`write_reply`: a history
+page, a resume replay) is exempt from that cap up to its own size while it is queued, so a valid
+request never gets its client cut as a slow consumer; everything else stays under `max_bytes`.
+A socket error calls `on_failure` once. Neither callback may block or raise.
 
 `TlsOutbox` is the same write path for a wss:// client: what is written is plaintext, encrypted
 as the socket takes it (see its docstring). A plain client's `Outbox` pays nothing for TLS.
@@ -17,16 +19,21 @@ as the socket takes it (see its docstring). A plain client's `Outbox` pays nothi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from .tls import TlsError, TlsSession
 
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]
+
+# Queued writes handed to the kernel by one sendmsg (a replay queues one write per update);
+# well under Linux's IOV_MAX (1024).
+SEND_PARTS = 64
 
 
 def _nothing() -> None:
@@ -41,7 +48,9 @@ class Outbox:
         "_on_failure",
         "_on_overflow",
         "_queue",
+        "_replies",
         "_send",
+        "_sent_from_queue",
         "_sock",
         "_spawn",
         "failed",
@@ -74,6 +83,11 @@ class Outbox:
         self._flushed: trio.Event | None = None
         self.max_bytes = max_bytes
         self.queued_bytes = 0
+        # Where queued replies lie in the stream of queued bytes: (start, end) positions counted
+        # like `_sent_from_queue` (bytes ever sent from the queue), so a position is before the
+        # head once that count passes it. None until the first reply is queued.
+        self._replies: deque[tuple[int, int]] | None = None
+        self._sent_from_queue = 0
         self.sealed = False  # no further writes accepted
         self.failed = False  # the socket is unusable
 
@@ -98,16 +112,78 @@ class Outbox:
             return
         if sent != len(data):
             self._queue_rest(memoryview(data)[sent:] if sent else data, started=sent > 0)
-            if self.queued_bytes > self.max_bytes:
+            if self.queued_bytes > self.max_bytes and self._over_cap():
                 self.sealed = True
                 self._on_overflow()
+
+    def write_reply(self, parts: Sequence[bytes]) -> None:
+        """Write one reply, `parts` back to back (whole frames), exempt from `max_bytes`.
+
+        While queued, the reply's unsent bytes do not count against `max_bytes`; everything
+        else (broadcast frames before or after it, other replies) does, exactly as for `write`.
+        Only the largest reply queued is exempt at a time, so a client that never reads cannot
+        grow its backlog by asking again and again. The parts are queued as the objects given
+        (a replay's frames are the history's own bytes: a lagging client holds references, not
+        copies). Never blocks; ignored once sealed or failed.
+        """
+        if self.sealed or self.failed or not parts:
+            return
+        before = self.queued_bytes
+        self._enqueue_parts(parts)
+        added = self.queued_bytes - before
+        if added > 0 and not self.failed:
+            if self._replies is None:
+                self._replies = deque()
+            end = self._sent_from_queue + self.queued_bytes
+            self._replies.append((end - added, end))
+        if self.queued_bytes > self.max_bytes and not self.failed and self._over_cap():
+            self.sealed = True
+            self._on_overflow()
+
+    def _enqueue_parts(self, parts: Sequence[bytes]) -> None:
+        """Send what the socket takes of `parts` now (one sendmsg), queue the rest in order."""
+        if self._queue:
+            for part in parts:
+                self._queue_rest(part, started=self._head_started)
+            return
+        try:
+            sent = self._sock.sendmsg(parts[:SEND_PARTS])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._fail()
+            return
+        for index, part in enumerate(parts):
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self._queue_rest(memoryview(part)[sent:] if sent else part, started=sent > 0)
+            sent = 0
+            for rest in itertools.islice(parts, index + 1, None):
+                self._queue_rest(rest, started=self._head_started)
+            return
+
+    def reply_allowance(self) -> int:
+        """Queued bytes exempt from `max_bytes`: the unsent part of the largest queued reply."""
+        replies = self._replies
+        if not replies:
+            return 0
+        head = self._sent_from_queue
+        while replies and replies[0][1] <= head:
+            replies.popleft()  # sent in full
+        return max((end - max(start, head) for start, end in replies), default=0)
+
+    def _over_cap(self) -> bool:
+        """True when the backlog, less the reply allowance, exceeds `max_bytes` (called only
+        once `queued_bytes` does: the broadcast's path pays nothing for replies)."""
+        return self.queued_bytes - self.reply_allowance() > self.max_bytes
 
     def _write_behind(self, data: bytes) -> None:
         """`write` in general: behind a backlog, or refused once sealed or failed."""
         if self.sealed or self.failed:
             return
         self._enqueue(data)
-        if self.queued_bytes > self.max_bytes and not self.failed:
+        if self.queued_bytes > self.max_bytes and not self.failed and self._over_cap():
             self.sealed = True
             self._on_overflow()
 
@@ -182,21 +258,28 @@ class Outbox:
                 self._flushed = None
 
     def _send_queued(self) -> None:
+        """Send queued writes until the socket is full: up to SEND_PARTS of them per sendmsg."""
         queue = self._queue
         while queue:
-            head = queue[0]
+            if len(queue) == 1:
+                parts: list[bytes | memoryview] = [queue[0]]
+            else:
+                parts = list(itertools.islice(queue, SEND_PARTS))
             try:
-                sent = self._sock.send(head)
+                sent = self._sock.sendmsg(parts)
             except BlockingIOError:
                 return
             self.queued_bytes -= sent
-            if sent == len(head):
+            self._sent_from_queue += sent
+            for head in parts:
+                if sent < len(head):
+                    if sent:
+                        queue[0] = memoryview(head)[sent:]  # no copy of the rest
+                        self._head_started = True
+                    return  # the socket took no more
+                sent -= len(head)
                 queue.popleft()
                 self._head_started = False
-            else:
-                queue[0] = memoryview(head)[sent:]  # no copy of the rest
-                self._head_started = True
-                return
 
     def detach(self) -> None:
         """The owner is closing the socket: drop everything, call nothing, write nothing more.
@@ -259,6 +342,19 @@ class TlsOutbox(Outbox):
         """As `Outbox.write`; `data` is plaintext, encrypted when it is sent."""
         self._write_behind(data)
 
+    def _enqueue_parts(self, parts: Sequence[bytes]) -> None:
+        """The parts joined into batches of up to BATCH bytes: each batch one TLS record."""
+        batch: list[bytes] = []
+        size = 0
+        for part in parts:
+            if batch and size + len(part) > self.BATCH:
+                self._enqueue(b"".join(batch))
+                batch, size = [], 0
+            batch.append(part)
+            size += len(part)
+        if batch:
+            self._enqueue(batch[0] if len(batch) == 1 else b"".join(batch))
+
     def _enqueue(self, data: bytes) -> None:
         if self._queue:  # a backlog: keep the write as plaintext until the socket has room
             self._plain.append(data)
@@ -291,7 +387,12 @@ class TlsOutbox(Outbox):
         ciphertext = self._tls.outgoing()
         if ciphertext and not self.failed:
             Outbox._enqueue(self, ciphertext)
-            if self.queued_bytes > self.max_bytes and not self.sealed and not self.failed:
+            if (
+                self.queued_bytes > self.max_bytes
+                and not self.sealed
+                and not self.failed
+                and self._over_cap()
+            ):
                 self.sealed = True
                 self._on_overflow()
 
@@ -338,6 +439,7 @@ class TlsOutbox(Outbox):
             except BlockingIOError:
                 return
             self.queued_bytes -= sent
+            self._sent_from_queue += sent
             if sent == len(head):
                 queue.popleft()
             else:
@@ -360,6 +462,9 @@ class TlsOutbox(Outbox):
         assert self._queue is not None
         self._queue.append(memoryview(ciphertext))
         self.queued_bytes += len(ciphertext) - size
+        # The batch was at the head of the stream (`_queue` was empty): what follows it moves
+        # back by the records' overhead, so the head's position moves back by as much.
+        self._sent_from_queue -= len(ciphertext) - size
 
     def detach(self) -> None:
         super().detach()

@@ -36,6 +36,14 @@ class ErrorCode:
 
 ALL = "*"  # in subscribe/unsubscribe: every symbol
 DEFAULT_HISTORY_LIMIT = 100
+# One `history` reply carries at most this many bytes of JSON: a bigger `limit` is answered with
+# the newest updates that fit, `"more": true` and the `before_seq` to ask for the older ones.
+# A reply that size crosses a slow link in well under a ping interval, and it bounds the
+# exemption a reply gets from the backlog cap (see `outbox.Outbox.write_reply`).
+MAX_HISTORY_REPLY_BYTES = 256 * 1024
+# A request's cost against `server.max_client_messages_per_second` (see `request_cost`): one,
+# plus one per this many updates a reply or a replay carries.
+UPDATES_PER_COST_UNIT = 50
 
 
 def iso_utc(moment: datetime) -> str:
@@ -122,8 +130,40 @@ def unsubscribed_message(symbols: list[str]) -> dict[str, Any]:
     return {"type": "unsubscribed", "symbols": symbols}
 
 
-def history_message(symbol: str, updates: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "history", "symbol": symbol, "updates": updates}
+def history_message(
+    symbol: str,
+    updates: list[Any],
+    *,
+    more: bool = False,
+    before_seq: int | None = None,
+) -> dict[str, Any]:
+    """A `history` reply: `updates` (data objects or their `orjson.Fragment`s), oldest first.
+
+    `more`: older retained updates exist than the first one carried; then `before_seq` is the
+    cursor for the next page (the seq of the oldest update carried)."""
+    message: dict[str, Any] = {"type": "history", "symbol": symbol, "updates": updates}
+    message["more"] = more
+    if more and before_seq is not None:
+        message["before_seq"] = before_seq
+    return message
+
+
+# The bytes a `history` reply adds around its updates, with the longest symbol and cursor: the
+# page size leaves room for them.
+HISTORY_ENVELOPE_BYTES = 512
+
+
+def history_page_size(sizes: list[int], budget: int = MAX_HISTORY_REPLY_BYTES) -> int:
+    """How many of the newest updates fit one reply: `sizes` are the JSON sizes of the candidate
+    updates, oldest first. At least one (an update larger than a page still gets through)."""
+    room = budget - HISTORY_ENVELOPE_BYTES
+    count = 0
+    for size in reversed(sizes):
+        room -= size + 1  # the comma
+        if room < 0 and count:
+            break
+        count += 1
+    return count
 
 
 def reset_message(symbol: str, gap: Any) -> dict[str, Any]:
@@ -158,6 +198,7 @@ class Unsubscribe:
 class HistoryRequest:
     symbol: str
     limit: int
+    before_seq: int | None = None  # only updates with a lower seq (a page cursor); None: newest
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +246,12 @@ def parse_request(text: str, *, history_size: int) -> Request:
                 ErrorCode.INVALID_MESSAGE,
                 f'"limit" must be an integer from 1 to {history_size} (the history size)',
             )
-        return HistoryRequest(symbol, limit)
+        before_seq = message.get("before_seq")
+        if before_seq is not None and (not _is_int(before_seq) or before_seq < 0):
+            raise RequestError(
+                ErrorCode.INVALID_MESSAGE, '"before_seq" must be an integer >= 0 (a seq)'
+            )
+        return HistoryRequest(symbol, limit, before_seq)
     if kind == "resume":
         positions = message.get("from")
         if not isinstance(positions, dict) or not positions:
@@ -221,6 +267,19 @@ def parse_request(text: str, *, history_size: int) -> Request:
         return Resume(tuple(positions.items()))
     shown = kind if len(kind) <= 64 else kind[:64] + "…"
     raise RequestError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown!r}")
+
+
+def request_cost(request: Request, updates: int = 0) -> int:
+    """What `request` counts against the client's per-second message budget.
+
+    1 for every request, plus 1 per UPDATES_PER_COST_UNIT updates its answer carries (`updates`:
+    the entries a `history` page or a `resume` replay sends), so a client replaying the whole
+    history over and over gets `rate_limited` long before it costs the loop more than a few
+    ordinary clients. Only `history` and `resume` carry updates; `updates` is ignored otherwise.
+    """
+    if isinstance(request, (HistoryRequest, Resume)):
+        return 1 + max(0, updates) // UPDATES_PER_COST_UNIT
+    return 1
 
 
 def _is_int(value: object) -> bool:

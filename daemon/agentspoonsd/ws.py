@@ -139,6 +139,7 @@ class Client:
         "peer",
         "reading",
         "send_frame",
+        "send_reply",
         "sock",
         "tls",
     )
@@ -199,6 +200,7 @@ class Client:
             )
         # The hub's entry point: a pre-encoded frame goes straight into the single write path.
         self.send_frame = self.outbox.write
+        self.send_reply = self.outbox.write_reply  # a replay: exempt from the cap up to its size
 
     def accept(
         self,
@@ -933,9 +935,12 @@ class WebSocketServer:
         elif isinstance(request, protocol.HistoryRequest):
             if self._report_problems(client, grant, [request.symbol]):
                 return
-            client.send_message(
-                protocol.history_message(request.symbol, hub.recent(request.symbol, request.limit))
-            )
+            reply, count = hub.history_page(request.symbol, request.limit, request.before_seq)
+            if not self._admit(client, protocol.request_cost(request, count) - 1):
+                return
+            if client.conn is not None and client.conn.state is ConnectionState.OPEN:
+                frame = client.conn.send(TextMessage(protocol.encode(reply).decode()))
+                client.send_reply([frame])  # under 256 KiB, exempt from the backlog cap
         else:  # Resume
             symbols = [symbol for symbol, _ in request.positions]
             if self._report_problems(client, grant, symbols):
@@ -951,6 +956,9 @@ class WebSocketServer:
                         symbol=taken[0],
                     ),
                 )
+                return
+            replayed = sum(hub.replay_size(symbol, seq) for symbol, seq in request.positions)
+            if not self._admit(client, protocol.request_cost(request, replayed) - 1):
                 return
             after = [s for s in hub.symbols if s in current or s in symbols]
             client.send_message(protocol.subscribed_message(after))
@@ -971,16 +979,25 @@ class WebSocketServer:
                 return True
         return False
 
-    def _admit(self, client: Client) -> bool:
-        """Count a message against the client's per-second budget; False (and an error) past it."""
+    def _admit(self, client: Client, cost: int = 1) -> bool:
+        """Count `cost` (see `protocol.request_cost`) against the client's per-second budget;
+        False (and an error) once this second's budget is spent.
+
+        A request is admitted while any of the budget is left, and what it costs beyond the
+        budget is owed: each new second pays back one budget, so a replay worth five seconds of
+        messages leaves the client rate-limited for about five seconds. `cost` 0 admits."""
         budget = client.budget
         if budget is None:
             budget = client.budget = _Budget()
+        if cost <= 0:
+            return True
+        per_second = self.limits.max_client_messages_per_second
         second = int(trio.current_time())
         if second != budget.second:
-            budget.second, budget.sent = second, 0
-        budget.sent += 1
-        if budget.sent <= self.limits.max_client_messages_per_second:
+            budget.sent = max(0, budget.sent - per_second * (second - budget.second))
+            budget.second = second
+        if budget.sent < per_second:
+            budget.sent += cost
             return True
         self._client_error(
             client,
