@@ -178,6 +178,9 @@ def test_resign_ends_the_lead_whatever_the_lease() -> None:
 
 
 class Frames:
+    deflate = False
+    finished = False
+
     def __init__(self) -> None:
         self.frames: list[bytes] = []
 

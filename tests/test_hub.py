@@ -22,6 +22,9 @@ NOW = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
 class Collector:
     """A subscriber that keeps the frames it is handed."""
 
+    deflate = False
+    finished = False
+
     def __init__(self) -> None:
         self.frames: list[bytes] = []
 
@@ -206,7 +209,7 @@ async def test_clients_that_confirmed_reading_are_written_first() -> None:
 
     class Recorder:
         def __init__(self, name: str, *, deflate: bool = False) -> None:
-            self.name, self.deflate = name, deflate
+            self.name, self.deflate, self.finished = name, deflate, False
 
         def send_frame(self, frame: bytes) -> None:
             order.append(self.name)
@@ -300,3 +303,24 @@ async def test_history_page_is_capped_and_carries_the_cursor() -> None:
     small, count = hub.history_page("BTC/USD", 3)
     assert [u["seq"] for u in orjson.loads(orjson.dumps(small))["updates"]] == [998, 999, 1000]
     assert small["more"] is True and count == 3
+
+
+async def test_a_finished_subscriber_is_never_added_again() -> None:
+    """A connection finished while its request was being answered (its reply's send failed)
+    stays out of the hub whatever the answer does next: subscribe and resume do nothing."""
+    hub, _ = make_hub()
+    hub.publish([bar("BTC/USD"), bar("ETH/USD")])
+    gone = Collector()
+    gone.finished = True
+    hub.subscribe(gone, SYMBOLS)
+    assert hub.resume(gone, "BTC/USD", 0) is None
+    assert hub.subscriber_count() == 0 and gone.frames == []
+
+    class FinishedBySend(Collector):
+        def send_frame(self, frame: bytes) -> None:
+            self.finished = True  # the peer reset: the write path finished the connection
+
+    failing = FinishedBySend()
+    hub.resume(failing, "BTC/USD", 0)
+    assert hub.subscriber_count() == 0
+    assert hub.subscriptions(failing) == []

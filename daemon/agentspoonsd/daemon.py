@@ -327,7 +327,7 @@ class Daemon:
             interval=lambda: self.settings.generator.interval,
             broker_problem=lambda: broker.problem if broker is not None else None,
         )
-        registry = make_registry(self.stats, lambda: self._age(hub))
+        registry = make_registry(self.stats, lambda: self._age(hub), hub.subscriber_count)
         if broker is not None:
             from .broker.metrics import BrokerCollector
 

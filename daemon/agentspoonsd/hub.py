@@ -26,6 +26,7 @@ from .metrics import Stats
 
 class Subscriber(Protocol):
     deflate: bool  # negotiated permessage-deflate: it receives the compressed frames
+    finished: bool  # its connection is over: the hub must never hold it again
 
     def send_frame(self, frame: bytes) -> None:
         """Queue one complete, pre-encoded frame; never blocks, never raises."""
@@ -133,6 +134,9 @@ class Hub:
         self._deflaters: dict[str, dict[Subscriber, Callable[[bytes], None]]] = {
             s: {} for s in symbols
         }
+        # subscriber → the symbols it receives: what a pong, an unsubscribe and the metrics
+        # touch, so that none of them costs a pass over every symbol.
+        self._memberships: dict[Subscriber, set[str]] = {}
         self.last_update: dict[str, dict[str, object]] = {}
         self.last_publish: float | None = None  # trio.current_time() of the newest broadcast
 
@@ -221,9 +225,21 @@ class Hub:
         return self._deflaters if getattr(subscriber, "deflate", False) else self._subscribers
 
     def subscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
+        """Add `subscriber` to the broadcasts of `symbols`; nothing for a finished subscriber.
+
+        A write to a peer that has gone (a request read together with its RST) finishes the
+        connection and unsubscribes it in the middle of answering: whatever the answer does
+        next must not put it back.
+        """
+        if subscriber.finished:
+            return
         table = self._table(subscriber)
+        joined = self._memberships.setdefault(subscriber, set())
         for symbol in symbols:
             table[symbol][subscriber] = subscriber.send_frame
+            joined.add(symbol)
+        if not joined:
+            del self._memberships[subscriber]
 
     def confirm_reading(self, subscriber: Subscriber) -> None:
         """`subscriber` has read everything sent to it so far (it answered a ping sent after it):
@@ -236,30 +252,41 @@ class Hub:
         taking fresh memory at the full broadcast rate until their buffers are full, and every
         send gets slower. Sent last, the stalled ones share pages only with each other.
         """
-        for table in (self._subscribers, self._deflaters):
-            for subscribers in table.values():
-                send_frame = subscribers.pop(subscriber, None)
-                if send_frame is not None:
-                    subscribers[subscriber] = send_frame  # re-inserted: newest, so sent first
+        table = self._table(subscriber)
+        for symbol in self._memberships.get(subscriber, ()):
+            subscribers = table[symbol]
+            send_frame = subscribers.pop(subscriber)
+            subscribers[subscriber] = send_frame  # re-inserted: newest, so sent first
 
     def unsubscribe(self, subscriber: Subscriber, symbols: Iterable[str]) -> None:
+        joined = self._memberships.get(subscriber)
+        if joined is None:
+            return
         table = self._table(subscriber)
         for symbol in symbols:
             table[symbol].pop(subscriber, None)
+            joined.discard(symbol)
+        if not joined:
+            del self._memberships[subscriber]
 
     def unsubscribe_all(self, subscriber: Subscriber) -> None:
-        for subscribers in self._table(subscriber).values():
-            subscribers.pop(subscriber, None)
+        table = self._table(subscriber)
+        for symbol in self._memberships.pop(subscriber, ()):
+            table[symbol].pop(subscriber, None)
 
     def broadcast_order(self, symbol: str) -> list[Subscriber]:
         """The subscribers of `symbol` in the order a broadcast writes to them (each table, the
         uncompressed one first)."""
         return [*reversed(self._subscribers[symbol]), *reversed(self._deflaters[symbol])]
 
+    def subscriber_count(self) -> int:
+        """How many distinct subscribers receive at least one symbol (the metrics' gauge)."""
+        return len(self._memberships)
+
     def subscriptions(self, subscriber: Subscriber) -> list[str]:
         """The symbols `subscriber` receives, in the hub's symbol order."""
-        table = self._table(subscriber)
-        return [s for s in self.symbols if subscriber in table[s]]
+        joined = self._memberships.get(subscriber, ())
+        return [s for s in self.symbols if s in joined]
 
     def resume(self, subscriber: Subscriber, symbol: str, after_seq: int) -> Gap | None:
         """Send `subscriber` what it missed of `symbol` after `after_seq`, then subscribe it.
@@ -268,6 +295,8 @@ class Hub:
         (then every retained update follows), else exactly the updates after `after_seq`; then
         the live ones. Atomic: no checkpoint, so nothing is broadcast in between. Returns the gap.
         """
+        if subscriber.finished:  # see `subscribe`
+            return None
         gap, entries = self.history[symbol].after(after_seq)
         deflate = getattr(subscriber, "deflate", False)
         frames: list[bytes] = []
@@ -282,7 +311,9 @@ class Hub:
             # One reply: the history's own frames, no copy, exempt from the backlog cap up to
             # its size (a valid replay never gets its client cut as a slow consumer).
             send_reply(subscriber, frames)
-        self._table(subscriber)[symbol][subscriber] = subscriber.send_frame
+        if not subscriber.finished:  # a send that failed finished it
+            self._table(subscriber)[symbol][subscriber] = subscriber.send_frame
+            self._memberships.setdefault(subscriber, set()).add(symbol)
         return gap
 
     def replay_size(self, symbol: str, after_seq: int) -> int:

@@ -38,9 +38,15 @@ class Stats:
 class StatsCollector(Collector):
     """Exposes `Stats` plus gauges computed at scrape time."""
 
-    def __init__(self, stats: Stats, last_update_age: Callable[[], float | None]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        last_update_age: Callable[[], float | None],
+        subscribers: Callable[[], int] | None = None,
+    ) -> None:
         self._stats = stats
         self._last_update_age = last_update_age
+        self._subscribers = subscribers
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -49,6 +55,12 @@ class StatsCollector(Collector):
             "WebSocket clients connected now.",
             value=s.clients_connected,
         )
+        if self._subscribers is not None:
+            yield GaugeMetricFamily(
+                "agentspoonsd_subscribers",
+                "Connections the hub writes updates to (subscribed to at least one symbol).",
+                value=self._subscribers(),
+            )
         yield _counter(
             "connections_accepted", "WebSocket upgrades accepted.", s.connections_accepted
         )
@@ -109,8 +121,12 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def make_registry(stats: Stats, last_update_age: Callable[[], float | None]) -> CollectorRegistry:
+def make_registry(
+    stats: Stats,
+    last_update_age: Callable[[], float | None],
+    subscribers: Callable[[], int] | None = None,
+) -> CollectorRegistry:
     """A private registry (never the global default one) holding our collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(stats, last_update_age))
+    registry.register(StatsCollector(stats, last_update_age, subscribers))
     return registry
