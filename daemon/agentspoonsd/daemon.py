@@ -38,6 +38,7 @@ from .logs import LevelGate, get_logger
 from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
+from .proxies import TrustedProxies
 from .settings import EXIT_CONFIG, ConfigError, Settings, TokenSettings, load_settings
 from .supervisor import RestartPolicy, supervise
 from .tls import TlsConfigError, server_context
@@ -63,6 +64,8 @@ RELOADABLE_SERVER_KEYS = {
     "shutdown_timeout",
     "tls_cert",  # re-read on every reload; switching TLS on or off needs a restart
     "tls_key",
+    "trusted_proxies",
+    "forwarded_header",
 }
 
 
@@ -97,6 +100,7 @@ def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
         allowed_origins=allowed_origins(settings, http_port),
         max_connections_per_ip=s.max_connections_per_ip,
         max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
+        proxies=TrustedProxies.parse(s.trusted_proxies, s.forwarded_header),
     )
 
 

@@ -39,6 +39,7 @@ from pydantic_settings import (
 from .httppolicy import normalise_host
 from .market import models
 from .market.models import ModelKind
+from .proxies import parse_network
 from .tomlfile import (
     MAX_CONFIG_BYTES,
     MAX_TOKENS_FILE_BYTES,
@@ -143,6 +144,21 @@ class ServerSettings(_Section):
         True,
         description="Compress (RFC 7692) for clients that offer it; each update once for all.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Reverse proxies (CIDRs or addresses, e.g. 10.0.0.0/8) whose forwarded_header is"
+            " believed: from them, the client is the rightmost untrusted hop, for the"
+            " per-address limits and the logs. Empty: the client is the socket's peer."
+        ),
+    )
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = Field(
+        "x-forwarded-for",
+        description=(
+            "The one header trusted_proxies write (RFC 7239 `forwarded` or `x-forwarded-for`);"
+            " the other is ignored, as a client could have sent it through the proxy."
+        ),
+    )
     tls_cert: Path | None = Field(
         None,
         description=(
@@ -155,6 +171,11 @@ class ServerSettings(_Section):
         validate_default=True,
         description="Unencrypted PEM private key of tls_cert; set both or neither.",
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(parse_network(entry)) for entry in value]
 
     @field_validator("tls_key")
     @classmethod

@@ -20,7 +20,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ from .hub import Hub, release_frame_parser
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
 from .protocol import ErrorCode, RequestError
+from .proxies import TrustedProxies
 from .tls import TlsError, TlsSession
 from .upgrade import (
     HandshakeError,
@@ -95,6 +96,7 @@ class Limits:
     send_buffer_bytes: int | None = None  # SO_SNDBUF of each client socket; None: the kernel's
     max_connections_per_ip: int | None = None
     max_auth_failures_per_minute: int = 20  # per IP; past it upgrades get 429 for a while
+    proxies: TrustedProxies = field(default_factory=TrustedProxies)  # who forwards for clients
 
 
 # A server ping frame: unmasked, no payload, the same bytes for every client.
@@ -278,7 +280,7 @@ class Client:
         self._stats.backlog_overflows += 1
         self._log.warning(
             "client_backlog_overflow",
-            peer=self.peer,
+            **_peer_fields(self),
             token=self.grant.name if self.grant else None,
             queued_bytes=self.outbox.queued_bytes,
         )
@@ -531,7 +533,7 @@ class WebSocketServer:
         self._stats.disconnects[reason] += 1
         self._log.info(
             "client_disconnected",
-            peer=client.peer,
+            **_peer_fields(client),
             token=client.grant.name if client.grant else None,
             reason=reason,
             duration_s=round(trio.current_time() - client.connected_at, 3),
@@ -660,6 +662,9 @@ class WebSocketServer:
             self._answer(client, request)
 
     def _answer(self, client: Client, request: UpgradeRequest) -> None:
+        # Behind a trusted proxy the client is the forwarded address: the per-address limits
+        # count it (from here on, so it is final before the client is counted) and logs name it.
+        client.ip = self.limits.proxies.client_address(client.ip, request.headers)
         verdict = self._admit_upgrade(client, request)
         if verdict is None:
             return
@@ -718,7 +723,7 @@ class WebSocketServer:
             deflate,
         )
         self._log.info(
-            "client_connected", peer=client.peer, token=verdict.name, symbols=len(subscribed)
+            "client_connected", **_peer_fields(client), token=verdict.name, symbols=len(subscribed)
         )
         if client.finished:  # the 101 could not be written: the peer is already gone
             return
@@ -766,7 +771,7 @@ class WebSocketServer:
             failures.append(now)
             self._stats.auth_failures[verdict.value] += 1
             self._stats.rejected_upgrades[verdict.value] += 1
-            self._log.warning("auth_failed", peer=client.peer, reason=verdict.value)
+            self._log.warning("auth_failed", **_peer_fields(client), reason=verdict.value)
             challenge = b'Bearer realm="agentspoonsd"'
             if verdict is not AuthFailure.MISSING:
                 challenge += b', error="invalid_token"'
@@ -798,7 +803,7 @@ class WebSocketServer:
         retry: int | None = None,
     ) -> None:
         self._stats.rejected_upgrades[reason] += 1
-        self._log.warning("upgrade_refused", peer=client.peer, reason=reason, status=status)
+        self._log.warning("upgrade_refused", **_peer_fields(client), reason=reason, status=status)
         headers = ((b"Retry-After", str(retry).encode()),) if retry is not None else ()
         self._reject(client, status, reason, message, headers=headers)
 
@@ -1011,7 +1016,7 @@ class WebSocketServer:
     def _client_error(self, client: Client, reply: dict[str, Any]) -> None:
         """Send an error reply; past `max_client_errors` in ERROR_WINDOW, close with 1008."""
         self._stats.client_errors += 1
-        self._log.debug("client_message_rejected", peer=client.peer, code=reply["code"])
+        self._log.debug("client_message_rejected", **_peer_fields(client), code=reply["code"])
         client.send_message(reply)
         budget = client.budget
         if budget is None:
@@ -1022,7 +1027,7 @@ class WebSocketServer:
         while errors and errors[0] <= now - ERROR_WINDOW:
             errors.popleft()
         if len(errors) > self.limits.max_client_errors:
-            self._log.info("client_too_many_errors", peer=client.peer, errors=len(errors))
+            self._log.info("client_too_many_errors", **_peer_fields(client), errors=len(errors))
             client.linger_close(CLOSE_POLICY, "too many errors", "too_many_errors")
 
 
@@ -1075,6 +1080,14 @@ def _recv_now(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def _peer_fields(client: Client) -> dict[str, str]:
+    """Log fields naming a connection: `peer`, the socket's address and port, and `client`, the
+    address a trusted proxy forwarded for it, only when that is another address."""
+    if client.ip == client.peer.rpartition(":")[0].strip("[]"):
+        return {"peer": client.peer}
+    return {"peer": client.peer, "client": client.ip}
 
 
 def _format_peer(address: Any) -> str:
