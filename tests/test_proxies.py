@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -170,23 +171,55 @@ def test_at_most_max_hops_are_read_however_long_the_header() -> None:
         ([b"for=192.0.2.43", b"for=198.51.100.17"], ["198.51.100.17", "192.0.2.43"]),
         ([b'for="a,b";by=x, for=1.2.3.4'], ["1.2.3.4", "a,b"]),  # a comma inside quotes
         ([b'by="x;for=9.9.9.9";for=1.2.3.4'], ["1.2.3.4"]),  # a semicolon inside quotes
-        ([b'for="\\1\\.2.3.4"'], ["1.2.3.4"]),  # quoted-pairs unescaped
+        ([b'for="\\1\\.2.3.4"'], [None]),  # a quoted-pair: no address needs one
+        ([b'for="1.2.3.4";by="\\x"'], [None]),
+        ([b"by=\\x, for=1.2.3.4"], ["1.2.3.4", None]),
         ([b"for=unknown"], ["unknown"]),
         ([b"for=_hidden"], ["_hidden"]),
         ([b"for=1.2.3.4;"], ["1.2.3.4"]),
-        ([b"for=1.2.3.4, ,"], ["", "1.2.3.4"]),
+        ([b"for=1.2.3.4, ,"], ["", "", "1.2.3.4"]),
         ([b"by=203.0.113.43"], [None]),  # no `for`: which client, we cannot say
         ([b"for=1.1.1.1;for=2.2.2.2"], [None]),  # twice in one element (RFC 7239 §4)
         ([b"for"], [None]),
         ([b'for="1.2.3.4'], [None]),  # unterminated quote
         ([b'for="1.2.3.4\\"'], [None]),
         ([b'for=1.2.3.4"x"'], ['1.2.3.4"x"']),
-        ([b'for="1.2.3.4, for=5.6.7.8'], [None]),  # it swallows the rest of its line …
-        ([b'for="1.2.3.4', b"for=5.6.7.8"], ["5.6.7.8", None]),  # … and no other line
+        # a client's unterminated quote swallows no element appended after it
+        ([b'for="1.2.3.4, for=5.6.7.8'], ["5.6.7.8", None]),
+        ([b'for="1.2.3.4', b"for=5.6.7.8"], ["5.6.7.8", None]),
+        ([b'for=1.2.3.4;x="a;b";y=2'], ["1.2.3.4"]),
+        ([b";".join([b"a=1"] * 15) + b";for=1.2.3.4"], ["1.2.3.4"]),  # 16 pairs
+        ([b";".join([b"a=1"] * 16) + b";for=1.2.3.4"], [None]),  # more than any proxy writes
+        ([b"for=1.2.3.4" + b";" * 100], [None]),
     ],
 )
 def test_forwarded_elements_give_their_for_node(lines: list[bytes], hops: list[str | None]) -> None:
     assert list(forwarded_for_hops(lines)) == hops
+
+
+HEAD = 16 * 1024  # upgrade.MAX_REQUEST_HEAD: no header line is longer
+HOSTILE = {
+    "xff of trusted hops": xff(",".join(["10.0.0.1"] * (HEAD // 9))),
+    "xff lines": xff(*["10.0.0.1"] * 1000),
+    "forwarded of trusted hops": fwd(", ".join(['for="10.0.0.1";by=x'] * (HEAD // 21))),
+    "forwarded commas": fwd("," * HEAD),
+    "forwarded semicolons": fwd("for=1.2.3.4" + ";" * HEAD),
+    "forwarded open quote": fwd('for="' + "a" * HEAD),
+    "forwarded quotes": fwd('"",' * (HEAD // 3)),
+    "forwarded one value": fwd("for=" + "1" * HEAD),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_header_costs_a_bounded_walk(name: str) -> None:
+    """Measured at most about 0.2 ms a call (timeit, best of 5 x 2,000); the bound is 20 ms."""
+    headers = HOSTILE[name]
+    proxies = FORWARDED if headers[0][0] == b"forwarded" else PROXIES
+    started = time.perf_counter()
+    for _ in range(10):
+        answer = proxies.client_address("127.0.0.1", headers)
+    assert (time.perf_counter() - started) / 10 < 0.02
+    assert answer in {"127.0.0.1", "10.0.0.1"}
 
 
 # --- client_address: the walk ---------------------------------------------------------------

@@ -16,7 +16,9 @@ Guarantees of `TrustedProxies.client_address` (tests/test_proxies.py):
   the walk at the nearest trusted address (the proxy that wrote it): garbage never picks an
   address, and the answer is always one a trusted party vouched for;
 - at most `MAX_HOPS` list elements are walked (empty ones, which RFC 9110 §5.6.1 says to ignore,
-  included), and the request head is already bounded (upgrade.MAX_REQUEST_HEAD).
+  included), each line read from its end, so the work is bounded by the hops walked and the
+  request head (upgrade.MAX_REQUEST_HEAD), and nothing a client writes before a proxy's element
+  changes how that element is read.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 
-# One list element of a Forwarded field line, up to its comma. Quoted strings may hold commas;
-# an unterminated one swallows the rest of the line (group 2), which is then one bad element.
-# Each alternative starts with a different character, so the match never backtracks.
-_ELEMENT = re.compile(r'((?:[^",]|"(?:[^"\\]|\\.)*")*)(?:,|\Z|(".*))', re.S)
-_PAIR = re.compile(r'((?:[^";]|"(?:[^"\\]|\\.)*")*)(?:;|\Z)', re.S)
-_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+# One list element of a Forwarded field line *reversed*, up to its comma (group 2: "," or ""
+# at the end of the line; anything else makes the element and the rest of the line malformed).
+# Reading from the right costs only the elements walked, however long the line, and the element
+# a proxy appends is read first whatever a client wrote before it (an unterminated quote
+# included). Quoted strings may hold commas and semicolons but no backslash: a quoted-pair is
+# never needed by an address, so it makes the element malformed rather than reversing ambiguously.
+# Possessive runs: each element costs one linear scan, and the match never backtracks.
+_ELEMENT_REVERSED = re.compile(r'((?:[^",\\]++|"[^"\\]*+")*+)(,|\Z|.+)', re.S)
+_PAIR = re.compile(r'((?:[^";]++|"[^"]*+")*+)(;|\Z)', re.S)  # within an element, as above
+MAX_PARAMETERS = 16  # pairs read in one Forwarded element (RFC 7239 defines four), empty ones too
 _PORT = re.compile(r"[0-9]{1,5}|_[A-Za-z0-9._-]+")  # RFC 7239 §6: node-port or obfport
 _MAPPED = IPv6Network("::ffff:0:0/96")
 
@@ -113,17 +119,23 @@ def x_forwarded_for_hops(values: Iterable[bytes]) -> Iterator[str]:
 def forwarded_for_hops(values: Iterable[bytes]) -> Iterator[str | None]:
     """The `for=` node of each RFC 7239 `Forwarded` element, right to left, at most MAX_HOPS.
 
-    Each field line is split on its own, so a client's unterminated quote cannot swallow the
-    element a proxy appends on a line of its own. None for an element that is malformed, has no
-    `for=` or has several; "" for an empty element, to be skipped."""
+    Each field line is read on its own, from its end (see _ELEMENT_REVERSED). None for an
+    element that is malformed, has no `for=`, has several or has over MAX_PARAMETERS pairs
+    (the walk stops there); "" for an empty element, to be skipped."""
     budget = MAX_HOPS
     for value in reversed(list(values)):
-        # findall's last match is the empty one at the end of the line: not an element.
-        for element, bad in reversed(_ELEMENT.findall(value.decode("latin-1"))[:-1]):
-            yield None if bad else _for_parameter(element)
+        line, pos = value.decode("latin-1")[::-1], 0
+        while True:
+            match = _ELEMENT_REVERSED.match(line, pos)
+            assert match is not None  # the pattern matches at any position
+            element, end = match.groups()
+            yield _for_parameter(element[::-1]) if end in (",", "") else None
             budget -= 1
             if budget == 0:
                 return
+            if end != ",":
+                break
+            pos = match.end()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,24 +188,34 @@ def _for_parameter(element: str) -> str | None:
     """The unquoted value of the element's only `for` parameter; "" for an empty element."""
     if not element.strip(" \t"):
         return ""
-    found = None
-    for pair in _PAIR.findall(element):
-        if not pair.strip(" \t"):
-            continue  # `for=x;` ends with an empty pair
-        name, equals, value = pair.partition("=")
-        if not equals:
-            return None
-        if name.strip(" \t").lower() != "for":
-            continue
-        if found is not None:  # RFC 7239 §4: a parameter occurs at most once per element
-            return None
-        value = value.strip(" \t")
-        if value.startswith('"'):
-            if len(value) < 2 or not value.endswith('"'):
+    found, pos = None, 0
+    for _ in range(MAX_PARAMETERS):
+        match = _PAIR.match(element, pos)
+        assert match is not None  # the element's quotes are balanced: every pair ends
+        pair, end = match.groups()
+        pos = match.end()
+        if pair.strip(" \t"):  # `a=1;;b=2` holds an empty pair
+            name, equals, value = pair.partition("=")
+            if not equals:
                 return None
-            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
-        found = value
-    return found
+            if name.strip(" \t").lower() == "for":
+                if found is not None:  # RFC 7239 §4: at most once per element
+                    return None
+                found = _unquoted(value.strip(" \t"))
+                if found is None:
+                    return None
+        if not end:
+            return found
+    return None  # more pairs than any proxy writes
+
+
+def _unquoted(value: str) -> str | None:
+    """A token as is, a quoted string without its quotes; None for a broken quoted string."""
+    if not value.startswith('"'):
+        return value
+    if len(value) < 2 or not value.endswith('"') or '"' in value[1:-1]:
+        return None
+    return value[1:-1]
 
 
 def _address(text: str, *, v6_only: bool = False) -> Address | None:
