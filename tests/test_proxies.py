@@ -373,3 +373,16 @@ def test_an_untrusted_peer_is_always_the_answer(peer: str, lines: list[bytes]) -
     assert proxies.client_address(peer, headers) == peer
     headers = [(b"forwarded", line) for line in lines]
     assert proxies.client_address(peer, headers) == peer
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.one_of(st.text(max_size=60), _hop, _hop.map(lambda h: h + "/24")))
+def test_parsers_take_any_text(text: str) -> None:
+    node = parse_node(text)
+    assert node is None or str(node) == str(ip_address(str(node)))
+    try:
+        network = parse_network(text)
+    except ValueError as exc:
+        assert str(exc)  # a message for the operator
+    else:
+        assert parse_network(str(network)) == network
