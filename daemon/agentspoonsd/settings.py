@@ -129,6 +129,19 @@ class ServerSettings(_Section):
     max_client_errors: int = Field(
         10, ge=1, description="Errors within 10 s before the client is closed with 1008."
     )
+    max_client_frames_per_second: int = Field(
+        1000,
+        ge=10,
+        description=(
+            "WebSocket frames a client may send per second, pings, pongs and fragments included;"
+            " past it the client is closed with 1008."
+        ),
+    )
+    max_client_bytes_per_second: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Bytes a client may send per second; past it the client is closed with 1008.",
+    )
     allowed_origins: list[str] | None = Field(
         None,
         description=(
