@@ -334,3 +334,109 @@ async def test_refusals_from_one_address_are_logged_a_few_times_then_summarised(
     assert len(failed) == 5
     assert [(s["client"], s["count"]) for s in summaries] == [("127.0.0.1", 35)]
     assert running.stats.auth_failures["invalid_token"] == 40  # the metrics count every one
+
+
+# --- 6. handshakes count from accept on ----------------------------------------------------------
+
+
+async def half_open(port: int, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """`count` connections that send half an upgrade request and stall."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        await trio.lowlevel.wait_writable(sock)
+        sock.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        sockets.append(sock)
+    await trio.sleep(0.05)  # accepted
+    return sockets
+
+
+async def status_from(port: int, source: str, target: str = f"/?access_token={TOKEN}") -> int:
+    """The HTTP status of a complete upgrade request from `source`; 0 if closed unanswered."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await stream.socket.connect(("127.0.0.1", port))
+    try:
+        await stream.send_all(upgrade_bytes(target))
+        head = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    break
+                head += chunk
+    except (trio.BrokenResourceError, ConnectionResetError):
+        head = b""
+    await stream.aclose()
+    return int(head.split(b" ", 2)[1]) if head else 0
+
+
+@pytest.mark.parametrize("running", [{"max_handshakes_per_ip": 20}], indirect=True)
+async def test_stalled_handshakes_from_one_address_are_capped_and_others_served(
+    running: Running,
+) -> None:
+    held = await half_open(running.port, 30)
+    try:
+        assert running.server.client_count == 20  # the other ten were answered and closed
+        assert running.stats.rejected_upgrades["handshakes_per_ip"] == 10
+        assert await status_from(running.port, "127.0.0.1") in (0, 429)
+        assert await status_from(running.port, "127.0.0.2") == 101  # another address
+    finally:
+        for sock in held:
+            sock.close()
+    await wait_until(lambda: running.server.client_count == 0)
+    assert running.server._handshaking == {}
+    assert await status_from(running.port, "127.0.0.1") == 101  # its count went back down
+
+
+@pytest.mark.parametrize(
+    "running",
+    [{"max_connections": 10, "max_handshakes_per_ip": None, "max_connections_per_ip": 8}],
+    indirect=True,
+)
+async def test_handshakes_count_against_max_connections_and_per_address(
+    running: Running,
+) -> None:
+    held = await half_open(running.port, 8)
+    try:
+        assert await status_from(running.port, "127.0.0.1") in (0, 429)  # per address: 8
+        assert running.stats.rejected_upgrades["per_ip"] == 1
+        held += await half_open(running.port, 2, "127.0.0.2")
+        assert await status_from(running.port, "127.0.0.3") in (0, 503)  # capacity: 10
+        assert running.stats.rejected_upgrades["capacity"] == 1
+    finally:
+        for sock in held:
+            sock.close()
+    await wait_until(lambda: running.server.client_count == 0)
+    assert await status_from(running.port, "127.0.0.3") == 101
+
+
+async def test_accept_failures_are_logged_once_a_second(running: Running) -> None:
+    """Out of file descriptors, accept() fails every 0.1 s until one is free: one log line a
+    second, with the count; with descriptors back, connections are served at once."""
+    import resource
+
+    from structlog.testing import capture_logs
+
+    waiting = [socket.socket() for _ in range(5)]  # their descriptors exist before the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself used
+    try:
+        with capture_logs() as logs:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+            for sock in waiting:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", running.port))
+            await trio.sleep(2.5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    failures = [e for e in logs if e["event"] == "accept_failed"]
+    assert 2 <= len(failures) <= 3
+    assert sum(e["failures"] for e in failures) >= 15
+    for sock in waiting:
+        sock.close()
+    assert await status_from(running.port, "127.0.0.1") == 101  # served again at once

@@ -98,6 +98,7 @@ def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
         permessage_deflate=s.permessage_deflate,
         allowed_origins=allowed_origins(settings, http_port),
         max_connections_per_ip=s.max_connections_per_ip,
+        max_handshakes_per_ip=s.max_handshakes_per_ip,
         max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
     )
 

@@ -150,7 +150,20 @@ class ServerSettings(_Section):
         ),
     )
     max_connections_per_ip: int | None = Field(
-        None, ge=1, description="Connections from one address; unset: no limit (429 past it)."
+        None,
+        ge=1,
+        description=(
+            "Connections from one address, handshakes in progress included; unset: no limit"
+            " (429 past it)."
+        ),
+    )
+    max_handshakes_per_ip: int | None = Field(
+        1024,
+        ge=1,
+        description=(
+            "Connections from one address (IPv6: one /64) that have not completed their upgrade;"
+            " past it new ones get 429 and are closed at once. Unset: no limit."
+        ),
     )
     permessage_deflate: bool = Field(
         True,

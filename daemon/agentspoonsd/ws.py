@@ -95,7 +95,9 @@ class Limits:
     permessage_deflate: bool = True  # accept RFC 7692 compression when a client offers it
     allowed_origins: frozenset[str] | None = None  # None: any Origin (and requests without one)
     send_buffer_bytes: int | None = None  # SO_SNDBUF of each client socket; None: the kernel's
-    max_connections_per_ip: int | None = None
+    max_connections_per_ip: int | None = None  # established and handshaking alike
+    # Connections from one address (IPv6: one /64) that have not completed their upgrade yet.
+    max_handshakes_per_ip: int | None = 1024
     max_auth_failures_per_minute: int = 20  # per IP; past it upgrades get 429 for a while
     # Everything a peer sends, counted per whole second: frames (pings, pongs, fragments and
     # empty ones alike) and bytes as received. Past either, the peer is closed 1008.
@@ -146,6 +148,7 @@ class Client:
         "finished",
         "grant",
         "handshake",
+        "handshaking",
         "inbound_bytes",
         "inbound_frames",
         "inbound_second",
@@ -184,6 +187,8 @@ class Client:
         self._log = log
         # The request parser is dropped once the upgrade is answered: nothing after needs it.
         self.handshake: UpgradeParser | None = UpgradeParser()
+        # The key it counts under in the server's handshakes per address, until it is upgraded.
+        self.handshaking: str | None = None
         self.conn: Connection | None = None
         self.finished = False  # the socket is closed and the server has forgotten this client
         self.reading = True  # registered in the server's epoll set
@@ -358,6 +363,9 @@ class WebSocketServer:
         self._nursery: trio.Nursery | None = None
         self._established = 0  # clients past the upgrade
         self._per_ip: dict[str, int] = {}  # established clients by address
+        self._handshaking: dict[str, int] = {}  # not yet upgraded, by client_key of the peer
+        self._accept_errors = 0  # accept() failures not logged yet (logged once a second)
+        self._accept_error_logged = -1.0
         self._per_token: dict[str, int] = {}  # established clients by token name
         self._auth_failures: dict[str, deque[float]] = {}  # by client_key, the last minute's
         self._peer_log = LogThrottle(PEER_LOG_LIMIT, PEER_LOG_INTERVAL)
@@ -510,10 +518,69 @@ class WebSocketServer:
                 except BlockingIOError:
                     break
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    self._log.warning("accept_failed", error=str(exc))
+                    self._accept_failed(exc)
                     await trio.sleep(0.1)
                     break
-                self._adopt(sock, _format_peer(address))
+                peer = _format_peer(address)
+                if self._admit_connection(sock, peer):
+                    self._adopt(sock, peer)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log a failed accept() at most once a second, with how many failed since the last
+        line: out of file descriptors, the listener stays readable and fails ten times a
+        second until a connection ends."""
+        self._accept_errors += 1
+        now = trio.current_time()
+        if now - self._accept_error_logged >= 1.0:
+            self._log.warning("accept_failed", error=str(exc), failures=self._accept_errors)
+            self._accept_error_logged = now
+            self._accept_errors = 0
+
+    def _admit_connection(self, sock: socket.socket, peer: str) -> bool:
+        """Whether a connection just accepted may start its handshake; else it is answered and
+        closed at once, before anything is read or allocated for it.
+
+        A connection counts against `max_connections` and its address's limits from accept
+        on, not from its upgrade: a stranger holding handshakes open cannot push the server
+        past its capacity or crowd out other addresses for longer than `handshake_timeout`.
+        """
+        limits = self.limits
+        ip = peer.rpartition(":")[0].strip("[]")
+        key = client_key(ip)
+        handshaking = self._handshaking.get(key, 0)
+        if len(self._clients) >= limits.max_connections:
+            refusal = (503, "capacity", "server is at max_connections")
+        elif (
+            limits.max_handshakes_per_ip is not None and handshaking >= limits.max_handshakes_per_ip
+        ):
+            refusal = (429, "handshakes_per_ip", "too many handshakes from this address")
+        elif (
+            limits.max_connections_per_ip is not None
+            and self._per_ip.get(ip, 0) + handshaking >= limits.max_connections_per_ip
+        ):
+            refusal = (429, "per_ip", "too many connections from this address")
+        else:
+            return True
+        status, reason, message = refusal
+        self._stats.rejected_upgrades[reason] += 1
+        verdict = self._peer_log.admit(key, trio.current_time())
+        if verdict.suppressed:
+            self._log_suppressed(key, verdict.suppressed)
+        if verdict.emit:
+            self._log.warning("upgrade_refused", peer=peer, reason=reason, status=status)
+        answer = reject_response(
+            status,
+            orjson.dumps({"error": reason, "message": message}),
+            b"application/json",
+            ((b"Retry-After", b"5"),),
+        )
+        try:
+            sock.setblocking(False)
+            sock.send(answer)  # best effort: it fits the empty socket buffer
+        except OSError:
+            pass
+        sock.close()
+        return False
 
     def _adopt(self, sock: socket.socket, peer: str) -> None:
         assert self._poller is not None and self._nursery is not None
@@ -540,6 +607,8 @@ class WebSocketServer:
         if not self._clients:
             self._idle = trio.Event()
         self._clients[client.fd] = client
+        client.handshaking = key = client_key(client.ip)
+        self._handshaking[key] = self._handshaking.get(key, 0) + 1
         self._poller.register(client.fd, select.EPOLLIN)
         # The handshake deadline covers a refusal's delivery too; `_reap_loop` enforces it.
         self._deadlines[client] = trio.current_time() + self.limits.handshake_timeout
@@ -556,6 +625,7 @@ class WebSocketServer:
         self._stop_reading(client)
         del self._clients[client.fd]
         self._deadlines.pop(client, None)
+        self._handshake_over(client)
         self._hub.unsubscribe_all(client)
         if not self._clients:
             self._idle.set()
@@ -584,6 +654,12 @@ class WebSocketServer:
             reason=reason,
             duration_s=round(trio.current_time() - client.connected_at, 3),
         )
+
+    def _handshake_over(self, client: Client) -> None:
+        """`client` no longer counts as handshaking (upgraded, or gone)."""
+        if client.handshaking is not None:
+            _decrement(self._handshaking, client.handshaking)
+            client.handshaking = None
 
     def _stop_reading(self, client: Client) -> None:
         if client.reading and self._poller is not None:
@@ -724,6 +800,7 @@ class WebSocketServer:
         if verdict is None:
             return
         del self._deadlines[client]
+        self._handshake_over(client)
         client.grant = verdict
         client.connected_at = client.last_seen = trio.current_time()
         self._established += 1
