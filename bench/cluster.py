@@ -80,6 +80,8 @@ def node_config(workdir: Path, index: int, args: argparse.Namespace, redis_port:
 host = "127.0.0.1"
 port = 0
 max_connections = {args.clients + 1000}
+# every client comes from 127.0.0.1
+max_handshakes_per_ip = {args.clients + 1000}
 
 [auth]
 enabled = true

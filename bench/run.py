@@ -148,6 +148,8 @@ def daemon_command(scenario: Scenario, workdir: Path, digest: str) -> list[str]:
 host = "127.0.0.1"
 port = 0
 max_connections = {scenario.clients + 1000}
+# every client comes from 127.0.0.1: a storm of them is many handshakes from one address
+max_handshakes_per_ip = {scenario.clients + 1000}
 max_backlog_bytes = {scenario.backlog_bytes}
 permessage_deflate = {str(scenario.deflate).lower()}
 listen_backlog = {scenario.listen_backlog}

@@ -65,6 +65,8 @@ def daemon_config(args: argparse.Namespace, digest: str) -> str:
 host = "127.0.0.1"
 port = 0
 max_connections = {args.clients + args.half_open + 1000}
+# every client comes from 127.0.0.1, the half-open ones too
+max_handshakes_per_ip = {args.clients + args.half_open + 1000}
 handshake_timeout = {HANDSHAKE_TIMEOUT}
 listen_backlog = 16384
 

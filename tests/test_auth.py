@@ -189,3 +189,10 @@ def test_new_token_is_long_url_safe_and_random() -> None:
     for t in tokens:
         assert len(t) >= 43  # 256 bits in base64url
         assert re.fullmatch(r"[A-Za-z0-9_-]+", t)
+
+
+def test_new_tokens_never_start_with_a_dash() -> None:
+    """One in 64 random URL-safe tokens would, and then `--token TOKEN` reads it as an option."""
+    tokens = [new_token() for _ in range(2000)]
+    assert not any(t.startswith("-") for t in tokens)
+    assert len(set(tokens)) == 2000 and {len(t) for t in tokens} == {43}

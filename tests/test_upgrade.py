@@ -77,12 +77,19 @@ def test_header_tokens_are_case_insensitive_lists() -> None:
         (request(Sec_WebSocket_Key=b"not base64!!"), 400),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 426),  # a plain HTTP GET
+        (request(Content_Length=b"5"), 400),  # a body, which would be read as frames
+        (request(Transfer_Encoding=b"chunked"), 400),
+        (request(Content_Length=b"5", Transfer_Encoding=b"chunked"), 400),  # framed twice
     ],
 )
 def test_refusals_carry_the_status_to_answer(data: bytes, status: int) -> None:
     with pytest.raises(HandshakeError) as refused:
         UpgradeParser().feed(data)
     assert refused.value.status == status
+
+
+def test_an_empty_content_length_is_no_body() -> None:
+    assert UpgradeParser().feed(request(Content_Length=b"0")) is not None
 
 
 def test_426_names_what_is_expected() -> None:

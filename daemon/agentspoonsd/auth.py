@@ -47,8 +47,12 @@ ANONYMOUS = Grant(name="anonymous", symbols=frozenset({"*"}))
 
 
 def new_token() -> str:
-    """A fresh random token (256 bits, URL-safe)."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    """A fresh random token (256 bits, URL-safe) that does not start with "-": one that did
+    would read as an option on a command line (`watch --token -x…` fails in argparse)."""
+    while True:
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        if not token.startswith("-"):
+            return token
 
 
 def hash_token(token: str) -> str:

@@ -96,9 +96,12 @@ def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
         idle_timeout=s.idle_timeout,
         max_client_messages_per_second=s.max_client_messages_per_second,
         max_client_errors=s.max_client_errors,
+        max_client_frames_per_second=s.max_client_frames_per_second,
+        max_client_bytes_per_second=s.max_client_bytes_per_second,
         permessage_deflate=s.permessage_deflate,
         allowed_origins=allowed_origins(settings, http_port),
         max_connections_per_ip=s.max_connections_per_ip,
+        max_handshakes_per_ip=s.max_handshakes_per_ip,
         max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
         proxies=TrustedProxies.parse(s.trusted_proxies, s.forwarded_header),
     )

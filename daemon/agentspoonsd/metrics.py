@@ -31,6 +31,7 @@ class Stats:
     auth_failures: Counter[str] = field(default_factory=Counter)
     rejected_upgrades: Counter[str] = field(default_factory=Counter)
     disconnects: Counter[str] = field(default_factory=Counter)
+    floods: Counter[str] = field(default_factory=Counter)
     service_restarts: Counter[str] = field(default_factory=Counter)
     config_reloads: Counter[str] = field(default_factory=Counter)
 
@@ -87,6 +88,12 @@ class StatsCollector(Collector):
         )
         yield _labelled(
             "disconnects", "Client connections ended, by reason.", "reason", s.disconnects
+        )
+        yield _labelled(
+            "client_floods",
+            "Clients closed (1008) for sending more frames or bytes per second than allowed.",
+            "kind",
+            s.floods,
         )
         yield _labelled(
             "service_restarts",

@@ -130,6 +130,19 @@ class ServerSettings(_Section):
     max_client_errors: int = Field(
         10, ge=1, description="Errors within 10 s before the client is closed with 1008."
     )
+    max_client_frames_per_second: int = Field(
+        1000,
+        ge=10,
+        description=(
+            "WebSocket frames a client may send per second, pings, pongs and fragments included;"
+            " past it the client is closed with 1008."
+        ),
+    )
+    max_client_bytes_per_second: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Bytes a client may send per second; past it the client is closed with 1008.",
+    )
     allowed_origins: list[str] | None = Field(
         None,
         description=(
@@ -138,7 +151,20 @@ class ServerSettings(_Section):
         ),
     )
     max_connections_per_ip: int | None = Field(
-        None, ge=1, description="Connections from one address; unset: no limit (429 past it)."
+        None,
+        ge=1,
+        description=(
+            "Connections from one address, handshakes in progress included; unset: no limit"
+            " (429 past it)."
+        ),
+    )
+    max_handshakes_per_ip: int | None = Field(
+        1024,
+        ge=1,
+        description=(
+            "Connections from one address (IPv6: one /64) that have not completed their upgrade;"
+            " past it new ones get 429 and are closed at once. Unset: no limit."
+        ),
     )
     permessage_deflate: bool = Field(
         True,

@@ -121,6 +121,12 @@ def validate(
         raise HandshakeError(400, "a WebSocket upgrade needs HTTP/1.1")
     if _value(headers, b"host") is None:
         raise HandshakeError(400, "missing Host header")
+    if _value(headers, b"transfer-encoding") is not None or _value(
+        headers, b"content-length"
+    ) not in (None, b"0"):
+        # What follows the head is WebSocket frames: a body would be read as frames, and a
+        # request framed two ways is how smuggling starts. Refused, and the connection closes.
+        raise HandshakeError(400, "a WebSocket upgrade has no body")
     if b"websocket" not in _tokens(headers, b"upgrade"):
         raise HandshakeError(
             426, "this endpoint speaks WebSocket only", ((b"Upgrade", b"websocket"),)

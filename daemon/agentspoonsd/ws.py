@@ -41,7 +41,9 @@ from wsproto.utilities import LocalProtocolError
 from . import protocol
 from .auth import AuthFailure, Grant, TokenStore, presented_token
 from .deflate import BoundedDeflate
+from .httppolicy import client_key
 from .hub import Hub, release_frame_parser
+from .logthrottle import LogThrottle
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
 from .protocol import ErrorCode, RequestError
@@ -94,14 +96,28 @@ class Limits:
     permessage_deflate: bool = True  # accept RFC 7692 compression when a client offers it
     allowed_origins: frozenset[str] | None = None  # None: any Origin (and requests without one)
     send_buffer_bytes: int | None = None  # SO_SNDBUF of each client socket; None: the kernel's
-    max_connections_per_ip: int | None = None
+    max_connections_per_ip: int | None = None  # established and handshaking alike
+    # Connections from one address (IPv6: one /64) that have not completed their upgrade yet.
+    max_handshakes_per_ip: int | None = 1024
     max_auth_failures_per_minute: int = 20  # per IP; past it upgrades get 429 for a while
     proxies: TrustedProxies = field(default_factory=TrustedProxies)  # who forwards for clients
+    # Everything a peer sends, counted per whole second: frames (pings, pongs, fragments and
+    # empty ones alike) and bytes as received. Past either, the peer is closed 1008.
+    max_client_frames_per_second: int = 1000
+    max_client_bytes_per_second: int = 4 << 20
 
 
 # A server ping frame: unmasked, no payload, the same bytes for every client.
 PING_FRAME = b"\x89\x00"
 ERROR_WINDOW = 10.0  # seconds over which a client's errors are counted
+# Addresses (IPv6: /64 networks) whose failed authentications are remembered for a minute. Past
+# it, a failing attempt from an address not yet tracked gets 429 at once: a guesser spread over
+# many addresses costs bounded memory, and a valid token is let in all the same.
+MAX_TRACKED_FAILING_ADDRESSES = 65536
+# Events a stranger can cause at will (refusals, failed handshakes, floods) are logged at most
+# this many times per address and window; the rest are summed up in one `log_suppressed`.
+PEER_LOG_LIMIT = 5
+PEER_LOG_INTERVAL = 10.0
 
 
 class _Budget:
@@ -134,11 +150,16 @@ class Client:
         "finished",
         "grant",
         "handshake",
+        "handshaking",
+        "inbound_bytes",
+        "inbound_frames",
+        "inbound_second",
         "inflater",
         "ip",
         "last_seen",
         "outbox",
         "peer",
+        "ping_outstanding",
         "reading",
         "send_frame",
         "send_reply",
@@ -168,6 +189,8 @@ class Client:
         self._log = log
         # The request parser is dropped once the upgrade is answered: nothing after needs it.
         self.handshake: UpgradeParser | None = UpgradeParser()
+        # The key it counts under in the server's handshakes per address, until it is upgraded.
+        self.handshaking: str | None = None
         self.conn: Connection | None = None
         self.finished = False  # the socket is closed and the server has forgotten this client
         self.reading = True  # registered in the server's epoll set
@@ -178,6 +201,12 @@ class Client:
         self.inflater: BoundedDeflate | None = None  # its inbound side, when negotiated
         self.bytes_after_close = 0  # received since the server sent its close frame
         self.last_seen = 0.0  # trio time the peer last sent anything
+        # What the peer sent in the whole second `inbound_second` (see Limits: the flood budget).
+        self.inbound_second = -1
+        self.inbound_frames = 0
+        self.inbound_bytes = 0
+        # A ping of ours is unanswered: only the pong to it says the peer read up to there.
+        self.ping_outstanding = False
         self.drop_reason: str | None = None
         self.grant: Grant | None = None
         # wss://: the connection's TLS state machine; its outbox encrypts at send time.
@@ -231,6 +260,7 @@ class Client:
             self.conn = Connection(ConnectionType.SERVER, extensions=[extension])
             response = accept_response(request, header)
         greeting_frame = self.conn.send(TextMessage(orjson.dumps(greeting).decode()))
+        self.ping_outstanding = True
         self.outbox.write(response + PING_FRAME + greeting_frame)
 
     def refuse(self, status: int, body: bytes, headers: Headers = ()) -> None:
@@ -335,8 +365,12 @@ class WebSocketServer:
         self._nursery: trio.Nursery | None = None
         self._established = 0  # clients past the upgrade
         self._per_ip: dict[str, int] = {}  # established clients by address
+        self._handshaking: dict[str, int] = {}  # not yet upgraded, by client_key of the peer
+        self._accept_errors = 0  # accept() failures not logged yet (logged once a second)
+        self._accept_error_logged = -1.0
         self._per_token: dict[str, int] = {}  # established clients by token name
-        self._auth_failures: dict[str, deque[float]] = {}  # by address, the last minute's
+        self._auth_failures: dict[str, deque[float]] = {}  # by client_key, the last minute's
+        self._peer_log = LogThrottle(PEER_LOG_LIMIT, PEER_LOG_INTERVAL)
         self._accepting: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
@@ -369,6 +403,7 @@ class WebSocketServer:
                 # Drained: stop accepting but keep serving the clients still closing.
                 await trio.sleep_forever()
         finally:
+            self._summarise_suppressed_logs(0.0, everything=True)
             for client in list(self._clients.values()):
                 self._finish(client, "aborted")
             self._nursery = None
@@ -385,10 +420,30 @@ class WebSocketServer:
             await trio.sleep(REAP_INTERVAL)
             now = trio.current_time()
             self._forget_old_auth_failures(now)
+            self._summarise_suppressed_logs(now)
             for client in [c for c, deadline in self._deadlines.items() if deadline <= now]:
                 del self._deadlines[client]
                 # A lingering close already carries its reason; otherwise this was the handshake.
                 self._finish(client, client.drop_reason or "handshake_timeout")
+
+    def _log_peer(self, level: str, event: str, client: Client, **fields: Any) -> None:
+        """Log `event` about `client`, within its address's share (PEER_LOG_LIMIT per
+        PEER_LOG_INTERVAL): one peer repeating a refused request cannot flood the log."""
+        key = client_key(client.ip)
+        verdict = self._peer_log.admit(key, trio.current_time())
+        if verdict.suppressed:
+            self._log_suppressed(key, verdict.suppressed)
+        if verdict.emit:
+            getattr(self._log, level)(event, **_peer_fields(client), **fields)
+
+    def _log_suppressed(self, key: str, count: int) -> None:
+        self._log.warning(
+            "log_suppressed", client=key, count=count, interval_s=self._peer_log.interval
+        )
+
+    def _summarise_suppressed_logs(self, now: float, *, everything: bool = False) -> None:
+        for key, count in self._peer_log.flush(now, everything=everything):
+            self._log_suppressed(key, count)
 
     async def _heartbeat_loop(self) -> None:
         """Every `ping_interval`: ping each client, and close those silent past `idle_timeout`.
@@ -406,6 +461,7 @@ class WebSocketServer:
                 if now - client.last_seen > idle_timeout:
                     client.linger_close(CLOSE_GOING_AWAY, "idle timeout", "idle_timeout")
                 else:
+                    client.ping_outstanding = True
                     client.send_frame(PING_FRAME)
 
     async def _dispatch_loop(self, poller: select.epoll) -> None:
@@ -464,10 +520,69 @@ class WebSocketServer:
                 except BlockingIOError:
                     break
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    self._log.warning("accept_failed", error=str(exc))
+                    self._accept_failed(exc)
                     await trio.sleep(0.1)
                     break
-                self._adopt(sock, _format_peer(address))
+                peer = _format_peer(address)
+                if self._admit_connection(sock, peer):
+                    self._adopt(sock, peer)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log a failed accept() at most once a second, with how many failed since the last
+        line: out of file descriptors, the listener stays readable and fails ten times a
+        second until a connection ends."""
+        self._accept_errors += 1
+        now = trio.current_time()
+        if now - self._accept_error_logged >= 1.0:
+            self._log.warning("accept_failed", error=str(exc), failures=self._accept_errors)
+            self._accept_error_logged = now
+            self._accept_errors = 0
+
+    def _admit_connection(self, sock: socket.socket, peer: str) -> bool:
+        """Whether a connection just accepted may start its handshake; else it is answered and
+        closed at once, before anything is read or allocated for it.
+
+        A connection counts against `max_connections` and its address's limits from accept
+        on, not from its upgrade: a stranger holding handshakes open cannot push the server
+        past its capacity or crowd out other addresses for longer than `handshake_timeout`.
+        """
+        limits = self.limits
+        ip = peer.rpartition(":")[0].strip("[]")
+        key = client_key(ip)
+        handshaking = self._handshaking.get(key, 0)
+        if len(self._clients) >= limits.max_connections:
+            refusal = (503, "capacity", "server is at max_connections")
+        elif (
+            limits.max_handshakes_per_ip is not None and handshaking >= limits.max_handshakes_per_ip
+        ):
+            refusal = (429, "handshakes_per_ip", "too many handshakes from this address")
+        elif (
+            limits.max_connections_per_ip is not None
+            and self._per_ip.get(ip, 0) + handshaking >= limits.max_connections_per_ip
+        ):
+            refusal = (429, "per_ip", "too many connections from this address")
+        else:
+            return True
+        status, reason, message = refusal
+        self._stats.rejected_upgrades[reason] += 1
+        verdict = self._peer_log.admit(key, trio.current_time())
+        if verdict.suppressed:
+            self._log_suppressed(key, verdict.suppressed)
+        if verdict.emit:
+            self._log.warning("upgrade_refused", peer=peer, reason=reason, status=status)
+        answer = reject_response(
+            status,
+            orjson.dumps({"error": reason, "message": message}),
+            b"application/json",
+            ((b"Retry-After", b"5"),),
+        )
+        try:
+            sock.setblocking(False)
+            sock.send(answer)  # best effort: it fits the empty socket buffer
+        except OSError:
+            pass
+        sock.close()
+        return False
 
     def _adopt(self, sock: socket.socket, peer: str) -> None:
         assert self._poller is not None and self._nursery is not None
@@ -494,6 +609,8 @@ class WebSocketServer:
         if not self._clients:
             self._idle = trio.Event()
         self._clients[client.fd] = client
+        client.handshaking = key = client_key(client.ip)
+        self._handshaking[key] = self._handshaking.get(key, 0) + 1
         self._poller.register(client.fd, select.EPOLLIN)
         # The handshake deadline covers a refusal's delivery too; `_reap_loop` enforces it.
         self._deadlines[client] = trio.current_time() + self.limits.handshake_timeout
@@ -510,6 +627,7 @@ class WebSocketServer:
         self._stop_reading(client)
         del self._clients[client.fd]
         self._deadlines.pop(client, None)
+        self._handshake_over(client)
         self._hub.unsubscribe_all(client)
         if not self._clients:
             self._idle.set()
@@ -523,7 +641,7 @@ class WebSocketServer:
         if client.connected_at is None:
             if reason == "handshake_timeout":
                 self._stats.rejected_upgrades["handshake_timeout"] += 1
-                self._log.info("handshake_timeout", peer=client.peer)
+                self._log_peer("info", "handshake_timeout", client)
             return
         self._established -= 1
         _decrement(self._per_ip, client.ip)
@@ -538,6 +656,12 @@ class WebSocketServer:
             reason=reason,
             duration_s=round(trio.current_time() - client.connected_at, 3),
         )
+
+    def _handshake_over(self, client: Client) -> None:
+        """`client` no longer counts as handshaking (upgraded, or gone)."""
+        if client.handshaking is not None:
+            _decrement(self._handshaking, client.handshaking)
+            client.handshaking = None
 
     def _stop_reading(self, client: Client) -> None:
         if client.reading and self._poller is not None:
@@ -568,7 +692,18 @@ class WebSocketServer:
         data = _recv_now(client.sock)
         if data is None:
             return  # nothing yet (the usual case right after accept)
-        client.last_seen = trio.current_time()
+        now = client.last_seen = trio.current_time()
+        if (
+            data
+            and client.connected_at is not None
+            and not self._within_budget(client, now, 0, len(data))
+        ):
+            # Read and dropped, never parsed: a flooder is drained while its close frame
+            # leaves, so that it can see the 1008, up to the allowance of a closing peer.
+            client.bytes_after_close += len(data)
+            if client.bytes_after_close > self.limits.max_message_size + RECV_SIZE:
+                self._finish_when_flushed(client, "flood")
+            return
         if client.tls is not None and data:
             self._on_ciphertext(client, data)
         else:
@@ -623,9 +758,10 @@ class WebSocketServer:
         if client.connected_at is None:
             reason = "tls_handshake" if exc.during_handshake else "tls_error"
             self._stats.rejected_upgrades[reason] += 1
-            self._log.info(
+            self._log_peer(
+                "info",
                 "tls_handshake_failed" if exc.during_handshake else "tls_error",
-                peer=client.peer,
+                client,
                 reason=exc.reason,
                 plain_http=exc.plain_http,
             )
@@ -653,8 +789,8 @@ class WebSocketServer:
             request = client.handshake.feed(data)
         except HandshakeError as exc:
             self._stats.rejected_upgrades["bad_request"] += 1
-            self._log.info(
-                "upgrade_refused", peer=client.peer, reason="bad_request", status=exc.status
+            self._log_peer(
+                "info", "upgrade_refused", client, reason="bad_request", status=exc.status
             )
             self._reject(client, exc.status, "bad_request", exc.message, exc.headers)
             return
@@ -669,6 +805,7 @@ class WebSocketServer:
         if verdict is None:
             return
         del self._deadlines[client]
+        self._handshake_over(client)
         client.grant = verdict
         client.connected_at = client.last_seen = trio.current_time()
         self._established += 1
@@ -737,9 +874,13 @@ class WebSocketServer:
         """The grant for this upgrade, or None after answering it with a refusal.
 
         In order: the browser's Origin (403: cross-site WebSocket hijacking), total capacity
-        (503), the address's recent authentication failures (429), the token (401), then the
+        (503), the token (401; 429 instead once the address failed too often), then the
         address's and the token's connection limits (429). Every refusal is an HTTP answer
         before the upgrade, counted in `rejected_upgrades{reason}` and logged without secrets.
+
+        The failed-authentication limit only ever refuses failing attempts: a valid token is
+        let in whatever its address did, so a stranger sharing an address (a NAT, a proxy)
+        cannot lock its legitimate users out by guessing.
         """
         limits = self.limits
         origin = _header(request.headers, b"origin")
@@ -753,35 +894,9 @@ class WebSocketServer:
         if self._established >= limits.max_connections:
             self._refuse(client, 503, "capacity", "server is at max_connections", retry=5)
             return None
-        now = trio.current_time()
-        failures = self._auth_failures.get(client.ip)
-        if failures is not None:
-            while failures and failures[0] <= now - 60.0:
-                failures.popleft()
-            if len(failures) >= limits.max_auth_failures_per_minute:
-                retry = max(1, int(failures[0] + 60.0 - now) + 1)
-                self._refuse(
-                    client, 429, "auth_rate_limited", "too many failed attempts", retry=retry
-                )
-                return None
         verdict = self.auth.authenticate(presented_token(request.target, request.headers))
         if isinstance(verdict, AuthFailure):
-            if failures is None:
-                failures = self._auth_failures[client.ip] = deque()
-            failures.append(now)
-            self._stats.auth_failures[verdict.value] += 1
-            self._stats.rejected_upgrades[verdict.value] += 1
-            self._log.warning("auth_failed", **_peer_fields(client), reason=verdict.value)
-            challenge = b'Bearer realm="agentspoonsd"'
-            if verdict is not AuthFailure.MISSING:
-                challenge += b', error="invalid_token"'
-            self._reject(
-                client,
-                401,
-                verdict.value,
-                "a valid bearer token is required",
-                headers=((b"WWW-Authenticate", challenge),),
-            )
+            self._refuse_authentication(client, verdict)
             return None
         per_ip = limits.max_connections_per_ip
         if per_ip is not None and self._per_ip.get(client.ip, 0) >= per_ip:
@@ -793,6 +908,42 @@ class WebSocketServer:
             return None
         return verdict
 
+    def _refuse_authentication(self, client: Client, verdict: AuthFailure) -> None:
+        """401 for a missing or invalid token, or 429 once the address has failed
+        `max_auth_failures_per_minute` times in the last minute (no guessing at full speed).
+
+        An expired token gets the same answer as an unknown one: whether a token ever existed
+        is for the log and the metrics, not for whoever presents it."""
+        now = trio.current_time()
+        key = client_key(client.ip)
+        failures = self._auth_failures.get(key)
+        if failures is None:
+            if len(self._auth_failures) >= MAX_TRACKED_FAILING_ADDRESSES:
+                self._refuse(client, 429, "auth_rate_limited", "too many failed attempts", retry=60)
+                return
+            failures = self._auth_failures[key] = deque()
+        while failures and failures[0] <= now - 60.0:
+            failures.popleft()
+        if len(failures) >= self.limits.max_auth_failures_per_minute:
+            retry = max(1, int(failures[0] + 60.0 - now) + 1)
+            self._refuse(client, 429, "auth_rate_limited", "too many failed attempts", retry=retry)
+            return
+        failures.append(now)
+        self._stats.auth_failures[verdict.value] += 1
+        self._stats.rejected_upgrades[verdict.value] += 1
+        self._log_peer("warning", "auth_failed", client, reason=verdict.value)
+        missing = verdict is AuthFailure.MISSING
+        challenge = b'Bearer realm="agentspoonsd"'
+        if not missing:
+            challenge += b', error="invalid_token"'
+        self._reject(
+            client,
+            401,
+            AuthFailure.MISSING.value if missing else AuthFailure.INVALID.value,
+            "a valid bearer token is required",
+            headers=((b"WWW-Authenticate", challenge),),
+        )
+
     def _refuse(
         self,
         client: Client,
@@ -803,7 +954,7 @@ class WebSocketServer:
         retry: int | None = None,
     ) -> None:
         self._stats.rejected_upgrades[reason] += 1
-        self._log.warning("upgrade_refused", **_peer_fields(client), reason=reason, status=status)
+        self._log_peer("warning", "upgrade_refused", client, reason=reason, status=status)
         headers = ((b"Retry-After", str(retry).encode()),) if retry is not None else ()
         self._reject(client, status, reason, message, headers=headers)
 
@@ -855,8 +1006,9 @@ class WebSocketServer:
         """React to what wsproto parsed: messages, pings, the closing handshake."""
         conn = client.conn
         assert conn is not None
+        now = trio.current_time()
         for event in conn.events():
-            if client.finished:
+            if client.finished or not self._within_budget(client, now, 1, 0):
                 return
             if isinstance(event, Message):
                 if conn.state is ConnectionState.OPEN:
@@ -864,8 +1016,12 @@ class WebSocketServer:
             elif isinstance(event, Ping):
                 client.send_event(event.response())
             elif isinstance(event, Pong):
-                # It read every byte up to our ping: serve it ahead of clients that have not.
-                self._hub.confirm_reading(client)
+                # The answer to our ping says it read every byte up to it: serve it ahead of
+                # clients that have not. Any other pong (unsolicited ones are allowed) costs
+                # nothing: the reordering runs at most once per ping sent.
+                if client.ping_outstanding:
+                    client.ping_outstanding = False
+                    self._hub.confirm_reading(client)
             elif isinstance(event, CloseConnection):
                 if conn.state is ConnectionState.REMOTE_CLOSING:
                     client.send_event(event.response())
@@ -877,6 +1033,41 @@ class WebSocketServer:
                 if not client.finished:
                     self._finish_when_flushed(client, f"close_{event.code}")
                 return
+
+    def _within_budget(self, client: Client, now: float, frames: int, size: int) -> bool:
+        """Count `frames` and `size` bytes from an upgraded peer against its budget for this
+        second; False past either limit, after starting a 1008 close the first time.
+
+        Every frame counts, whatever its kind: a flood of pings, pongs, empty fragments or
+        bytes costs the server parsing time per frame, and no message budget sees them. Past
+        the budget nothing more is parsed this second; the close handshake gets its grace.
+        """
+        second = int(now)
+        if second != client.inbound_second:
+            client.inbound_second, client.inbound_frames, client.inbound_bytes = second, 0, 0
+        client.inbound_frames += frames
+        client.inbound_bytes += size
+        limits = self.limits
+        if client.inbound_frames > limits.max_client_frames_per_second:
+            kind = "frames"
+        elif client.inbound_bytes > limits.max_client_bytes_per_second:
+            kind = "bytes"
+        else:
+            return True
+        if client.outbox.sealed:  # closing already (this flood's close, or another)
+            return False
+        self._stats.floods[kind] += 1
+        self._log_peer(
+            "warning",
+            "client_flood",
+            client,
+            token=client.grant.name if client.grant else None,
+            kind=kind,
+            frames=client.inbound_frames,
+            bytes=client.inbound_bytes,
+        )
+        client.linger_close(CLOSE_POLICY, f"{kind} per second over limit", "flood")
+        return False
 
     def _on_message(self, client: Client, event: Message) -> None:
         if client.assembler is None:  # most clients never send anything: allocate on first use
