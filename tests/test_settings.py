@@ -386,10 +386,19 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path, search_paths: tuple[P
 
 
 def test_redacted_never_contains_a_full_digest(tmp_path: Path) -> None:
-    s = load_settings(write(tmp_path, token_block("a", DIGEST_A) + token_block("b", DIGEST_B)))
+    metrics = hashlib.sha256(b"metrics").hexdigest()
+    s = load_settings(
+        write(
+            tmp_path,
+            token_block("a", DIGEST_A)
+            + token_block("b", DIGEST_B)
+            + f'[health]\nmetrics_token_sha256 = "{metrics}"\n',
+        )
+    )
     data = redacted(s)
     text = json.dumps(data, ensure_ascii=False)
-    for digest in (DIGEST_A, DIGEST_B):
+    assert data["health"]["metrics_token_sha256"] == metrics[:8] + "…(redacted)"
+    for digest in (DIGEST_A, DIGEST_B, metrics):
         assert digest not in text
         assert digest[:12] not in text
     assert [t["name"] for t in data["auth"]["tokens"]] == ["a", "b"]

@@ -965,4 +965,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
     ]
     for token in data["auth"]["tokens"]:
         token["sha256"] = token["sha256"][:8] + "…(redacted)"
+    metrics_digest = data["health"].get("metrics_token_sha256")
+    if metrics_digest:
+        data["health"]["metrics_token_sha256"] = metrics_digest[:8] + "…(redacted)"
     return data
