@@ -440,3 +440,27 @@ async def test_accept_failures_are_logged_once_a_second(running: Running) -> Non
     for sock in waiting:
         sock.close()
     assert await status_from(running.port, "127.0.0.1") == 101  # served again at once
+
+
+# --- 8. replays weigh what they carry ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "running", [{"max_client_messages_per_second": 5, "max_backlog_bytes": 1 << 20}], indirect=True
+)
+async def test_a_large_replay_is_charged_against_the_message_budget(running: Running) -> None:
+    """A `history` page of n updates costs 1 + n // 50 requests: one full page spends seconds
+    of a 5-per-second budget, so the next requests are `rate_limited` for a while."""
+    for i in range(1000):
+        running.hub.publish([bar("BTC/USD", 100 + i)])
+    async with open_websocket_url(running.url + "&symbols=") as ws:
+        await ws.get_message()
+        page = await test_ws.request(ws, {"type": "history", "symbol": "BTC/USD", "limit": 1000})
+        assert page["type"] == "history" and len(page["updates"]) >= 250
+        reply = await test_ws.request(ws, {"type": "ping"})
+        assert reply["type"] == "error" and reply["code"] == "rate_limited"
+        # A single ping costs 1: an ordinary client, with the same budget, is never limited.
+        async with open_websocket_url(running.url + "&symbols=") as other:
+            await other.get_message()
+            for _ in range(4):
+                assert (await test_ws.request(other, {"type": "ping"}))["type"] == "pong"
