@@ -53,6 +53,10 @@ from .tomlfile import (
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: the daemon refuses to start on a bad configuration
 ENV_PREFIX = "AGENTSPOONSD_"
 CONFIG_ENV_VAR = "AGENTSPOONSD_CONFIG"
+# Read by the clients (`watch`, `probe`, `agentspoonsd.client`), not settings: one shell may
+# export them and run the daemon or read its config, so they are not taken for mistyped keys.
+CLIENT_ENV_VARS = frozenset({"AGENTSPOONSD_TOKEN", "AGENTSPOONSD_URL"})
+_NOT_SETTINGS = CLIENT_ENV_VARS | {CONFIG_ENV_VAR}
 DEFAULT_SEARCH_PATHS = (
     Path("agentspoonsd.toml"),
     Path("/etc/agentspoonsd/agentspoonsd.toml"),
@@ -754,12 +758,16 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def load_settings(path: Path | None, *, read_tokens_file: bool = True) -> Settings:
+def load_settings(
+    path: Path | None, *, read_tokens_file: bool = True, check_tls_files: bool = True
+) -> Settings:
     """Build the Settings from `path` (None: defaults only), `os.environ` and `auth.tokens_file`.
 
     Raises ConfigError with one line per problem, each naming the key and its source. With
     `read_tokens_file=False` the tokens file's path is resolved but the file is not read (it may
-    not exist yet: `agentspoonsd token new` creates it).
+    not exist yet: `agentspoonsd token new` creates it). With `check_tls_files=False` the paths
+    of `server.tls_cert`/`tls_key` are resolved but neither file is opened (a client reading the
+    config to find the daemon need not be able to read its key).
     """
     data = read_toml(path) if path is not None else {}
     _reject_unknown_env(os.environ)
@@ -771,7 +779,7 @@ def load_settings(path: Path | None, *, read_tokens_file: bool = True) -> Settin
         # pydantic-settings could not decode a list-valued variable (those must be JSON).
         raise ConfigError(_describe_undecodable_env(exc, os.environ)) from None
     _check_broker(settings, path, os.environ)
-    settings = _with_tls_files(settings, path, os.environ)
+    settings = _with_tls_files(settings, path, os.environ, check=check_tls_files)
     return _with_tokens_file(settings, path, os.environ, read=read_tokens_file)
 
 
@@ -794,9 +802,12 @@ def _key_source(section: str, key: str, path: Path | None, environ: Mapping[str,
     return str(path) if path is not None else "built-in defaults"
 
 
-def _with_tls_files(settings: Settings, path: Path | None, environ: Mapping[str, str]) -> Settings:
-    """Resolve `server.tls_cert`/`tls_key` against the config file and check they make a usable
-    TLS context now, so a bad certificate stops the daemon at start (or a reload keeps the old)."""
+def _with_tls_files(
+    settings: Settings, path: Path | None, environ: Mapping[str, str], *, check: bool = True
+) -> Settings:
+    """Resolve `server.tls_cert`/`tls_key` against the config file and (`check`) that they make a
+    usable TLS context now, so a bad certificate stops the daemon at start (or a reload keeps the
+    old)."""
     server = settings.server
     if server.tls_cert is None or server.tls_key is None:
         return settings
@@ -812,7 +823,8 @@ def _with_tls_files(settings: Settings, path: Path | None, environ: Mapping[str,
             file = Path(os.path.abspath(base / file))
         files[key] = (file, source)
     try:
-        server_context(files["tls_cert"][0], files["tls_key"][0])
+        if check:
+            server_context(files["tls_cert"][0], files["tls_key"][0])
     except TlsConfigError as exc:
         raise ConfigError(f"{files[exc.key][1]}: server.{exc.key}: {exc.message}") from None
     resolved = server.model_copy(update={key: file for key, (file, _) in files.items()})
@@ -895,7 +907,7 @@ def _reject_unknown_env(environ: Mapping[str, str]) -> None:
     sections = Settings.model_fields
     for name in environ:
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV_VAR:
+        if not upper.startswith(ENV_PREFIX) or upper in _NOT_SETTINGS:
             continue
         parts = upper[len(ENV_PREFIX) :].lower().split("__")
         section = sections.get(parts[0])
@@ -909,7 +921,7 @@ def _describe_undecodable_env(exc: SettingsError, environ: Mapping[str, str]) ->
     lines = []
     for name, value in environ.items():
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV_VAR:
+        if not upper.startswith(ENV_PREFIX) or upper in _NOT_SETTINGS:
             continue
         section, _, key = upper[len(ENV_PREFIX) :].lower().partition("__")
         model = Settings.model_fields[section].annotation  # known: _reject_unknown_env ran

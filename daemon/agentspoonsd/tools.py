@@ -1,6 +1,6 @@
 """`agentspoonsd watch` and `agentspoonsd probe`: the Python client on the command line.
 
-``watch [URL] [--symbol S ...] [--json] [--token T] [--count N]``
+``watch [URL] [--config PATH] [--symbol S ...] [--json] [--token T] [--count N]``
     The live stream: a table line per update for people (symbol, seq, bar time, price,
     volatility per bar, annualised close-to-close, GARCH one-step volatility per bar), or with
     ``--json`` each update's ``data`` object as one JSON line (what ``simulate`` writes).
@@ -9,9 +9,9 @@
     Connection events go to stderr; stdout carries only the header and the updates.
     Exit: 0 after SIGINT/SIGTERM (the connection is closed with 1000), after ``--count``
     updates, or when stdout is closed; 77 (EX_NOPERM) if the token is refused; 64 (EX_USAGE)
-    for a bad URL.
+    for a bad URL; 78 (EX_CONFIG) for a config that cannot be used.
 
-``probe [URL] [--timeout S] [--token T] [--symbol S]``
+``probe [URL] [--config PATH] [--timeout S] [--token T] [--symbol S]``
     Connects, waits for one update, prints ``ok SYMBOL seq=N latency_ms=X`` (latency: now minus
     the update's outer ``timestamp``, the daemon's publish time; includes any clock offset
     between the hosts) and exits 0: the prototype's connectivity test, usable as a monitoring
@@ -24,10 +24,17 @@
     75   EX_TEMPFAIL     nothing within ``--timeout`` seconds (default 10; connecting
                          included)
     77   EX_NOPERM       the token was refused (HTTP 401/403)
+    78   EX_CONFIG       the config the URL is taken from cannot be used
     ===  ==============  ==========================================================
 
 Both take the token from ``--token`` or, better (it stays out of shell history and ``ps``),
-from ``AGENTSPOONSD_TOKEN``. The URL defaults to ``ws://127.0.0.1:8765/``.
+from ``AGENTSPOONSD_TOKEN``. They find the daemon as `resolve_target` says (`WHERE`): the URL
+argument, else ``AGENTSPOONSD_URL``, else the daemon's own config (``--config``,
+``AGENTSPOONSD_CONFIG``, ./agentspoonsd.toml, /etc/agentspoonsd/agentspoonsd.toml, with the
+``AGENTSPOONSD_SERVER__*`` overrides), else ``ws://127.0.0.1:8765/``. A config that cannot be
+used is one line on stderr naming the key, and exit 78 (EX_CONFIG), as ``check-config``. When
+the daemon's certificate is refused and the URL came from a config with ``tls_cert``, the message
+says how to trust it with ``--cafile`` (the file itself when it is self-signed).
 
 `add_commands` registers both on the ``agentspoonsd`` argument parser, `run_command` runs one;
 ``python -m agentspoonsd.tools watch ...`` works on its own too.
@@ -36,11 +43,23 @@ from ``AGENTSPOONSD_TOKEN``. The URL defaults to ``ws://127.0.0.1:8765/``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .settings import (
+    EXIT_CONFIG,
+    ConfigError,
+    ServerSettings,
+    _key_source,
+    find_config_path,
+    load_settings,
+)
 
 if TYPE_CHECKING:  # the client (trio, trio-websocket) is imported only when a command runs
     from .client import Status, VolatilityClient
@@ -48,6 +67,7 @@ if TYPE_CHECKING:  # the client (trio, trio-websocket) is imported only when a c
 COMMANDS = ("watch", "probe")
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 TOKEN_ENV = "AGENTSPOONSD_TOKEN"
+URL_ENV = "AGENTSPOONSD_URL"
 
 EX_OK = 0
 EX_USAGE = 64
@@ -55,18 +75,37 @@ EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 
+WHERE = f"""\
+Where the daemon is: the first of these that is given.
+  1. the URL argument;
+  2. ${URL_ENV};
+  3. its config: --config PATH, else $AGENTSPOONSD_CONFIG, else ./agentspoonsd.toml,
+     else /etc/agentspoonsd/agentspoonsd.toml (with AGENTSPOONSD_SERVER__PORT etc. applied):
+     wss:// when [server] tls_cert is set, [server] host (0.0.0.0 and :: become 127.0.0.1
+     and ::1) and [server] port; a config that cannot be used exits 78;
+  4. {DEFAULT_URL}
+The token: --token, else ${TOKEN_ENV} (which keeps it out of shell history and ps)."""
+
 
 def add_commands(subparsers: Any) -> None:
     """Register ``watch`` and ``probe`` on an argparse subparsers object (``dest="command"``)."""
     token_help = f"bearer token (default: ${TOKEN_ENV})"
     cafile_help = "wss://: trust this CA (PEM) instead of the system's"
+    url_help = (
+        f"ws:// or wss:// URL (default: ${URL_ENV}, else from the config, else {DEFAULT_URL})"
+    )
+    config_help = "the daemon's TOML config, to find its address (when no URL is given)"
     watch = subparsers.add_parser(
         "watch",
         help="print the live stream (reconnects and resumes by itself)",
         description="Print the live stream: a table for people, or JSON lines with --json.",
-        epilog="Exit: 0 after Ctrl-C/SIGTERM or --count updates, 77 token refused, 64 bad URL.",
+        epilog=WHERE
+        + "\nExit: 0 after Ctrl-C/SIGTERM or --count updates, 77 token refused, 64 bad URL,"
+        " 78 bad config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    watch.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
+    watch.add_argument("url", nargs="?", help=url_help)
+    watch.add_argument("--config", metavar="PATH", help=config_help)
     watch.add_argument(
         "--symbol",
         action="append",
@@ -83,9 +122,13 @@ def add_commands(subparsers: Any) -> None:
     probe = subparsers.add_parser(
         "probe",
         help="connect, wait for one update, print its latency; exit 0, or non-zero with a reason",
-        description="Connectivity check: 0 ok, 69 unavailable, 75 timeout, 77 token refused.",
+        description="Connectivity check: 0 ok, 69 unavailable, 75 timeout, 77 token refused,\n"
+        "64 bad URL, 78 bad config.",
+        epilog=WHERE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    probe.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
+    probe.add_argument("url", nargs="?", help=url_help)
+    probe.add_argument("--config", metavar="PATH", help=config_help)
     probe.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="seconds (default 10)"
     )
@@ -100,15 +143,154 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command not in COMMANDS:
         raise ValueError(f"not a tools command: {args.command!r}")
     try:
+        target = resolve_target(args.url, args.config)
+    except ConfigError as exc:
+        # One line, as a monitoring check's output is read: several problems joined with "; ".
+        problems = "; ".join(str(exc).splitlines())
+        _note(args.command, f"invalid configuration: {problems}")
+        return EXIT_CONFIG
+    try:
         context = _ssl_context(args.cafile)
     except OSError as exc:  # ssl.SSLError is an OSError
         _note(args.command, f"--cafile {args.cafile}: {exc}")
         return EX_USAGE
+    hint = None if context is not None else _HintOnce(target)
     if args.command == "watch":
         return _run_watch(
-            args.url, token, args.symbol, as_json=args.json, count=args.count, context=context
+            target.url,
+            token,
+            args.symbol,
+            as_json=args.json,
+            count=args.count,
+            context=context,
+            hint=hint,
         )
-    return _run_probe(args.url, token, args.timeout, args.symbol, context)
+    return _run_probe(target, token, args.timeout, args.symbol, context, hint)
+
+
+# --- where the daemon is ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where `watch` and `probe` connect, and why there."""
+
+    url: str
+    # "argument", "$AGENTSPOONSD_URL", the config file's path, or "built-in defaults" (which
+    # the AGENTSPOONSD_SERVER__* overrides may have changed).
+    source: str
+    # The config's server.tls_cert (absolute) when the URL came from a config: what to trust.
+    tls_cert: Path | None = None
+
+
+def connect_host(bind_host: str) -> str:
+    """The host, as a URL writes it, at which a listener bound to `bind_host` is reached.
+
+    A wildcard ("" or any spelling of 0.0.0.0 or ::) is every local address, not one to connect
+    to: it becomes the loopback address of its family. An IPv6 literal is bracketed; a name is
+    kept as it is.
+    """
+    try:
+        address = ipaddress.ip_address(bind_host)
+    except ValueError:
+        return bind_host or "127.0.0.1"  # a name, or "" (binds every IPv4 address)
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def server_url(server: ServerSettings) -> str:
+    """The URL of the daemon these ``[server]`` settings describe: ``wss://`` when tls_cert is
+    set, else ``ws://``; `connect_host` of the host; the port. No I/O.
+
+    Raises ValueError for port 0: the daemon then picks a free port at each start, which no
+    config can tell.
+    """
+    if server.port == 0:
+        raise ValueError(
+            "server.port is 0 (a free port picked at each start, logged as listener_bound):"
+            " there is no port to connect to; pass the URL"
+        )
+    scheme = "wss" if server.tls_cert is not None else "ws"
+    return f"{scheme}://{connect_host(server.host)}:{server.port}/"
+
+
+def resolve_target(url: str | None, config: str | None) -> Target:
+    """Where to connect: `url` (the argument), else ``$AGENTSPOONSD_URL``, else the daemon's
+    config, found as the daemon finds it (`config` is ``--config``) with the environment
+    overrides applied, else the built-in defaults (``ws://127.0.0.1:8765/``).
+
+    The config is read only when no URL is given, and then neither the TLS key nor the tokens
+    file is opened (a client need not be able to read them). Raises ConfigError, naming the
+    key and where its value came from, for a config that cannot be used, port 0 included.
+    """
+    if url is not None:
+        return Target(url, "argument")
+    from_env = os.environ.get(URL_ENV)
+    if from_env:
+        return Target(from_env, f"${URL_ENV}")
+    path = find_config_path(config, os.environ)
+    settings = load_settings(path, read_tokens_file=False, check_tls_files=False)
+    source = str(path) if path is not None else "built-in defaults"
+    try:
+        found = server_url(settings.server)
+    except ValueError as exc:
+        raise ConfigError(f"{_key_source('server', 'port', path, os.environ)}: {exc}") from None
+    return Target(found, source, settings.server.tls_cert)
+
+
+def untrusted_hint(target: Target) -> str | None:
+    """What to do when the daemon's certificate is not trusted, if its config names it: a
+    self-signed certificate is its own CA, so ``--cafile`` takes the file itself; otherwise the
+    CA that issued it. None when the URL did not come from a config with TLS."""
+    cert = target.tls_cert
+    if cert is None:
+        return None
+    if _holds_self_signed(cert):
+        return f"server.tls_cert {cert} is self-signed: trust it with --cafile {cert}"
+    return (
+        f"the daemon's certificate (server.tls_cert {cert}) is not trusted here: pass the CA"
+        " that issued it with --cafile PEM"
+    )
+
+
+def _holds_self_signed(cert: Path) -> bool:
+    """Whether the PEM file holds a self-signed CA certificate (one that can anchor the chain);
+    False when it cannot be read."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=cert)
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
+    return any(ca.get("subject") == ca.get("issuer") for ca in context.get_ca_certs())
+
+
+def _untrusted(error: BaseException | str) -> bool:
+    """Whether a connection failure (an exception or its message) is a certificate refused."""
+    seen: BaseException | None = error if isinstance(error, BaseException) else None
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(error)  # OpenSSL's reason, as messages carry it
+
+
+class _HintOnce:
+    """Adds `untrusted_hint` to the first message about a refused certificate."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.given = False
+
+    def add(self, message: str, error: BaseException | None = None) -> str:
+        """`message`, with the hint when it (or `error`) is the first certificate refusal."""
+        if self.given or not _untrusted(message if error is None else error):
+            return message
+        hint = untrusted_hint(self.target)
+        if hint is None:
+            return message
+        self.given = True
+        return f"{message} ({hint})"
 
 
 def _ssl_context(cafile: str | None) -> ssl.SSLContext | None:
@@ -171,13 +353,14 @@ def _run_watch(
     as_json: bool,
     count: int,
     context: ssl.SSLContext | None,
+    hint: _HintOnce | None = None,
 ) -> int:
     import trio
 
     from .client import VolatilityClient
 
     def on_status(status: Status) -> None:
-        _note("watch", status.message)
+        _note("watch", status.message if hint is None else hint.add(status.message))
 
     try:
         client = VolatilityClient(url, token, symbols, on_status=on_status, ssl_context=context)
@@ -252,11 +435,12 @@ def _silence_stdout() -> None:
 
 
 def _run_probe(
-    url: str,
+    target: Target,
     token: str | None,
     timeout: float,
     symbol: str | None,
     context: ssl.SSLContext | None,
+    hint: _HintOnce | None = None,
 ) -> int:
     import trio
 
@@ -267,7 +451,7 @@ def _run_probe(
         return EX_USAGE
     try:
         client = VolatilityClient(
-            url,
+            target.url,
             token,
             None if symbol is None else [symbol],
             reconnect=False,
@@ -279,13 +463,21 @@ def _run_probe(
     except ValueError as exc:
         _note("probe", str(exc))
         return EX_USAGE
+
+    def note(message: str, error: BaseException | None = None) -> None:
+        if target.source != "argument":  # the URL was found, not given: say where
+            message = f"{message} (URL from {target.source})"
+        _note("probe", message if hint is None else hint.add(message, error))
+
     try:
-        return trio.run(_probe, client, timeout)
+        return trio.run(_probe, client, timeout, note)
     except KeyboardInterrupt:
         return 130
 
 
-async def _probe(client: VolatilityClient, seconds: float) -> int:
+async def _probe(
+    client: VolatilityClient, seconds: float, note: Callable[[str, BaseException | None], None]
+) -> int:
     import trio
 
     from .client import AuthenticationError, ClientError, ConnectFailed, StreamReset
@@ -300,17 +492,17 @@ async def _probe(client: VolatilityClient, seconds: float) -> int:
                     except StreamReset:  # cannot happen without resume; keep waiting
                         continue
         except AuthenticationError as exc:
-            _note("probe", f"{exc}: {client.display_url}")
+            note(f"{exc}: {client.display_url}", None)
             return EX_NOPERM
         except ConnectFailed as exc:
-            _note("probe", str(exc))
+            note(str(exc), exc)
             return EX_TEMPFAIL if exc.timeout else EX_UNAVAILABLE
         except ClientError as exc:
-            _note("probe", f"{exc}: {client.display_url}")
+            note(f"{exc}: {client.display_url}", exc)
             return EX_UNAVAILABLE
     if update is None:
         where = "connecting" if client.connections == 0 else "an update"
-        _note("probe", f"timed out after {seconds:g} s waiting for {where}: {client.display_url}")
+        note(f"timed out after {seconds:g} s waiting for {where}: {client.display_url}", None)
         return EX_TEMPFAIL
     latency = update.latency
     shown = "-" if latency is None else f"{latency * 1000:.1f}"
