@@ -148,15 +148,15 @@ async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> N
         latest = client.get_latest_data("BTC/USD")
         assert latest is not None and latest["seq"] >= by_symbol["BTC/USD"][-1]
 
-        history = await client.get_data_history(5, "BTC/USD")
+        history = await client.fetch_history(5, "BTC/USD")
         assert len(history) == 5 and {d["symbol"] for d in history} == {"BTC/USD"}
         assert_consecutive(history)
-        merged = await client.get_data_history(6)  # both symbols, newest 6 by bar time
+        merged = await client.fetch_history(6)  # both symbols, newest 6 by bar time
         assert len(merged) == 6 and {d["symbol"] for d in merged} == {"BTC/USD", "ETH/USD"}
         assert [d["timestamp"] for d in merged] == sorted(d["timestamp"] for d in merged)
 
         with pytest.raises(ServerError) as refused:
-            await client.get_data_history(5, "DOGE/USD")
+            await client.fetch_history(5, "DOGE/USD")
         assert refused.value.code == "unknown_symbol"
         assert (await client.request({"type": "ping"}))["type"] == "pong"
 
@@ -193,7 +193,7 @@ async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None
             await client.connect(nursery)
             nursery.start_soon(client.listen, on_update)
             await enough.wait()
-            assert len(await client.get_data_history(3)) == 3
+            assert len(await client.fetch_history(3)) == 3
             await client.send({"type": "ping"})  # fire and forget: its pong is not mistaken
             assert (await client.request({"type": "ping"}))["type"] == "pong"
             await client.disconnect()  # listen() returns, so the nursery ends
@@ -214,7 +214,7 @@ async def test_slow_consumer_backpressure_and_a_request_meanwhile(daemon_factory
         await trio.sleep(0.5)  # ~20 updates published
         assert client.buffered == 2  # then the client stopped reading
         with trio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
-            assert len(await client.get_data_history(3, "ETH/USD")) == 3
+            assert len(await client.fetch_history(3, "ETH/USD")) == 3
         got = [await client.__anext__() for _ in range(30)]
     assert_consecutive(got)  # nothing was lost by not reading
 
