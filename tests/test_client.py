@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import signal
 import statistics
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
-import trio
 
 from agentspoonsd.client import (
     AuthenticationError,
@@ -104,10 +107,25 @@ def test_bad_arguments() -> None:
 # --- against the real daemon --------------------------------------------------------------
 
 Factory = Callable[..., DaemonProcess]
+BACKENDS = ["trio", "asyncio"]
+
+
+def on_both_loops(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run the async `test` once under Trio and once under asyncio (`backend` says which):
+    the client must behave the same on both. The test itself is sync to pytest (trio_mode
+    would otherwise claim it); its fixtures are those of `test`."""
+
+    def run(**fixtures: Any) -> None:
+        anyio.run(functools.partial(test, **fixtures), backend=fixtures["backend"])
+
+    run.__name__ = run.__qualname__ = test.__name__
+    run.__doc__ = test.__doc__
+    run.__signature__ = inspect.signature(test)  # type: ignore[attr-defined]
+    return pytest.mark.parametrize("backend", BACKENDS)(run)
 
 
 @pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Factory]:
+def daemon_factory(tmp_path: Path) -> Iterator[Factory]:
     started: list[DaemonProcess] = []
 
     def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
@@ -132,7 +150,8 @@ def assert_consecutive(updates: list[dict[str, Any]]) -> dict[str, list[int]]:
     return by_symbol
 
 
-async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_updates_history_requests_and_errors(backend: str, daemon_factory: Factory) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
@@ -163,7 +182,7 @@ async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> N
         # Unsubscribing is remembered: only ETH/USD from here on, still gap-free.
         assert await client.unsubscribe(["BTC/USD"]) == ["ETH/USD"]
         after: list[dict[str, Any]] = []
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             while len([d for d in after if d["symbol"] == "ETH/USD"]) < 4:
                 after.append(await client.__anext__())
         # A reconnect would now resume ETH/USD alone (BTC/USD is forgotten, not resumed).
@@ -172,7 +191,8 @@ async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> N
         assert client.duplicates == 0
 
 
-async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_callback_style_and_symbol_filter(backend: str, daemon_factory: Factory) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
@@ -181,15 +201,15 @@ async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None
         f"ws://127.0.0.1:{port}/", token, ["ETH/USD", "NOPE"], on_status=statuses.append, **FAST
     )
     got: list[dict[str, Any]] = []
-    enough = trio.Event()
+    enough = anyio.Event()
 
     async def on_update(data: dict[str, Any]) -> None:
         got.append(data)
         if len(got) >= 4:
             enough.set()
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
             nursery.start_soon(client.listen, on_update)
             await enough.wait()
@@ -205,70 +225,77 @@ async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None
     await daemon.wait_for("client_disconnected", reason="close_1000")
 
 
-async def test_slow_consumer_backpressure_and_a_request_meanwhile(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_slow_consumer_backpressure_and_a_request_meanwhile(
+    backend: str, daemon_factory: Factory
+) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     async with open_client(url, token, buffer_size=2, **FAST) as client:
-        await trio.sleep(0.5)  # ~20 updates published
+        await anyio.sleep(0.5)  # ~20 updates published
         assert client.buffered == 2  # then the client stopped reading
-        with trio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
+        with anyio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
             assert len(await client.fetch_history(3, "ETH/USD")) == 3
         got = [await client.__anext__() for _ in range(30)]
     assert_consecutive(got)  # nothing was lost by not reading
 
 
-async def test_cancelling_the_iteration_closes_cleanly(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_cancelling_the_iteration_closes_cleanly(
+    backend: str, daemon_factory: Factory
+) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     count = 0
-    with trio.move_on_after(10) as outer:  # not reached: the inner scope cancels first
-        with trio.CancelScope() as scope:
+    with anyio.move_on_after(10) as outer:  # not reached: the inner scope cancels first
+        with anyio.CancelScope() as scope:
             async with open_client(url, token, **FAST) as client:
                 async for _update in client:
                     count += 1
                     if count == 3:
                         scope.cancel()
-                        cancelled_at = trio.current_time()
+                        cancelled_at = anyio.current_time()
                         # the cancellation lands in the next step of the iteration
     assert scope.cancelled_caught and not outer.cancelled_caught and count == 3
     # The close handshake completed (well under close_timeout): a close frame each way.
-    assert trio.current_time() - cancelled_at < 1.0
+    assert anyio.current_time() - cancelled_at < 1.0
     event = await daemon.wait_for("client_disconnected")
     assert event["reason"] == "close_1000"  # a close frame, not a dropped socket
 
     # Callback style: cancelling the nursery without disconnect() also closes cleanly.
     daemon.events.clear()
     client = VolatilityClient(url, token, **FAST)
-    with trio.move_on_after(10) as outer:
-        async with trio.open_nursery() as nursery:
+    with anyio.move_on_after(10) as outer:
+        async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
             nursery.start_soon(client.listen, lambda data: None)
-            await trio.sleep(0.2)
+            await anyio.sleep(0.2)
             nursery.cancel_scope.cancel()
-            cancelled_at = trio.current_time()
-    assert not outer.cancelled_caught and trio.current_time() - cancelled_at < 1.0
+            cancelled_at = anyio.current_time()
+    assert not outer.cancelled_caught and anyio.current_time() - cancelled_at < 1.0
     event = await daemon.wait_for("client_disconnected")
     assert event["reason"] == "close_1000"
     with pytest.raises(ClientClosed):
         await client.receive()
 
 
-async def test_bad_token_revoked_token_and_refused(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_bad_token_revoked_token_and_refused(backend: str, daemon_factory: Factory) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
-    with trio.fail_after(5), pytest.raises(AuthenticationError) as denied:
+    with anyio.fail_after(5), pytest.raises(AuthenticationError) as denied:
         async with open_client(url, new_token(), **FAST):
             pass
     assert denied.value.status == 401
 
     # Revoked while connected (4001): not retried, raised from the iteration.
-    with trio.fail_after(10), pytest.raises(AuthenticationError) as revoked:
+    with anyio.fail_after(10), pytest.raises(AuthenticationError) as revoked:
         async with open_client(url, token, **FAST) as client:
             await client.__anext__()
             daemon.config_path.write_text(config_text(tokens={"other": new_token()}))
@@ -277,7 +304,7 @@ async def test_bad_token_revoked_token_and_refused(daemon_factory: Factory) -> N
                 pass
     assert "revoked" in str(revoked.value) and "4001" in str(revoked.value)
 
-    with trio.fail_after(5), pytest.raises(ConnectFailed) as refused:
+    with anyio.fail_after(5), pytest.raises(ConnectFailed) as refused:
         async with open_client("ws://127.0.0.1:1/", reconnect=False, **FAST):
             pass
     assert refused.value.refused
@@ -308,7 +335,10 @@ async def restart(
 
 
 @pytest.mark.parametrize("persist", [True, False])
-async def test_kill_and_restart(daemon_factory: Factory, tmp_path: Path, persist: bool) -> None:
+@on_both_loops
+async def test_kill_and_restart(
+    backend: str, daemon_factory: Factory, tmp_path: Path, persist: bool
+) -> None:
     """kill -9 the daemon mid-stream, start another on the same port: with a persisted history
     the consumer's sequence continues with no gap and no duplicate (the missed updates are
     replayed); without one, each symbol's stream is `reset` (and gap-free after it)."""
@@ -320,14 +350,14 @@ async def test_kill_and_restart(daemon_factory: Factory, tmp_path: Path, persist
     updates: list[dict[str, Any]] = []
     resets: list[StreamReset] = []
     statuses: list[Status] = []
-    with trio.fail_after(20):
+    with anyio.fail_after(20):
         async with open_client(
             f"ws://127.0.0.1:{port}/", token, on_status=statuses.append, **FAST
         ) as client:
             await collect(client, updates, resets, lambda: len(updates) >= 10)
             second = await restart(daemon_factory, text, port, first)
             before = len(updates)
-            await trio.sleep(0.3)  # the new daemon publishes while the client reconnects
+            await anyio.sleep(0.3)  # the new daemon publishes while the client reconnects
             await collect(
                 client,
                 updates,
@@ -359,39 +389,39 @@ class Gate:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.is_open = True
-        self._links: list[trio.CancelScope] = []
+        self._links: list[anyio.CancelScope] = []
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        async with trio.open_nursery() as nursery:
-            while True:
-                stream = await listeners[0].accept()
-                nursery.start_soon(self._link, stream)
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+        async with listener:
+            await listener.serve(self._link)
 
-    async def _link(self, client: trio.SocketStream) -> None:
-        with trio.CancelScope() as scope:
+    async def _link(self, client: anyio.abc.SocketStream) -> None:
+        with anyio.CancelScope() as scope:
             self._links.append(scope)
             try:
                 if not self.is_open:
                     return  # closed at once: the client's handshake fails, it backs off
-                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-                async with upstream, trio.open_nursery() as nursery:
+                upstream = await anyio.connect_tcp("127.0.0.1", self.target_port)
+                async with upstream, anyio.create_task_group() as nursery:
                     nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
                     nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
             except OSError:
                 pass
             finally:
-                await trio.aclose_forcefully(client)
+                await anyio.aclose_forcefully(client)
 
     @staticmethod
     async def _pump(
-        source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+        source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, done: anyio.CancelScope
     ) -> None:
         try:
-            while data := await source.receive_some(65536):
-                await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await sink.send(await source.receive(65536))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         done.cancel()
 
@@ -405,8 +435,9 @@ class Gate:
         self.is_open = True
 
 
+@on_both_loops
 async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
-    daemon_factory: Factory, tmp_path: Path
+    backend: str, daemon_factory: Factory, tmp_path: Path
 ) -> None:
     """Held away while the daemon publishes, the client gets what it missed on reconnect:
     first from the running daemon's history, then, after kill -9 and a restart with
@@ -418,8 +449,8 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
     port, _ = await daemon.ports()
     got: list[Update] = []
     statuses: list[Status] = []
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as nursery:
             gate = Gate(port)
             relay_port = await nursery.start(gate.serve)
             url = f"ws://127.0.0.1:{relay_port}/"
@@ -430,7 +461,7 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
                     gate.cut()
                     if restart_daemon:
                         daemon = await restart(daemon_factory, text, port, daemon)
-                    await trio.sleep(0.5)  # ~10 updates per symbol published meanwhile
+                    await anyio.sleep(0.5)  # ~10 updates per symbol published meanwhile
                     gate.reopen()
                     connections = client.connections
                     while client.connections == connections:  # until the client is back
