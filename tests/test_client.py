@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import signal
+import socket
 import statistics
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -480,3 +484,123 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
     assert any("closed during the handshake" in s.message for s in statuses)
     by_symbol = assert_consecutive([u.data for u in got])  # no gap, no duplicate, all along
     assert all(len(seqs) >= 10 for seqs in by_symbol.values())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@on_both_loops
+async def test_first_failed_connect_says_why_then_raises(
+    backend: str, daemon_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused, DNS, 401 with the daemon's reason: each reported to on_status and logging at
+    WARNING on the first attempt; `connect_timeout` ends the retrying with `ConnectFailed`."""
+    caplog.set_level(logging.INFO, logger="agentspoonsd.client")
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    for url, reason in (
+        (f"ws://127.0.0.1:{free_port()}/", "refused"),
+        ("ws://nothing-here.invalid:8765/", "dns"),
+    ):
+        statuses: list[Status] = []
+        caplog.clear()
+        started = anyio.current_time()
+        with anyio.fail_after(5), pytest.raises(ConnectFailed) as failed:
+            async with open_client(url, connect_timeout=1.0, on_status=statuses.append, **FAST):
+                pass
+        assert 0.5 < anyio.current_time() - started < 3.0  # retried until connect_timeout
+        assert failed.value.reason == reason and "no connection within 1 s" in str(failed.value)
+        first = [s for s in statuses if s.kind == "connect_failed"]
+        assert len(first) >= 2 and first[0].detail == {
+            "reason": reason,
+            "status": None,
+            "first": True,
+        }
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert reason in warned[0].getMessage() or "resolve" in warned[0].getMessage()
+        assert [r for r in caplog.records if "client_connect_failed" in r.getMessage()][
+            1
+        ].levelno == logging.INFO
+
+    caplog.clear()
+    with anyio.fail_after(5), pytest.raises(AuthenticationError) as denied:
+        async with open_client(f"ws://127.0.0.1:{port}/", "not-the-token", **FAST):
+            pass
+    assert "401" in str(denied.value) and "invalid_token: a valid bearer token" in str(denied.value)
+    assert "not-the-token" not in caplog.text  # the token never reaches a log
+    assert any(
+        "invalid_token" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+    )
+
+
+@on_both_loops
+async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
+    backend: str, daemon_factory: Factory
+) -> None:
+    token = new_token()
+    port = free_port()
+    statuses: list[Status] = []
+    got: list[dict[str, Any]] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+
+            async def start_later() -> None:
+                await anyio.sleep(1.5)  # well past the default backoff's first attempts
+                daemon_factory(
+                    config_text(tokens={"t": token}, interval=0.05),
+                    env={"AGENTSPOONSD_SERVER__PORT": str(port)},
+                )
+
+            group.start_soon(start_later)
+            async with open_client(
+                f"ws://127.0.0.1:{port}/",
+                token,
+                connect_timeout=None,
+                on_status=statuses.append,
+                **FAST,
+            ) as client:
+                got = [await client.__anext__() for _ in range(3)]
+    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 2
+
+
+@on_both_loops
+async def test_tls_with_a_cafile_and_an_untrusted_certificate(
+    backend: str, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    token = new_token()
+    tls = f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    daemon = daemon_factory(
+        config_text(tokens={"t": token}, interval=0.05).replace("[server]\n", tls, 1)
+    )
+    port, _ = await daemon.ports()
+    url = f"wss://127.0.0.1:{port}/"
+    with anyio.fail_after(10):
+        async with open_client(url, token, cafile=ca_file, **FAST) as client:
+            assert (await client.__anext__())["seq"] >= 0
+        with pytest.raises(ConnectFailed) as untrusted:
+            async with open_client(url, token, reconnect=False, **FAST):
+                pass
+    assert untrusted.value.reason == "tls" and "CERTIFICATE_VERIFY_FAILED" in str(untrusted.value)
+
+
+def test_importing_the_client_loads_no_daemon_stack() -> None:
+    code = (
+        "import sys, agentspoonsd.client\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'pydantic',"
+        " 'pydantic_settings', 'structlog', 'trio', 'trio_websocket', 'prometheus_client'))\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('agentspoonsd.'))\n"
+        "print(heavy, ours)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[] ['agentspoonsd.client', 'agentspoonsd.wscore']"
