@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import trio
+import anyio
+import anyio.to_thread
 
 from agentspoonsd.auth import hash_token, new_token
 
@@ -78,7 +79,7 @@ class DaemonProcess:
 
     async def wait_for(self, event: str, within: float = 10.0, **fields: Any) -> dict[str, Any]:
         """The first log event named `event` whose fields match; fails after `within` seconds."""
-        with trio.move_on_after(within):
+        with anyio.move_on_after(within):
             while True:
                 for entry in self.events:
                     if entry.get("event") == event and all(
@@ -87,7 +88,7 @@ class DaemonProcess:
                         return entry
                 if self.proc is not None and self.proc.poll() is not None and not self._reading:
                     break
-                await trio.sleep(0.02)
+                await anyio.sleep(0.02)
         raise AssertionError(f"no {event} {fields} in log:\n" + "\n".join(self.raw_lines[-30:]))
 
     @property
@@ -106,9 +107,9 @@ class DaemonProcess:
     async def wait_exit(self, within: float = 10.0) -> int:
         """The exit status; fails if the process is still running after `within` seconds."""
         assert self.proc is not None
-        await trio.to_thread.run_sync(self.proc.wait, within)
+        await anyio.to_thread.run_sync(self.proc.wait, within)
         if self._reader is not None:
-            await trio.to_thread.run_sync(self._reader.join, 2.0)
+            await anyio.to_thread.run_sync(self._reader.join, 2.0)
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -131,7 +132,7 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
 
-    return await trio.to_thread.run_sync(get)
+    return await anyio.to_thread.run_sync(get)
 
 
 __all__ = ["DaemonProcess", "config_text", "http_get", "new_token", "token_block"]

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import signal
+import socket
 import statistics
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
-import trio
 
 from agentspoonsd.client import (
     AuthenticationError,
@@ -104,10 +111,25 @@ def test_bad_arguments() -> None:
 # --- against the real daemon --------------------------------------------------------------
 
 Factory = Callable[..., DaemonProcess]
+BACKENDS = ["trio", "asyncio"]
+
+
+def on_both_loops(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run the async `test` once under Trio and once under asyncio (`backend` says which):
+    the client must behave the same on both. The test itself is sync to pytest (trio_mode
+    would otherwise claim it); its fixtures are those of `test`."""
+
+    def run(**fixtures: Any) -> None:
+        anyio.run(functools.partial(test, **fixtures), backend=fixtures["backend"])
+
+    run.__name__ = run.__qualname__ = test.__name__
+    run.__doc__ = test.__doc__
+    run.__signature__ = inspect.signature(test)  # type: ignore[attr-defined]
+    return pytest.mark.parametrize("backend", BACKENDS)(run)
 
 
 @pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Factory]:
+def daemon_factory(tmp_path: Path) -> Iterator[Factory]:
     started: list[DaemonProcess] = []
 
     def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
@@ -132,7 +154,8 @@ def assert_consecutive(updates: list[dict[str, Any]]) -> dict[str, list[int]]:
     return by_symbol
 
 
-async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_updates_history_requests_and_errors(backend: str, daemon_factory: Factory) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
@@ -148,22 +171,22 @@ async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> N
         latest = client.get_latest_data("BTC/USD")
         assert latest is not None and latest["seq"] >= by_symbol["BTC/USD"][-1]
 
-        history = await client.get_data_history(5, "BTC/USD")
+        history = await client.fetch_history(5, "BTC/USD")
         assert len(history) == 5 and {d["symbol"] for d in history} == {"BTC/USD"}
         assert_consecutive(history)
-        merged = await client.get_data_history(6)  # both symbols, newest 6 by bar time
+        merged = await client.fetch_history(6)  # both symbols, newest 6 by bar time
         assert len(merged) == 6 and {d["symbol"] for d in merged} == {"BTC/USD", "ETH/USD"}
         assert [d["timestamp"] for d in merged] == sorted(d["timestamp"] for d in merged)
 
         with pytest.raises(ServerError) as refused:
-            await client.get_data_history(5, "DOGE/USD")
+            await client.fetch_history(5, "DOGE/USD")
         assert refused.value.code == "unknown_symbol"
         assert (await client.request({"type": "ping"}))["type"] == "pong"
 
         # Unsubscribing is remembered: only ETH/USD from here on, still gap-free.
         assert await client.unsubscribe(["BTC/USD"]) == ["ETH/USD"]
         after: list[dict[str, Any]] = []
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             while len([d for d in after if d["symbol"] == "ETH/USD"]) < 4:
                 after.append(await client.__anext__())
         # A reconnect would now resume ETH/USD alone (BTC/USD is forgotten, not resumed).
@@ -172,7 +195,8 @@ async def test_updates_history_requests_and_errors(daemon_factory: Factory) -> N
         assert client.duplicates == 0
 
 
-async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_callback_style_and_symbol_filter(backend: str, daemon_factory: Factory) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
@@ -181,19 +205,19 @@ async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None
         f"ws://127.0.0.1:{port}/", token, ["ETH/USD", "NOPE"], on_status=statuses.append, **FAST
     )
     got: list[dict[str, Any]] = []
-    enough = trio.Event()
+    enough = anyio.Event()
 
     async def on_update(data: dict[str, Any]) -> None:
         got.append(data)
         if len(got) >= 4:
             enough.set()
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
             nursery.start_soon(client.listen, on_update)
             await enough.wait()
-            assert len(await client.get_data_history(3)) == 3
+            assert len(await client.fetch_history(3)) == 3
             await client.send({"type": "ping"})  # fire and forget: its pong is not mistaken
             assert (await client.request({"type": "ping"}))["type"] == "pong"
             await client.disconnect()  # listen() returns, so the nursery ends
@@ -205,70 +229,77 @@ async def test_callback_style_and_symbol_filter(daemon_factory: Factory) -> None
     await daemon.wait_for("client_disconnected", reason="close_1000")
 
 
-async def test_slow_consumer_backpressure_and_a_request_meanwhile(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_slow_consumer_backpressure_and_a_request_meanwhile(
+    backend: str, daemon_factory: Factory
+) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     async with open_client(url, token, buffer_size=2, **FAST) as client:
-        await trio.sleep(0.5)  # ~20 updates published
+        await anyio.sleep(0.5)  # ~20 updates published
         assert client.buffered == 2  # then the client stopped reading
-        with trio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
-            assert len(await client.get_data_history(3, "ETH/USD")) == 3
+        with anyio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
+            assert len(await client.fetch_history(3, "ETH/USD")) == 3
         got = [await client.__anext__() for _ in range(30)]
     assert_consecutive(got)  # nothing was lost by not reading
 
 
-async def test_cancelling_the_iteration_closes_cleanly(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_cancelling_the_iteration_closes_cleanly(
+    backend: str, daemon_factory: Factory
+) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     count = 0
-    with trio.move_on_after(10) as outer:  # not reached: the inner scope cancels first
-        with trio.CancelScope() as scope:
+    with anyio.move_on_after(10) as outer:  # not reached: the inner scope cancels first
+        with anyio.CancelScope() as scope:
             async with open_client(url, token, **FAST) as client:
                 async for _update in client:
                     count += 1
                     if count == 3:
                         scope.cancel()
-                        cancelled_at = trio.current_time()
+                        cancelled_at = anyio.current_time()
                         # the cancellation lands in the next step of the iteration
     assert scope.cancelled_caught and not outer.cancelled_caught and count == 3
     # The close handshake completed (well under close_timeout): a close frame each way.
-    assert trio.current_time() - cancelled_at < 1.0
+    assert anyio.current_time() - cancelled_at < 1.0
     event = await daemon.wait_for("client_disconnected")
     assert event["reason"] == "close_1000"  # a close frame, not a dropped socket
 
     # Callback style: cancelling the nursery without disconnect() also closes cleanly.
     daemon.events.clear()
     client = VolatilityClient(url, token, **FAST)
-    with trio.move_on_after(10) as outer:
-        async with trio.open_nursery() as nursery:
+    with anyio.move_on_after(10) as outer:
+        async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
             nursery.start_soon(client.listen, lambda data: None)
-            await trio.sleep(0.2)
+            await anyio.sleep(0.2)
             nursery.cancel_scope.cancel()
-            cancelled_at = trio.current_time()
-    assert not outer.cancelled_caught and trio.current_time() - cancelled_at < 1.0
+            cancelled_at = anyio.current_time()
+    assert not outer.cancelled_caught and anyio.current_time() - cancelled_at < 1.0
     event = await daemon.wait_for("client_disconnected")
     assert event["reason"] == "close_1000"
     with pytest.raises(ClientClosed):
         await client.receive()
 
 
-async def test_bad_token_revoked_token_and_refused(daemon_factory: Factory) -> None:
+@on_both_loops
+async def test_bad_token_revoked_token_and_refused(backend: str, daemon_factory: Factory) -> None:
     token = new_token()
     daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
-    with trio.fail_after(5), pytest.raises(AuthenticationError) as denied:
+    with anyio.fail_after(5), pytest.raises(AuthenticationError) as denied:
         async with open_client(url, new_token(), **FAST):
             pass
     assert denied.value.status == 401
 
     # Revoked while connected (4001): not retried, raised from the iteration.
-    with trio.fail_after(10), pytest.raises(AuthenticationError) as revoked:
+    with anyio.fail_after(10), pytest.raises(AuthenticationError) as revoked:
         async with open_client(url, token, **FAST) as client:
             await client.__anext__()
             daemon.config_path.write_text(config_text(tokens={"other": new_token()}))
@@ -277,7 +308,7 @@ async def test_bad_token_revoked_token_and_refused(daemon_factory: Factory) -> N
                 pass
     assert "revoked" in str(revoked.value) and "4001" in str(revoked.value)
 
-    with trio.fail_after(5), pytest.raises(ConnectFailed) as refused:
+    with anyio.fail_after(5), pytest.raises(ConnectFailed) as refused:
         async with open_client("ws://127.0.0.1:1/", reconnect=False, **FAST):
             pass
     assert refused.value.refused
@@ -308,7 +339,10 @@ async def restart(
 
 
 @pytest.mark.parametrize("persist", [True, False])
-async def test_kill_and_restart(daemon_factory: Factory, tmp_path: Path, persist: bool) -> None:
+@on_both_loops
+async def test_kill_and_restart(
+    backend: str, daemon_factory: Factory, tmp_path: Path, persist: bool
+) -> None:
     """kill -9 the daemon mid-stream, start another on the same port: with a persisted history
     the consumer's sequence continues with no gap and no duplicate (the missed updates are
     replayed); without one, each symbol's stream is `reset` (and gap-free after it)."""
@@ -320,14 +354,14 @@ async def test_kill_and_restart(daemon_factory: Factory, tmp_path: Path, persist
     updates: list[dict[str, Any]] = []
     resets: list[StreamReset] = []
     statuses: list[Status] = []
-    with trio.fail_after(20):
+    with anyio.fail_after(20):
         async with open_client(
             f"ws://127.0.0.1:{port}/", token, on_status=statuses.append, **FAST
         ) as client:
             await collect(client, updates, resets, lambda: len(updates) >= 10)
             second = await restart(daemon_factory, text, port, first)
             before = len(updates)
-            await trio.sleep(0.3)  # the new daemon publishes while the client reconnects
+            await anyio.sleep(0.3)  # the new daemon publishes while the client reconnects
             await collect(
                 client,
                 updates,
@@ -359,39 +393,39 @@ class Gate:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.is_open = True
-        self._links: list[trio.CancelScope] = []
+        self._links: list[anyio.CancelScope] = []
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        async with trio.open_nursery() as nursery:
-            while True:
-                stream = await listeners[0].accept()
-                nursery.start_soon(self._link, stream)
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+        async with listener:
+            await listener.serve(self._link)
 
-    async def _link(self, client: trio.SocketStream) -> None:
-        with trio.CancelScope() as scope:
+    async def _link(self, client: anyio.abc.SocketStream) -> None:
+        with anyio.CancelScope() as scope:
             self._links.append(scope)
             try:
                 if not self.is_open:
                     return  # closed at once: the client's handshake fails, it backs off
-                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-                async with upstream, trio.open_nursery() as nursery:
+                upstream = await anyio.connect_tcp("127.0.0.1", self.target_port)
+                async with upstream, anyio.create_task_group() as nursery:
                     nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
                     nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
             except OSError:
                 pass
             finally:
-                await trio.aclose_forcefully(client)
+                await anyio.aclose_forcefully(client)
 
     @staticmethod
     async def _pump(
-        source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+        source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, done: anyio.CancelScope
     ) -> None:
         try:
-            while data := await source.receive_some(65536):
-                await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await sink.send(await source.receive(65536))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         done.cancel()
 
@@ -405,8 +439,9 @@ class Gate:
         self.is_open = True
 
 
+@on_both_loops
 async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
-    daemon_factory: Factory, tmp_path: Path
+    backend: str, daemon_factory: Factory, tmp_path: Path
 ) -> None:
     """Held away while the daemon publishes, the client gets what it missed on reconnect:
     first from the running daemon's history, then, after kill -9 and a restart with
@@ -418,8 +453,8 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
     port, _ = await daemon.ports()
     got: list[Update] = []
     statuses: list[Status] = []
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as nursery:
             gate = Gate(port)
             relay_port = await nursery.start(gate.serve)
             url = f"ws://127.0.0.1:{relay_port}/"
@@ -430,7 +465,7 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
                     gate.cut()
                     if restart_daemon:
                         daemon = await restart(daemon_factory, text, port, daemon)
-                    await trio.sleep(0.5)  # ~10 updates per symbol published meanwhile
+                    await anyio.sleep(0.5)  # ~10 updates per symbol published meanwhile
                     gate.reopen()
                     connections = client.connections
                     while client.connections == connections:  # until the client is back
@@ -449,3 +484,123 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
     assert any("closed during the handshake" in s.message for s in statuses)
     by_symbol = assert_consecutive([u.data for u in got])  # no gap, no duplicate, all along
     assert all(len(seqs) >= 10 for seqs in by_symbol.values())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@on_both_loops
+async def test_first_failed_connect_says_why_then_raises(
+    backend: str, daemon_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused, DNS, 401 with the daemon's reason: each reported to on_status and logging at
+    WARNING on the first attempt; `connect_timeout` ends the retrying with `ConnectFailed`."""
+    caplog.set_level(logging.INFO, logger="agentspoonsd.client")
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    for url, reason in (
+        (f"ws://127.0.0.1:{free_port()}/", "refused"),
+        ("ws://nothing-here.invalid:8765/", "dns"),
+    ):
+        statuses: list[Status] = []
+        caplog.clear()
+        started = anyio.current_time()
+        with anyio.fail_after(5), pytest.raises(ConnectFailed) as failed:
+            async with open_client(url, connect_timeout=1.0, on_status=statuses.append, **FAST):
+                pass
+        assert 0.5 < anyio.current_time() - started < 3.0  # retried until connect_timeout
+        assert failed.value.reason == reason and "no connection within 1 s" in str(failed.value)
+        first = [s for s in statuses if s.kind == "connect_failed"]
+        assert len(first) >= 2 and first[0].detail == {
+            "reason": reason,
+            "status": None,
+            "first": True,
+        }
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert reason in warned[0].getMessage() or "resolve" in warned[0].getMessage()
+        assert [r for r in caplog.records if "client_connect_failed" in r.getMessage()][
+            1
+        ].levelno == logging.INFO
+
+    caplog.clear()
+    with anyio.fail_after(5), pytest.raises(AuthenticationError) as denied:
+        async with open_client(f"ws://127.0.0.1:{port}/", "not-the-token", **FAST):
+            pass
+    assert "401" in str(denied.value) and "invalid_token: a valid bearer token" in str(denied.value)
+    assert "not-the-token" not in caplog.text  # the token never reaches a log
+    assert any(
+        "invalid_token" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+    )
+
+
+@on_both_loops
+async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
+    backend: str, daemon_factory: Factory
+) -> None:
+    token = new_token()
+    port = free_port()
+    statuses: list[Status] = []
+    got: list[dict[str, Any]] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+
+            async def start_later() -> None:
+                await anyio.sleep(1.5)  # well past the default backoff's first attempts
+                daemon_factory(
+                    config_text(tokens={"t": token}, interval=0.05),
+                    env={"AGENTSPOONSD_SERVER__PORT": str(port)},
+                )
+
+            group.start_soon(start_later)
+            async with open_client(
+                f"ws://127.0.0.1:{port}/",
+                token,
+                connect_timeout=None,
+                on_status=statuses.append,
+                **FAST,
+            ) as client:
+                got = [await client.__anext__() for _ in range(3)]
+    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 2
+
+
+@on_both_loops
+async def test_tls_with_a_cafile_and_an_untrusted_certificate(
+    backend: str, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    token = new_token()
+    tls = f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    daemon = daemon_factory(
+        config_text(tokens={"t": token}, interval=0.05).replace("[server]\n", tls, 1)
+    )
+    port, _ = await daemon.ports()
+    url = f"wss://127.0.0.1:{port}/"
+    with anyio.fail_after(10):
+        async with open_client(url, token, cafile=ca_file, **FAST) as client:
+            assert (await client.__anext__())["seq"] >= 0
+        with pytest.raises(ConnectFailed) as untrusted:
+            async with open_client(url, token, reconnect=False, **FAST):
+                pass
+    assert untrusted.value.reason == "tls" and "CERTIFICATE_VERIFY_FAILED" in str(untrusted.value)
+
+
+def test_importing_the_client_loads_no_daemon_stack() -> None:
+    code = (
+        "import sys, agentspoonsd.client\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'pydantic',"
+        " 'pydantic_settings', 'structlog', 'trio', 'trio_websocket', 'prometheus_client'))\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('agentspoonsd.'))\n"
+        "print(heavy, ours)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[] ['agentspoonsd.client', 'agentspoonsd.wscore']"

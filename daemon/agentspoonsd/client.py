@@ -1,24 +1,23 @@
-"""A Trio client for agentspoonsd that a consumer can rely on: every update once, in order.
+"""The agentspoonsd client: every update once, in order, under asyncio, Trio or no event loop.
 
-Two ways to use it (both on the same class, `VolatilityClient`):
+The same code runs on asyncio and Trio (anyio underneath; the WebSocket protocol is the sans-IO
+`agentspoonsd.wscore` over anyio's TCP/TLS streams). Four ways to use it:
 
-**Iteration** (recommended)::
+**Iteration** (recommended), under ``asyncio.run`` or ``trio.run``::
 
     async with open_client("ws://127.0.0.1:8765/", token=TOKEN) as client:
         async for update in client:          # each `data` object of a volatility_update
             print(update["symbol"], update["seq"], update["volatility"])
 
-**The prototype's callback style**, mapped onto Trio. Every method that does I/O is ``async``;
-the connection lives in a task of a nursery you pass (Trio's rule: no task outlives its nursery)::
+**The original system's API** (`WebSocketDashboardClient`): ``await client.connect()`` (no
+nursery), ``await client.listen(callback)`` with messages in the original shape, synchronous
+``get_latest_data()`` / ``get_data_history(limit)`` reading the local buffer of received data.
 
-    client = VolatilityClient(url, token=TOKEN)
-    async with trio.open_nursery() as nursery:
-        await client.connect(nursery)              # returns once connected
-        nursery.start_soon(client.listen, on_update)   # calls on_update(data) per update
-        rows = await client.get_data_history(50)   # a `history` request to the daemon
-        latest = client.get_latest_data()          # no I/O: a plain method
-        await client.send({"type": "subscribe", "symbols": ["ETH/USD"]})
-        await client.disconnect()                  # closes with 1000; listen() returns
+**No event loop** (scripts, Jupyter cells): ``with connect_sync(url, token) as c: for update in
+c: ...``; the client's loop runs in a background thread (anyio's blocking portal).
+
+**A nursery or task group of yours**: ``await client.connect(nursery)`` starts the connection
+task there; leaving the nursery, even cancelled, disconnects cleanly.
 
 Guarantees (docs/PROTOCOL.md is the contract they rest on):
 
@@ -36,7 +35,14 @@ Guarantees (docs/PROTOCOL.md is the contract they rest on):
 - **Reconnection** uses exponential backoff with full jitter (`backoff_delay`): attempt n waits a
   uniformly random time in [0, min(backoff_max, backoff_initial × 2ⁿ)). The attempt counter
   starts over once a connection has delivered an update. HTTP 401/403 on the upgrade (and close
-  code 4001) are not retried: `AuthenticationError`.
+  code 4001) are not retried: `AuthenticationError`, with the daemon's reason.
+- **Visible failures.** Each failed connect is reported with its cause (connection refused, DNS,
+  TLS, an HTTP refusal with the daemon's reason) to ``on_status`` (kind ``connect_failed``) and
+  to the `logging` logger ``agentspoonsd.client`` (the first of a series at WARNING, the rest at
+  INFO). The *first* connection must succeed within ``connect_timeout`` seconds, or `connect`
+  (and ``open_client``) raises `ConnectFailed` with the last cause; ``connect_timeout=None``
+  keeps trying until connected. Once connected, losing the connection is always retried (with
+  ``reconnect=True``).
 - **Cancellation.** Cancelling an iteration (or a `receive`) loses nothing: an update is removed
   from the buffer only when it is returned. Leaving ``open_client`` (or `disconnect`), even
   because of a cancellation, sends a WebSocket close (1000) and waits up to ``close_timeout`` for
@@ -46,35 +52,54 @@ Guarantees (docs/PROTOCOL.md is the contract they rest on):
   connection down instead of growing memory. The daemon may then close the connection (1013);
   the client reconnects and resumes, losing nothing.
 
-`get_latest_data` reflects the newest update *received*, which can be ahead of what the
+`get_latest_data` and `recent` reflect the updates *received*, which can be ahead of what the
 iteration has returned. A client nobody iterates or listens to stops reading once its buffer is
-full: use `listen` (or iterate) with the callback style.
+full.
+
+Where the connection task lives: in the task group of ``open_client``; in the nursery passed to
+`connect`; without one (``await client.connect()``), in a task of the running loop itself (an
+asyncio task, or a Trio system task) that `disconnect` ends. Such a task is cancelled when the
+loop ends (``asyncio.run``/``trio.run`` returning), closing the socket without a close frame:
+call `disconnect` (or use ``async with``) to close cleanly.
+
+Importing this module loads neither numpy, pydantic nor the daemon: only anyio, wsproto, orjson.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 import random
 import ssl
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
+import anyio
+import anyio.abc
+import anyio.lowlevel
 import orjson
-import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    wrap_client_stream,
-)
+from wsproto.utilities import LocalProtocolError
+
+from .wscore import ABNORMAL, Accepted, ClientCore, Closed, Message, PongReceived, Refused
+from .wscore import Event as WsEvent
 
 __all__ = [
     "DEFAULT_URL",
@@ -88,18 +113,24 @@ __all__ = [
     "Status",
     "StreamReset",
     "StreamTracker",
+    "SyncClient",
     "Update",
     "Verdict",
     "VolatilityClient",
+    "WebSocketDashboardClient",
     "backoff_delay",
+    "connect_sync",
     "open_client",
 ]
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
+ORIGINAL_DEFAULT_URL = "ws://localhost:8765"  # WebSocketDashboardClient's, as it always was
+URL_ENV = "AGENTSPOONSD_URL"
+TOKEN_ENV = "AGENTSPOONSD_TOKEN"
 
 _log = logging.getLogger("agentspoonsd.client")
-E = TypeVar("E", bound=BaseException)
 _MAX_MESSAGE = 64 * 1024 * 1024  # a `history` reply of 1000 updates is about 1.2 MB
+_STEP_TIMEOUT = 10.0  # one connect attempt, one send, when connect_timeout is None
 
 # Server close codes after which reconnecting cannot help (the token is no longer valid).
 _FATAL_CLOSE_CODES = {4001: "the token was revoked"}
@@ -108,14 +139,14 @@ _FATAL_STATUSES = {
     401: "the daemon refused the token (401)",
     403: "the daemon refused the connection (403: origin not allowed)",
 }
-# The reply each request type gets (docs/PROTOCOL.md, "Replies"); an `error` may come instead.
+# The reply each request type gets (docs/PROTOCOL.md, "Replies"); an `error` may come instead,
+# and is the only reply to anything else (unknown_type, invalid_message).
 _REPLY_TYPES = {
     "ping": "pong",
     "subscribe": "subscribed",
     "unsubscribe": "unsubscribed",
     "history": "history",
 }
-
 
 # --- errors ---------------------------------------------------------------------------------
 
@@ -135,18 +166,32 @@ class AuthenticationError(ClientError):
         self.status = status
 
 
-class ConnectFailed(ClientError):
-    """No connection could be made (refused, unreachable, handshake timeout, 503, 400 ...).
+ConnectReason = Literal["refused", "dns", "tls", "timeout", "http", "closed", "unreachable"]
 
-    Raised only when ``reconnect=False``; otherwise the client keeps trying. `timeout` is true
-    when the TCP connection or the handshake timed out; `refused` when the TCP connection was
-    actively refused (nothing listens there).
+
+class ConnectFailed(ClientError):
+    """No connection could be made (refused, DNS, TLS, handshake timeout, 503, 400 ...).
+
+    Raised when ``reconnect=False``, or when the first connection is not made within
+    ``connect_timeout``. `reason` names the cause of the (last) failure; `timeout` is true when
+    the TCP connection or the handshake timed out; `refused` when the TCP connection was
+    actively refused (nothing listens there); `status` is the HTTP status of a refused upgrade.
     """
 
-    def __init__(self, message: str, *, refused: bool = False, timeout: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        refused: bool = False,
+        timeout: bool = False,
+        reason: ConnectReason = "unreachable",
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.refused = refused
         self.timeout = timeout
+        self.reason: ConnectReason = "refused" if refused else "timeout" if timeout else reason
+        self.status = status
 
 
 class ConnectionLost(ClientError):
@@ -323,14 +368,27 @@ class StreamTracker:
             del self.last_seq[symbol]
 
 
-# --- the Trio layer ---------------------------------------------------------------------------
+# --- the anyio layer ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """A connection event, for `on_status` (the CLI prints these to stderr)."""
+    """A connection event, for `on_status` (the CLI prints these to stderr).
 
-    kind: Literal["connected", "disconnected", "retrying", "server_error", "resync"]
+    ``connect_failed``: a connect attempt failed; `detail` holds ``reason`` (see
+    `ConnectFailed.reason`), ``status`` for an HTTP refusal, and ``first`` (the first failure
+    since the last connection). ``failed``: a fatal error, raised to the consumer next.
+    """
+
+    kind: Literal[
+        "connected",
+        "disconnected",
+        "retrying",
+        "server_error",
+        "resync",
+        "connect_failed",
+        "failed",
+    ]
     message: str
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -342,19 +400,82 @@ class _Pending:
     expected: str
     internal: bool = False  # the client's own (barrier ping, subscribe "*"): not the user's
     waited: bool = True  # False for `send()`: nobody awaits the reply
-    done: trio.Event = field(default_factory=trio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
     reply: dict[str, Any] | None = None
     lost: bool = False  # the connection ended first
 
 
+class _Link:
+    """One WebSocket connection: a `ClientCore` driven over an anyio byte stream.
+
+    One task reads (`next_event`); any task may send. Frames leave in the order they were
+    queued in the core: a sender queues its frame synchronously, then flushes the core's outbox
+    under a lock, so whichever task holds the lock sends everyone's bytes in order.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteStream, core: ClientCore) -> None:
+        self.stream = stream
+        self.core = core
+        self._lock = anyio.Lock()
+        self._events: deque[WsEvent] = deque()
+        self.eof = False  # the byte stream ended (or broke)
+        self.error: BaseException | None = None  # what broke it, if anything
+        self.peer_closed = anyio.Event()  # the peer's close frame (or the end) was read
+
+    async def flush(self) -> bool:
+        """Send what the core has queued; False when the stream is broken."""
+        async with self._lock:
+            data = self.core.data_to_send()
+            if not data:
+                return self.error is None
+            try:
+                await self.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self.error = self.error or exc
+                return False
+        return True
+
+    async def next_event(self) -> WsEvent:
+        """The next event from the peer; after the end, `Closed` again and again."""
+        while not self._events:
+            if self.eof:
+                return self.core.closed or Closed(ABNORMAL)
+            try:
+                data = await self.stream.receive(65536)
+            except anyio.EndOfStream:
+                data = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self.error = self.error or exc
+                data = b""
+            self.eof = not data
+            self._events.extend(self.core.receive(bytes(data)))
+            if self.core.closed is not None:
+                self.peer_closed.set()
+            await self.flush()  # the answers to the peer's pings and close frame
+        return self._events.popleft()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (once); the peer's answer is read by the reading task."""
+        self.core.close(code, reason)
+        await self.flush()
+
+    async def finish(self) -> None:
+        """After the session: close (if nobody did), then read until the peer has answered
+        and ended the TCP stream (RFC 6455: the server closes first). Unbounded: bound it."""
+        await self.close(1000)
+        while not self.eof:
+            await self.next_event()
+
+
 @dataclass(slots=True)
 class _Connection:
-    ws: WebSocketConnection
+    link: _Link
     info: dict[str, Any]
     pending: deque[_Pending] = field(default_factory=deque)
     barrier: bool = True  # until the first pong: errors are about the connect URL
     blocked: bool = False  # the reader waits for buffer space
     delivered: bool = False
+    pong: anyio.Event | None = None  # the keepalive's ping awaits it
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,21 +484,30 @@ class _ResetItem:
 
 
 class _Signal:
-    """Wake every task waiting on it (an Event that re-arms)."""
+    """Wake every task waiting on it (an Event that re-arms); made lazily, on the loop."""
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._event: anyio.Event | None = None
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
         await self._event.wait()
 
     def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
 
 class _Resync(Exception):
     """A seq gap: close this connection and resume on a new one."""
+
+
+class TaskStarter(Protocol):
+    """A Trio nursery or an anyio task group."""
+
+    def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> Any: ...
 
 
 UpdateCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -394,15 +524,21 @@ class VolatilityClient:
         reconnect: reconnect (and resume) after losing the connection; False makes losing it,
             or failing to connect, an error (`ConnectionLost`, `ConnectFailed`).
         backoff_initial, backoff_max: see `backoff_delay`.
-        history_limit: the default `limit` of `get_data_history`.
+        history_limit: the default `limit` of `fetch_history`.
         buffer_size: updates buffered before the client stops reading the socket.
-        connect_timeout: seconds for TCP connect plus the WebSocket handshake.
+        keep_recent: how many received updates `recent` keeps (the local history).
+        connect_timeout: seconds within which the first connection must be made (retrying with
+            backoff meanwhile), else `ConnectFailed`; also bounds each attempt (TCP, TLS, the
+            WebSocket handshake and the ``connected`` message). None: keep trying until
+            connected (each attempt then bounded by 10 s).
         close_timeout: seconds to wait for the daemon's close answer when disconnecting.
         keepalive: seconds between WebSocket pings from the client; a ping not answered within
             the same time closes the connection (then reconnects). None disables.
-        on_status: called (synchronously) with a `Status` on connect, disconnect, retry, and
-            for errors the daemon reports about the connection URL (e.g. ``unknown_symbol``).
-        ssl_context: for ``wss://`` (default: the system's trust store).
+        on_status: called (synchronously) with a `Status` on connect, a failed connect,
+            disconnect, retry, and for errors the daemon reports about the connection URL (e.g.
+            ``unknown_symbol``).
+        ssl_context: for ``wss://`` (default: the system's trust store, or `cafile`).
+        cafile: a PEM file of CA certificates to trust for ``wss://`` (instead of the system's).
     """
 
     def __init__(
@@ -416,14 +552,18 @@ class VolatilityClient:
         backoff_max: float = 30.0,
         history_limit: int = 100,
         buffer_size: int = 10_000,
-        connect_timeout: float = 10.0,
+        keep_recent: int = 1000,
+        connect_timeout: float | None = 10.0,
         close_timeout: float = 2.0,
         keepalive: float | None = 20.0,
         on_status: Callable[[Status], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        cafile: str | os.PathLike[str] | None = None,
     ) -> None:
         if backoff_initial < 0 or backoff_max < 0 or buffer_size < 1 or history_limit < 1:
             raise ValueError("backoff values must be >= 0, buffer_size and history_limit >= 1")
+        if keep_recent < 1 or (connect_timeout is not None and connect_timeout <= 0):
+            raise ValueError("keep_recent must be >= 1 and connect_timeout > 0 (or None)")
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
@@ -445,13 +585,18 @@ class VolatilityClient:
         self.close_timeout = close_timeout
         self.keepalive = keepalive
         self.on_status = on_status
+        if ssl_context is None and cafile is not None:
+            ssl_context = ssl.create_default_context(cafile=os.fspath(cafile))
         self.ssl_context = ssl_context
         self._headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
         self.tracker = StreamTracker(symbols)
         self.connections = 0  # connections established so far
         self.duplicates = 0  # updates dropped as already delivered
         self.server_info: dict[str, Any] | None = None  # the latest `connected` message
+        self.last_error: ConnectFailed | None = None  # the latest failed connect attempt
+        self._failures = 0  # failed connect attempts since the last connection
         self._items: deque[Update | _ResetItem] = deque()
+        self._recent: deque[Update] = deque(maxlen=keep_recent)
         self._latest: dict[str, Update] = {}
         self._latest_any: Update | None = None
         self._arrived = _Signal()  # items, a connection, a failure or closing
@@ -460,29 +605,45 @@ class VolatilityClient:
         self._failure: BaseException | None = None
         self._closed = False
         self._started = False
-        # The connection task runs shielded, so that a cancelled nursery cannot cut its close
-        # handshake short; `_guard`, unshielded in the same nursery, turns that cancellation
-        # into a `disconnect`.
-        self._scope = trio.CancelScope(shield=True)
-        self._guard_scope = trio.CancelScope()
-        self._stopped = trio.Event()
-        self._closing: trio.Event | None = None  # set once disconnect() has finished
+        # Made in `connect`, on the event loop (anyio's scopes need one). The connection task
+        # runs in `_scope`; with a nursery it is shielded, so that a cancelled nursery cannot
+        # cut its close handshake short, and `_guard`, unshielded in the same nursery, turns
+        # that cancellation into a `disconnect`.
+        self._scope: anyio.CancelScope | None = None
+        self._guard_scope: anyio.CancelScope | None = None
+        self._stopped = anyio.Event()
+        self._closing: anyio.Event | None = None  # set once disconnect() has finished
         self._stack: AsyncExitStack | None = None
+        self._task: Any = None  # the detached task (asyncio), kept from the garbage collector
+
+    @property
+    def _step_timeout(self) -> float:
+        return _STEP_TIMEOUT if self.connect_timeout is None else self.connect_timeout
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def connect(self, nursery: trio.Nursery) -> None:
-        """Start the connection task in `nursery` and return once connected.
+    async def connect(self, nursery: TaskStarter | None = None) -> None:
+        """Start the connection task and return once connected.
 
-        With ``reconnect=True`` it keeps trying (bound it with `trio.fail_after` if needed);
-        raises `AuthenticationError`, or with ``reconnect=False`` `ConnectFailed`. Cancelling
-        it stops the connection task too. Call `disconnect` before the nursery must end.
+        With `nursery` (a Trio nursery or an anyio task group) the task runs there; call
+        `disconnect` before the nursery must end (cancelling the nursery disconnects too).
+        Without it the task runs on its own in the current event loop (see the module
+        docstring), until `disconnect`.
+
+        Raises `AuthenticationError`; `ConnectFailed` when no connection was made within
+        ``connect_timeout`` (or at the first failure with ``reconnect=False``). Cancelling it
+        stops the connection task too.
         """
         if self._started:
             raise RuntimeError("connect() may be called once per client")
         self._started = True
-        nursery.start_soon(self._run)
-        nursery.start_soon(self._guard)
+        self._scope = anyio.CancelScope(shield=nursery is not None)
+        self._guard_scope = anyio.CancelScope()
+        if nursery is None:
+            self._task = _spawn_detached(self._run)
+        else:
+            nursery.start_soon(self._run)
+            nursery.start_soon(self._guard)
         try:
             await self._wait_connection()
         except BaseException:
@@ -495,28 +656,33 @@ class VolatilityClient:
         Safe in a cancelled scope: the close is shielded and bounded by ``close_timeout``.
         Afterwards the iteration ends and `listen` returns; requests raise `ClientClosed`.
         """
-        with trio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
             if self._closing is not None:  # another task is at it: wait for it to finish
                 await self._closing.wait()
                 return
-            self._closing = trio.Event()
+            self._closing = anyio.Event()
             self._closed = True
             conn = self._conn
             try:
                 if conn is not None:
-                    with trio.move_on_after(self.close_timeout):
-                        await conn.ws.aclose(1000)
+                    # The reading task reads the daemon's answer: wait for it, bounded.
+                    self._space.notify()
+                    with anyio.move_on_after(self.close_timeout):
+                        await conn.link.close(1000)
+                        await conn.link.peer_closed.wait()
                 self._stop_nowait()
                 if self._started:
-                    with trio.move_on_after(self.close_timeout + 1):
+                    with anyio.move_on_after(self.close_timeout + 1):
                         await self._stopped.wait()
             finally:
                 self._closing.set()
 
     def _stop_nowait(self) -> None:
         self._closed = True
-        self._scope.cancel()
-        self._guard_scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._guard_scope is not None:
+            self._guard_scope.cancel()
         self._arrived.notify()
         self._space.notify()
 
@@ -533,18 +699,18 @@ class VolatilityClient:
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[VolatilityClient]:
-        # The body's exception is re-raised outside the nursery, unwrapped: a caller's
+        # The body's exception is re-raised outside the task group, unwrapped: a caller's
         # `except StreamReset` must not need `except*`. The connection task never raises.
         error: BaseException | None = None
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as group:
             try:
-                await self.connect(nursery)
-            except BaseException as exc:  # re-raised below, after the nursery
+                await self.connect(group)
+            except BaseException as exc:  # re-raised below, after the task group
                 error = exc
             else:
                 try:
                     yield self
-                except BaseException as exc:  # re-raised below, after the nursery
+                except BaseException as exc:  # re-raised below, after the task group
                     error = exc
                 finally:
                     await self.disconnect()
@@ -573,7 +739,7 @@ class VolatilityClient:
         Cancellation-safe: an update is removed from the buffer only when returned. Always a
         cancel point, even when an update is already buffered.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             if not self._started:
                 raise RuntimeError("not connected: use open_client(), or connect() first")
@@ -616,19 +782,32 @@ class VolatilityClient:
         """Updates received and not yet returned by the iteration."""
         return sum(1 for item in self._items if isinstance(item, Update))
 
+    @property
+    def connected(self) -> bool:
+        """True while a connection is established."""
+        return self._conn is not None
+
     def get_latest_data(self, symbol: str | None = None) -> dict[str, Any] | None:
         """The newest update received (of `symbol`, if given), or None. No I/O, not async."""
         update = self._latest_any if symbol is None else self._latest.get(symbol)
         return None if update is None else update.data
+
+    def recent(self, limit: int | None = None, symbol: str | None = None) -> list[Update]:
+        """The last `limit` updates received (of `symbol`, if given), oldest first: the local
+        history of at most ``keep_recent`` updates. No I/O, not async."""
+        kept = [u for u in self._recent if symbol is None or u.symbol == symbol]
+        return kept if limit is None else kept[-limit:] if limit > 0 else []
 
     # -- requests -------------------------------------------------------------------------
 
     async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send a request and return its reply (docs/PROTOCOL.md, "Replies").
 
-        Raises `ServerError` for an ``error`` reply. If the connection is lost first and
-        ``reconnect=True``, the request is sent again on the next connection (every request
-        of the protocol is idempotent). ``resume`` is the client's own business: ValueError.
+        Any message may be sent: one the protocol does not know gets the daemon's ``error``
+        reply (``unknown_type``, ``invalid_message``). Raises `ServerError` for an ``error``
+        reply. If the connection is lost first and ``reconnect=True``, the request is sent
+        again on the next connection (every request of the protocol is idempotent).
+        ``resume`` is the client's own business: ValueError.
         """
         expected = self._expected_reply(message)
         while True:
@@ -645,7 +824,8 @@ class VolatilityClient:
                 raise ConnectionLost("the connection ended before the reply")
 
     async def send(self, message: Mapping[str, Any]) -> None:
-        """Send a request without waiting for its reply (the prototype's ``send``).
+        """Send a request without waiting for its reply (an ``error`` reply goes to
+        ``on_status`` as ``server_error``).
 
         Waits for a connection if there is none. A subscribe/unsubscribe still updates the
         subscription the client re-establishes after a reconnect.
@@ -666,11 +846,12 @@ class VolatilityClient:
         reply = await self.request({"type": "unsubscribe", "symbols": list(symbols)})
         return list(reply["symbols"])
 
-    async def get_data_history(
+    async def fetch_history(
         self, limit: int | None = None, symbol: str | None = None
     ) -> list[dict[str, Any]]:
-        """The newest `limit` (default ``history_limit``) updates the daemon retains, oldest
-        first, as `data` objects: a ``history`` request.
+        """The newest `limit` (default ``history_limit``) updates the *daemon* retains, oldest
+        first, as `data` objects: ``history`` requests (for the updates this client received,
+        see `recent`).
 
         With `symbol` None: every symbol of the current subscription (one request each),
         merged by bar time (then symbol), the newest `limit` of them. The limit is capped at
@@ -709,9 +890,7 @@ class VolatilityClient:
         kind = message.get("type")
         if kind == "resume":
             raise ValueError("the client resumes by itself; resume cannot be sent")
-        if kind not in _REPLY_TYPES:
-            raise ValueError(f"not a request type of the protocol: {kind!r}")
-        return _REPLY_TYPES[kind]
+        return _REPLY_TYPES.get(kind, "error") if isinstance(kind, str) else "error"
 
     async def _send_request(
         self,
@@ -722,26 +901,26 @@ class VolatilityClient:
         waited: bool,
         internal: bool = False,
     ) -> _Pending | None:
-        """Queue the reply slot, then send. None when the connection is already gone."""
+        """Queue the reply slot and the frame, then send. None when the connection is gone."""
         pending = _Pending(expected, internal=internal, waited=waited)
-        # The slot is queued before the bytes go out: sends on one connection leave in call
-        # order (trio-websocket encodes synchronously, then takes a FIFO lock).
+        text = orjson.dumps(dict(message)).decode()
+        # The slot and the frame are queued together, synchronously: replies come in the
+        # order the frames leave (`_Link` sends queued frames in order).
+        try:
+            conn.link.core.send_text(text)
+        except LocalProtocolError:
+            return None  # closing: the request goes on the next connection
         conn.pending.append(pending)
         self._space.notify()  # a reply is due: the reader must read even with a full buffer
-        text = orjson.dumps(dict(message)).decode()
-        # Shielded: a send cancelled half-way would leave a reply slot with no request (or a
-        # torn frame). Bounded: a send that cannot finish means a dead connection.
+        # Shielded: a send cancelled half-way would leave a torn frame. Bounded: a send that
+        # cannot finish means a dead connection.
         sent = False
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.connect_timeout):
-                try:
-                    await conn.ws.send_message(text)
-                    sent = True
-                except ConnectionClosed:
-                    pass
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._step_timeout):
+                sent = await conn.link.flush()
             if not sent:
-                with trio.move_on_after(self.close_timeout):
-                    await conn.ws.aclose(1001, "send failed")
+                with anyio.move_on_after(self.close_timeout):
+                    await conn.link.close(1001, "send failed")
                 pending.lost = True
                 pending.done.set()
                 return None
@@ -759,21 +938,32 @@ class VolatilityClient:
 
     # -- the connection task --------------------------------------------------------------
 
-    def _status(self, kind: Any, message: str, /, **detail: Any) -> None:
-        _log.info("%s: %s", kind, message)
+    def _status(
+        self, kind: Any, message: str, /, *, level: int = logging.INFO, **detail: Any
+    ) -> None:
+        _log.log(level, "client_%s url=%s message=%s", kind, self.display_url, message)
         if self.on_status is not None:
             self.on_status(Status(kind, message, detail))
 
     async def _run(self) -> None:
         """Connect, read, reconnect with backoff, until closed or a fatal error. Never raises
         (the failure is handed to the consumer): it runs in the caller's nursery."""
+        assert self._scope is not None
         attempt = 0
         try:
             with self._scope:
                 if self._closed:
                     return
+                deadline = (
+                    None
+                    if self.connect_timeout is None
+                    else anyio.current_time() + self.connect_timeout
+                )
                 while True:
-                    retry_after, delivered = await self._connect_once()
+                    timeout = self._step_timeout
+                    if deadline is not None and self.connections == 0:
+                        timeout = max(0.001, min(timeout, deadline - anyio.current_time()))
+                    retry_after, delivered = await self._connect_once(timeout)
                     if self._closed or self._failure is not None or not self.reconnect:
                         return
                     if delivered:
@@ -783,8 +973,15 @@ class VolatilityClient:
                         min(retry_after, self.backoff_max),
                     )
                     attempt += 1
+                    if (
+                        deadline is not None
+                        and self.connections == 0
+                        and anyio.current_time() + delay >= deadline
+                    ):
+                        self._give_up()
+                        return
                     self._status("retrying", f"reconnecting in {delay:.2f} s", delay=delay)
-                    await trio.sleep(delay)
+                    await anyio.sleep(delay)
         except Exception as exc:  # a bug: surface it to the consumer instead of the nursery
             _log.exception("client connection task failed")
             self._failure = exc
@@ -793,65 +990,60 @@ class VolatilityClient:
             self._stopped.set()
             self._arrived.notify()
 
+    def _give_up(self) -> None:
+        """No first connection within connect_timeout: raise the last cause to the consumer."""
+        last = self.last_error
+        cause = str(last) if last is not None else "no connection"
+        error = ConnectFailed(
+            f"{cause} (no connection within {self.connect_timeout:g} s, "
+            f"{self._failures} attempt{'s' if self._failures != 1 else ''})",
+            refused=last.refused if last else False,
+            timeout=last.timeout if last else True,
+            reason=last.reason if last else "timeout",
+            status=last.status if last else None,
+        )
+        self._fail(error)
+
     async def _guard(self) -> None:
         """Until `disconnect`: if the nursery is cancelled first, disconnect (cleanly)."""
+        assert self._guard_scope is not None
         with self._guard_scope:
             try:
-                await trio.sleep_forever()
+                await anyio.sleep_forever()
             finally:
                 if not self._closed:
                     await self.disconnect()
 
     def _fail(self, error: ClientError) -> None:
         self._failure = error
+        self._status("failed", str(error), level=logging.WARNING, error=error)
         self._arrived.notify()
 
-    async def _connect_once(self) -> tuple[float, bool]:
+    async def _connect_once(self, within: float) -> tuple[float, bool]:
         """One connection, from the handshake until it ends. Returns (a server-asked minimum
         delay before retrying, whether it delivered updates). A fatal error sets _failure."""
         url = self.tracker.target(self.url)
+        link, retry_after = await self._handshake(url, within)
+        if link is None:
+            return retry_after, False
         conn: _Connection | None = None
         try:
-            # The nursery hosts trio-websocket's reader task for this connection.
-            async with trio.open_nursery() as nursery:
-                opened = await self._handshake(nursery, url)
-                if opened is not None:
-                    ws, stream = opened
-                    try:
-                        conn = await self._open_session(ws)
-                        if conn is not None:
-                            await self._session(conn)
-                    finally:
-                        self._end_connection(conn)
-                        # Close (if nobody did yet), then let the reader task see the daemon's
-                        # close frame and the end of the TCP stream before it is cancelled.
-                        with trio.CancelScope(shield=True), trio.move_on_after(self.close_timeout):
-                            await ws.aclose(1000)
-                            await stream.ended.wait()
-                nursery.cancel_scope.cancel()
-        except* ConnectionRejected as group:  # raised by the reader task: an HTTP answer
-            rejected: ConnectionRejected | None = _first(group, ConnectionRejected)
-        else:
-            rejected = None
-        if rejected is None:
-            return self._after_connection(conn)
-        status = rejected.status_code
-        if status in _FATAL_STATUSES:
-            self._fail(AuthenticationError(_FATAL_STATUSES[status], status))
-            return 0.0, False
-        self._connect_error(ConnectFailed(f"the daemon refused the connection: HTTP {status}"))
-        return _retry_after(rejected.headers), False
+            conn = await self._open_session(link, within)
+            if conn is not None:
+                await self._session(conn)
+        finally:
+            self._end_connection(conn)
+            # Close (if nobody did yet), then read the daemon's close frame and the end of
+            # the TCP stream before closing the socket; shielded and bounded.
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.close_timeout):
+                    await link.finish()
+                await anyio.aclose_forcefully(link.stream)
+        return self._after_connection(conn)
 
-    async def _handshake(
-        self, nursery: trio.Nursery, url: str
-    ) -> tuple[WebSocketConnection, _WatchedStream] | None:
-        """TCP (and TLS) connect and the WebSocket handshake; None when that failed (reported).
-
-        Done here rather than with `open_websocket_url`, which waits for the whole
-        `connect_timeout` when the peer closes the TCP connection during the handshake (a
-        daemon going down, a proxy with no backend): this races the handshake with the end
-        of the stream, so such a failure is reported at once and retried with backoff.
-        """
+    async def _handshake(self, url: str, within: float) -> tuple[_Link | None, float]:
+        """TCP (and TLS) connect and the WebSocket handshake. Returns the link, or None and
+        a server-asked minimum delay when that failed (reported, or made fatal)."""
         parts = urlsplit(url)
         secure = parts.scheme == "wss"
         host = parts.hostname or ""
@@ -859,66 +1051,86 @@ class VolatilityClient:
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = parts.netloc.rpartition("@")[2]
         target = self.display_url
-        ws: WebSocketConnection | None = None
-        stream: _WatchedStream | None = None
+        stream: anyio.abc.ByteStream | None = None
+        link: _Link | None = None
+        event: WsEvent | None = None
         try:
-            with trio.fail_after(self.connect_timeout):
+            with anyio.fail_after(within):
                 if secure:
-                    context = self.ssl_context or ssl.create_default_context()
-                    raw: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                        host, port, ssl_context=context, https_compatible=True
+                    stream = await anyio.connect_tcp(
+                        host,
+                        port,
+                        tls=True,
+                        ssl_context=self.ssl_context or ssl.create_default_context(),
+                        tls_standard_compatible=False,
                     )
                 else:
-                    raw = await trio.open_tcp_stream(host, port)
-                stream = _WatchedStream(raw)
-                async with trio.open_nursery() as race:
-
-                    async def shake() -> None:
-                        nonlocal ws
-                        ws = await wrap_client_stream(
-                            nursery,
-                            stream,  # type: ignore[arg-type]
-                            host_header,
-                            resource,
-                            extra_headers=self._headers,
-                            max_message_size=_MAX_MESSAGE,
-                        )
-                        race.cancel_scope.cancel()
-
-                    async def ended() -> None:
-                        assert stream is not None
-                        await stream.ended.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(shake)
-                    race.start_soon(ended)
-        except trio.TooSlowError:
+                    stream = await anyio.connect_tcp(host, port)
+                core = ClientCore(host_header, resource, self._headers, max_message=_MAX_MESSAGE)
+                link = _Link(stream, core)
+                await link.flush()
+                event = await link.next_event()
+                while isinstance(event, PongReceived | Message):  # not before Accepted; safe
+                    event = await link.next_event()
+        except TimeoutError:
             error = ConnectFailed(f"timed out connecting to {target}", timeout=True)
+        except ssl.SSLError as exc:
+            error = ConnectFailed(
+                f"TLS handshake failed: {_ssl_reason(exc)}: {target}", reason="tls"
+            )
         except OSError as exc:
             error = _describe_connect_error(exc, target)
         else:
-            if ws is not None and stream is not None:
-                return ws, stream
-            cause = stream.error.__cause__ if stream is not None and stream.error else None
-            if isinstance(cause, ssl.SSLError):  # TLS fails on the first write, in the handshake
-                error = ConnectFailed(f"TLS handshake failed: {cause.reason or cause}: {target}")
+            assert link is not None
+            if isinstance(event, Accepted):
+                return link, 0.0
+            if isinstance(event, Refused):
+                await anyio.aclose_forcefully(link.stream)
+                return None, self._refused(event)
+            if isinstance(link.error, ssl.SSLError):  # TLS can fail on the first read, too
+                reason = _ssl_reason(link.error)
+                error = ConnectFailed(f"TLS handshake failed: {reason}: {target}", reason="tls")
             else:
-                error = ConnectFailed(f"the connection closed during the handshake: {target}")
+                error = ConnectFailed(
+                    f"the connection closed during the handshake: {target}", reason="closed"
+                )
         if stream is not None:
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
         self._connect_error(error)
-        return None
+        return None, 0.0
+
+    def _refused(self, refusal: Refused) -> float:
+        """An HTTP answer to the upgrade: fatal for 401/403, else retried (after Retry-After)."""
+        said = _refusal_reason(refusal.body)
+        status = refusal.status
+        if status in _FATAL_STATUSES:
+            text = _FATAL_STATUSES[status] + (f": {said}" if said else "")
+            self._fail(AuthenticationError(text, status))
+            return 0.0
+        text = f"the daemon refused the connection: HTTP {status}" + (f": {said}" if said else "")
+        self._connect_error(ConnectFailed(text, reason="http", status=status))
+        return _retry_after(refusal.headers)
 
     def _connect_error(self, error: ConnectFailed) -> None:
+        self.last_error = error
+        first = self._failures == 0
+        self._failures += 1
         if not self.reconnect:
             self._fail(error)
-        else:
-            self._status("disconnected", str(error))
+            return
+        self._status(
+            "connect_failed",
+            str(error),
+            level=logging.WARNING if first else logging.INFO,
+            reason=error.reason,
+            status=error.status,
+            first=first,
+        )
 
     def _after_connection(self, conn: _Connection | None) -> tuple[float, bool]:
         if conn is None:
             return 0.0, False
-        reason = conn.ws.closed
+        reason = conn.link.core.closed
         code = reason.code if reason is not None else None
         said = f" {reason.reason}" if reason is not None and reason.reason else ""
         text = f"connection closed ({code}{said})"
@@ -930,28 +1142,34 @@ class VolatilityClient:
         elif not self.reconnect:
             self._fail(ConnectionLost(text, code))
         else:
-            self._status("disconnected", text, code=code)
+            self._status("disconnected", text, level=logging.WARNING, code=code)
         return 0.0, conn.delivered
 
-    async def _open_session(self, ws: WebSocketConnection) -> _Connection | None:
+    async def _open_session(self, link: _Link, within: float) -> _Connection | None:
         message: dict[str, Any] | None = None
         problem = "the first message was not `connected`"
-        with trio.move_on_after(self.connect_timeout) as waited:
-            try:
-                message = _parse(await ws.get_message())
-            except ConnectionClosed:
-                problem = "the connection closed before `connected`"
+        with anyio.move_on_after(within) as waited:
+            while True:
+                event = await link.next_event()
+                if isinstance(event, Message):
+                    message = _parse(event.data)
+                    break
+                if isinstance(event, Closed):
+                    problem = "the connection closed before `connected`"
+                    break
         if waited.cancelled_caught:
             problem = "timed out waiting for `connected`"
         if message is None or message.get("type") != "connected":
             if self.reconnect:
-                self._status("disconnected", problem)
+                self._connect_error(
+                    ConnectFailed(f"{problem}: {self.display_url}", reason="closed")
+                )
             else:
                 self._fail(
                     ConnectionLost(problem) if message is None else ProtocolViolation(problem)
                 )
             return None
-        conn = _Connection(ws, message)
+        conn = _Connection(link, message)
         self.server_info = message
         # A ping first: errors before its pong are about the URL (unknown_symbol ...), so the
         # replies to the user's requests line up after it.
@@ -965,6 +1183,7 @@ class VolatilityClient:
                 internal=True,
             )
         self.connections += 1
+        self._failures = 0
         self._conn = conn
         self._arrived.notify()
         listed = ", ".join(message.get("symbols") or []) or "-"
@@ -977,49 +1196,57 @@ class VolatilityClient:
 
     async def _session(self, conn: _Connection) -> None:
         """Read until the connection ends; a seq gap closes it (to resume on the next one)."""
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as group:
             if self.keepalive:
-                nursery.start_soon(self._keepalive, conn)
+                group.start_soon(self._keepalive, conn, group.cancel_scope)
             try:
                 await self._read(conn)
-            except ConnectionClosed:
-                pass
             except _Resync as gap:
                 if self.reconnect:
                     self._status("resync", str(gap))
                 else:
                     self._fail(ProtocolViolation(f"seq gap without reconnect: {gap}"))
             finally:
-                nursery.cancel_scope.cancel()
+                group.cancel_scope.cancel()
 
     async def _read(self, conn: _Connection) -> None:
-        ws = conn.ws
+        link = conn.link
         while True:
             while len(self._items) >= self.buffer_size and not conn.pending and not self._closed:
                 conn.blocked = True
                 await self._space.wait()
             conn.blocked = False
-            raw = await ws.get_message()
-            message = _parse(raw)
-            if message is not None:
-                self._dispatch(conn, message)
+            event = await link.next_event()
+            if isinstance(event, Message):
+                message = _parse(event.data)
+                if message is not None:
+                    self._dispatch(conn, message)
+            elif isinstance(event, PongReceived):
+                if conn.pong is not None:
+                    conn.pong.set()
+            elif isinstance(event, Closed):
+                return
 
-    async def _keepalive(self, conn: _Connection) -> None:
+    async def _keepalive(self, conn: _Connection, session: anyio.CancelScope) -> None:
         assert self.keepalive is not None
         while True:
-            await trio.sleep(self.keepalive)
+            await anyio.sleep(self.keepalive)
             if conn.blocked:  # the reader is not reading: the pong could not be seen
                 continue
-            with trio.move_on_after(self.keepalive) as waited:
-                try:
-                    await conn.ws.ping()
-                except ConnectionClosed:
-                    return
-            if waited.cancelled_caught and not conn.blocked:
-                self._status("disconnected", "no answer to a ping: the connection is dead")
-                with trio.move_on_after(self.close_timeout):
-                    await conn.ws.aclose(1001, "keepalive timeout")
-                return
+            conn.pong = pong = anyio.Event()
+            conn.link.core.ping(b"agentspoonsd-client")
+            with anyio.move_on_after(self.keepalive):
+                await conn.link.flush()
+                await pong.wait()
+            if pong.is_set() or conn.blocked or conn.link.core.closed is not None:
+                continue
+            self._status(
+                "disconnected", "no answer to a ping: the connection is dead", level=logging.WARNING
+            )
+            with anyio.move_on_after(self.close_timeout):
+                await conn.link.close(1001, "keepalive timeout")
+            session.cancel()
+            return
 
     def _end_connection(self, conn: _Connection | None) -> None:
         self._conn = None
@@ -1060,6 +1287,7 @@ class VolatilityClient:
         conn.delivered = True
         self._latest[update.symbol] = update
         self._latest_any = update
+        self._recent.append(update)
         self._push(update)
 
     def _on_reply(self, conn: _Connection, message: dict[str, Any]) -> None:
@@ -1101,26 +1329,273 @@ def open_client(
 ) -> AbstractAsyncContextManager[VolatilityClient]:
     """``async with open_client(url, token) as client: async for update in client: ...``
 
-    Connects before the body runs (see `VolatilityClient.connect`) and disconnects cleanly when
-    it ends, however it ends. Keyword options are those of `VolatilityClient`. An exception
-    from the body propagates unchanged (not wrapped in an ExceptionGroup).
+    Connects before the body runs (see `VolatilityClient.connect`: `ConnectFailed` when no
+    connection is made within ``connect_timeout``, 10 s by default; ``connect_timeout=None``
+    keeps trying) and disconnects cleanly when it ends, however it ends. Keyword options are
+    those of `VolatilityClient`. An exception from the body propagates unchanged (not wrapped
+    in an ExceptionGroup). Runs under asyncio and Trio alike.
     """
     return VolatilityClient(url, token, symbols, **options)
+
+
+# --- the original system's API ----------------------------------------------------------------
+
+
+class WebSocketDashboardClient:
+    """The original system's consumer API, on `VolatilityClient` (asyncio or Trio)::
+
+        client = WebSocketDashboardClient()          # uri=, token= (or the environment)
+        await client.connect()
+        await client.listen(callback=handle_update)  # handle_update(message), sync or async
+
+    `uri` defaults to ``$AGENTSPOONSD_URL``, else ``ws://localhost:8765``; `token` to
+    ``$AGENTSPOONSD_TOKEN``. Other keyword options are those of `VolatilityClient`
+    (``keep_recent`` sizes the local history, 1000 by default).
+
+    `connect` needs no nursery: the connection task runs on its own in the running loop (see
+    the module docstring) until `disconnect`; ``async with`` does both. Every guarantee of
+    `VolatilityClient` holds (no gap, no duplicate, resume, backoff, cancellation).
+    """
+
+    def __init__(self, uri: str | None = None, token: str | None = None, **options: Any) -> None:
+        self.uri = uri or os.environ.get(URL_ENV) or ORIGINAL_DEFAULT_URL
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        self.client = VolatilityClient(self.uri, token, options.pop("symbols", None), **options)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.client.connected
+
+    async def connect(self) -> None:
+        """Connect (retrying with backoff up to ``connect_timeout``); returns once connected.
+        Raises `AuthenticationError` or `ConnectFailed`."""
+        await self.client.connect()
+
+    async def listen(self, callback: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        """Deliver every update, in order, as ``{"type": "volatility_update", "data": {...},
+        "timestamp": ...}`` to `callback` (called, and awaited if it returns an awaitable)
+        until `disconnect`; then return. Without a callback, updates only fill the local
+        history. A `StreamReset` (the daemon could not replay a gap) is logged at WARNING and
+        listening goes on with the new sequence."""
+        while True:
+            try:
+                update = await self.client.receive()
+            except StreamReset as reset:
+                _log.warning("client_stream_reset url=%s message=%s", self.uri, reset)
+                continue
+            except ClientClosed:
+                return
+            if callback is None:
+                continue
+            result = callback(
+                {"type": "volatility_update", "data": update.data, "timestamp": update.published}
+            )
+            if inspect.isawaitable(result):
+                await result
+
+    async def send(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Send any request and return the daemon's reply, an ``error`` reply included (a type
+        the protocol does not know gets ``{"type": "error", "code": "unknown_type", ...}``)."""
+        try:
+            return await self.client.request(message)
+        except ServerError as exc:
+            return exc.reply
+
+    async def fetch_history(
+        self, limit: int = 100, symbol: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The daemon's retained history (``history`` requests), oldest first; see
+        `VolatilityClient.fetch_history`. `get_data_history` reads the local buffer instead."""
+        return await self.client.fetch_history(limit, symbol)
+
+    async def disconnect(self) -> None:
+        """Close the connection (1000) and end `listen`; idempotent."""
+        await self.client.disconnect()
+
+    def get_latest_data(self) -> dict[str, Any] | None:
+        """The most recent data point received (the update's `data`), or None. Synchronous."""
+        return self.client.get_latest_data()
+
+    def get_data_history(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The last `limit` data points received, oldest first. Synchronous, no I/O."""
+        return [update.data for update in self.client.recent(limit)]
+
+    async def __aenter__(self) -> WebSocketDashboardClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.disconnect()
+
+
+# --- no event loop: scripts and notebooks ------------------------------------------------------
+
+
+class SyncClient:
+    """A blocking client: the `VolatilityClient` runs on an event loop in a background thread
+    (anyio's blocking portal, asyncio), and each call here waits for it.
+
+    Safe where an asyncio loop already runs in the calling thread (a Jupyter cell): that loop
+    is never used, nor is a second one started in its thread. Use as a context manager (or
+    `close`). Iterating yields each update's `data`, in order; `StreamReset` is raised as by
+    the async iteration (catch it and iterate again). Ctrl-C interrupts a waiting call;
+    leaving the ``with`` then disconnects cleanly.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        symbols: Iterable[str] | None = None,
+        **options: Any,
+    ) -> None:
+        url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        self.client = VolatilityClient(url, token, symbols, **options)
+        self._portal_cm: Any = None
+        self._portal: Any = None
+        self._client_cm: Any = None
+
+    def __enter__(self) -> SyncClient:
+        from anyio.from_thread import start_blocking_portal
+
+        self._portal_cm = start_blocking_portal("asyncio")
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self._client_cm = self._portal.wrap_async_context_manager(self.client)
+            self._client_cm.__enter__()
+        except BaseException:
+            portal_cm, self._portal_cm, self._portal = self._portal_cm, None, None
+            portal_cm.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect (1000, bounded by ``close_timeout``) and stop the thread; idempotent."""
+        client_cm, self._client_cm = self._client_cm, None
+        portal_cm, self._portal_cm = self._portal_cm, None
+        try:
+            if client_cm is not None:
+                client_cm.__exit__(None, None, None)
+        finally:
+            self._portal = None
+            if portal_cm is not None:
+                portal_cm.__exit__(None, None, None)
+
+    def _call(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        if self._portal is None:
+            raise RuntimeError("not connected: use `with connect_sync(...) as client`")
+        return self._portal.call(func, *args)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return self._call(self.client.__anext__)  # type: ignore[no-any-return]
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def receive(self, timeout: float | None = None) -> Update:
+        """The next update with its envelope; TimeoutError after `timeout` seconds."""
+
+        async def receive() -> Update:
+            with anyio.fail_after(timeout):
+                return await self.client.receive()
+
+        return self._call(receive)  # type: ignore[no-any-return]
+
+    def latest(self, symbol: str | None = None) -> dict[str, Any] | None:
+        """The newest update received (of `symbol`), or None; no waiting."""
+        return self.client.get_latest_data(symbol)
+
+    def history(self, limit: int = 10, symbol: str | None = None) -> list[dict[str, Any]]:
+        """The last `limit` updates received (local), oldest first; no waiting."""
+        return [update.data for update in self.client.recent(limit, symbol)]
+
+    def fetch_history(
+        self, limit: int | None = None, symbol: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The daemon's retained history; see `VolatilityClient.fetch_history`."""
+        return self._call(self.client.fetch_history, limit, symbol)  # type: ignore[no-any-return]
+
+    def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Send a request and return its reply; see `VolatilityClient.request`."""
+        return self._call(self.client.request, message)  # type: ignore[no-any-return]
+
+
+def connect_sync(
+    url: str | None = None,
+    token: str | None = None,
+    symbols: Iterable[str] | None = None,
+    **options: Any,
+) -> SyncClient:
+    """``with connect_sync(url, token) as c: for update in c: ...`` without an event loop.
+
+    `url` defaults to ``$AGENTSPOONSD_URL``, else ``ws://127.0.0.1:8765/``; `token` to
+    ``$AGENTSPOONSD_TOKEN``. Options are those of `VolatilityClient`. Entering connects (or
+    raises, as `open_client` does); see `SyncClient`.
+    """
+    return SyncClient(url, token, symbols, **options)
 
 
 # --- helpers ----------------------------------------------------------------------------------
 
 
+def _spawn_detached(run: Callable[[], Awaitable[None]]) -> Any:
+    """Run `run` as a task of the running loop itself, outside any nursery: an asyncio task
+    (returned: the caller keeps a reference), or a Trio system task (cancelled when the run
+    ends; it must not raise, and `_run` never does)."""
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        trio.lowlevel.spawn_system_task(run)
+        return None
+    return loop.create_task(run())  # type: ignore[arg-type]
+
+
 def _parse(raw: str | bytes) -> dict[str, Any] | None:
     if isinstance(raw, bytes):
-        _log.warning("binary message ignored")
+        _log.warning("client_binary_message_ignored")
         return None
     try:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        _log.warning("a message that is not JSON was ignored")
+        _log.warning("client_invalid_json_ignored")
         return None
     return message if isinstance(message, dict) else None
+
+
+def _refusal_reason(body: bytes) -> str:
+    """``code: message`` from the daemon's JSON refusal body (``{"error", "message"}``)."""
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(parsed, dict):
+        return ""
+    code, message = parsed.get("error"), parsed.get("message")
+    return ": ".join(str(part)[:200] for part in (code, message) if part)
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason or 'CERTIFICATE_VERIFY_FAILED'} ({exc.verify_message})"
+    return str(exc.reason or exc)
 
 
 def _retry_after(headers: Sequence[tuple[bytes, bytes]] | None) -> float:
@@ -1134,60 +1609,22 @@ def _retry_after(headers: Sequence[tuple[bytes, bytes]] | None) -> float:
 
 
 def _describe_connect_error(exc: OSError, target: str) -> ConnectFailed:
+    import socket
+
     leaves = _os_errors(exc)
     if leaves and all(isinstance(e, ConnectionRefusedError) for e in leaves):
         return ConnectFailed(f"connection refused: {target}", refused=True)
     last = leaves[-1] if leaves else exc
+    if isinstance(last, socket.gaierror):
+        host = urlsplit(target).hostname
+        return ConnectFailed(
+            f"cannot resolve host {host!r}: {last.strerror or last}: {target}", reason="dns"
+        )
     return ConnectFailed(f"cannot connect to {target}: {last.strerror or last}")
 
 
-def _first(group: BaseExceptionGroup[Any], kind: type[E]) -> E:
-    """The first exception of type `kind` in a (nested) exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, kind):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            return _first(exc, kind)
-    raise LookupError(kind)
-
-
-class _WatchedStream(trio.abc.Stream):
-    """A stream that says when it ended (EOF, error or closed): see `_handshake`."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.ended = trio.Event()
-        self.error: BaseException | None = None  # what ended it, if not EOF or aclose
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self.inner.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.error = exc
-            self.ended.set()
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self.inner.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.error = exc
-            self.ended.set()
-            raise
-        if not data:
-            self.ended.set()
-        return data
-
-    async def aclose(self) -> None:
-        self.ended.set()
-        await self.inner.aclose()
-
-
 def _os_errors(exc: BaseException | None) -> list[OSError]:
-    """The individual OSErrors behind a failed connect (trio groups one per address tried)."""
+    """The individual OSErrors behind a failed connect (anyio groups one per address tried)."""
     if exc is None:
         return []
     if isinstance(exc, BaseExceptionGroup):

@@ -61,7 +61,7 @@ from .settings import (
     load_settings,
 )
 
-if TYPE_CHECKING:  # the client (trio, trio-websocket) is imported only when a command runs
+if TYPE_CHECKING:  # the client (anyio, wsproto) is imported only when a command runs
     from .client import Status, VolatilityClient
 
 COMMANDS = ("watch", "probe")
@@ -345,6 +345,14 @@ def _note(command: str, text: str) -> None:
     print(f"{command}: {text}", file=sys.stderr, flush=True)
 
 
+def _quiet_client_log() -> None:
+    """The commands print the client's statuses themselves (`_note`): without this, the
+    client's WARNING records would reach stderr a second time through logging's last resort."""
+    import logging
+
+    logging.getLogger("agentspoonsd.client").addHandler(logging.NullHandler())
+
+
 def _run_watch(
     url: str,
     token: str | None,
@@ -358,6 +366,8 @@ def _run_watch(
     import trio
 
     from .client import VolatilityClient
+
+    _quiet_client_log()
 
     def on_status(status: Status) -> None:
         _note("watch", status.message if hint is None else hint.add(status.message))
@@ -446,6 +456,7 @@ def _run_probe(
 
     from .client import VolatilityClient
 
+    _quiet_client_log()
     if timeout <= 0:
         _note("probe", "--timeout must be > 0")
         return EX_USAGE
