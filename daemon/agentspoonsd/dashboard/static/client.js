@@ -168,6 +168,7 @@ export class StreamState {
 
 /**
  * Connects to the daemon and keeps the stream going until `close()`, a refused or a revoked token.
+ * Returns at once; the first attempt (and every callback) comes after.
  *
  * Options:
  * - `url`: the WebSocket URL (ws://host:8765/), or a function returning it (or a promise of it),
@@ -219,7 +220,8 @@ class Stream {
     this.resumed = {}; // the positions the current connection's URL resumes
     this.closed = false;
     this.generation = 0; // bumped per attempt: callbacks of an older one then do nothing
-    this.attemptNow();
+    // Started after connect() returns, so no callback runs before the caller holds the stream.
+    queueMicrotask(() => this.attemptNow());
   }
 
   // --- the public methods ----------------------------------------------------------------------
@@ -264,6 +266,7 @@ class Stream {
 
   async attemptNow() {
     this.timer = null;
+    if (this.closed) return;
     const generation = ++this.generation;
     this.status({ state: "connecting" });
     let base;
