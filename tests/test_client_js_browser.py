@@ -193,3 +193,45 @@ def test_a_wrong_token_is_refused_once_confirmed_and_never_retried(
 def test_the_documented_example_is_the_one_tested() -> None:
     assert EXAMPLE.read_text() in DOC.read_text()
     assert len(EXAMPLE.read_text().splitlines()) <= 26
+
+
+def test_close_ends_the_stream_while_it_retries_and_while_it_is_open(
+    tmp_path: Path, ports: Ports, page: Page
+) -> None:
+    """close() is the stream's cancellation: no attempt follows it, whether a retry was pending
+    (here against a port where nothing listens) or the connection was open."""
+    daemon = start_daemon(tmp_path, ports, {"page": TOKEN})
+    try:
+        page.goto(f"http://127.0.0.1:{ports.http}/healthz")  # any page of the daemon's origin
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        statuses = page.evaluate(
+            """async ([moduleUrl, socketUrl, token]) => {
+                const { connect } = await import(moduleUrl);
+                const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+                const retrying = [];
+                const nowhere = connect({ url: "ws://127.0.0.1:9/", token, healthUrl: null,
+                    backoffInitialMs: 20, backoffMaxMs: 40,
+                    onStatus: (s) => retrying.push(s.state) });
+                while (retrying.filter((s) => s === "connecting").length < 4) await sleep(10);
+                nowhere.close();
+                const atClose = retrying.length;
+                const open = [];
+                let updates = 0;
+                const live = connect({ url: socketUrl, token, onStatus: (s) => open.push(s.state),
+                    onUpdate: () => { updates += 1; } });
+                while (updates < 2) await sleep(10);
+                live.close();
+                const seen = updates;
+                await sleep(1500);
+                return { retrying, atClose, open, late: updates - seen };
+            }""",
+            [f"http://127.0.0.1:{ports.http}/client.js", f"ws://127.0.0.1:{ports.ws}/", TOKEN],
+        )
+        assert statuses["retrying"][-1] == "closed"
+        assert len(statuses["retrying"]) == statuses["atClose"]  # nothing after close()
+        assert statuses["open"] == ["connecting", "open", "closed"]
+        assert statuses["late"] == 0
+        assert sum(url.startswith(f"ws://127.0.0.1:{ports.ws}/") for url in sockets) == 1
+    finally:
+        daemon.kill()
