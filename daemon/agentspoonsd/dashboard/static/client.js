@@ -197,9 +197,20 @@ export function connect(options) {
   return new Stream(options);
 }
 
+// The daemon's /healthz on the origin this module came from; null when it came from no HTTP
+// origin (a data: or blob: URL, a file), which cannot be asked.
+function healthBeside(moduleUrl) {
+  try {
+    const url = new URL("/healthz", moduleUrl);
+    return ["http:", "https:"].includes(url.protocol) ? url.href : null;
+  } catch {
+    return null;
+  }
+}
+
 class Stream {
   constructor(options) {
-    const defaultHealth = new URL("/healthz", import.meta.url).href;
+    const defaultHealth = healthBeside(import.meta.url);
     this.options = {
       history: 0,
       backoffInitialMs: 500,
