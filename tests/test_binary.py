@@ -223,6 +223,10 @@ async def test_frozen_daemon_serves_reloads_and_stops_cleanly(
         assert status == 200 and "connect-src" in headers["Content-Security-Policy"]
         script = re.search(rb'src="(/dashboard/app\.js\?v=\w+)"', page)
         assert script and (await http_get(http_port, script[1].decode()))[0] == 200
+        # The browser module the page imports, at its public URL for pages of any origin.
+        status, headers, module = await http_get(http_port, "/client.js")
+        assert status == 200 and b"export function connect(" in module
+        assert headers["Access-Control-Allow-Origin"] == "*"
 
         # systemctl reload = kill -HUP $MAINPID: the bootloader forwards it to the daemon.
         daemon.signal(signal.SIGHUP)

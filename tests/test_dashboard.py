@@ -106,6 +106,7 @@ def test_page_is_served_at_root_with_security_headers(daemon: tuple[DaemonProces
     ("name", "content_type"),
     [
         ("app.js", "text/javascript; charset=utf-8"),
+        ("client.js", "text/javascript; charset=utf-8"),
         ("app.css", "text/css; charset=utf-8"),
         ("favicon.svg", "image/svg+xml"),
         ("vendor/uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
@@ -132,6 +133,38 @@ def test_assets_are_served_with_their_type_and_headers(
         assert cached.headers["Cache-Control"] == "public, max-age=31536000, immutable"
     stale = request(ports.http, "GET", f"/dashboard/{name}?v=0000000000000000")
     assert stale.headers["Cache-Control"] == "no-cache"
+
+
+def test_client_module_is_served_at_its_public_url_to_any_origin(
+    daemon: tuple[DaemonProcess, Ports],
+) -> None:
+    """/client.js: the browser module, importable by a page of another origin (CORS `*`: the file
+    is public and the request carries no credentials), with a JavaScript type (module scripts
+    demand one) and a CORP that lets it be loaded cross-origin."""
+    _, ports = daemon
+    local = Path(__file__).resolve().parents[1] / "daemon/agentspoonsd/dashboard/static/client.js"
+    for target in ("/client.js", "/client.js?x=1"):
+        reply = request(ports.http, "GET", target)
+        assert reply.status == 200
+        assert reply.body == local.read_bytes()
+        assert reply.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        assert reply.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+        assert reply.headers["Cache-Control"] == "no-cache"  # the stable URL: revalidate
+        assert reply.headers.get("Access-Control-Allow-Credentials") is None
+    version = Dashboard(PageConfig("ws", 1, None), read_static()).asset_url("client.js")
+    pinned = request(ports.http, "GET", "/client.js?" + version.split("?")[1])
+    assert pinned.body == local.read_bytes()
+    assert pinned.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert pinned.headers["Access-Control-Allow-Origin"] == "*"
+    head = request(ports.http, "HEAD", "/client.js")
+    assert head.status == 200 and head.body == b""
+    assert head.headers["Access-Control-Allow-Origin"] == "*"
+    # The page's own files stay same-origin only.
+    app = request(ports.http, "GET", "/dashboard/app.js")
+    assert app.headers.get("Access-Control-Allow-Origin") is None
+    assert app.headers["Cross-Origin-Resource-Policy"] == "same-origin"
 
 
 def test_uplot_licence_is_the_mit_licence(daemon: tuple[DaemonProcess, Ports]) -> None:
@@ -236,3 +269,6 @@ def test_the_page_must_only_name_existing_assets() -> None:
         Dashboard(config, broken)
     with pytest.raises(ValueError, match=r"index\.html"):
         Dashboard(config, {"app.js": b""})
+    without_module = {name: body for name, body in files.items() if name != "client.js"}
+    with pytest.raises(ValueError, match=r"client\.js"):
+        Dashboard(config, without_module)

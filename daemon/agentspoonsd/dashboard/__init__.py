@@ -7,6 +7,12 @@ that table (`/` for the page, `/dashboard/NAME` for the rest), so no request can
 The page finds the WebSocket through `/dashboard/config.json` (scheme, port, the origins allowed to
 connect): the WebSocket listens on another port than the page, so the browser cannot guess it.
 
+The browser module (`static/client.js`: connect, reconnect, resume; docs/CLIENT-js.md) is also
+served at `/client.js`, for pages of any origin: `Access-Control-Allow-Origin: *` (module scripts
+are fetched with CORS; the file is public and the same for everyone, and the request carries no
+credentials, so `*` exposes nothing) and `Cross-Origin-Resource-Policy: cross-origin`. The page's
+own files stay same-origin.
+
 Every response carries the same security headers: a Content-Security-Policy that allows the page's
 own files and its WebSocket and nothing else (no inline script or style, no framing, no form
 submission), nosniff, no referrer. Assets are referenced from the page as `NAME?v=DIGEST`, so they
@@ -29,6 +35,7 @@ import orjson
 from ..httpserver import HttpResponse
 
 __all__ = [
+    "CLIENT_PATH",
     "CONFIG_PATH",
     "PAGE_PATH",
     "Dashboard",
@@ -41,6 +48,8 @@ PAGE_PATH = "/"
 ASSET_PREFIX = "/dashboard/"
 CONFIG_PATH = ASSET_PREFIX + "config.json"
 INDEX = "index.html"
+CLIENT_MODULE = "client.js"  # the browser module: the page's connection code, and public
+CLIENT_PATH = "/" + CLIENT_MODULE
 
 CACHE_PAGE = "no-cache"  # revalidate: a new daemon version must bring its new page at once
 CACHE_CONFIG = "no-store"
@@ -119,8 +128,9 @@ class Dashboard:
     """The dashboard's routes over files read beforehand (`read_static`)."""
 
     def __init__(self, config: PageConfig, files: Mapping[str, bytes]) -> None:
-        if INDEX not in files:
-            raise ValueError(f"the dashboard has no {INDEX}")
+        for required in (INDEX, CLIENT_MODULE):
+            if required not in files:
+                raise ValueError(f"the dashboard has no {required}")
         self._assets = {
             name: _Asset(body, _content_type(name), _digest(body))
             for name, body in files.items()
@@ -136,6 +146,11 @@ class Dashboard:
             ("X-Frame-Options", "DENY"),  # frame-ancestors for browsers that predate it
             ("Cross-Origin-Opener-Policy", "same-origin"),
             ("Cross-Origin-Resource-Policy", "same-origin"),
+        )
+        self._public = (
+            *(header for header in self._security if header[0] != "Cross-Origin-Resource-Policy"),
+            ("Cross-Origin-Resource-Policy", "cross-origin"),
+            ("Access-Control-Allow-Origin", "*"),
         )
 
     @property
@@ -156,25 +171,37 @@ class Dashboard:
             return self._respond(self._page, _CONTENT_TYPES[".html"], CACHE_PAGE)
         if parts.path == CONFIG_PATH:
             return self._respond(self._config, _CONTENT_TYPES[".json"], CACHE_CONFIG)
+        if parts.path == CLIENT_PATH:
+            return self._asset(self._assets[CLIENT_MODULE], parts.query, self._public)
         if not parts.path.startswith(ASSET_PREFIX):
             return None
         asset = self._assets.get(parts.path[len(ASSET_PREFIX) :])
         if asset is None:
             return self.not_found()
-        versioned = parse_qs(parts.query).get("v") == [asset.version]
-        return self._respond(
-            asset.body, asset.content_type, CACHE_IMMUTABLE if versioned else CACHE_PAGE
-        )
+        return self._asset(asset, parts.query, self._security)
 
     def not_found(self) -> HttpResponse:
         """A 404 with the dashboard's headers (for unknown paths under /dashboard/)."""
         return self._respond(b"Not Found\n", _TEXT, CACHE_CONFIG, status=404)
 
-    def _respond(
-        self, body: bytes, content_type: str, cache: str, status: int = 200
+    def _asset(
+        self, asset: _Asset, query: str, headers: tuple[tuple[str, str], ...]
     ) -> HttpResponse:
-        headers = (*self._security, ("Cache-Control", cache))
-        return HttpResponse(status, body, content_type, headers)
+        # Cached for good only when ?v= names this very content; otherwise revalidated.
+        versioned = parse_qs(query).get("v") == [asset.version]
+        cache = CACHE_IMMUTABLE if versioned else CACHE_PAGE
+        return self._respond(asset.body, asset.content_type, cache, headers=headers)
+
+    def _respond(
+        self,
+        body: bytes,
+        content_type: str,
+        cache: str,
+        status: int = 200,
+        headers: tuple[tuple[str, str], ...] | None = None,
+    ) -> HttpResponse:
+        base = self._security if headers is None else headers
+        return HttpResponse(status, body, content_type, (*base, ("Cache-Control", cache)))
 
     def _versioned_page(self, page: bytes) -> bytes:
         def versioned(match: re.Match[str]) -> str:
