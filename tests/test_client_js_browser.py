@@ -3,7 +3,7 @@
 
 The page is served by a small static HTTP server on its own port, as a user's page would be, with
 only the daemon's two default addresses in it replaced by the test daemon's ports; the daemon
-admits that page's Origin through `server.allowed_origins`, as docs/CLIENT-js.md says to.
+admits that page's Origin through `server.allowed_origins`, as docs/CLIENT.md says to.
 The page shows the stream's status in `#status` and one `li[data-seq]` per update received.
 """
 
@@ -23,7 +23,7 @@ from test_dashboard_browser import browser  # noqa: F401 (the fixture: one headl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "browser.html"
-DOC = ROOT / "docs" / "CLIENT-js.md"
+DOC = ROOT / "docs" / "CLIENT.md"
 TOKEN = "client-js-browser-test-token"
 WAIT_MS = 15_000
 MODULE_URL = "http://127.0.0.1:8766/client.js"

@@ -7,7 +7,7 @@ that table (`/` for the page, `/dashboard/NAME` for the rest), so no request can
 The page finds the WebSocket through `/dashboard/config.json` (scheme, port, the origins allowed to
 connect): the WebSocket listens on another port than the page, so the browser cannot guess it.
 
-The browser module (`static/client.js`: connect, reconnect, resume; docs/CLIENT-js.md) is also
+The browser module (`static/client.js`: connect, reconnect, resume; docs/CLIENT.md) is also
 served at `/client.js`, for pages of any origin: `Access-Control-Allow-Origin: *` (module scripts
 are fetched with CORS; the file is public and the same for everyone, and the request carries no
 credentials, so `*` exposes nothing) and `Cross-Origin-Resource-Policy: cross-origin`. The page's

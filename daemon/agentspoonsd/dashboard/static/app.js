@@ -1,7 +1,7 @@
 // agentspoonsd dashboard: one WebSocket, one card per symbol (price and volatility charts, the
 // latest bar, every estimator, the GARCH forecast). An ES module, no build step; uPlot is vendored.
 //
-// The connection is the browser module the daemon serves at /client.js (docs/CLIENT-js.md): it
+// The connection is the browser module the daemon serves at /client.js (docs/CLIENT.md ("JavaScript")): it
 // reconnects with backoff, resumes each symbol from its last seq (no gap, no duplicate), loads the
 // recent history of a symbol it has no position for, and tells a refused token (401), a revoked
 // one (4001) and a daemon that is down apart. This page adds, in short:

@@ -1,6 +1,6 @@
 // agentspoonsd in a browser: an ES module with no dependencies, served by the daemon on its HTTP
 // port at /client.js (with `Access-Control-Allow-Origin: *`, so a page of any origin may import it).
-// docs/CLIENT-js.md shows it in use; docs/PROTOCOL.md has the messages.
+// docs/CLIENT.md ("JavaScript") shows it in use; docs/PROTOCOL.md has the messages.
 //
 //   import { connect } from "http://127.0.0.1:8766/client.js";
 //   const stream = connect({ url: "ws://127.0.0.1:8765/", token, symbols: ["BTC/USD"],
