@@ -2,7 +2,9 @@
 # Make sure promtool is installed (Debian's prometheus package): the monitoring tests run
 # `promtool check rules` and `promtool test rules` on monitoring/; no Prometheus server is started.
 # As root on a fresh Debian machine: apt-get update once, then apt-get install -y prometheus.
-# Idempotent and quiet: does nothing when promtool is already on PATH.
+# Idempotent and quiet: does nothing when promtool is already on PATH. The package also ships a
+# Prometheus server: it is not started here (policy-rc.d), though on a systemd host the package
+# enables its unit for the next boot (`systemctl disable prometheus` where that is unwanted).
 set -eu
 if command -v promtool >/dev/null 2>&1; then
     exit 0
