@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from structlog.testing import CapturingLogger
 
 from agentspoonsd import sdnotify
@@ -222,6 +223,30 @@ async def test_watchdog_loop_pets_at_half_the_timeout_and_stops_when_cancelled(
     assert [round(t - start, 6) for t, _ in got] == [0.0, 5.0, 10.0, 15.0, 20.0]
     # Cancelled: nothing more arrives.
     assert await receive_for(sock, 30.0) == []
+
+
+async def test_watchdog_loop_counts_a_late_pet_as_a_near_miss(
+    autojump_clock: trio.testing.MockClock, trio_receiver: tuple[str, trio.socket.SocketType]
+) -> None:
+    """WatchdogSec=10 s: pets every 5 s. The loop stuck from 3 s to 8 s sends the pet due at 5 s
+    at 8 s: an 8 s gap, past 0.75 × 10 s, is a near miss (counted and logged); cadence resumes."""
+    address, sock = trio_receiver
+    log = CapturingLogger()
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "10000000"}
+    notifier = Notifier.from_environ(env, log=log)
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        await nursery.start(watchdog_loop, notifier)
+        assert await sock.recv(64) == b"WATCHDOG=1"  # the first pet, at once
+        await trio.sleep(3.0)
+        autojump_clock.jump(5.0)  # five seconds pass without a checkpoint: a wedged event loop
+        got = await receive_for(sock, 8.5)
+        nursery.cancel_scope.cancel()
+    assert [round(t - start, 6) for t, _ in got] == [8.0, 10.0, 15.0]
+    assert notifier.pets.pets == 4 and notifier.pets.near_misses == 1
+    assert notifier.pets.longest_gap == pytest.approx(8.0)
+    near = [call for call in log.calls if call.args[0] == "watchdog_near_miss"]
+    assert len(near) == 1 and near[0].kwargs == {"gap_s": 8.0, "timeout_s": 10.0}
 
 
 async def test_watchdog_loop_without_watchdog_sleeps_until_cancelled(

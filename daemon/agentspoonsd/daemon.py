@@ -31,7 +31,7 @@ import trio
 from . import __version__, activation, sdnotify
 from .auth import ANONYMOUS, TokenStore, hash_token, new_token
 from .dashboard import PageConfig, load_dashboard
-from .health import HttpService, Probes, make_handler
+from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
 from .hub import Hub, encode_text_frame
 from .logs import LevelGate, get_logger
@@ -334,7 +334,14 @@ class Daemon:
             interval=lambda: self.settings.generator.interval,
             broker_problem=lambda: broker.problem if broker is not None else None,
         )
-        registry = make_registry(self.stats, lambda: self._age(hub), hub.subscriber_count)
+        registry = make_registry(
+            self.stats,
+            lambda: self._age(hub),
+            hub.subscriber_count,
+            ready=lambda: readiness(probes)[0],
+            interval=probes.interval,
+            watchdog=notifier.pets,
+        )
         if broker is not None:
             from .broker.metrics import BrokerCollector
 

@@ -1,18 +1,25 @@
 """Counters the daemon keeps, and their Prometheus exposition.
 
 The hot path only increments plain integers on `Stats`; nothing is locked or allocated per
-message. A prometheus_client collector reads them when /metrics is scraped.
+message. A prometheus_client collector reads them when /metrics is scraped, next to the
+standard `process_*` series (CPU, memory, file descriptors, start time) of prometheus_client's
+process collector. Every series a rule or panel in monitoring/ uses is always present (a labelled
+counter may have no sample yet, but its family is declared).
 """
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from . import __version__
+from .sdnotify import PetLog
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,6 +58,13 @@ class StatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
+        build = GaugeMetricFamily(
+            "agentspoonsd_build_info",
+            "Always 1; the labels name the daemon's version and the Python running it.",
+            labels=["version", "python"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
         yield GaugeMetricFamily(
             "agentspoonsd_clients_connected",
             "WebSocket clients connected now.",
@@ -112,6 +126,53 @@ class StatsCollector(Collector):
         )
 
 
+class HealthCollector(Collector):
+    """Readiness (as /readyz answers it), the generator interval and the systemd watchdog's pets,
+    read at scrape time so a SIGHUP reload shows at once."""
+
+    def __init__(
+        self,
+        ready: Callable[[], bool] | None,
+        interval: Callable[[], float] | None,
+        watchdog: PetLog | None,
+    ) -> None:
+        self._ready = ready
+        self._interval = interval
+        self._watchdog = watchdog
+
+    def collect(self) -> Iterator[Metric]:
+        if self._ready is not None:
+            yield GaugeMetricFamily(
+                "agentspoonsd_ready",
+                "1 when /readyz answers 200 (listening, fresh updates, broker reachable), else 0.",
+                value=1.0 if self._ready() else 0.0,
+            )
+        if self._interval is not None:
+            yield GaugeMetricFamily(
+                "agentspoonsd_generator_interval_seconds",
+                "The configured seconds between two ticks ([generator] interval).",
+                value=self._interval(),
+            )
+        pets = self._watchdog
+        if pets is not None:
+            yield GaugeMetricFamily(
+                "agentspoonsd_watchdog_timeout_seconds",
+                "systemd's watchdog timeout (WatchdogSec); 0 when there is no watchdog.",
+                value=pets.timeout or 0.0,
+            )
+            yield _counter("watchdog_pets", "WATCHDOG=1 notifications sent.", pets.pets)
+            yield _counter(
+                "watchdog_near_misses",
+                "Pets that came more than 3/4 of the watchdog timeout after the previous one.",
+                pets.near_misses,
+            )
+            yield GaugeMetricFamily(
+                "agentspoonsd_watchdog_longest_gap_seconds",
+                "The longest gap between two pets since start (compare with the timeout).",
+                value=pets.longest_gap,
+            )
+
+
 def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:
     return CounterMetricFamily(f"agentspoonsd_{name}", doc, value=value)
 
@@ -132,8 +193,19 @@ def make_registry(
     stats: Stats,
     last_update_age: Callable[[], float | None],
     subscribers: Callable[[], int] | None = None,
+    *,
+    ready: Callable[[], bool] | None = None,
+    interval: Callable[[], float] | None = None,
+    watchdog: PetLog | None = None,
 ) -> CollectorRegistry:
-    """A private registry (never the global default one) holding our collector."""
+    """A private registry (never the global default one) holding our collectors and the
+    process collector (`process_*`, read from /proc at scrape time; absent where there is none).
+
+    `ready`, `interval` and `watchdog` add `agentspoonsd_ready`, the generator interval and the
+    `agentspoonsd_watchdog_*` series; the daemon always passes all three.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(stats, last_update_age, subscribers))
+    registry.register(HealthCollector(ready, interval, watchdog))
+    ProcessCollector(registry=registry)
     return registry

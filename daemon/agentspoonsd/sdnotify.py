@@ -35,6 +35,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 import trio
@@ -46,6 +47,10 @@ ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
 ENV_WATCHDOG_PID = "WATCHDOG_PID"
 
 STATUS_EVERY = 5.0  # seconds between STATUS= updates from `status_loop`
+# A gap between two pets longer than this fraction of the timeout is a near miss: petting is
+# due every half timeout, so past 3/4 the event loop was stuck for a quarter of the timeout or
+# more, and one more such stall gets the service killed.
+NEAR_MISS_FRACTION = 0.75
 
 
 def own_pids() -> frozenset[int]:
@@ -111,6 +116,37 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+@dataclass
+class PetLog:
+    """The gaps between WATCHDOG=1 pets, against the watchdog timeout. Pure: times are passed in.
+
+    Exposed on /metrics (``agentspoonsd_watchdog_*``), so a monitoring system sees a stall that
+    nearly got the daemon killed before systemd's watchdog fires for real.
+    """
+
+    timeout: float | None = None  # seconds; None: no watchdog (near misses are never counted)
+    pets: int = 0
+    near_misses: int = 0
+    longest_gap: float = 0.0
+    _last: float | None = field(default=None, repr=False)
+
+    def record(self, now: float) -> float | None:
+        """Record a pet at `now` (monotonic seconds); the gap since the previous pet, or None for
+        the first. A gap past `NEAR_MISS_FRACTION` of the timeout counts as a near miss."""
+        gap = None if self._last is None else now - self._last
+        self._last = now
+        self.pets += 1
+        if gap is not None:
+            self.longest_gap = max(self.longest_gap, gap)
+            if self.is_near_miss(gap):
+                self.near_misses += 1
+        return gap
+
+    def is_near_miss(self, gap: float) -> bool:
+        """True when a gap of `gap` seconds between two pets came close to the timeout."""
+        return self.timeout is not None and gap > NEAR_MISS_FRACTION * self.timeout
+
+
 class Notifier:
     """Sends notifications to one ``$NOTIFY_SOCKET``, read once when the notifier is made.
 
@@ -126,6 +162,8 @@ class Notifier:
         self.watchdog_timeout = watchdog_timeout
         self._log = log if log is not None else get_logger("agentspoonsd.sdnotify")
         self._failing: str | None = None  # the failure last logged; cleared by a success
+        #: The pets `watchdog_loop` sent, and how late they came.
+        self.pets = PetLog(watchdog_timeout)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, log: Any = None) -> Notifier:
@@ -205,8 +243,10 @@ async def watchdog_loop(
     """Send WATCHDOG=1 every ``notifier.watchdog_interval`` seconds, forever; cancel to stop.
 
     The first one goes out at once. Runs as a plain Trio task, so a blocked event loop stops the
-    petting and systemd's watchdog fires. Without a watchdog it just sleeps, so it may be started
-    unconditionally (also under `supervise`: it never returns and never raises).
+    petting and systemd's watchdog fires. Each pet is recorded in ``notifier.pets``; one that
+    comes close to the timeout is logged as ``watchdog_near_miss``. Without a watchdog it just
+    sleeps, so it may be started unconditionally (also under `supervise`: it never returns and
+    never raises).
     """
     task_status.started()
     interval = notifier.watchdog_interval
@@ -214,6 +254,11 @@ async def watchdog_loop(
         await trio.sleep_forever()
     deadline = trio.current_time()
     while True:
+        gap = notifier.pets.record(trio.current_time())
+        if gap is not None and notifier.pets.is_near_miss(gap):
+            notifier._log.warning(
+                "watchdog_near_miss", gap_s=round(gap, 3), timeout_s=notifier.watchdog_timeout
+            )
         notifier.watchdog()
         deadline += interval
         now = trio.current_time()
