@@ -617,3 +617,140 @@ def test_token_list_without_tokens(
         "SOURCE",
     ]
     assert "ephemeral" in r.stderr
+
+
+# --- stdout closed early (`| head`), port clashes, --help -----------------------------------------
+
+
+def run_with_closed_stdout(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The command with a stdout pipe whose reader is already gone: its first write fails with
+    EPIPE, as it does after `| head -1` has read its line and exited."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "agentspoonsd", *args],
+            cwd=cwd,
+            env=clean_environ(),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check-config"],
+        ["--version"],
+        ["--help"],
+        ["run", "--help"],
+        ["simulate", "--steps", "3"],
+        ["token", "list"],
+        ["token", "new", "dashboard"],
+    ],
+    ids=" ".join,
+)
+def test_a_closed_stdout_ends_every_printing_command_quietly(
+    args: list[str], tmp_path: Path
+) -> None:
+    result = run_with_closed_stdout(args, tmp_path)
+    # 128 + SIGPIPE, as a shell reports it; argparse prints --help and --version itself and
+    # ignores a failed write (then 0).
+    expected = {0, 141} if "--help" in args or "--version" in args else {141}
+    assert result.returncode in expected, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipeError" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+
+
+def test_check_config_piped_into_head_prints_no_traceback(tmp_path: Path) -> None:
+    """The shell pipeline itself; simulate's output is far larger than the pipe's buffer, so the
+    daemon's writes outlive `head` whatever the timing."""
+    script = (
+        f"{sys.executable} -m agentspoonsd check-config | head -1 &&"
+        f" {sys.executable} -m agentspoonsd simulate --steps 20000 | head -1"
+    )
+    result = subprocess.run(
+        ["sh", "-c", script],
+        cwd=tmp_path,
+        env=clean_environ(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[0] == "{"
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+@pytest.mark.parametrize("service", ["websocket", "http"])
+def test_a_port_clash_names_the_address(service: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ws_port, http_port = (port, 0) if service == "websocket" else (0, port)
+        config = tmp_path / "clash.toml"
+        config.write_text(
+            f'[server]\nhost = "127.0.0.1"\nport = {ws_port}\n'
+            f'[health]\nhost = "127.0.0.1"\nport = {http_port}\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "agentspoonsd", "run", "--config", str(config)],
+            cwd=tmp_path,
+            env=clean_environ(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 71, result.stdout + result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    failed = [e for e in events if e["event"] == "listener_bind_failed"]
+    assert len(failed) == 1, events
+    assert failed[0]["service"] == service
+    assert failed[0]["address"] == f"127.0.0.1:{port}"
+    assert failed[0]["error"] == "Address already in use"
+
+
+def test_run_and_check_config_help_list_search_order_environment_and_exit_statuses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agentspoonsd import cli, daemon
+
+    assert [status for status, _ in cli.RUN_EXIT_STATUSES] == [
+        daemon.EXIT_OK,
+        daemon.EXIT_SOFTWARE,
+        daemon.EXIT_OSERR,
+        daemon.EXIT_CANTCREAT,
+        daemon.EXIT_CONFIG,
+    ]
+    for command, statuses in (("run", (0, 70, 71, 73, 78)), ("check-config", (0, 78))):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        order = [
+            "--config PATH",
+            "$AGENTSPOONSD_CONFIG",
+            "./agentspoonsd.toml",
+            "/etc/agentspoonsd",
+        ]
+        positions = [text.index(item, text.index("config file")) for item in order]
+        assert positions == sorted(positions), text
+        for name in (
+            "AGENTSPOONSD_<SECTION>__<KEY>",
+            "AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED",
+            "AGENTSPOONSD_TOKEN",
+            "AGENTSPOONSD_URL",
+        ):
+            assert name in text
+        listed = [
+            int(line.split()[0])
+            for line in text[text.index("exit status:") :].splitlines()[1:]
+            if line.strip()
+        ]
+        assert listed == sorted({*statuses, 2, 141})

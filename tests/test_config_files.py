@@ -6,14 +6,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
+
+from agentspoonsd.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
@@ -134,3 +138,73 @@ def test_env_file_is_all_comments() -> None:
     """Shipped inert: the TOML file is the config until the operator uncomments a line."""
     for line in ENV_FILE.read_text(encoding="utf-8").splitlines():
         assert not line.strip() or line.startswith("#"), line
+
+
+# --- the shipped agentspoonsd.toml shows every key ------------------------------------------------
+
+SHIPPED = ROOT / "agentspoonsd.toml"
+# `# key = value` and `# [table]` lines: a key shown commented out (its default is unset).
+_COMMENTED_KEY = re.compile(r"^# ?(?=\[|[a-z][a-z0-9_]* +=  *\S)")
+
+
+def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every key of `model` as a dotted path. Tables (a model, or a list of models such as
+    [[auth.tokens]]) are walked into; a mapping of tables keyed by the operator's own names
+    (generator.overrides."SYMBOL") is one key."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if get_origin(annotation) is list and get_args(annotation):
+            annotation = get_args(annotation)[0]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= model_keys(annotation, f"{key}.")
+        else:
+            keys.add(key)
+    return keys
+
+
+def file_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            value = {k: v for entry in value for k, v in entry.items()}  # [[array of tables]]
+        if isinstance(value, dict) and key != "generator.overrides":
+            keys |= file_keys(value, f"{key}.")
+        else:
+            keys.add(key)
+    return keys
+
+
+def test_shipped_config_shows_every_key_of_the_settings_models() -> None:
+    text = SHIPPED.read_text(encoding="utf-8")
+    active = file_keys(tomllib.loads(text))
+    uncommented = "\n".join(_COMMENTED_KEY.sub("", line) for line in text.splitlines())
+    shown = file_keys(tomllib.loads(uncommented))
+    keys = model_keys(Settings)
+    assert keys - shown == set(), "keys of the settings missing from agentspoonsd.toml"
+    assert shown - keys == set(), "keys in agentspoonsd.toml that the settings do not have"
+    # Set where the default is set (test_settings checks the values are the defaults), commented
+    # out where it is unset or is one of a collection of tables that is empty by default
+    # ([[auth.tokens]], generator.overrides): the file is the defaults, and uncommenting a line
+    # sets a key.
+    unset = {key for key in keys if _unset_by_default(key)}
+    assert active == keys - unset
+    assert {"server.allowed_origins", "auth.tokens.name", "generator.seed"} <= unset
+
+
+def _unset_by_default(key: str) -> bool:
+    model: Any = Settings
+    for name in key.split("."):
+        field = model.model_fields[name]
+        annotation = field.annotation
+        args = get_args(annotation)
+        if get_origin(annotation) in (list, dict) and any(
+            isinstance(arg, type) and issubclass(arg, BaseModel) for arg in args
+        ):
+            return True  # a collection of tables: empty by default, shown as a commented example
+        if field.default is None and field.default_factory is None and not field.is_required():
+            return True
+        model = annotation
+    return False

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,6 +156,82 @@ def test_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.log.level == "warning"
     assert s.generator.interval == 0.25
     assert s.generator.symbols == ["A/B", "C/D"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "key", "expected"),
+    [
+        ("AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED", "false", "garch_fit.enabled", False),
+        ("AGENTSPOONSD_GENERATOR__HESTON__V0", "1e-6", "heston.v0", 1e-6),
+        ("agentspoonsd_generator__replay__speed", "60", "replay.speed", 60.0),
+        ("AGENTSPOONSD_GENERATOR__GARCH_FIT", '{"enabled": false}', "garch_fit.enabled", False),
+    ],
+)
+def test_env_sets_a_nested_key_and_keeps_the_file_s_neighbours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, key: str, expected: Any
+) -> None:
+    path = write(
+        tmp_path,
+        "[generator.garch_fit]\nwindow = 200\n[generator.heston]\nkappa = 0.05\n"
+        "[generator.replay]\nloop = false\n",
+    )
+    monkeypatch.setenv(name, value)
+    generator = load_settings(path).generator
+    table, field = key.split(".")
+    assert getattr(getattr(generator, table), field) == expected
+    assert generator.garch_fit.window == 200
+    assert generator.heston.kappa == 0.05
+    assert generator.replay.loop is False
+
+
+def test_bad_nested_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPOONSD_GENERATOR__GARCH_FIT__WINDOW", "5")
+    text = config_error(None)
+    assert text == (
+        "environment variable AGENTSPOONSD_GENERATOR__GARCH_FIT__WINDOW:"
+        ' generator.garch_fit.window: Input should be greater than or equal to 100, got "5"'
+    )
+
+
+def test_a_nested_table_from_the_environment_must_be_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPOONSD_GENERATOR__GARCH_FIT", "enabled=false")
+    assert config_error(None) == (
+        "environment variable AGENTSPOONSD_GENERATOR__GARCH_FIT: generator.garch_fit:"
+        " must be a JSON object (a table)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("AGENTSPOONSD_SERVER__MAX_CONECTIONS", "AGENTSPOONSD_SERVER__MAX_CONNECTIONS"),
+        ("AGENTSPOONSD_SERVR__PORT", "AGENTSPOONSD_SERVER__PORT"),
+        (
+            "AGENTSPOONSD_GENERATOR__GARCH_FTI__ENABLED",
+            "AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED",
+        ),
+        ("AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLD", "AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED"),
+        ("agentspoonsd_log__levle", "AGENTSPOONSD_LOG__LEVEL"),
+    ],
+)
+def test_unknown_env_var_suggests_the_real_one(
+    monkeypatch: pytest.MonkeyPatch, name: str, meant: str
+) -> None:
+    monkeypatch.setenv(name, "1")
+    text = config_error(None)
+    assert text.startswith(f"environment variable {name}: ")
+    assert text.endswith(f"; did you mean {meant}?")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["AGENTSPOONSD_XYZZY__PORT", "AGENTSPOONSD_SERVER__PORT__X", "AGENTSPOONSD_SERVER__ZZZZZZ"],
+)
+def test_unknown_env_var_without_a_near_key_suggests_nothing(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "1")
+    assert "did you mean" not in config_error(None)
 
 
 def test_env_fixes_a_bad_file_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -311,6 +388,66 @@ def test_invalid_toml_names_the_file(tmp_path: Path, text: str) -> None:
     message = config_error(path)
     assert message.startswith(f"{path}: invalid TOML: ")
     assert "(at " in message  # the position (line and column, or end of document)
+
+
+def test_errors_point_at_the_key_show_the_value_and_suggest_the_real_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "# a comment\n"
+        "[server]\n"
+        "port = 70000\n"
+        "  max_conections = 5\n"
+        'level = "debug"\n'
+        "[generator]\n"
+        'symbols = ["A", "", "C"]\n'
+        "garch_fit.window = 5\n"
+        '[generator.overrides."A"]\n'
+        'model = "arima"\n',
+    )
+    assert set(config_error(path).splitlines()) == {
+        f"{path}: server.port: Input should be less than or equal to 65535, got 70000"
+        " (at line 3, column 1)",
+        f"{path}: server.max_conections: unknown key; did you mean `max_connections`?"
+        " (at line 4, column 3)",
+        f"{path}: server.level: unknown key; did you mean `log.level`? (at line 5, column 1)",
+        f'{path}: generator.symbols[1]: String should have at least 1 character, got ""'
+        " (at line 7, column 17)",
+        f"{path}: generator.garch_fit.window: Input should be greater than or equal to 100,"
+        " got 5 (at line 8, column 11)",
+        f"{path}: generator.overrides.A.model: Input should be 'gbm', 'garch',"
+        " 'gjr_garch' or 'heston', got \"arima\" (at line 10, column 1)",
+    }
+
+
+def test_a_missing_key_is_placed_at_its_table(tmp_path: Path) -> None:
+    path = write(tmp_path, '\n[[auth.tokens]]\nname = "a"\n')
+    assert config_error(path) == (
+        f"{path}: auth.tokens[0].sha256: Field required (at line 2, column 1)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ('[[auth.tokens]]\nname = "a"\nsha256 = "the-token-itself"\n', "the-token-itself"),
+        ('[health]\nmetrics_token_sha256 = "the-token-itself"\n', "the-token-itself"),
+        ('[broker]\nurl = "http://user:hunter2@redis:6379"\n', "hunter2"),
+        ('[auth]\ntokens = ["hunter2"]\n', "hunter2"),
+    ],
+)
+def test_a_value_that_may_be_a_secret_is_never_shown(
+    tmp_path: Path, text: str, secret: str
+) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert secret not in message
+    assert "(at line " in message
+
+
+def test_a_bom_does_not_shift_columns(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[server]\nport = -1\n")
+    assert config_error(path).endswith("got -1 (at line 2, column 1)")
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -491,17 +628,17 @@ def test_model_table_defaults_are_the_models_defaults(table: type, params: type)
         ("[generator.garch_fit]\nwindow = 99", "generator.garch_fit.window", "100"),
         (
             '[generator.overrides."BTC/USD".garch]\nalpha = 0.5\nbeta = 0.5',
-            "generator.overrides.BTC/USD.garch",
+            'generator.overrides."BTC/USD".garch',
             "stationarity",
         ),
         (
             '[generator.overrides."BTC/USD"]\ninitial_price = inf',
-            "generator.overrides.BTC/USD.initial_price",
+            'generator.overrides."BTC/USD".initial_price',
             "finite",
         ),
         (
             '[generator.overrides."BTC/USD"]\nmodel = "arima"',
-            "generator.overrides.BTC/USD.model",
+            'generator.overrides."BTC/USD".model',
             "heston",
         ),
     ],

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -264,6 +265,22 @@ def test_tokens_file_is_merged_after_the_config_tokens(tmp_path: Path) -> None:
     assert auth.file_tokens[0].max_connections == 2
     assert auth.file_tokens[1].expires == datetime(2030, 1, 1, tzinfo=UTC)
     assert auth.tokens_file == tokens and auth.tokens_file_mode == 0o600
+
+
+def test_tokens_file_errors_point_at_the_key(tmp_path: Path) -> None:
+    tokens = write(
+        tmp_path / "tokens.toml",
+        block("b", DIGEST_B, "tokens") + block("c", "not-a-digest", "tokens", "expirs = 1"),
+    )
+    path = write(tmp_path / "c.toml", f'[auth]\ntokens_file = "{tokens}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{tokens}: tokens[1].sha256: ")
+    assert "not-a-digest" not in lines[0]  # a token pasted as its digest stays unprinted
+    assert re.search(r"\(at line \d+, column 1\)$", lines[0])
+    assert lines[1].startswith(f"{tokens}: tokens[1].expirs: unknown key; did you mean `expires`?")
 
 
 def test_relative_tokens_file_is_relative_to_the_config(tmp_path: Path) -> None:

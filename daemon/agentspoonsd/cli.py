@@ -2,7 +2,9 @@
 
 Exit statuses follow sysexits: 0 ok, 70 a service exhausted its crash budget, 71 a listener could
 not be bound, 73 the tokens file cannot be written, 78 the configuration is invalid (nothing was
-started) or a token command was refused (nothing was changed).
+started) or a token command was refused (nothing was changed); 141 (128 + SIGPIPE, as a shell
+reports a command killed by it) when the reader of stdout went away (`| head -1`): the command
+stops quietly, without a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,78 @@ from pathlib import Path
 
 from . import __version__, tools
 from .auth import hash_token, new_token
-from .settings import EXIT_CONFIG, ConfigError, Settings, find_config_path, load_settings, redacted
+from .settings import (
+    CLIENT_ENV_VARS,
+    CONFIG_ENV_VAR,
+    DEFAULT_SEARCH_PATHS,
+    ENV_PREFIX,
+    EXIT_CONFIG,
+    ConfigError,
+    Settings,
+    find_config_path,
+    load_settings,
+    redacted,
+)
+
+EXIT_PIPE = (
+    128 + 13
+)  # 128 + SIGPIPE: stdout's reader went away (the shell's status for `yes | head`)
+
+# The daemon's statuses (daemon.EXIT_*; cli imports no daemon module before `run` starts it, so a
+# test checks that these agree).
+RUN_EXIT_STATUSES = (
+    (0, "stopped by SIGTERM or SIGINT"),
+    (70, "a service exhausted its crash budget"),
+    (71, "a listener could not be bound (the log's listener_bind_failed names the address)"),
+    (73, "the persisted history cannot be read or created"),
+    (EXIT_CONFIG, "the configuration is invalid: nothing was started"),
+)
+CHECK_EXIT_STATUSES = (
+    (0, "the configuration is valid (printed as JSON)"),
+    (EXIT_CONFIG, "the configuration is invalid: one line per problem on stderr"),
+)
+
+
+def config_help(statuses: Sequence[tuple[int, str]]) -> str:
+    """The epilog of the commands that read the config: where it is found, the environment
+    variables, the exit statuses. Built from the settings module, so it cannot drift from it."""
+    search = [
+        "  --config PATH                     (must exist)",
+        f"  {'$' + CONFIG_ENV_VAR:<34}(must exist)",
+        *(f"  {path if path.is_absolute() else f'./{path}'}" for path in DEFAULT_SEARCH_PATHS),
+        "  else the built-in defaults",
+    ]
+    clients = ", ".join(sorted(CLIENT_ENV_VARS))
+    environment = [
+        f"  {ENV_PREFIX}<SECTION>__<KEY>=VALUE",
+        "      overrides one key; `__` between every level of a nested key, e.g.",
+        f"      {ENV_PREFIX}SERVER__PORT=9000,",
+        f"      {ENV_PREFIX}GENERATOR__GARCH_FIT__ENABLED=false; lists and tables as JSON:",
+        f'      {ENV_PREFIX}GENERATOR__SYMBOLS=\'["BTC/USD", "ETH/USD"]\'. It wins over the file;',
+        "      one naming no key is an error (exit 78).",
+        f"  {CONFIG_ENV_VAR}",
+        "      the config file (above)",
+        f"  {clients}",
+        "      read by `watch` and `probe` only, never overrides",
+    ]
+    every = [
+        *statuses,
+        (2, "a usage error (a bad option)"),
+        (EXIT_PIPE, "stdout was closed before all was written (`| head`): stopped quietly"),
+    ]
+    exits = [f"  {status:<4}{meaning}" for status, meaning in sorted(every)]
+    return "\n".join(
+        [
+            "config file (the first of):",
+            *search,
+            "",
+            "environment:",
+            *environment,
+            "",
+            "exit status:",
+            *exits,
+        ]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,9 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"agentspoonsd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="start the daemon")
+    run = commands.add_parser(
+        "run",
+        help="start the daemon",
+        description="Serve the stream until SIGTERM or SIGINT; SIGHUP reloads the config.",
+        epilog=config_help(RUN_EXIT_STATUSES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--config", metavar="PATH", help="TOML config file")
-    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check = commands.add_parser(
+        "check-config",
+        help="validate and print the effective config",
+        description="Validate the config (file and environment) as `run` would, and print the"
+        " effective configuration as JSON, token digests shortened.",
+        epilog=config_help(CHECK_EXIT_STATUSES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     check.add_argument("--config", metavar="PATH", help="TOML config file")
 
     token = commands.add_parser("token", help="manage bearer tokens")
@@ -361,6 +447,36 @@ def tune_gc() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A reader of stdout that went away (`| head -1`) ends
+    any command quietly with EXIT_PIPE, never with a BrokenPipeError traceback."""
+    broken_pipe = False
+    status = 0
+    try:
+        try:
+            status = _command(argv)
+        finally:
+            # Here, not at exit, where a broken pipe could only print a warning; `finally`: after
+            # --help and --version too, which end in SystemExit.
+            sys.stdout.flush()
+    except* BrokenPipeError:  # a group too: `watch` prints from inside trio
+        broken_pipe = True
+    if broken_pipe:
+        _discard_stdout()
+        return EXIT_PIPE
+    return status
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered is then flushed there at exit instead of
+    raising again ("Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _command(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config)

@@ -273,6 +273,21 @@ class Daemon:
             except Exception as exc:  # an unsupervised task: never take the daemon down
                 self._log.error("token_expiry_check_failed", error=repr(exc))
 
+    def _bind(self, service: str, host: str, port: int, backlog: int) -> socket.socket | None:
+        """`bind_listener`, or None after logging which address could not be bound and why (a
+        port clash must say which of the two ports clashed)."""
+        try:
+            return bind_listener(host, port, backlog)
+        except OSError as exc:
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self._log.error(
+                "listener_bind_failed",
+                service=service,
+                address=address,
+                error=exc.strerror or str(exc),
+            )
+            return None
+
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (returns 0) or a crash budget is exhausted (returns 70)."""
         s = self.settings
@@ -281,13 +296,16 @@ class Daemon:
         # Socket activation: listeners systemd passed us (agentspoonsd.socket) are adopted, so a
         # restart refuses no connection; anything not passed is bound here.
         inherited = activation.inherited_sockets()
-        try:
-            ws_sock = inherited.take("websocket") or bind_listener(
-                s.server.host, s.server.port, s.server.listen_backlog
-            )
-            http_sock = inherited.take("health") or bind_listener(s.health.host, s.health.port, 128)
-        except OSError as exc:
-            log.error("listener_bind_failed", error=str(exc))
+        ws_sock = inherited.take("websocket") or self._bind(
+            "websocket", s.server.host, s.server.port, s.server.listen_backlog
+        )
+        http_sock = inherited.take("health") or self._bind(
+            "http", s.health.host, s.health.port, 128
+        )
+        if ws_sock is None or http_sock is None:
+            for bound in (ws_sock, http_sock):
+                if bound is not None:
+                    bound.close()
             return EXIT_OSERR
         self._http_port = http_sock.getsockname()[1]
         for name in inherited.close_unused():
