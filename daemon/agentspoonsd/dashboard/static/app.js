@@ -134,7 +134,7 @@
   // --- connection ----------------------------------------------------------------------------
 
   async function loadConfig() {
-    const response = await fetch("/dashboard/config.json", { cache: "no-store" });
+    const response = await fetch("dashboard/config.json", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     return response.json();
   }
@@ -143,7 +143,7 @@
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), HEALTH_TIMEOUT_MS);
     try {
-      const response = await fetch("/healthz", { cache: "no-store", signal: abort.signal });
+      const response = await fetch("healthz", { cache: "no-store", signal: abort.signal });
       return response.ok;
     } catch {
       return false;
@@ -158,10 +158,12 @@
   }
 
   function socketUrl() {
-    const ws = state.config.websocket;
-    // The WebSocket listens on its own port of the host this page came from.
-    const query = new URLSearchParams({ access_token: state.token, symbols: "" });
-    return `${ws.scheme}://${location.hostname}:${ws.port}${ws.path}?${query}`;
+    // Same origin by default: "ws" under this page's URL (its path too, behind a proxy);
+    // absolute when the daemon's public_url says where a proxy serves it.
+    const url = new URL(state.config.websocket.url, location.href);
+    url.protocol = { "http:": "ws:", "https:": "wss:" }[url.protocol] || url.protocol;
+    url.search = new URLSearchParams({ access_token: state.token, symbols: "" });
+    return url.href;
   }
 
   function restart() {
