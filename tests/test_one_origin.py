@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trustme
 from trio_websocket import (
@@ -25,7 +27,15 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from agentspoonsd.auth import TokenStore, hash_token
+from agentspoonsd.daemon import bind_listener
+from agentspoonsd.history import History
 from agentspoonsd.httppolicy import PublicUrl
+from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.market.bar import Bar
+from agentspoonsd.metrics import Stats
+from agentspoonsd.settings import TokenSettings
+from agentspoonsd.ws import Limits, WebSocketServer
 from daemon_process import DaemonProcess, config_text, http_get, new_token
 
 TIMEOUT = 10.0
@@ -250,3 +260,70 @@ async def test_ws_on_the_http_port_stays_plain_when_the_websocket_port_serves_ws
         open_websocket_url(f"ws://127.0.0.1:{http_port}/ws?access_token={token}") as ws,
     ):
         assert (await message(wss))["type"] == (await message(ws))["type"] == "connected"
+
+
+# --- WebSocketServer.adopt_upgrade in-process: a real server and real TCP sockets ----------------
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair: (the client's end, the server's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+    return client, server
+
+
+def upgrade_request(token: str) -> bytes:
+    return (
+        f"GET /ws?access_token={token} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def received_until(sock: socket.socket, marker: bytes) -> bytes:
+    sock.setblocking(False)
+    data = b""
+    with trio.fail_after(TIMEOUT):
+        while marker not in data:
+            await trio.lowlevel.wait_readable(sock)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+async def test_adopted_connections_are_served_only_while_the_server_accepts() -> None:
+    token = new_token()
+    listener = bind_listener("127.0.0.1", 0, 16)
+    stats = Stats()
+    _, receive = trio.open_memory_channel[list[Bar]](1)
+    history = History(("A",), 10, decode_frame=encode_text_frame)
+    hub = Hub(("A",), receive, stats, history=history)
+    store = TokenStore([TokenSettings(name="t", sha256=hash_token(token))])
+    limits = Limits(
+        max_connections=10, max_backlog_bytes=65536, max_message_size=4096, handshake_timeout=2.0
+    )
+    server = WebSocketServer(listener, hub, store, limits, stats, structlog.get_logger())
+
+    async def refused() -> bytes:
+        client, accepted = tcp_pair()
+        with client:
+            server.adopt_upgrade(accepted, upgrade_request(token))
+            return await received_until(client, b"\r\n\r\n")
+
+    assert (await refused()).startswith(b"HTTP/1.1 503 ")  # not started
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        client, accepted = tcp_pair()
+        with client:
+            server.adopt_upgrade(accepted, upgrade_request(token))
+            answer = await received_until(client, b'"connected"')
+            assert answer.startswith(b"HTTP/1.1 101 ") and b'"connected"' in answer
+            assert server.client_count == 1
+            with trio.move_on_after(0.2):
+                await server.drain()  # the listener closes; the client is asked to close
+            assert (await refused()).startswith(b"HTTP/1.1 503 ")  # draining
+        nursery.cancel_scope.cancel()
+    assert stats.rejected_upgrades["unavailable"] == 2
