@@ -21,7 +21,8 @@ from daemon_process import DaemonProcess
 from dashboard_support import Ports, free_ports, start_daemon
 
 TOKEN = "dashboard-http-test-token"
-ASSET = re.compile(r'(?:src|href)="(/dashboard/[^"]+)"')
+# Relative to the page, so that it works below a proxy's path prefix too.
+ASSET = re.compile(r'(?:src|href)="(dashboard/[^"]+)"')
 
 
 @dataclass
@@ -63,7 +64,7 @@ def csp_directives(reply: Reply) -> dict[str, list[str]]:
     return directives
 
 
-def assert_security_headers(reply: Reply, ws_port: int) -> None:
+def assert_security_headers(reply: Reply, ports: Ports) -> None:
     csp = csp_directives(reply)
     assert csp["default-src"] == ["'none'"]
     assert csp["script-src"] == ["'self'"]  # no 'unsafe-inline', no 'unsafe-eval', no CDN
@@ -71,11 +72,16 @@ def assert_security_headers(reply: Reply, ws_port: int) -> None:
     assert csp["frame-ancestors"] == ["'none'"]
     assert csp["form-action"] == ["'none'"]
     assert csp["base-uri"] == ["'none'"]
-    # The page's own origin, and the WebSocket's port on the hosts allowed to connect: no more.
+    # The page's own origin: its /ws by the allowed names (what 'self' means in CSP Level 3), and
+    # the WebSocket port on the hosts allowed to connect: no more.
     assert set(csp["connect-src"]) == {
         "'self'",
-        f"ws://127.0.0.1:{ws_port}",
-        f"ws://localhost:{ws_port}",
+        f"ws://127.0.0.1:{ports.http}",
+        f"ws://localhost:{ports.http}",
+        f"wss://127.0.0.1:{ports.http}",
+        f"wss://localhost:{ports.http}",
+        f"ws://127.0.0.1:{ports.ws}",
+        f"ws://localhost:{ports.ws}",
     }
     assert reply.headers["X-Content-Type-Options"] == "nosniff"
     assert reply.headers["Referrer-Policy"] == "no-referrer"
@@ -88,16 +94,16 @@ def test_page_is_served_at_root_with_security_headers(daemon: tuple[DaemonProces
     assert reply.status == 200
     assert reply.headers["Content-Type"] == "text/html; charset=utf-8"
     assert reply.headers["Cache-Control"] == "no-cache"
-    assert_security_headers(reply, ports.ws)
+    assert_security_headers(reply, ports)
     page = reply.body.decode()
     assert "<script>" not in page and "style=" not in page and "<style" not in page
     assets = ASSET.findall(page)
     assert {a.split("?")[0] for a in assets} == {
-        "/dashboard/favicon.svg",
-        "/dashboard/app.css",
-        "/dashboard/app.js",
-        "/dashboard/vendor/uplot/uPlot.min.css",
-        "/dashboard/vendor/uplot/uPlot.iife.min.js",
+        "dashboard/favicon.svg",
+        "dashboard/app.css",
+        "dashboard/app.js",
+        "dashboard/vendor/uplot/uPlot.min.css",
+        "dashboard/vendor/uplot/uPlot.iife.min.js",
     }
     assert all(re.search(r"\?v=[0-9a-f]{16}$", a) for a in assets)
 
@@ -120,15 +126,15 @@ def test_assets_are_served_with_their_type_and_headers(
     _, ports = daemon
     page = request(ports.http, "GET", "/").body.decode()
     local = Path(__file__).resolve().parents[1] / "daemon/agentspoonsd/dashboard/static" / name
-    versioned = next((a for a in ASSET.findall(page) if a.startswith(f"/dashboard/{name}?")), None)
+    versioned = next((a for a in ASSET.findall(page) if a.startswith(f"dashboard/{name}?")), None)
     plain = request(ports.http, "GET", f"/dashboard/{name}")
     assert plain.status == 200
     assert plain.body == local.read_bytes()
     assert plain.headers["Content-Type"] == content_type
     assert plain.headers["Cache-Control"] == "no-cache"  # unversioned: revalidate
-    assert_security_headers(plain, ports.ws)
+    assert_security_headers(plain, ports)
     if versioned is not None:  # what the page asks for may be cached for good
-        cached = request(ports.http, "GET", versioned)
+        cached = request(ports.http, "GET", "/" + versioned)
         assert cached.body == plain.body
         assert cached.headers["Cache-Control"] == "public, max-age=31536000, immutable"
     stale = request(ports.http, "GET", f"/dashboard/{name}?v=0000000000000000")
@@ -174,15 +180,18 @@ def test_uplot_licence_is_the_mit_licence(daemon: tuple[DaemonProcess, Ports]) -
     assert b"1.6.32" in request(ports.http, "GET", "/dashboard/vendor/README.md").body
 
 
-def test_config_names_the_bound_websocket_port(daemon: tuple[DaemonProcess, Ports]) -> None:
+def test_config_names_the_same_origin_websocket_and_the_bound_port(
+    daemon: tuple[DaemonProcess, Ports],
+) -> None:
     _, ports = daemon
     reply = request(ports.http, "GET", "/dashboard/config.json")
     assert reply.status == 200
     assert reply.headers["Content-Type"] == "application/json"
     assert reply.headers["Cache-Control"] == "no-store"
-    assert_security_headers(reply, ports.ws)
+    assert_security_headers(reply, ports)
     config = orjson.loads(reply.body)
-    assert config["websocket"] == {"scheme": "ws", "port": ports.ws, "path": "/"}
+    # `ws` under the page's own URL (the HTTP port's /ws); the WebSocket port's own, as bound.
+    assert config["websocket"] == {"url": "ws", "scheme": "ws", "port": ports.ws, "path": "/"}
     # The default Origin check: the dashboard's own origins, which the page checks itself against.
     assert f"http://127.0.0.1:{ports.http}" in config["allowed_origins"]
     assert f"http://localhost:{ports.http}" in config["allowed_origins"]
@@ -252,11 +261,20 @@ def test_connect_sources_follow_the_allowed_origins() -> None:
     origins = frozenset({"http://127.0.0.1:8766", "https://dash.example.com", "http://[::1]:8766"})
     config = PageConfig("wss", 8765, origins)
     # CSP has no syntax for IPv6 literals: that host is left out rather than break the policy.
-    assert config.connect_sources() == ["wss://127.0.0.1:8765", "wss://dash.example.com:8765"]
+    assert config.connect_sources() == [
+        "ws://127.0.0.1:8766",  # same origin, the HTTP port's /ws
+        "wss://127.0.0.1:8765",  # the WebSocket port
+        "wss://dash.example.com",
+        "wss://dash.example.com:8765",
+    ]
     assert PageConfig("ws", 9000, None).connect_sources() == ["ws://*:9000"]
     assert (
         "connect-src 'self' ws://*:9000;" in PageConfig("ws", 9000, None).content_security_policy()
     )
+    # public_url: the page connects there, and only there besides the ports above.
+    public = PageConfig("ws", 9000, None, "wss://example.com/market/ws")
+    assert public.connect_sources() == ["ws://*:9000", "wss://example.com"]
+    assert orjson.loads(public.to_json())["websocket"]["url"] == "wss://example.com/market/ws"
 
 
 def test_the_page_must_only_name_existing_assets() -> None:

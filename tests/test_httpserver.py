@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +17,8 @@ import structlog
 import trio
 from structlog.testing import LogCapture
 
-from agentspoonsd.httpserver import HttpResponse, log_path, serve_http
+from agentspoonsd.httpserver import HttpResponse, log_path, request_head, serve_http
+from agentspoonsd.upgrade import UpgradeParser
 
 TIMEOUT = 2.0  # no single step of a test should come close to this
 
@@ -428,3 +430,125 @@ def test_log_path_strips_query() -> None:
     assert log_path("/ws?access_token=abc&x=1") == "/ws"
     assert log_path("/healthz") == "/healthz"
     assert log_path("/?") == "/"
+
+
+# --- upgrades: a path whose connections another server takes over -------------------------------
+
+
+@dataclass
+class Taker:
+    """An `Upgrade` that keeps what it is given and answers on the socket itself, then closes."""
+
+    taken: list[tuple[bytes, int]] = field(default_factory=list)
+
+    def __call__(self, sock: socket.socket, data: bytes) -> None:
+        self.taken.append((data, sock.fileno()))
+        sock.setblocking(True)
+        sock.sendall(b"taken over\n")
+        sock.close()
+
+
+UPGRADE_REQUEST = (
+    b"GET /ws?access_token=secret&symbols=A HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+# The same, for the cases answered by the HTTP server: closed after the answer, not kept alive.
+ONE_SHOT = UPGRADE_REQUEST.replace(b"Connection: Upgrade", b"Connection: Upgrade, close")
+
+
+async def test_upgrade_path_hands_the_socket_and_the_request_over(
+    listener: trio.SocketListener,
+) -> None:
+    taker = Taker()
+    async with serving(listener, max_connections=1, upgrades={"/ws": taker}) as server:
+        early = b"\x81\x00"  # a client that did not wait for the answer: follows the head
+        answer = await raw_exchange(server, UPGRADE_REQUEST + early)
+        assert answer == b"taken over\n"  # nothing from the HTTP server before or after
+        [(data, fd)] = taker.taken
+        assert fd >= 0
+        head, rest = data.split(b"\r\n\r\n", 1)
+        assert rest == early
+        # The same request again for whoever parses it next: the WebSocket's own parser.
+        request = UpgradeParser().feed(head + b"\r\n\r\n")
+        assert request is not None and request.target == "/ws?access_token=secret&symbols=A"
+        assert dict(request.headers)[b"sec-websocket-key"] == b"dGhlIHNhbXBsZSBub25jZQ=="
+        assert server.calls == []
+        # Only the exact path, any query.
+        other_path = ONE_SHOT.replace(b"/ws?", b"/ws/?")
+        assert (await raw_exchange(server, other_path)).startswith(b"HTTP/1.1 404 ")
+        # The connection left this server's count (max_connections = 1): the next is served.
+        assert (await (await connect(server)).request()).status == 200
+    assert [e["path"] for e in server.events("http_upgrade")] == ["/ws"]
+    assert "secret" not in repr(server.logs)
+
+
+async def test_upgrade_path_keeps_the_http_ports_admission_and_policy(
+    listener: trio.SocketListener,
+) -> None:
+    taker = Taker()
+    options: dict[str, Any] = {
+        "max_connections_per_ip": 1,
+        "allowed_hosts": frozenset({"test"}),
+        "upgrades": {"/ws": taker},
+    }
+    async with serving(listener, **options) as server:
+        held = await connect(server)
+        assert (await held.request()).status == 200
+        # Past the HTTP port's per-address cap: refused here, never handed over.
+        assert (await raw_exchange(server, UPGRADE_REQUEST)).startswith(b"HTTP/1.1 429 ")
+        await held.stream.aclose()
+        with trio.fail_after(TIMEOUT):
+            while True:  # the server notices the close asynchronously
+                if (await raw_exchange(server, UPGRADE_REQUEST)).startswith(b"taken"):
+                    break
+                await trio.sleep(0.01)
+        other_host = ONE_SHOT.replace(b"Host: test", b"Host: elsewhere")
+        assert (await raw_exchange(server, other_host)).startswith(b"HTTP/1.1 421 ")
+        head = ONE_SHOT.replace(b"GET ", b"HEAD ", 1)
+        assert (await raw_exchange(server, head)).startswith(b"HTTP/1.1 404 ")
+        post = ONE_SHOT.replace(b"GET ", b"POST ", 1)
+        assert (await raw_exchange(server, post)).startswith(b"HTTP/1.1 405 ")
+    assert len(taker.taken) == 1
+
+
+async def test_a_failing_upgrade_is_logged_and_the_server_keeps_serving(
+    listener: trio.SocketListener,
+) -> None:
+    def broken(sock: socket.socket, data: bytes) -> None:
+        raise RuntimeError("upgrade bug")
+
+    async with serving(listener, upgrades={"/ws": broken}) as server:
+        assert await raw_exchange(server, UPGRADE_REQUEST) == b""  # closed, not leaked
+        assert (await (await connect(server)).request()).status == 200
+    assert server.events("http_upgrade_failed")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        UPGRADE_REQUEST,
+        b"GET /ws HTTP/1.0\r\nHost: h\r\nX-Odd:   spaced value \r\nx-dup: 1\r\nX-Dup: 2\r\n\r\n",
+    ],
+)
+def test_request_head_reads_back_as_the_same_request(raw: bytes) -> None:
+    parsed = h11.Connection(h11.SERVER)
+    parsed.receive_data(raw)
+    event = parsed.next_event()
+    assert isinstance(event, h11.Request)
+    head = request_head(
+        event.method.decode(),
+        event.target.decode(),
+        event.http_version.decode(),
+        tuple(event.headers),
+    )
+    again = h11.Connection(h11.SERVER)
+    again.receive_data(head)
+    reread = again.next_event()
+    assert isinstance(reread, h11.Request)
+    assert (reread.method, reread.target, reread.http_version) == (
+        event.method,
+        event.target,
+        event.http_version,
+    )
+    assert list(reread.headers) == list(event.headers)

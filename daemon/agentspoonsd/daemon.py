@@ -7,7 +7,7 @@ Task tree (one root nursery)::
     ├── supervise(hub)     receives bars, numbers, encodes and fans them out
     ├── supervise(generator)   one bar per symbol per interval
     ├── supervise(websocket)   accepts, authenticates and serves clients
-    └── supervise(http)        /healthz /readyz /metrics
+    └── supervise(http)        /healthz /readyz /metrics, the dashboard; /ws → websocket
 
 The daemon owns everything the services share (channel, stats, listeners, auth store) and passes
 each service what it needs; services hold no global state.
@@ -33,6 +33,7 @@ from .auth import ANONYMOUS, TokenStore, hash_token, new_token
 from .dashboard import PageConfig, load_dashboard
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
+from .httppolicy import WEBSOCKET_PATH, PublicUrl
 from .hub import Hub, encode_text_frame
 from .logs import LevelGate, get_logger
 from .market.bar import Bar
@@ -117,7 +118,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 def allowed_origins(settings: Settings, http_port: int | None = None) -> frozenset[str] | None:
     """The Origins a browser may connect from: the configured ones ("*": any, None returned), or
-    by default only the daemon's own dashboard (the HTTP port, by its usual local names).
+    by default only the daemon's own dashboard (the HTTP port, by its usual local names, and
+    the origin of `[server] public_url`, where a reverse proxy serves it).
 
     `http_port`: the port the HTTP listener actually bound (`[health] port = 0`, or a socket
     systemd passed); the configured one when not given."""
@@ -128,7 +130,11 @@ def allowed_origins(settings: Settings, http_port: int | None = None) -> frozens
         return frozenset(o.lower().rstrip("/") for o in configured)
     port = settings.health.port if http_port is None else http_port
     hosts = {settings.health.host, "localhost", "127.0.0.1", "[::1]"} - {"0.0.0.0", "::"}
-    return frozenset(f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https"))
+    origins = {f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https")}
+    public = settings.server.public_url
+    if public is not None:
+        origins.add(PublicUrl.parse(public).origin)
+    return frozenset(origins)
 
 
 GC_INTERVAL = 600.0  # seconds between full collections of the cyclic garbage collector
@@ -364,9 +370,15 @@ class Daemon:
             from .broker.metrics import BrokerCollector
 
             registry.register(BrokerCollector(broker))
-        # The page connects to the port actually bound (socket activation may differ from config).
+        # The page connects to /ws of its own origin, or under public_url; the config also gives
+        # the WebSocket port actually bound (socket activation may differ from config).
         page = PageConfig(
-            "wss" if tls else "ws", ws_sock.getsockname()[1], allowed_origins(s, self._http_port)
+            "wss" if tls else "ws",
+            ws_sock.getsockname()[1],
+            allowed_origins(s, self._http_port),
+            WEBSOCKET_PATH
+            if s.server.public_url is None
+            else PublicUrl.parse(s.server.public_url).websocket_url,
         )
         dashboard = load_dashboard(page, log)
         http = HttpService(
@@ -374,6 +386,8 @@ class Daemon:
             make_handler(probes, registry, dashboard),
             get_logger("agentspoonsd.http"),
             s.health,
+            # One origin: the HTTP port's /ws is the WebSocket server's, not a copy of it.
+            upgrades={"/" + WEBSOCKET_PATH: websocket.adopt_upgrade},
         )
         services: list[tuple[str, Any]] = [("hub", hub), ("generator", generator)]
         if broker is not None:  # it fills the hub from Redis, and generates while elected

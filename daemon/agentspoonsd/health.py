@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from . import metrics
 from .dashboard import Dashboard
-from .httpserver import Handler, HttpResponse, serve_http
+from .httpserver import Handler, HttpResponse, Upgrade, serve_http
 from .settings import HealthSettings
 
 JSON = "application/json"
@@ -94,7 +94,8 @@ def http_options(settings: HealthSettings) -> dict[str, Any]:
 
 class HttpService:
     """The supervised HTTP service: serves `handler` on a listener the daemon bound, with the
-    limits of `settings` (the built-in `[health]` defaults when None)."""
+    limits of `settings` (the built-in `[health]` defaults when None); `upgrades` (path to
+    `Upgrade`, e.g. `/ws` to the WebSocket server) take over the connections that GET them."""
 
     def __init__(
         self,
@@ -102,11 +103,13 @@ class HttpService:
         handler: Handler,
         log: Any,
         settings: HealthSettings | None = None,
+        upgrades: dict[str, Upgrade] | None = None,
     ) -> None:
         self._listener = listener
         self._handler = handler
         self._log = log
         self._options = http_options(settings or HealthSettings())
+        self._options["upgrades"] = upgrades or {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_http(

@@ -6,6 +6,8 @@
 - `parse_target` turns a request target into the origin-form the handler sees, or refuses it with
   the status to answer (400, 414); `check_host` enforces the Host allow-list (400, 421);
   `bearer_matches` checks a bearer token against a stored SHA-256 digest in constant time.
+- `PublicUrl` is where clients reach the HTTP port through a reverse proxy (`[server] public_url`):
+  its origin (the browser's `Origin`) and the WebSocket URL under it.
 - `client_key` is the address a per-address limit counts: the IP for IPv4, the /64 for IPv6
   (one host is routinely given a whole /64, so a single address would be no limit at all).
 """
@@ -19,11 +21,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from urllib.parse import urlsplit
 
 __all__ = [
     "MAX_TARGET_BYTES",
+    "WEBSOCKET_PATH",
     "Admission",
     "ConnectionTable",
+    "PublicUrl",
     "RequestRefused",
     "Target",
     "bearer_matches",
@@ -155,6 +160,63 @@ def bearer_matches(values: Iterable[str], sha256_digest: bytes) -> bool:
         return False
     presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
     return hmac.compare_digest(presented, sha256_digest)
+
+
+WEBSOCKET_PATH = "ws"
+"""Where the HTTP port serves the WebSocket, relative to its root (`/ws`, `<public_url>ws`)."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class PublicUrl:
+    """The URL of the HTTP port's root as clients reach it, e.g. through a reverse proxy that
+    serves it at `https://example.com/market/`. Build it with `parse`."""
+
+    url: str  # normalised: scheme and host lower-case, the path ending with "/"
+
+    @classmethod
+    def parse(cls, text: str) -> PublicUrl:
+        """Check and normalise `text`; raise ValueError saying what is wrong with it.
+
+        Accepted: an absolute http or https URL with a host (a port if needed) and an optional
+        path; no user info, query or fragment. The scheme's default port is dropped, as in the
+        Origin a browser sends; the path gets a trailing "/": the dashboard's relative URLs
+        resolve under it.
+        """
+        parts = urlsplit(text.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError("must start with https:// or http:// (e.g. https://example.com/)")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not contain user info (user@)")
+        if parts.query or parts.fragment or text.strip().endswith(("?", "#")):
+            raise ValueError("must not have a query or fragment")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        host = normalise_host(parts.netloc)
+        if not parts.hostname or host is None:
+            raise ValueError("must name a host (e.g. https://example.com/)")
+        if any(not "\x21" <= ch <= "\x7e" for ch in parts.path) or _PCT_OK.search(parts.path):
+            raise ValueError("has a path that is not printable ASCII with valid %-escapes")
+        authority = f"[{host}]" if ":" in host else host
+        if port is not None and port != _DEFAULT_PORTS[scheme]:  # as browsers write an origin
+            authority += f":{port}"
+        path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        return cls(f"{scheme}://{authority}{path}")
+
+    @property
+    def origin(self) -> str:
+        """The Origin a browser sends from a page under this URL (scheme, host, port if any)."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def websocket_url(self) -> str:
+        """The WebSocket URL under this one: ws:// for http, wss:// for https, path + `ws`."""
+        scheme, rest = self.url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{WEBSOCKET_PATH}"
 
 
 def client_key(ip: str) -> str:

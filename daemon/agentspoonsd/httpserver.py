@@ -34,6 +34,10 @@ What a client can rely on:
   sends) is answered normally, anything else, or nothing, is answered 429 (per-address cap) or
   503 (total cap); then the connection closes. Beyond 64 such refusals at once, further
   connections past a cap are closed unanswered.
+- Upgrades: a GET of a path in `upgrades` (any query), from an allowed host, on a connection
+  served within the caps, is not answered here: the connection leaves this server (and its
+  connection counts) and its socket goes, with the request, to that path's `Upgrade`. A HEAD or
+  any other method there is answered like any path the handler does not know.
 - Per-peer log events above debug are rate-limited per address (`logthrottle.LogThrottle`:
   5 per 10 s), the rest summarised as one `log_suppressed count=N` per address and window.
 
@@ -43,6 +47,7 @@ Logs never contain a query string (where `access_token` lives) nor request heade
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from email.utils import formatdate
@@ -70,7 +75,9 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "Handler",
     "HttpResponse",
+    "Upgrade",
     "log_path",
+    "request_head",
     "serve_http",
     "status_response",
 ]
@@ -109,6 +116,11 @@ class HttpResponse:
 Handler: TypeAlias = Callable[[str, str], HttpResponse]
 """(method, target including the query string) -> response. Synchronous; must not block."""
 
+Upgrade: TypeAlias = Callable[[socket.socket, bytes], None]
+"""Takes over a connection: its socket (plain TCP, blocking mode unspecified) and the request's
+bytes (`request_head`, then whatever the client sent after it). Synchronous; must not block; owns
+the socket from the call on, whatever happens (it must close it)."""
+
 
 # --- pure helpers: no I/O, no clock except the Date header -----------------------------------
 
@@ -121,6 +133,20 @@ def status_response(status: int, headers: tuple[tuple[str, str], ...] = ()) -> H
 def log_path(target: str) -> str:
     """The part of a request target that may be logged: the path, without any query string."""
     return target.partition("?")[0]
+
+
+def request_head(
+    method: str, target: str, http_version: str, headers: tuple[tuple[bytes, bytes], ...]
+) -> bytes:
+    """A parsed request's head as HTTP/1.1 bytes again: request line, header lines, blank line.
+
+    h11 keeps no raw bytes; this writes what it parsed (names lower-cased, values as received
+    without surrounding whitespace, in the order received), which any HTTP parser reads back as
+    the same method, target, version and headers.
+    """
+    lines = [f"{method} {target} HTTP/{http_version}".encode("ascii")]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def _reason(status: int) -> str:
@@ -175,6 +201,7 @@ class _Request:
     method: str
     target: str
     started: float
+    http_version: str = "1.1"
     headers: tuple[tuple[bytes, bytes], ...] = ()
     refusal: int | None = None  # answered with this status (and closed) instead of the handler
     ambiguous_framing: bool = False  # both Content-Length and Transfer-Encoding: close after
@@ -193,6 +220,7 @@ class _Policy:
     allowed_hosts: frozenset[str] | None
     bearer_digests: Mapping[str, bytes]
     probe_paths: frozenset[str]
+    upgrades: Mapping[str, Upgrade]
 
 
 @dataclass(slots=True)
@@ -247,6 +275,7 @@ async def serve_http(
     allowed_hosts: frozenset[str] | None = None,
     bearer_digests: Mapping[str, bytes] | None = None,
     probe_paths: frozenset[str] = frozenset(),
+    upgrades: Mapping[str, Upgrade] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on `listener` and serve HTTP/1.1 on each until cancelled.
@@ -255,7 +284,8 @@ async def serve_http(
     `request_timeout`; `max_connections_per_ip` to `max_connections` (no per-address cap);
     `allowed_hosts` (normalised with `httppolicy.normalise_host`) to any host; `bearer_digests`
     maps a path to the SHA-256 digest of the bearer token it requires; `probe_paths` are answered
-    even on a connection refused for capacity.
+    even on a connection refused for capacity; `upgrades` maps a path to the `Upgrade` that takes
+    over a connection whose GET names it.
 
     Guarantees:
     - `task_status.started()` is called once, when the accept loop is about to run.
@@ -278,6 +308,7 @@ async def serve_http(
         allowed_hosts=allowed_hosts,
         bearer_digests=dict(bearer_digests or {}),
         probe_paths=probe_paths,
+        upgrades=dict(upgrades or {}),
     )
     table = ConnectionTable(max_connections, max_connections_per_ip, _MAX_REJECTING)
     occupancy = _Occupancy(table, LogThrottle(_PEER_LOG_LIMIT, _PEER_LOG_INTERVAL))
@@ -360,7 +391,11 @@ async def _run_connection(
     key: str,
     admission: Admission,
 ) -> None:
-    """Serve one connection; whatever happens, release its slot and close the stream."""
+    """Serve one connection; whatever happens, release its slot and close the stream.
+
+    A connection handed over to an `Upgrade` releases its slot all the same: from then on it
+    counts where it went. Its stream no longer holds the socket, so closing it closes nothing.
+    """
     clog = _PeerLog(log.bind(peer=_peer(stream)), key, occupancy.throttle)
     try:
         await _Connection(stream, handler, clog, policy).serve(refusal=admission.status)
@@ -412,6 +447,10 @@ class _Connection:
                 await self._answer_protocol_error(exc)
                 return
             if request is None:
+                return
+            upgrade = self._upgrade(request, refusal)
+            if upgrade is not None:
+                self._hand_over(request, *upgrade)
                 return
             event, body, close = self._respond(request, refusal)
             await self._send(event, body)
@@ -471,6 +510,39 @@ class _Connection:
         event, body = self._call_handler(replace(request, target=origin), close=close)
         return event, body, close
 
+    def _upgrade(self, request: _Request, refusal: int | None) -> tuple[Upgrade, str] | None:
+        """The `Upgrade` taking over after `request`, and its origin-form target; None when the
+        request is answered here instead (another path or method, a refused connection, a target
+        or host the policy refuses: `_respond` answers those as for any path)."""
+        if not self._policy.upgrades or request.method != "GET" or request.refusal is not None:
+            return None
+        if refusal is not None or request.ambiguous_framing:
+            return None
+        try:
+            target = parse_target(request.target)
+            check_host(request.header_values(b"host"), target, self._policy.allowed_hosts)
+        except RequestRefused:
+            return None
+        upgrade = self._policy.upgrades.get(urlsplit(target.origin).path)
+        return None if upgrade is None else (upgrade, target.origin)
+
+    def _hand_over(self, request: _Request, upgrade: Upgrade, target: str) -> None:
+        """Give the socket and the request to `upgrade`; the stream is left holding nothing.
+
+        The socket is detached, not duplicated: one descriptor, so the new owner's close is the
+        only close. Bytes h11 received past the request (a client that did not wait for the
+        answer) follow the head, as they would have on the new owner's own port.
+        """
+        pending, _ = self._conn.trailing_data
+        data = request_head(request.method, target, request.http_version, request.headers)
+        sock = socket.socket(fileno=self._stream.socket.detach())
+        self._log.debug("http_upgrade", path=log_path(target))
+        try:
+            upgrade(sock, data + bytes(pending))
+        except Exception:
+            self._log.error("http_upgrade_failed", path=log_path(target), exc_info=True)
+            sock.close()
+
     def _reusable(self) -> bool:
         # Both sides DONE: h11 has found no reason (Connection: close, HTTP/1.0) to close.
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
@@ -522,6 +594,7 @@ class _Connection:
             method=self._method,
             target=event.target.decode("ascii"),
             started=trio.current_time(),
+            http_version=event.http_version.decode("ascii"),
             headers=tuple((name, value) for name, value in event.headers),
             ambiguous_framing=names >= _FRAMING_HEADERS_B,
         )

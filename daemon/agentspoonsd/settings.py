@@ -41,7 +41,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .httppolicy import normalise_host
+from .httppolicy import PublicUrl, normalise_host
 from .market import models
 from .market.models import ModelKind
 from .proxies import parse_network
@@ -194,6 +194,15 @@ class ServerSettings(_Section):
             " the other is ignored, as a client could have sent it through the proxy."
         ),
     )
+    public_url: str | None = Field(
+        None,
+        description=(
+            "The URL at which clients reach the HTTP port through a reverse proxy, e.g."
+            " https://example.com/market/: the dashboard connects to its `ws` (here"
+            " wss://example.com/market/ws) and its origin may connect. Unset: the dashboard"
+            " connects to /ws of the origin it was loaded from."
+        ),
+    )
     tls_cert: Path | None = Field(
         None,
         description=(
@@ -211,6 +220,11 @@ class ServerSettings(_Section):
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         return [str(parse_network(entry)) for entry in value]
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return None if value is None else PublicUrl.parse(value).url
 
     @field_validator("tls_key")
     @classmethod

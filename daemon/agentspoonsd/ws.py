@@ -10,6 +10,10 @@ wss://: with a TLS context, each client also has a `tls.TlsSession` (an SSLObjec
 BIOs) that the dispatcher drives like the rest: received bytes are decrypted before the upgrade
 parser and wsproto see them, and the client's outbox (`TlsOutbox`) encrypts whatever it sends.
 The handshake deadline covers the TLS handshake, which comes first.
+
+One origin: the HTTP port hands its `GET /ws` connections over (`WebSocketServer.adopt_upgrade`),
+and from there they are served exactly as connections accepted here: the same admission, limits,
+authentication and fan-out. They are always plain (ws://): TLS for them ends at a reverse proxy.
 """
 
 from __future__ import annotations
@@ -570,21 +574,35 @@ class WebSocketServer:
             self._log_suppressed(key, verdict.suppressed)
         if verdict.emit:
             self._log.warning("upgrade_refused", peer=peer, reason=reason, status=status)
-        answer = reject_response(
-            status,
-            orjson.dumps({"error": reason, "message": message}),
-            b"application/json",
-            ((b"Retry-After", b"5"),),
-        )
-        try:
-            sock.setblocking(False)
-            sock.send(answer)  # best effort: it fits the empty socket buffer
-        except OSError:
-            pass
-        sock.close()
+        _answer_and_close(sock, status, reason, message)
         return False
 
-    def _adopt(self, sock: socket.socket, peer: str) -> None:
+    def adopt_upgrade(self, sock: socket.socket, received: bytes) -> None:
+        """Serve a connection another server accepted and read a request from (the HTTP port's
+        `/ws`: see `httpserver.Upgrade`) as if it had been accepted here with `received` read.
+
+        It is admitted like an accepted connection (`max_connections`, the per-address
+        connection and handshake limits, answered 503/429 and closed past them), then its
+        request goes through the same handshake parser, Origin check, authentication and
+        limits, and the client joins the same hub. Plain (ws://) whatever this port serves: a
+        request that arrived in clear has no TLS to continue. While the server is not accepting
+        (not started, draining) the answer is 503. Takes ownership of `sock` in every case.
+        """
+        try:
+            peer = _format_peer(sock.getpeername())
+        except OSError:  # gone already
+            sock.close()
+            return
+        if self._nursery is None or not self.listening:
+            self._stats.rejected_upgrades["unavailable"] += 1
+            _answer_and_close(sock, 503, "unavailable", "server is not accepting connections")
+            return
+        if self._admit_connection(sock, peer):
+            self._adopt(sock, peer, received)
+
+    def _adopt(self, sock: socket.socket, peer: str, received: bytes | None = None) -> None:
+        """Start serving an admitted connection; `received`: the bytes of its request already
+        read elsewhere (an adopted upgrade, always plain), None for one accepted here."""
         assert self._poller is not None and self._nursery is not None
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -604,7 +622,7 @@ class WebSocketServer:
             self._log,
             self._deadlines,
             self._finish,
-            self.tls,
+            self.tls if received is None else None,
         )
         if not self._clients:
             self._idle = trio.Event()
@@ -614,6 +632,10 @@ class WebSocketServer:
         self._poller.register(client.fd, select.EPOLLIN)
         # The handshake deadline covers a refusal's delivery too; `_reap_loop` enforces it.
         self._deadlines[client] = trio.current_time() + self.limits.handshake_timeout
+        if received is not None:
+            client.last_seen = trio.current_time()
+            self._on_plaintext(client, received)
+            return
         # The request has usually arrived with the connection: read it now, not a round later.
         self._on_readable(client)
 
@@ -1246,6 +1268,22 @@ class _MessageAssembler:
         text = "".join(self._parts)
         self._parts.clear()
         return text if isinstance(event, TextMessage) else None
+
+
+def _answer_and_close(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """Refuse a connection nothing was allocated for: one best-effort send, then close."""
+    answer = reject_response(
+        status,
+        orjson.dumps({"error": reason, "message": message}),
+        b"application/json",
+        ((b"Retry-After", b"5"),),
+    )
+    try:
+        sock.setblocking(False)
+        sock.send(answer)  # best effort: it fits the empty socket buffer
+    except OSError:
+        pass
+    sock.close()
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:

@@ -4,8 +4,12 @@ The page (``static/``: HTML, JS, CSS and the vendored uPlot) is read from the pa
 daemon starts; a request never touches the file system. A path is served only when it is a key of
 that table (`/` for the page, `/dashboard/NAME` for the rest), so no request can name another file.
 
-The page finds the WebSocket through `/dashboard/config.json` (scheme, port, the origins allowed to
-connect): the WebSocket listens on another port than the page, so the browser cannot guess it.
+The page finds the WebSocket through `/dashboard/config.json`: by default `ws`, resolved against the
+page's own URL (the HTTP port serves the WebSocket at `/ws`, so behind a reverse proxy that serves
+the page at `https://example.com/market/` it connects to `wss://example.com/market/ws`); with
+`[server] public_url`, that URL's `ws`. The page refers to its assets, its config and /healthz
+by relative URLs for the same reason. The config also gives the WebSocket port's own scheme and
+port, and the origins allowed to connect.
 
 The browser module (`static/client.js`: connect, reconnect, resume; docs/CLIENT.md) is also
 served at `/client.js`, for pages of any origin: `Access-Control-Allow-Origin: *` (module scripts
@@ -32,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from ..httppolicy import WEBSOCKET_PATH
 from ..httpserver import HttpResponse
 
 __all__ = [
@@ -73,33 +78,51 @@ _ASSET_REFERENCE = re.compile(r'(?P<attr>src|href)="/dashboard/(?P<name>[^"?#]+)
 class PageConfig:
     """What the page needs to reach the WebSocket: from the settings and the bound listener."""
 
-    ws_scheme: Literal["ws", "wss"]
+    ws_scheme: Literal["ws", "wss"]  # of the WebSocket port
     ws_port: int
     allowed_origins: frozenset[str] | None  # as the WebSocket server checks Origin; None: any
+    # What the page connects to, resolved against its own URL: relative (same origin, the HTTP
+    # port's /ws) unless `[server] public_url` makes it absolute.
+    websocket_url: str = WEBSOCKET_PATH
 
     def to_json(self) -> bytes:
         origins = None if self.allowed_origins is None else sorted(self.allowed_origins)
         body: dict[str, Any] = {
-            "websocket": {"scheme": self.ws_scheme, "port": self.ws_port, "path": "/"},
+            "websocket": {
+                "url": self.websocket_url,
+                "scheme": self.ws_scheme,
+                "port": self.ws_port,
+                "path": "/",
+            },
             "allowed_origins": origins,
         }
         return orjson.dumps(body)
 
     def connect_sources(self) -> list[str]:
-        """CSP sources for the WebSocket: its port on each host a page may connect from.
+        """CSP sources for the WebSocket the page connects to, same origin or absolute.
 
-        The page connects to the host it was loaded from, and only origins the WebSocket server
-        accepts can connect at all, so their hosts are the exact list. CSP has no syntax for IPv6
-        literals: a page loaded from `[::1]` is refused by the browser (and says so).
+        Same origin: each origin the WebSocket server accepts (only those can connect at all),
+        its scheme made ws/wss (CSP Level 3's 'self' means the same, but not in every browser).
+        Absolute: that URL's origin. Then the WebSocket port on each of those hosts, for a page
+        built to connect there. CSP has no syntax for IPv6 literals: a page loaded from `[::1]`
+        is refused by the browser (and says so).
         """
+        sources = set()
+        absolute = urlsplit(self.websocket_url)
+        if absolute.scheme:
+            sources.add(f"{absolute.scheme}://{absolute.netloc}")
         if self.allowed_origins is None:
-            return [f"{self.ws_scheme}://*:{self.ws_port}"]
-        hosts = {urlsplit(origin).hostname for origin in self.allowed_origins}
-        return sorted(
-            f"{self.ws_scheme}://{host}:{self.ws_port}"
-            for host in hosts
-            if host and re.fullmatch(r"[A-Za-z0-9.-]+", host)
-        )
+            return sorted(sources | {f"{self.ws_scheme}://*:{self.ws_port}"})
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin)
+            host = parts.hostname
+            if not host or not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+                continue
+            same = {"http": "ws", "https": "wss"}.get(parts.scheme)
+            if same is not None:
+                sources.add(f"{same}://{parts.netloc}")
+            sources.add(f"{self.ws_scheme}://{host}:{self.ws_port}")
+        return sorted(sources)
 
     def content_security_policy(self) -> str:
         connect = " ".join(["'self'", *self.connect_sources()])
@@ -208,7 +231,8 @@ class Dashboard:
             name = match["name"]
             if name not in self._assets:
                 raise ValueError(f"{INDEX} refers to a missing asset: {name}")
-            return f'{match["attr"]}="{self.asset_url(name)}"'
+            # Relative to the page: right under a proxy that serves the page below its root.
+            return f'{match["attr"]}="{self.asset_url(name).removeprefix("/")}"'
 
         return _ASSET_REFERENCE.sub(versioned, page.decode("utf-8")).encode("utf-8")
 

@@ -7,12 +7,12 @@
 // one (4001) and a daemon that is down apart. This page adds, in short:
 // - the token comes from the URL fragment (#access_token=…, then removed from the address bar) or
 //   the form, and lives in sessionStorage: this tab only, gone when it closes;
-// - the WebSocket's port and the origins it admits come from /dashboard/config.json, asked before
+// - the WebSocket's URL and the origins it admits come from dashboard/config.json, asked before
 //   each attempt (a restarted daemon may listen elsewhere); an origin it would refuse is shown
 //   before anything is tried;
 // - `reset` says the daemon could not fill a gap: that symbol's charts restart and the page says so.
 
-import { connect as openStream } from "/client.js";
+import { connect as openStream } from "../client.js"; // /client.js, under a proxy's path too
 
 const TOKEN_KEY = "agentspoonsd.token";
 const WINDOW = 300; // points kept per chart
@@ -120,7 +120,7 @@ function notice(text) {
 // --- connection ----------------------------------------------------------------------------
 
 async function loadConfig() {
-  const response = await fetch("/dashboard/config.json", { cache: "no-store" });
+  const response = await fetch("dashboard/config.json", { cache: "no-store" });
   if (!response.ok) throw new Error(`HTTP ${response.status}`);
   return response.json();
 }
@@ -146,9 +146,11 @@ async function socketUrl() {
     );
     throw new Error("origin not allowed");
   }
-  const ws = state.config.websocket;
-  // The WebSocket listens on its own port of the host this page came from.
-  return `${ws.scheme}://${location.hostname}:${ws.port}${ws.path}`;
+  // Same origin by default: "ws" under this page's URL (its path too, behind a proxy);
+  // absolute when the daemon's public_url says where a proxy serves it.
+  const url = new URL(state.config.websocket.url, location.href);
+  url.protocol = { "http:": "ws:", "https:": "wss:" }[url.protocol] || url.protocol;
+  return url.href;
 }
 
 // Where each symbol on the page is: a new stream (another token, Retry) continues from there.
@@ -172,7 +174,7 @@ function restart() {
     history: WINDOW,
     resume: positions(),
     backoffMaxMs: BACKOFF_MAX_MS,
-    healthUrl: "/healthz",
+    healthUrl: "healthz",
     onStatus,
     onUpdate,
     onReset,

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Make sure caddy is installed (Debian's caddy package): the one-origin test starts its own caddy
+# in front of a daemon, with a config written from docs/SCALING.md into a temporary directory, so
+# no running service is needed (and none is started: only the binary is used).
+# As root on a fresh Debian machine: apt-get update once, then apt-get install -y caddy.
+set -eu
+if command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ]; then
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "ensure-caddy: missing; as root: apt-get install -y caddy" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+echo "ensure-caddy: installing Debian's caddy (for the one-origin test)" >&2
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=120 caddy >/dev/null
+[ -x /usr/bin/caddy ]
