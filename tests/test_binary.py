@@ -221,8 +221,8 @@ async def test_frozen_daemon_serves_reloads_and_stops_cleanly(
         # The dashboard's files are in the bundle: the page, and the script it names.
         status, headers, page = await http_get(http_port, "/")
         assert status == 200 and "connect-src" in headers["Content-Security-Policy"]
-        script = re.search(rb'src="(/dashboard/app\.js\?v=\w+)"', page)
-        assert script and (await http_get(http_port, script[1].decode()))[0] == 200
+        script = re.search(rb'src="/?(dashboard/app\.js\?v=\w+)"', page)  # relative links
+        assert script and (await http_get(http_port, "/" + script[1].decode()))[0] == 200
         # The browser module the page imports, at its public URL for pages of any origin.
         status, headers, module = await http_get(http_port, "/client.js")
         assert status == 200 and b"export function connect(" in module
