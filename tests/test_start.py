@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +27,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from agentspoonsd.auth import hash_token
 from agentspoonsd.banner import (
     BUILT_IN_DEFAULTS,
     dashboard_url,
@@ -35,7 +37,7 @@ from agentspoonsd.banner import (
     websocket_url,
 )
 from agentspoonsd.logs import Disclosed
-from agentspoonsd.settings import load_settings
+from agentspoonsd.settings import load_settings, read_tokens_file
 from daemon_process import DaemonProcess, config_text, new_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,3 +329,148 @@ async def test_auto_format_on_a_pipe_is_json(daemon_factory: Callable[..., Daemo
     await daemon.wait_for("daemon_started")
     assert daemon.raw_lines and all(line.startswith("{") for line in daemon.raw_lines)
     assert "\x1b[" not in daemon.log_text
+
+
+# --- the development token of `make run` ----------------------------------------------------------
+
+DEV_TOKEN_SCRIPT = REPO / "build" / "devtoken.py"
+TOKEN_LINE = re.compile(r"^\s+token\s+(\S+)\s*$", re.MULTILINE)
+
+
+def dev_token(dev_dir: Path, config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DEV_TOKEN_SCRIPT), str(dev_dir), "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+        check=False,
+    )
+
+
+def test_dev_token_is_made_once_kept_private_and_printed_every_time(tmp_path: Path) -> None:
+    config = tmp_path / "agentspoonsd.toml"
+    config.write_text('[server]\nhost = "0.0.0.0"\nport = 18765\n[health]\nport = 18766\n')
+    dev = tmp_path / ".dev"
+    first = dev_token(dev, config, "--program", ".venv/bin/agentspoonsd")
+    assert first.returncode == 0, first.stderr
+    token = TOKEN_LINE.findall(first.stdout)[0]
+    assert f"http://127.0.0.1:18766/#access_token={token}" in first.stdout
+    watch = f"AGENTSPOONSD_TOKEN={token} .venv/bin/agentspoonsd watch ws://127.0.0.1:18765/"
+    assert watch in first.stdout
+    # The plain token and its digest, each readable by the owner only.
+    assert (dev / "token").read_text().strip() == token
+    assert os.stat(dev).st_mode & 0o777 == 0o700
+    for name in ("token", "tokens.toml"):
+        assert os.stat(dev / name).st_mode & 0o777 == 0o600, name
+    assert token not in (dev / "tokens.toml").read_text()
+
+    second = dev_token(dev, config)
+    assert second.returncode == 0, second.stderr
+    assert TOKEN_LINE.findall(second.stdout) == [token]
+    assert [t.name for t in read_tokens_file(dev / "tokens.toml")[0]] == ["dev"]
+
+
+@pytest.mark.parametrize("damage", ["token_lost", "digest_lost", "token_changed", "files_lost"])
+def test_a_dev_token_that_no_longer_matches_is_replaced(tmp_path: Path, damage: str) -> None:
+    config = tmp_path / "agentspoonsd.toml"
+    config.write_text("")
+    dev = tmp_path / ".dev"
+    first = TOKEN_LINE.findall(dev_token(dev, config).stdout)[0]
+    if damage == "token_lost":
+        (dev / "token").unlink()
+    elif damage == "digest_lost":
+        (dev / "tokens.toml").write_text("")
+    elif damage == "token_changed":
+        (dev / "token").write_text("something-else\n")
+    else:
+        for path in dev.iterdir():
+            path.unlink()
+        dev.rmdir()
+    again = dev_token(dev, config)
+    assert again.returncode == 0, again.stderr
+    (token,) = TOKEN_LINE.findall(again.stdout)
+    assert token != first
+    assert (dev / "token").read_text().strip() == token
+    entries = read_tokens_file(dev / "tokens.toml")[0]
+    assert [(t.name, t.sha256) for t in entries] == [("dev", hash_token(token))]
+
+
+class MakeRun(DaemonProcess):
+    """`make run` of this repository with this test's venv, config and development folder."""
+
+    def __init__(self, config: Path, dev_dir: Path) -> None:
+        super().__init__(config, env=clean_env())
+        self.env = clean_env()
+        self.dev_dir = dev_dir
+
+    def start(self) -> None:
+        venv = Path(sys.prefix)
+        self.proc = subprocess.Popen(
+            # -o: the venv is this test's, installed already; make must not reinstall it.
+            [
+                *("make", "-s", "-C", str(REPO), "-o", f"{venv}/.installed", "run"),
+                *(f"VENV={venv}", f"CONFIG={self.config_path}", f"DEV_DIR={self.dev_dir}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # make and the daemon: one group, stopped together
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+async def test_make_run_twice_keeps_the_same_development_token(tmp_path: Path) -> None:
+    config = tmp_path / "agentspoonsd.toml"
+    config.write_text(config_text())
+    dev = tmp_path / ".dev"
+    seen = []
+    for _ in range(2):
+        run = MakeRun(config, dev)
+        run.start()
+        try:
+            ws_port, _ = await run.ports()
+            banner = await run.wait_for("daemon_started")
+            (token,) = TOKEN_LINE.findall(run.log_text)
+            seen.append(token)
+            # A configured token now: the banner does not carry it, the client must bring it.
+            assert token not in json.dumps(banner)
+            assert "access_token" not in banner["dashboard_url"]
+            url = f"ws://127.0.0.1:{ws_port}/?access_token={token}"
+            async with open_websocket_url(url) as ws:
+                assert json.loads(await ws.get_message())["token"] == "dev"
+            run.signal(signal.SIGTERM)
+            await run.wait_for("daemon_stopped")
+            await run.wait_exit()
+        finally:
+            run.kill()
+    assert seen[0] == seen[1]
+    assert (dev / "token").read_text().strip() == seen[0]
+
+
+def test_the_production_config_never_uses_a_development_token() -> None:
+    shipped = [REPO / "config", REPO / "systemd", REPO / "build" / "install.sh"]
+    for root in shipped:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.is_file():
+                text = path.read_text(errors="replace")
+                assert ".dev/" not in text and "devtoken" not in text, path
+    ignored = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", ".dev/token", ".dev/tokens.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # git-ignored: a development token is never committed
+    assert ignored.stdout.split() == [".dev/token", ".dev/tokens.toml"], ignored.stderr
