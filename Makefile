@@ -30,7 +30,7 @@ run: $(VENV)/.installed
 	$(BIN)/agentspoonsd run --config '$(CONFIG)'
 else
 run: $(VENV)/.installed
-	$(BIN)/python build/devtoken.py '$(DEV_DIR)' --config '$(CONFIG)' --program '$(BIN)/agentspoonsd'
+	@$(BIN)/python build/devtoken.py '$(DEV_DIR)' --config '$(CONFIG)' --program '$(BIN)/agentspoonsd'
 	AGENTSPOONSD_AUTH__TOKENS_FILE='$(abspath $(DEV_DIR))/tokens.toml' \
 		exec $(BIN)/agentspoonsd run --config '$(CONFIG)'
 endif
