@@ -15,6 +15,7 @@ import re
 import select
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from trio_websocket import open_websocket_url
 
 from agentspoonsd.auth import hash_token
@@ -481,3 +483,25 @@ def test_the_production_config_never_uses_a_development_token() -> None:
     )
     # git-ignored: a development token is never committed
     assert ignored.stdout.split() == [".dev/token", ".dev/tokens.toml"], ignored.stderr
+
+
+async def test_banner_of_a_tls_daemon_is_wss_and_connects(
+    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    key.chmod(0o600)
+    tls = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+    text = config_text(auth_enabled=False).replace("port = 0\n", "port = 0\n" + tls, 1)
+    daemon = daemon_factory(text)
+    ws_port, _ = await daemon.ports()
+    banner = await daemon.wait_for("daemon_started")
+    assert banner["websocket_url"] == f"wss://127.0.0.1:{ws_port}/"
+    assert banner["watch"].endswith(f" watch wss://127.0.0.1:{ws_port}/")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with open_websocket_url(banner["websocket_url"], ssl_context=context) as ws:
+        assert json.loads(await ws.get_message())["token"] == "anonymous"
