@@ -19,8 +19,21 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(VENV)/.installed $@
 
+# `make run` serves with a development token that outlives restarts, so an open dashboard and a
+# running `watch` reconnect: build/devtoken.py makes it once in $(DEV_DIR) (git-ignored: the
+# plain token in token, mode 0600; its digest in tokens.toml) and prints it at every run.
+# `make run DEV_DIR=` runs without it (an ephemeral token at each start, when none is configured).
+DEV_DIR ?= .dev
+
+ifeq ($(strip $(DEV_DIR)),)
 run: $(VENV)/.installed
-	$(BIN)/agentspoonsd run --config $(CONFIG)
+	$(BIN)/agentspoonsd run --config '$(CONFIG)'
+else
+run: $(VENV)/.installed
+	@$(BIN)/python build/devtoken.py '$(DEV_DIR)' --config '$(CONFIG)' --program '$(BIN)/agentspoonsd'
+	AGENTSPOONSD_AUTH__TOKENS_FILE='$(abspath $(DEV_DIR))/tokens.toml' \
+		exec $(BIN)/agentspoonsd run --config '$(CONFIG)'
+endif
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon tests bench

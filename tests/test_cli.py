@@ -168,7 +168,7 @@ def test_check_config_good_prints_redacted_json(runs: Runs) -> None:
     data = json.loads(r.stdout)
     assert data["server"] == data["server"] | {"host": "127.0.0.1", "port": 0}
     assert data["generator"]["symbols"] == ["BTC/USD", "ETH/USD"]
-    assert data["log"] == {"level": "info", "format": "json"}
+    assert data["log"] == {"level": "info", "format": "auto"}
     (token,) = data["auth"]["tokens"]
     assert token["name"] == "dashboard"
     assert DIGEST not in r.stdout and DIGEST not in r.stderr

@@ -197,11 +197,15 @@ async def test_sighup_adds_token_without_dropping_connections(daemon_factory) ->
 async def test_ephemeral_token_logged_once_and_usable(daemon_factory) -> None:
     daemon = daemon_factory(config_text())
     ws_port, _ = await daemon.ports()
-    event = await daemon.wait_for("auth_ephemeral_token")
-    token = event["ephemeral_token"]
+    await daemon.wait_for("auth_ephemeral_token")
+    event = await daemon.wait_for("daemon_started")
+    token = event["dashboard_url"].split("#access_token=", 1)[1]
     async with open_websocket_url(f"ws://127.0.0.1:{ws_port}/", extra_headers=bearer(token)) as ws:
         assert json.loads(await ws.get_message())["token"] == "ephemeral"
-    assert daemon.log_text.count(token) == 1
+    # In the start banner's one line only (its dashboard URL and its watch command).
+    assert [line for line in daemon.raw_lines if token in line] == [
+        line for line in daemon.raw_lines if '"daemon_started"' in line
+    ]
 
 
 async def test_auth_disabled_is_explicit_and_warned(daemon_factory) -> None:

@@ -12,7 +12,14 @@ import orjson
 import pytest
 import structlog
 
-from agentspoonsd.logs import REDACTED, LevelGate, configure_logging, get_logger
+from agentspoonsd.logs import (
+    REDACTED,
+    Disclosed,
+    LevelGate,
+    configure_logging,
+    get_logger,
+    resolve_format,
+)
 
 SECRET = "s3cr3t-T0KEN_value"
 
@@ -286,9 +293,140 @@ def test_secret_inside_a_traceback_is_redacted(
     assert "RuntimeError: upgrade failed" in lines()[0]["exception"]
 
 
-def test_console_format_renders_and_redacts(capsys: pytest.CaptureFixture[str]) -> None:
-    configure_logging("info", "console", io.BytesIO())
+def test_console_format_renders_and_redacts(stream: io.BytesIO) -> None:
+    configure_logging("info", "console", stream)
     get_logger("t").info("hello_console", token="dashboard", authorization=f"Bearer {SECRET}")
-    out = capsys.readouterr().out
+    out = stream.getvalue().decode()
     assert "hello_console" in out and "dashboard" in out
     assert SECRET not in out
+
+
+# --- formats: auto, json, console -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "tty", "expected"),
+    [
+        ("auto", True, "console"),
+        ("auto", False, "json"),
+        ("json", True, "json"),
+        ("json", False, "json"),
+        ("console", True, "console"),
+        ("console", False, "console"),
+    ],
+)
+def test_the_format_follows_the_setting_and_the_terminal(
+    fmt: str, tty: bool, expected: str
+) -> None:
+    assert resolve_format(fmt, tty=tty) == expected
+
+
+def test_an_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="xml"):
+        resolve_format("xml", tty=True)
+
+
+class FakeTerminal(io.BytesIO):
+    """A byte stream that says it is a terminal: what `auto` looks at."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_writes_json_to_a_stream_that_is_not_a_terminal(
+    stream: io.BytesIO, lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    configure_logging("info", "auto", stream)
+    get_logger("t").info("plain_event", n=1)
+    assert lines()[0]["event"] == "plain_event"
+
+
+def test_auto_writes_console_lines_to_a_terminal_with_colours_unless_no_color() -> None:
+    terminal = FakeTerminal()
+    configure_logging("info", "auto", terminal, environ={})
+    get_logger("agentspoonsd.t").info("hello_console", peer="127.0.0.1:5000")
+    text = terminal.getvalue().decode()
+    assert text.endswith("\n") and not text.lstrip().startswith("{")
+    assert "hello_console" in text and "127.0.0.1:5000" in text
+    assert "\x1b[" in text  # ANSI colours on a terminal
+
+    plain = FakeTerminal()
+    configure_logging("info", "auto", plain, environ={"NO_COLOR": "1"})
+    get_logger("t").info("hello_console")
+    assert b"hello_console" in plain.getvalue() and b"\x1b[" not in plain.getvalue()
+
+
+def test_console_forced_on_a_pipe_has_no_colours(stream: io.BytesIO) -> None:
+    configure_logging("info", "console", stream, environ={})
+    get_logger("t").warning("forced_console", n=2)
+    text = stream.getvalue().decode()
+    assert "forced_console" in text and "n=2" in text and "\x1b[" not in text
+
+
+def test_console_level_gate_applies(stream: io.BytesIO) -> None:
+    gate = configure_logging("warning", "console", stream)
+    get_logger("t").info("hidden_info")
+    gate.set("info")
+    get_logger("t").info("shown_info")
+    text = stream.getvalue().decode()
+    assert "hidden_info" not in text and "shown_info" in text
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_every_format_redacts_keys_text_and_tracebacks(fmt: str) -> None:
+    out = FakeTerminal()  # a terminal: the console renderer at its richest (colours)
+    configure_logging("info", fmt, out, environ={})
+    log = get_logger("t")
+    log.info("keys", authorization=f"Bearer {SECRET}", access_token=SECRET, password=SECRET)
+    log.info("text", target=f"/?access_token={SECRET}", nested={"h": [f"Bearer {SECRET}"]})
+    log.info(f"GET /?access_token={SECRET}")
+    try:
+        raise RuntimeError(f"upgrade failed for /?access_token={SECRET} (Bearer {SECRET})")
+    except RuntimeError:
+        log.exception("crash")
+    text = out.getvalue().decode()
+    assert "RuntimeError: upgrade failed" in text and "crash" in text
+    assert SECRET not in text
+
+
+# --- values logged on purpose, and the fields meant to be copied ---------------------------------
+
+
+def test_a_disclosed_value_keeps_its_token_but_a_secret_key_is_still_redacted(
+    gate: LevelGate, stream: io.BytesIO, lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    url = f"http://127.0.0.1:8766/#access_token={SECRET}"
+    get_logger("t").info(
+        "daemon_started", dashboard_url=Disclosed(url), access_token=Disclosed(SECRET)
+    )
+    entry = lines()[0]
+    assert entry["dashboard_url"] == url
+    assert entry["access_token"] == REDACTED
+    assert stream.getvalue().count(SECRET.encode()) == 1
+    # The same text, not marked: redacted as ever.
+    get_logger("t").info("daemon_started", dashboard_url=url)
+    assert lines()[1]["dashboard_url"] == f"http://127.0.0.1:8766/#access_token={REDACTED}"
+
+
+def test_console_puts_each_copyable_field_on_a_line_of_its_own(stream: io.BytesIO) -> None:
+    configure_logging("info", "console", stream, environ={})
+    get_logger("agentspoonsd.daemon").info(
+        "daemon_started",
+        version="1.0",
+        config="/etc/agentspoonsd/agentspoonsd.toml",
+        websocket_url="ws://127.0.0.1:8765/",
+        dashboard_url="http://127.0.0.1:8766/",
+        watch="agentspoonsd watch ws://127.0.0.1:8765/",
+    )
+    text = stream.getvalue().decode()
+    first, *rest = text.rstrip("\n").split("\n")
+    assert "daemon_started" in first and "version=1.0" in first
+    assert "ws://" not in first and "/etc/agentspoonsd" not in first
+    # Each value whole and alone after its name, so a double- or triple-click copies just it.
+    assert [line.split() for line in rest] == [
+        ["config", "/etc/agentspoonsd/agentspoonsd.toml"],
+        ["websocket_url", "ws://127.0.0.1:8765/"],
+        ["dashboard_url", "http://127.0.0.1:8766/"],
+        ["watch", "agentspoonsd", "watch", "ws://127.0.0.1:8765/"],
+    ]
+    assert all(line.startswith("    ") for line in rest)

@@ -69,7 +69,7 @@ def test_defaults_match_design() -> None:
     assert s.history.dir == Path("/var/lib/agentspoonsd")
     assert s.broker.kind == "memory"
     assert (s.health.host, s.health.port) == ("127.0.0.1", 8766)
-    assert (s.log.level, s.log.format) == ("info", "json")
+    assert (s.log.level, s.log.format) == ("info", "auto")
 
 
 def test_repository_config_is_valid_and_equals_defaults() -> None:
@@ -328,7 +328,7 @@ def token_block(name: str = "a", sha256: str = DIGEST_A, extra: str = "") -> str
         ("[auth]\nenabled = 3", "auth.enabled", "boolean"),
         ("server = 5", "server", "dictionary"),
         ('[log]\nlevel = "verbose"', "log.level", "'debug'"),
-        ('[log]\nformat = "xml"', "log.format", "'json'"),
+        ('[log]\nformat = "xml"', "log.format", "'auto', 'json' or 'console'"),
         ('[generator]\nmodel = "arima"', "generator.model", "'heston'"),
         ('[broker]\nkind = "kafka"', "broker.kind", "'memory'"),
         ('[broker]\nurl = "http://x"', "broker.url", "pattern"),

@@ -416,12 +416,14 @@ def _run(config: str | None) -> int:
     # Imported here so `--version`, `token` and `check-config` don't pay for numpy and trio.
     import trio
 
+    from .banner import program_command
     from .daemon import EXIT_SOFTWARE, Daemon
     from .logs import configure_logging
     from .supervisor import CrashBudgetExceeded
 
     gate = configure_logging(settings.log.level, settings.log.format)
-    daemon = Daemon(settings, path, gate)
+    program = program_command(sys.argv[0], sys.executable, frozen=getattr(sys, "frozen", False))
+    daemon = Daemon(settings, path, gate, program=program)
     tune_gc()
     try:
         return trio.run(daemon.run)

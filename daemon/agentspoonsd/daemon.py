@@ -21,7 +21,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import trio
 
 from . import __version__, activation, sdnotify
 from .auth import ANONYMOUS, TokenStore, hash_token, new_token
+from .banner import PROGRAM, start_banner
 from .dashboard import PageConfig, load_dashboard
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
@@ -193,7 +194,10 @@ class Daemon:
         level_gate: LevelGate,
         *,
         restart_policy: type[RestartPolicy] = RestartPolicy,
+        program: Sequence[str] = (PROGRAM,),
     ) -> None:
+        """`program`: the command that started this daemon (`banner.program_command`), for the
+        ``watch`` command of the start banner."""
         self.settings = settings
         self.config_path = config_path
         self.stats = Stats()
@@ -202,6 +206,8 @@ class Daemon:
         self._log = get_logger("agentspoonsd.daemon")
         self._notifier = sdnotify.Notifier(None)  # replaced in run() from $NOTIFY_SOCKET
         self._ephemeral: TokenSettings | None = None
+        self._ephemeral_token: str | None = None  # in plain text, for the start banner only
+        self._program = tuple(program)
         # (name, expires) of the tokens whose expiry was already acted on.
         self._expiries_handled: set[tuple[str, datetime]] = set()
         self._http_port: int | None = None  # the HTTP listener's bound port, once bound
@@ -223,12 +229,13 @@ class Daemon:
                 token = new_token()
                 self._ephemeral = TokenSettings(name="ephemeral", sha256=hash_token(token))
                 # The one deliberate exception to "no secret in a log": without it a fresh
-                # `make run` could not be used. Logged once, at start.
+                # daemon could not be used. Shown once, by the start banner (daemon_started).
+                self._ephemeral_token = token
                 self._log.warning(
                     "auth_ephemeral_token",
-                    ephemeral_token=token,
                     token="ephemeral",
-                    hint="add [[auth.tokens]] (agentspoonsd token new NAME)",
+                    hint="valid until the daemon stops; daemon_started shows it in dashboard_url"
+                    " and watch; for a lasting token: agentspoonsd token new NAME",
                 )
             tokens = [self._ephemeral]
         mode = auth.tokens_file_mode
@@ -418,6 +425,15 @@ class Daemon:
                     scheme="wss" if tls is not None else "ws",
                 )
                 log.info("listener_bound", service="http", address=_address(http_sock))
+                banner = start_banner(
+                    s,
+                    self.config_path,
+                    websocket_port=ws_sock.getsockname()[1],
+                    http_port=self._http_port,
+                    tls=tls is not None,
+                    ephemeral_token=self._ephemeral_token,  # None when tokens are configured
+                    program=self._program,
+                )
                 log.info(
                     "daemon_started",
                     version=__version__,
@@ -425,6 +441,7 @@ class Daemon:
                     interval_s=s.generator.interval,
                     auth=s.auth.enabled,
                     broker=s.broker.kind,
+                    **banner.fields(),
                 )
                 reload_requests, reload_queue = trio.open_memory_channel[None](1)
                 root.start_soon(self._serve_reloads, reload_queue, websocket)

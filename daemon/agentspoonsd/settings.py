@@ -707,7 +707,14 @@ class LogSettings(_Section):
     """[log]: structured logs on stdout."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description=(
+            "auto: console when stdout is a terminal, else json (journald, pipes, files); json:"
+            " one JSON object per line; console: human-readable lines, coloured on a terminal"
+            " unless NO_COLOR is set."
+        ),
+    )
 
 
 class Settings(BaseSettings):
