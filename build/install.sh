@@ -155,6 +155,7 @@ agentspoonsd is installed. Next steps:
        systemctl status agentspoonsd
        journalctl -u agentspoonsd -o cat | jq
   After editing the config: systemctl reload agentspoonsd
+  To remove it: make uninstall (tokens, state and an edited config stay; PURGE=1 removes them)
 EOF
 if [ -n "$kept" ]; then
     echo
