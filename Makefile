@@ -59,7 +59,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs
 
 # --- Shipping: one frozen executable, its installation, the config's JSON Schema ---------------
-.PHONY: binary install schema
+.PHONY: binary install uninstall schema
 PREFIX  ?= /usr/local
 DESTDIR ?=
 # The freeze is cached: rebuilt only when a source, the spec or the dependencies change (the
@@ -78,9 +78,19 @@ dist/agentspoonsd: $(BINARY_SOURCES) $(VENV)/.installed $(VENV)/.installed-pyins
 binary: dist/agentspoonsd
 
 # Binary to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)/etc/systemd/system, config to
-# $(DESTDIR)/etc/agentspoonsd (an edited config is never overwritten: the new one lands beside it).
-install: dist/agentspoonsd
-	DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' sh build/install.sh dist/agentspoonsd
+# $(DESTDIR)/etc/agentspoonsd (an edited config is never overwritten: the new one lands beside it),
+# and a manifest of it all. It installs the BINARY that exists and never builds one: a freeze run
+# by `sudo make install` would leave root-owned files in the tree. Without it, it refuses and says
+# to run `make binary` first, as the normal user.
+BINARY ?= dist/agentspoonsd
+install:
+	DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' sh build/install.sh '$(BINARY)'
+
+# Removes what the manifest lists (same DESTDIR and PREFIX as the install). Tokens, state and an
+# edited config are kept unless PURGE=1.
+PURGE ?=
+uninstall:
+	DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' PURGE='$(PURGE)' sh build/uninstall.sh
 
 # config/agentspoonsd.schema.json from the pydantic models (tests/test_config_files.py checks it).
 schema: $(VENV)/.installed

@@ -754,3 +754,51 @@ def test_run_and_check_config_help_list_search_order_environment_and_exit_status
             if line.strip()
         ]
         assert listed == sorted({*statuses, 2, 141})
+
+
+def test_token_new_warns_about_symbols_the_config_does_not_publish(
+    capsys: pytest.CaptureFixture[str], no_agentspoonsd_env: Path
+) -> None:
+    """A warning on stderr, per symbol, with the close match; the token is still made (the
+    config may be about to publish it). Checked against the config in use, file or not."""
+    config = no_agentspoonsd_env / "c.toml"
+    config.write_text(GOOD)  # publishes BTC/USD and ETH/USD
+    with_file = no_agentspoonsd_env / "f.toml"
+    with_file.write_text(GOOD.replace("[auth]\n", '[auth]\ntokens_file = "t.toml"\n'))
+    for path in (config, with_file):
+        c = ("--config", str(path))
+        for n, symbols in enumerate((["ETH/USD"], ["*"], ["BTC/USD", "ETH/USD"])):
+            r = token_main(capsys, "new", f"ok{n}", *c, "--symbols", *symbols)
+            assert r.returncode == 0 and r.stderr.count("warning") == 0, (symbols, r.stderr)
+
+        r = token_main(capsys, "new", "typo", *c, "--symbols", "btc/usd", "DOGE/USD")
+        assert r.returncode == 0 and r.stdout.startswith("token: ")
+        lines = r.stderr.splitlines()
+        assert len(lines) == 3, r.stderr
+        assert '"btc/usd" is not published by' in lines[0] and str(path) in lines[0]
+        assert "(generator.symbols: BTC/USD, ETH/USD)" in lines[0]
+        assert 'did you mean "BTC/USD"?' in lines[0]
+        assert '"DOGE/USD" is not published' in lines[1] and "did you mean" not in lines[1]
+        assert "allows none of the published symbols" in lines[2] and "no_symbols" in lines[2]
+
+        r = token_main(capsys, "new", "part", *c, "--symbols", "ETH/USD", "ETHUSD")
+        assert r.returncode == 0
+        (line,) = r.stderr.splitlines()
+        assert '"ETHUSD" is not published' in line and 'did you mean "ETH/USD"?' in line
+    assert [
+        t["name"] for t in tomllib.loads((no_agentspoonsd_env / "t.toml").read_text())["tokens"]
+    ] == ["ok0", "ok1", "ok2", "typo", "part"]
+
+
+def test_token_new_without_a_config_checks_the_built_in_symbols(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_agentspoonsd_env: Path,
+) -> None:
+    from agentspoonsd import settings
+
+    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    r = token_main(capsys, "new", "x", "--symbols", "ETH/USD")
+    assert r.returncode == 0
+    assert '"ETH/USD" is not published by the built-in defaults' in r.stderr
+    assert "(generator.symbols: BTC/USD)" in r.stderr

@@ -1016,6 +1016,7 @@ ERROR_CODES = {
     "binary_unsupported",
     "unknown_symbol",
     "forbidden_symbol",
+    "no_symbols",
     "already_subscribed",
     "rate_limited",
     "message_too_large",

@@ -1,5 +1,7 @@
 """`make install DESTDIR=…`: the staged tree is complete, passes `systemd-analyze verify` with the
-frozen binary in place, runs, and never overwrites an operator's edited config."""
+frozen binary in place, runs, and never overwrites an operator's edited config; install never
+builds; `make uninstall` removes exactly what install put there and keeps tokens, state and
+edited configs unless PURGE=1."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,7 @@ def test_install_stages_everything_with_the_right_modes(frozen: Path, tmp_path: 
         "etc/systemd/system/agentspoonsd.socket",
         "etc/sysusers.d/agentspoonsd.conf",
         "usr/local/bin/agentspoonsd",
+        "usr/local/share/agentspoonsd/install-manifest",
     ]
     assert "build/service-user.sh" in out
     assert "systemctl daemon-reload && systemctl enable --now agentspoonsd" in out
@@ -251,3 +255,140 @@ def test_the_service_user_reads_its_tokens_file_and_root_edits_keep_it_theirs(
         assert "auth.tokens_file" in refused.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- install never builds; uninstall; the installed config ----------------------------------------
+# These install a stand-in executable (BINARY=): what is tested is what the scripts do with files.
+
+
+def run_make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Path:
+    binary = tmp_path / "agentspoonsd-stand-in"
+    binary.write_text("#!/bin/sh\necho stand-in\n")
+    binary.chmod(0o755)
+    return binary
+
+
+def tree(root: Path) -> set[str]:
+    """Every file, link and directory under root, relative; directories end with a slash."""
+    return {
+        str(p.relative_to(root)) + ("/" if p.is_dir() and not p.is_symlink() else "")
+        for p in root.rglob("*")
+    }
+
+
+def test_install_never_builds_the_binary() -> None:
+    """`sudo make install` froze as root (the binary was a prerequisite). Whatever is out of
+    date (-B), install's recipe is the install script alone."""
+    planned = run_make("-n", "-B", "install", "DESTDIR=/nonexistent")
+    assert planned.returncode == 0, planned.stderr
+    assert "build/install.sh" in planned.stdout
+    assert "freeze.sh" not in planned.stdout and "pyinstaller" not in planned.stdout
+    assert "pip" not in planned.stdout
+
+
+def test_install_without_a_binary_refuses_with_the_command_to_run(tmp_path: Path) -> None:
+    dest = tmp_path / "pkg"
+    for missing in (tmp_path / "nothing-here", tmp_path):  # absent; a directory
+        result = run_make("install", f"DESTDIR={dest}", f"BINARY={missing}")
+        assert result.returncode != 0
+        assert f"no executable at {missing}" in result.stderr
+        assert "make binary" in result.stderr and "not root" in result.stderr
+        assert not dest.exists()  # refused before anything was written
+
+
+def test_uninstall_removes_exactly_what_install_put_there(stand_in: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    # What the machine already had: install must not claim it, uninstall must not touch it.
+    for name in ("etc/hostname", "etc/systemd/system/other.service", "usr/local/bin/other"):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_text("theirs\n")
+    before = tree(dest)
+    make_install(dest, f"BINARY={stand_in}")
+    make_install(dest, f"BINARY={stand_in}")  # an upgrade: the manifest still has everything
+    tokens = dest / "etc/agentspoonsd/tokens.toml"
+    tokens.write_text(tokenfile.HEADER + '[[tokens]]\nname = "a"\nsha256 = "' + "a" * 64 + '"\n')
+    state = dest / "var/lib/private/agentspoonsd"  # what systemd makes for the history
+    state.mkdir(parents=True)
+    (state / "history.bin").write_bytes(b"\x00" * 16)
+
+    result = run_make("uninstall", f"DESTDIR={dest}")
+    assert result.returncode == 0, result.stderr
+    kept = {
+        "etc/agentspoonsd/",
+        "etc/agentspoonsd/tokens.toml",
+        "var/",
+        "var/lib/",
+        "var/lib/private/",
+        "var/lib/private/agentspoonsd/",
+        "var/lib/private/agentspoonsd/history.bin",
+    }
+    assert tree(dest) == before | kept
+    assert f"kept {tokens}" in result.stdout and f"kept {state}" in result.stdout
+    assert "PURGE=1" in result.stdout
+
+    purged = run_make("uninstall", f"DESTDIR={dest}")  # nothing left to uninstall: said so
+    assert purged.returncode != 0 and "no install manifest" in purged.stderr
+
+
+def test_uninstall_keeps_an_edited_config_and_purge_removes_it_tokens_and_state(
+    stand_in: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "root"
+    make_install(dest, f"BINARY={stand_in}")
+    config = dest / "etc/agentspoonsd/agentspoonsd.toml"
+    edited = config.read_text().replace("interval = 2.0", "interval = 1.0")
+    config.write_text(edited)
+    make_install(dest, f"BINARY={stand_in}")  # the upgrade puts the shipped one beside it
+    assert config.with_name("agentspoonsd.toml.new").exists()
+    state = dest / "var/lib/agentspoonsd"
+    state.mkdir(parents=True)
+    (state / "history").write_text("x")
+    manifest = dest / "usr/local/share/agentspoonsd/install-manifest"
+    saved = manifest.read_bytes()
+
+    result = run_make("uninstall", f"DESTDIR={dest}")
+    assert result.returncode == 0, result.stderr
+    assert config.read_text() == edited and f"kept {config} (edited" in result.stdout
+    assert not config.with_name("agentspoonsd.toml.new").exists()  # as installed: removed
+    assert not (dest / "etc/agentspoonsd/agentspoonsd.env").exists()  # never edited: removed
+    assert (dest / "etc/agentspoonsd/tokens.toml").exists() and state.is_dir()
+
+    # PURGE=1: the same manifest again (as after a reinstall), and everything goes.
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(saved)
+    result = run_make("uninstall", f"DESTDIR={dest}", "PURGE=1")
+    assert result.returncode == 0, result.stderr
+    assert tree(dest) == {"var/", "var/lib/"}  # made by the test, not by install
+    assert "removed" in result.stdout and "kept" not in result.stdout
+
+    refused = run_make("uninstall", f"DESTDIR={dest}", "PURGE=yes")
+    assert refused.returncode != 0
+
+
+def test_uninstall_follows_the_prefix_of_the_install(stand_in: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    make_install(dest, f"BINARY={stand_in}", "PREFIX=/opt/agentspoonsd")
+    assert (dest / "opt/agentspoonsd/share/agentspoonsd/install-manifest").is_file()
+    wrong = run_make("uninstall", f"DESTDIR={dest}")  # the default PREFIX: no manifest there
+    assert wrong.returncode != 0 and "PREFIX" in wrong.stderr
+    assert (dest / "opt/agentspoonsd/bin/agentspoonsd").is_file()  # nothing was removed
+    result = run_make("uninstall", f"DESTDIR={dest}", "PREFIX=/opt/agentspoonsd", "PURGE=1")
+    assert result.returncode == 0, result.stderr
+    assert tree(dest) == set()
+
+
+def test_installed_config_persists_the_history_in_the_units_state_directory() -> None:
+    """An upgrade (a restart) keeps seq and history: clients resume instead of starting over."""
+    with EXAMPLE.open("rb") as f:
+        history = tomllib.load(f)["history"]
+    assert history["persist"] is True
+    unit = (ROOT / "systemd" / "agentspoonsd.service").read_text()
+    assert "StateDirectory=agentspoonsd" in unit
+    assert history["dir"] == "/var/lib/agentspoonsd"

@@ -374,3 +374,12 @@ def test_request_cost_grows_with_the_updates_a_reply_carries() -> None:
     resume = protocol.Resume((("BTC/USD", 1),))
     assert protocol.request_cost(resume, 5) == 1  # a reconnect that missed a few: cheap
     assert protocol.request_cost(resume, 1_000_000) == 1 + 1_000_000 // unit
+
+
+def test_no_symbols_error_names_the_token_and_at_most_five_published_symbols() -> None:
+    few = protocol.no_symbols_error("doge", ["BTC/USD", "ETH/USD"])
+    assert few["type"] == "error" and few["code"] == "no_symbols"
+    assert "'doge'" in few["message"] and "(BTC/USD, ETH/USD)" in few["message"]
+    assert "symbol" not in few  # about the connection, not one symbol
+    many = protocol.no_symbols_error("x", [f"S{i}/USD" for i in range(8)])
+    assert "S4/USD and 3 more" in many["message"] and "S5/USD" not in many["message"]

@@ -417,6 +417,7 @@ class Live:
     port: int
     full: str  # token for every symbol
     btc: str  # token for BTC/USD only
+    none: str  # token for a symbol the daemon does not publish
     seen_types: Counter[str] = field(default_factory=Counter)
     seen_codes: Counter[str] = field(default_factory=Counter)
     sent_types: Counter[str] = field(default_factory=Counter)
@@ -441,11 +442,12 @@ def _ws_port(daemon: DaemonProcess, within: float = 20.0) -> int:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    full, btc = new_token(), new_token()
+    full, btc, none = new_token(), new_token(), new_token()
     path = tmp_path_factory.mktemp("spec") / "agentspoonsd.toml"
     path.write_text(
         config_text(tokens={"full": full}, interval=0.1, symbols=SYMBOLS)
         + token_block("btc", btc, ["BTC/USD"])
+        + token_block("none", none, ["DOGE/USD"])
     )
     daemon = DaemonProcess(
         path,
@@ -456,7 +458,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )
     daemon.start()
     try:
-        yield Live(_ws_port(daemon), full, btc)
+        yield Live(_ws_port(daemon), full, btc, none)
     finally:
         daemon.kill()
 
@@ -638,6 +640,11 @@ async def test_live_token_limits_the_symbols(spec: Spec, live: Live) -> None:
             first, second = await session.recv(), await session.recv()
             assert (first["code"], first["symbol"]) == ("forbidden_symbol", "ETH/USD")
             assert (second["code"], second["symbol"]) == ("unknown_symbol", "DOGE/USD")
+
+        # A token scoped to nothing the daemon publishes: told so, not a silent empty stream.
+        async with _connect(spec, live, live.none) as (session, connected):
+            assert connected["symbols"] == connected["available"] == []
+            assert (await session.recv())["code"] == "no_symbols"
     live.finished.add("token")
 
 

@@ -832,3 +832,20 @@ async def test_a_reload_that_switches_auth_on_closes_the_anonymous_connections(
             assert json.loads(await authenticated.get_message())["token"] == "dashboard"
             await next_update(authenticated)
     assert token not in daemon.log_text
+
+
+def test_scope_warnings_name_each_unpublished_symbol_and_a_token_scoped_to_nothing() -> None:
+    published = ["BTC/USD", "ETH/USD"]
+    assert tokenfile.scope_warnings(["*"], published, "c.toml") == []
+    assert tokenfile.scope_warnings(["ETH/USD", "BTC/USD"], published, "c.toml") == []
+    one = tokenfile.scope_warnings(["ETH/USD", "eth/usd"], published, "c.toml")
+    assert one == [
+        'symbol "eth/usd" is not published by c.toml (generator.symbols: BTC/USD, ETH/USD);'
+        ' did you mean "ETH/USD"?'
+    ]
+    none = tokenfile.scope_warnings(["SOL/USD"], published, "c.toml")
+    assert len(none) == 2 and "did you mean" not in none[0]
+    assert "allows none of the published symbols" in none[1]
+    # Quoted as TOML strings: a control character cannot forge a second line.
+    (line, _) = tokenfile.scope_warnings(["x\ny"], published, "c.toml")
+    assert '"x\\ny"' in line and "\n" not in line

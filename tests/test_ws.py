@@ -380,6 +380,54 @@ async def test_forbidden_symbols(running: Running) -> None:
         assert reply == {"type": "subscribed", "symbols": ["ETH/USD"]}
 
 
+async def test_a_token_that_allows_no_published_symbol_is_told_so(running: Running) -> None:
+    """Not a silent empty stream: `no_symbols` right after `connected`, whatever the URL asks
+    (the default subscription, named symbols, resume); the connection stays usable."""
+    token = new_token()
+    running.server.auth = TokenStore(
+        [TokenSettings(name="doge", sha256=hash_token(token), symbols=["DOGE/USD", "btc/usd"])]
+    )
+    base = f"ws://127.0.0.1:{running.port}/?access_token={token}"
+    with trio.fail_after(10):
+        await _each_told_no_symbols(base)
+
+
+async def _each_told_no_symbols(base: str) -> None:
+    for query, then in (
+        ("", []),
+        ("&symbols=", []),
+        ("&symbols=BTC/USD", [("forbidden_symbol", "BTC/USD")]),
+        ("&resume=ETH/USD:3", [("forbidden_symbol", "ETH/USD")]),
+    ):
+        async with open_websocket_url(base + query) as ws:
+            hello = json.loads(await ws.get_message())
+            assert hello["type"] == "connected", query
+            assert hello["symbols"] == hello["available"] == []
+            error = json.loads(await ws.get_message())
+            assert error["type"] == "error" and error["code"] == "no_symbols", query
+            assert "doge" in error["message"] and "BTC/USD" in error["message"]
+            for code, symbol in then:
+                error = json.loads(await ws.get_message())
+                assert (error["code"], error["symbol"]) == (code, symbol)
+            reply = await request(ws, {"type": "ping"})
+            assert reply["type"] == "pong"
+
+
+async def test_a_token_that_allows_a_published_symbol_gets_no_no_symbols_error(
+    running: Running,
+) -> None:
+    token = new_token()
+    running.server.auth = TokenStore(
+        [TokenSettings(name="mixed", sha256=hash_token(token), symbols=["DOGE/USD", "ETH/USD"])]
+    )
+    url = f"ws://127.0.0.1:{running.port}/?access_token={token}"
+    with trio.fail_after(10):
+        async with open_websocket_url(url) as ws:
+            hello = json.loads(await ws.get_message())
+            assert hello["available"] == ["ETH/USD"]
+            assert (await request(ws, {"type": "ping"}))["type"] == "pong"  # nothing before it
+
+
 async def test_history_is_the_newest_updates_oldest_first(running: Running) -> None:
     publish(running, 30)
     async with open_websocket_url(running.url + "&symbols=") as ws:

@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         help="make a token: append it to the tokens file, or print its config block",
         description="Print a new token once. With --file, or auth.tokens_file in the config, its"
         " entry is appended to that file (created mode 0600); otherwise the [[auth.tokens]]"
-        " block to paste into the config is printed.",
+        " block to paste into the config is printed. A symbol the config in use does not"
+        " publish (generator.symbols) is warned about on stderr; the token is still made.",
     )
     new.add_argument("name", help="the token's name, shown in logs (e.g. dashboard)")
     new.add_argument("--symbols", nargs="+", default=["*"], help='allowed symbols (default "*")')
@@ -222,7 +223,7 @@ def _token_new(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from .settings import TokenSettings
-    from .tokenfile import TokenFileError, append_token, check_new, entry_text
+    from .tokenfile import TokenFileError, append_token, check_new, entry_text, scope_warnings
 
     try:
         entry = TokenSettings(
@@ -253,6 +254,11 @@ def _token_new(args: argparse.Namespace) -> int:
             f'a token named "{args.name}" is already in {config_path or "the config"}'
             " ([[auth.tokens]]); choose another name"
         )
+
+    if settings is not None:  # a warning, not a refusal: the config may be about to change
+        source = str(config_path) if config_path else "the built-in defaults"
+        for line in scope_warnings(entry.symbols, settings.generator.symbols, source):
+            print(f"agentspoonsd: warning: {line}", file=sys.stderr)
 
     token = new_token()
     entry = entry.model_copy(update={"sha256": hash_token(token)})

@@ -7,6 +7,7 @@ contract (DESIGN.md "Wire protocol"); new fields are additive. docs/PROTOCOL.md 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,7 @@ class ErrorCode:
     FORBIDDEN_SYMBOL = "forbidden_symbol"
     ALREADY_SUBSCRIBED = "already_subscribed"
     RATE_LIMITED = "rate_limited"
+    NO_SYMBOLS = "no_symbols"
 
 
 ALL = "*"  # in subscribe/unsubscribe: every symbol
@@ -116,6 +118,19 @@ def update_message(bar: Bar, seq: int, published: datetime) -> dict[str, Any]:
 
 def error_message(code: str, message: str, **fields: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **fields}
+
+
+def no_symbols_error(token: str, published: Sequence[str]) -> dict[str, Any]:
+    """The error a connection gets right after `connected` when its token allows none of the
+    `published` symbols: it names the token and (up to five of) the symbols it could have had."""
+    shown = ", ".join(published[:5]) + (
+        f" and {len(published) - 5} more" if len(published) > 5 else ""
+    )
+    return error_message(
+        ErrorCode.NO_SYMBOLS,
+        f"token {token!r} allows none of the published symbols ({shown}):"
+        " this connection receives no updates",
+    )
 
 
 def pong_message(now: datetime) -> dict[str, Any]:

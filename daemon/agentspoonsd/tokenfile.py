@@ -10,12 +10,13 @@ never half of either. Every change holds an exclusive flock, so two commands can
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,6 +69,33 @@ def entry_text(token: TokenSettings, table: str = "tokens") -> str:
     if token.max_connections is not None:
         lines.append(f"max_connections = {token.max_connections}")
     return "\n".join(lines) + "\n"
+
+
+def scope_warnings(symbols: Sequence[str], published: Sequence[str], source: str) -> list[str]:
+    """One line per symbol of a new token that `published` (the config's generator.symbols,
+    read from `source`) lacks, with the published symbol it most resembles, if any; then one
+    line more when the token allows none of them. Empty for "*" or when all are published."""
+    if "*" in symbols:
+        return []
+    listed = ", ".join(published)
+    # Case-insensitive resemblance: "btc/usd" and "BTCUSD" both point at "BTC/USD".
+    folded = {p.casefold(): p for p in published}
+    lines = []
+    for symbol in symbols:
+        if symbol in published:
+            continue
+        line = f"symbol {toml_string(symbol)} is not published by {source}"
+        line += f" (generator.symbols: {listed})"
+        close = difflib.get_close_matches(symbol.casefold(), list(folded), n=1, cutoff=0.75)
+        if close:
+            line += f"; did you mean {toml_string(folded[close[0]])}?"
+        lines.append(line)
+    if len(lines) == len(symbols):
+        lines.append(
+            "this token allows none of the published symbols: its connections will receive no"
+            " updates, only an error (no_symbols) after `connected`"
+        )
+    return lines
 
 
 @contextlib.contextmanager

@@ -842,6 +842,8 @@ class WebSocketServer:
             options = protocol.parse_connect_target(request.target)
         except RequestError as exc:
             options, errors = protocol.ConnectOptions(None, ()), [exc.reply]
+        if not available:  # a token scoped to nothing is told so, not sent a silent stream
+            errors.insert(0, protocol.no_symbols_error(verdict.name, hub.symbols))
         resume = []
         for symbol, seq in options.resume:
             problem = self._symbol_problem(verdict, symbol)
