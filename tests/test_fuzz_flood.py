@@ -31,9 +31,9 @@ from websockets.sync.client import connect
 from daemon_process import DaemonProcess, config_text, http_get, new_token
 
 INTERVAL = 0.1
-WARMUP_SECONDS = 3.0  # one pass of every attack, so lazily made objects are not counted as growth
-BASELINE_SECONDS = 5.0
-FLOOD_SECONDS = 10.0
+WARMUP_SECONDS = 1.5  # one pass of every attack, so lazily made objects are not counted as growth
+BASELINE_SECONDS = 3.0
+FLOOD_SECONDS = 5.0
 RSS_SLACK_KIB = 5 * 1024
 FLOODER = Path(__file__).with_name("flooder.py")
 
@@ -176,7 +176,7 @@ async def test_a_mixed_flood_harms_no_bystander(tmp_path: Path) -> None:
         assert set(tally(outcomes, "deflate_bomb")) <= {"1009", "reset"}, outcomes
         assert tally(outcomes, "deflate_bomb").get("1009", 0) >= 1, outcomes
         assert set(tally(outcomes, "bad_token")) <= {"401", "429"}, outcomes
-        assert attacks >= 200
+        assert attacks >= 100
     finally:
         daemon.signal(2)
         await daemon.wait_exit()

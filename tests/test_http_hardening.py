@@ -465,7 +465,7 @@ async def test_error_logs_per_peer_are_rate_limited_and_summarised(
 
 
 ABUSERS = 1000
-REQUEST_TIMEOUT = 6.0
+REQUEST_TIMEOUT = 4.0
 PER_IP = 64
 
 
