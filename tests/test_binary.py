@@ -37,14 +37,6 @@ BINARY = ROOT / "dist" / "agentspoonsd"
 UNIT = ROOT / "systemd" / "agentspoonsd.service"
 SANDBOX = ROOT / "build" / "unit_sandbox.py"
 MAX_SIZE_MB = 60
-# Set to False by the lead once daemon.py calls sdnotify / activation (see systemd/README.md):
-# the two tests marked with it then run for real, and strict xfail makes their passing loud.
-NOT_WIRED_YET = False
-not_wired = pytest.mark.xfail(
-    NOT_WIRED_YET,
-    strict=True,
-    reason="daemon.py does not call sdnotify/activation yet (lead wires them; then drop this)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +255,7 @@ async def test_watchdog_abort_reaches_the_daemon_and_fails_the_unit(
     assert entries(runtime_dir) == []
 
 
-# --- what systemd sees: notifications and socket activation (after the lead's wiring) ------------
+# --- what systemd sees: notifications and socket activation ---------------------------------------
 
 
 def ucred_pid(ancdata: list[tuple[int, int, bytes]]) -> int | None:
@@ -284,7 +276,6 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     sock.close()
 
 
-@not_wired
 async def test_frozen_daemon_notifies_systemd_from_its_child(
     frozen: Path,
     frozen_daemons: list[FrozenDaemon],
@@ -337,7 +328,6 @@ async def test_frozen_daemon_notifies_systemd_from_its_child(
     assert ready_after < 5.0  # the target is 1.5 s on this machine; printed above
 
 
-@not_wired
 async def test_frozen_daemon_adopts_a_socket_passed_by_systemd(
     frozen: Path, frozen_daemons: list[FrozenDaemon], tmp_path: Path, runtime_dir: Path
 ) -> None:
