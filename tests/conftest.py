@@ -7,6 +7,9 @@ import functools
 import inspect
 import os
 import signal
+import subprocess
+import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,3 +78,59 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         test = getattr(item, "obj", None)
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(test):
             item.obj = _cancellation_is_a_failure(test)
+    # The tests of the frozen executable run last, so that its freeze (`_freeze_in_background`)
+    # has had the whole suite to finish instead of holding the first of them up.
+    items.sort(key=_needs_the_binary)
+
+
+# --- the frozen executable, built while the other tests run ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+_FREEZE = pytest.StashKey[tuple[subprocess.Popen[bytes], Any]]()
+
+
+def _needs_the_binary(item: pytest.Item) -> bool:
+    return "frozen_binary" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start `make binary` (PyInstaller, ~35 s of CPU on a fresh checkout) at the lowest CPU
+    priority when a collected test needs the executable: it then uses the time the other tests
+    spend waiting on sockets and processes, and `frozen_binary` only waits for what is left."""
+    if not any(_needs_the_binary(item) for item in session.items):
+        return
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by pytest_sessionfinish)
+    freeze = subprocess.Popen(
+        ["nice", "-n", "19", "make", "-s", "binary"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped whole if the session ends first
+    )
+    session.config.stash[_FREEZE] = (freeze, log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    freeze, log = session.config.stash.get(_FREEZE, (None, None))
+    if freeze is not None and freeze.poll() is None:  # the session ended before needing it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(freeze.pid, signal.SIGKILL)
+        freeze.wait()
+    if log is not None:
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def frozen_binary(request: pytest.FixtureRequest) -> Path:
+    """dist/agentspoonsd, frozen if missing or older than its sources (make's decision): the
+    background freeze is waited for, then make confirms it is up to date (a failed freeze runs
+    again here, in the foreground, and fails the test with make's own message)."""
+    started = time.monotonic()
+    freeze, _ = request.config.stash.get(_FREEZE, (None, None))
+    if freeze is not None:
+        freeze.wait()
+    subprocess.run(["make", "-s", "binary"], cwd=ROOT, check=True)
+    print(f"make binary: waited {time.monotonic() - started:.1f} s")
+    binary = ROOT / "dist" / "agentspoonsd"
+    assert os.access(binary, os.X_OK)
+    return binary

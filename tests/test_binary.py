@@ -40,13 +40,9 @@ MAX_SIZE_MB = 60
 
 
 @pytest.fixture(scope="module")
-def frozen() -> Path:
-    """dist/agentspoonsd, frozen now if missing or older than its sources (make's decision)."""
-    started = time.monotonic()
-    subprocess.run(["make", "-s", "binary"], cwd=ROOT, check=True)
-    print(f"make binary: {time.monotonic() - started:.1f} s")
-    assert os.access(BINARY, os.X_OK)
-    return BINARY
+def frozen(frozen_binary: Path) -> Path:
+    """dist/agentspoonsd (conftest.py freezes it while the other tests run)."""
+    return frozen_binary
 
 
 def sandboxed(binary: Path, *args: str) -> list[str]:

@@ -24,7 +24,7 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from daemon_process import DaemonProcess, config_text, http_get
-from redis_server import ROOT, RedisServer
+from redis_server import RedisServer
 
 LEASE = 0.5
 INTERVAL = 0.05
@@ -258,11 +258,9 @@ async def wait_for_readyz(port: int, status: int, within: float = 5.0) -> tuple[
 
 
 @pytest.fixture
-def frozen() -> Path:
-    """dist/agentspoonsd, frozen now if older than its sources (make decides; test_binary.py
-    usually built it already)."""
-    subprocess.run(["make", "-s", "binary"], cwd=ROOT, check=True)
-    return ROOT / "dist" / "agentspoonsd"
+def frozen(frozen_binary: Path) -> Path:
+    """dist/agentspoonsd (conftest.py freezes it while the other tests run)."""
+    return frozen_binary
 
 
 async def test_the_frozen_binary_runs_a_redis_node(

@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
@@ -25,11 +24,9 @@ SYSUSERS = ROOT / "systemd" / "agentspoonsd.sysusers"
 
 
 @pytest.fixture(scope="module")
-def frozen() -> Path:
-    started = time.monotonic()
-    subprocess.run(["make", "-s", "binary"], cwd=ROOT, check=True)
-    print(f"make binary: {time.monotonic() - started:.1f} s")
-    return ROOT / "dist" / "agentspoonsd"
+def frozen(frozen_binary: Path) -> Path:
+    """dist/agentspoonsd (conftest.py freezes it while the other tests run)."""
+    return frozen_binary
 
 
 @pytest.fixture(scope="module")
