@@ -50,6 +50,27 @@ def no_process_outlives_the_tests(tmp_path_factory: pytest.TempPathFactory) -> I
     assert not leaked, f"processes left running by the tests: {leaked}"
 
 
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """`start(config_text, env=None)`: the real daemon as a subprocess on that config (written
+    under the test's tmp_path); every daemon started is killed when the test ends."""
+    from daemon_process import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
+        path.write_text(text)
+        process = DaemonProcess(path, env)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
 AsyncTest = Callable[..., Awaitable[Any]]
 
 

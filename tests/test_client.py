@@ -10,7 +10,7 @@ import socket
 import statistics
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,21 +128,7 @@ def on_both_loops(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     return pytest.mark.parametrize("backend", BACKENDS)(run)
 
 
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Factory]:
-    started: list[DaemonProcess] = []
-
-    def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path, env)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 def assert_consecutive(updates: list[dict[str, Any]]) -> dict[str, list[int]]:

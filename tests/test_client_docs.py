@@ -106,20 +106,8 @@ def run_script(tmp_path: Path) -> Iterator[Callable[[str, dict[str, str]], Scrip
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path, env)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+def daemons(daemon_factory: Callable[..., DaemonProcess]) -> Callable[..., DaemonProcess]:
+    return daemon_factory  # conftest.py
 
 
 def consecutive(updates: list[tuple[str, int]]) -> dict[str, list[int]]:

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from daemon_process import DaemonProcess, config_text, http_get, new_token, token_block
+from daemon_process import config_text, http_get, new_token, token_block
 
 SHUTDOWN_TIMEOUT = 3.0  # config_text's server.shutdown_timeout
 
 
-@pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[object]:
-    started: list[DaemonProcess] = []
-
-    def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path, env)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:

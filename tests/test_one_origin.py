@@ -12,7 +12,7 @@ import json
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +44,8 @@ Start = Callable[..., DaemonProcess]
 
 
 @pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Start]:
-    started: list[DaemonProcess] = []
-
-    def run(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path, env)
-        process.start()
-        started.append(process)
-        return process
-
-    yield run
-    for process in started:
-        process.kill()
+def start(daemon_factory: Start) -> Start:
+    return daemon_factory  # conftest.py
 
 
 def server_keys(text: str, keys: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -30,21 +30,7 @@ def config(source_table: str, symbols: list[str], token: str) -> str:
     )
 
 
-@pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[[str], DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def start(text: str) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 def bar(symbol: str, minute: int, close: float) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,21 +20,7 @@ from daemon_process import DaemonProcess, config_text, new_token
 Factory = Callable[..., DaemonProcess]
 
 
-@pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Factory]:
-    started: list[DaemonProcess] = []
-
-    def start(text: str) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 def tool_argv(*args: str) -> list[str]:

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -250,21 +250,7 @@ def test_untrusted_hint(tmp_path: Path) -> None:
 # --- the commands, against the real daemon --------------------------------------------------
 
 
-@pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Factory]:
-    started: list[DaemonProcess] = []
-
-    def start(text: str) -> DaemonProcess:
-        path = tmp_path / f"daemon-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 def tool_env(**variables: str) -> dict[str, str]:
