@@ -76,6 +76,17 @@ def wait_state(page: Page, state: str, timeout: float = WAIT_MS) -> None:
     page.wait_for_selector(f'body[data-state="{state}"]', state="attached", timeout=timeout)
 
 
+def wait_state_saying(page: Page, state: str, text: str) -> None:
+    """Wait until the page is in `state` and its detail line contains `text`, read together:
+    a retrying page leaves each state after its countdown, so two separate reads could race."""
+    page.wait_for_function(
+        """([state, text]) => document.body.dataset.state === state
+            && document.getElementById("detail").textContent.includes(text)""",
+        arg=[state, text],
+        timeout=WAIT_MS,
+    )
+
+
 def wait_updates(page: Page, symbol: str, at_least: int) -> None:
     page.wait_for_function(
         """([symbol, n]) => {
@@ -192,8 +203,7 @@ def test_down_daemon_is_shown_then_the_page_resumes_without_a_gap(
         wait_state(page, "live")
         wait_updates(page, "BTC/USD", 3)
         assert stop_daemon(first) == 0
-        wait_state(page, "down")
-        assert "does not answer" in page.inner_text("#detail")
+        wait_state_saying(page, "down", "does not answer")
         before = card(page, "BTC/USD")
         second = start_daemon(tmp_path, ports, {"dash": TOKEN}, persisted, name="persisted")
         wait_state(page, "live")

@@ -196,7 +196,13 @@ function onStatus(status) {
   switch (status.state) {
     case "connecting": {
       const again = status.attempt > 0 || state.downSince !== null;
-      setState(again ? "reconnecting" : "connecting", again ? "Reconnecting…" : "Connecting…");
+      // While retrying, the page keeps saying since when the daemon has been gone.
+      const since = state.downSince === null ? "" : new Date(state.downSince).toLocaleTimeString();
+      setState(
+        again ? "reconnecting" : "connecting",
+        again ? "Reconnecting…" : "Connecting…",
+        since ? `The daemon has not answered since ${since}; trying again now.` : "",
+      );
       break;
     }
     case "open":
