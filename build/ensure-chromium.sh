@@ -12,6 +12,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "ensure-chromium: installing Debian's chromium (for the dashboard's browser test)" >&2
+# One apt at a time: test workers (pytest -n) may ask for two packages at once.
+exec 9>/var/lock/agentspoonsd-apt.lock
+flock 9
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends chromium >/dev/null
 [ -x /usr/bin/chromium ]

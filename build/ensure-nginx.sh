@@ -13,6 +13,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "ensure-nginx: installing Debian's nginx (for the one-origin test)" >&2
+# One apt at a time: test workers (pytest -n) may ask for two packages at once.
+exec 9>/var/lock/agentspoonsd-apt.lock
+flock 9
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=120 nginx >/dev/null
 [ -x /usr/sbin/nginx ]

@@ -15,6 +15,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "ensure-promtool: installing Debian's prometheus package (for promtool)" >&2
+# One apt at a time: test workers (pytest -n) may ask for two packages at once.
+exec 9>/var/lock/agentspoonsd-apt.lock
+flock 9
 apt-get update -qq
 # policy-rc.d 101: the package's postinst must not start a Prometheus server on this machine.
 policy=/usr/sbin/policy-rc.d

@@ -12,6 +12,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "ensure-redis: installing Debian's redis-server (for the cluster tests)" >&2
+# One apt at a time: test workers (pytest -n) may ask for two packages at once.
+exec 9>/var/lock/agentspoonsd-apt.lock
+flock 9
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 command -v redis-server >/dev/null

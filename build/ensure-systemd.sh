@@ -16,6 +16,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "ensure-systemd: installing Debian's$missing (for systemd-analyze, /bin/kill)" >&2
+# One apt at a time: test workers (pytest -n) may ask for two packages at once.
+exec 9>/var/lock/agentspoonsd-apt.lock
+flock 9
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing >/dev/null

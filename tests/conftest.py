@@ -108,6 +108,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 ROOT = Path(__file__).resolve().parents[1]
 _FREEZE = pytest.StashKey[tuple[subprocess.Popen[bytes], Any]]()
+# Test workers (pytest -n) share one dist/: a freeze holds this lock, so a second one waits for
+# it and then finds the executable up to date.
+_FREEZE_LOCK = ("flock", str(ROOT / "build" / "work" / "freeze.lock"))
 
 
 def _needs_the_binary(item: pytest.Item) -> bool:
@@ -120,9 +123,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     spend waiting on sockets and processes, and `frozen_binary` only waits for what is left."""
     if not any(_needs_the_binary(item) for item in session.items):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # one freeze for the whole run; the other workers wait on its lock if they need it
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by pytest_sessionfinish)
+    Path(_FREEZE_LOCK[1]).parent.mkdir(parents=True, exist_ok=True)
     freeze = subprocess.Popen(
-        ["nice", "-n", "19", "make", "-s", "binary"],
+        [*_FREEZE_LOCK, "nice", "-n", "19", "make", "-s", "binary"],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -150,7 +156,8 @@ def frozen_binary(request: pytest.FixtureRequest) -> Path:
     freeze, _ = request.config.stash.get(_FREEZE, (None, None))
     if freeze is not None:
         freeze.wait()
-    subprocess.run(["make", "-s", "binary"], cwd=ROOT, check=True)
+    Path(_FREEZE_LOCK[1]).parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*_FREEZE_LOCK, "make", "-s", "binary"], cwd=ROOT, check=True)
     print(f"make binary: waited {time.monotonic() - started:.1f} s")
     binary = ROOT / "dist" / "agentspoonsd"
     assert os.access(binary, os.X_OK)

@@ -172,7 +172,9 @@ def test_grant_with_wildcard_among_others() -> None:
 # --- hash_token and new_token ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("secret", ["", "abc", "ünïcødé-🔑", new_token()])
+@pytest.mark.parametrize(
+    "secret", ["", "abc", "ünïcødé-🔑", new_token()], ids=["empty", "ascii", "unicode", "new"]
+)
 def test_hash_token_is_sha256_hex(secret: str) -> None:
     assert hash_token(secret) == hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
