@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -93,8 +94,9 @@ def test_repository_config_is_valid_and_equals_defaults() -> None:
     )
     for symbol, price, volatility in [("BTC/USD", 60_000.0, 0.55), ("ETH/USD", 3_000.0, 0.70)]:
         assert generator.initial_price_for(symbol) == price
-        table = getattr(generator.overrides[symbol], generator.model_for(symbol))
-        assert table.annual_volatility == volatility
+        per_bar = generator.params_for(symbol)
+        annual_variance = per_bar.unconditional_variance * generator.bar_time.periods_per_year
+        assert math.sqrt(annual_variance) == pytest.approx(volatility, rel=1e-12)
 
 
 def test_toml_file_is_loaded(tmp_path: Path) -> None:

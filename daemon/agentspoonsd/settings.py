@@ -602,6 +602,7 @@ class GeneratorSettings(_MarketSection):
         None,
         ge=1e-6,
         validate_default=True,
+        json_schema_extra=lambda schema: schema.pop("default", None),  # not null: interval
         description=(
             "Market seconds one bar covers: bars are this far apart in data.timestamp, and the"
             " yearly model parameters and the annualisation use it. Unset: interval (real time);"
