@@ -34,6 +34,7 @@ from trio_websocket import open_websocket_url
 
 from agentspoonsd.market import annual, models
 from agentspoonsd.market.bar import Bar
+from agentspoonsd.market.clock import MarketClock, bar_step
 from agentspoonsd.market.estimators import ESTIMATOR_NAMES
 from agentspoonsd.market.generator import MAX_CATCH_UP_TICKS, Generator, symbol_seed
 from agentspoonsd.protocol import iso_utc
@@ -325,6 +326,28 @@ async def test_missed_ticks_are_made_up_then_skipped_never_burst(
         assert [bar.timestamp for bar in series] == [
             origin + timedelta(seconds=interval * n) for n in range(len(series))
         ]
+
+
+def test_market_clock_spaces_rounds_exactly_and_never_goes_back() -> None:
+    """The pure clock: rounds bar_seconds apart to the microsecond, counted across calls; a run
+    starts at the wall clock unless a published close makes that go backwards."""
+    clock = MarketClock(1 / 3)  # not a whole number of microseconds: rounded once, not drifting
+    with pytest.raises(RuntimeError):
+        clock.next_rounds(1)
+    assert clock.start_run(EPOCH) == EPOCH
+    closes = clock.next_rounds(2) + clock.next_rounds(0) + clock.next_rounds(3)
+    step = timedelta(microseconds=333_333)
+    assert closes == [EPOCH + n * step for n in range(5)]
+    clock.mark_published(closes[-1])
+    clock.mark_published(closes[0])  # an older close changes nothing
+    assert clock.published == closes[-1]
+    # The wall clock is behind the last close (the clock ran ahead): one bar after it.
+    assert clock.start_run(EPOCH) == closes[-1] + step
+    assert clock.next_rounds(1) == [closes[-1] + step]
+    # The wall clock is ahead: it wins, and the gap is the time the generator was away.
+    later = EPOCH + timedelta(hours=1)
+    assert clock.start_run(later) == later
+    assert bar_step(60.0) == timedelta(minutes=1) and bar_step(1e-9) == timedelta(microseconds=1)
 
 
 async def test_an_accelerated_market_closes_bars_bar_seconds_apart(
@@ -670,13 +693,13 @@ async def test_file_source_restart_neither_repeats_nor_loses_a_record(tmp_path: 
 async def test_daemon_publishes_market_time_and_continues_it_after_a_restart(
     daemon_factory: Any, tmp_path: Path
 ) -> None:
-    """One-minute bars every 0.05 s, history persisted: each update's data.timestamp is exactly
+    """One-minute bars every 0.02 s, history persisted: each update's data.timestamp is exactly
     60 s after the previous one while the outer timestamp (publication) advances by about the
     interval; after kill -9 and a restart the market clock, hours ahead of the wall clock by
     then, goes on one bar after the last persisted close, never back to the wall clock."""
     token = new_token()
     extra = f'[history]\npersist = true\ndir = "{tmp_path / "history"}"\n'
-    text = config_text(tokens={"t": token}, interval=0.05, symbols=("BTC/USD",), extra=extra)
+    text = config_text(tokens={"t": token}, interval=0.02, symbols=("BTC/USD",), extra=extra)
     text = text.replace("seed = 7\n", "seed = 7\nbar_seconds = 60.0\nwarmup_bars = 0\n")
 
     async def updates(daemon: Any, count: int) -> list[dict[str, Any]]:
@@ -694,10 +717,10 @@ async def test_daemon_publishes_market_time_and_continues_it_after_a_restart(
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
     first = daemon_factory(text)
-    before = await updates(first, 10)
+    before = await updates(first, 8)
     first.kill()
     second = daemon_factory(text)
-    after = await updates(second, 5)
+    after = await updates(second, 3)
 
     minute = timedelta(minutes=1)
     for run in (before, after):
@@ -707,7 +730,7 @@ async def test_daemon_publishes_market_time_and_continues_it_after_a_restart(
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     published = [stamp(u["timestamp"]) for u in before]
     wall = (published[-1] - published[0]) / (len(published) - 1)
-    assert timedelta(seconds=0.02) < wall < timedelta(seconds=0.5)  # ~interval, not a minute
+    assert timedelta(seconds=0.005) < wall < timedelta(seconds=0.5)  # ~interval, not a minute
     # The restarted daemon's first update is either the one after the last persisted (a client
     # connected at once) or a later one; its close is a whole number of minutes after it.
     persisted = stamp(before[-1]["data"]["timestamp"])
