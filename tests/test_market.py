@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -29,12 +30,16 @@ import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
+from trio_websocket import open_websocket_url
 
-from agentspoonsd.market import models
+from agentspoonsd.market import annual, models
 from agentspoonsd.market.bar import Bar
+from agentspoonsd.market.clock import MarketClock, bar_step
 from agentspoonsd.market.estimators import ESTIMATOR_NAMES
 from agentspoonsd.market.generator import MAX_CATCH_UP_TICKS, Generator, symbol_seed
+from agentspoonsd.protocol import iso_utc
 from agentspoonsd.settings import GeneratorSettings
+from daemon_process import config_text, new_token
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 SYMBOLS = ["BTC/USD", "ETH/USD", "SOL/USD"]
@@ -52,6 +57,19 @@ class Stamps:
         return EPOCH + timedelta(seconds=now)
 
 
+class RecordingSend:
+    """The generator's send channel, recording the (virtual) time at which each batch is handed
+    over: the tick's emission, whatever the bars' market-clock close times say."""
+
+    def __init__(self, inner: trio.MemorySendChannel[list[Bar]]) -> None:
+        self.inner = inner
+        self.times: list[float] = []
+
+    async def send(self, batch: list[Bar]) -> None:
+        self.times.append(trio.current_time())
+        await self.inner.send(batch)
+
+
 def generator_settings(**overrides: object) -> GeneratorSettings:
     fields: dict[str, object] = {
         "interval": 2.0,
@@ -65,13 +83,13 @@ def generator_settings(**overrides: object) -> GeneratorSettings:
 
 
 def make_generator(
-    send: trio.MemorySendChannel[list[Bar]],
+    send: trio.MemorySendChannel[list[Bar]] | RecordingSend,
     stamps: Callable[[], datetime] | None = None,
     **overrides: object,
 ) -> Generator:
     return Generator(
         generator_settings(**overrides),
-        send,
+        send,  # type: ignore[arg-type]
         structlog.get_logger(),
         wall_clock=stamps if stamps is not None else Stamps(),
     )
@@ -148,12 +166,13 @@ async def test_first_batch_is_immediate_and_well_formed(
         start = trio.current_time()
         batches = [await receive.receive() for _ in range(3)]
         nursery.cancel_scope.cancel()
-    assert stamps.times == [start, start + 2.0, start + 4.0]
+    assert stamps.times == [start]  # read once: the origin of the run's market clock
     first, second, third = batches
     assert [bar.symbol for bar in first] == SYMBOLS == list(generator.symbols)
-    for batch, t in zip(batches, stamps.times, strict=True):
+    for k, batch in enumerate(batches):
         for bar in batch:
-            assert bar.timestamp == EPOCH + timedelta(seconds=t)
+            # Real time (bar_seconds = interval): bar k closes at tick k's scheduled time.
+            assert bar.timestamp == EPOCH + timedelta(seconds=start + 2.0 * k)
             assert bar.timestamp.tzinfo is UTC
             for value in (bar.open, bar.high, bar.low, bar.close, bar.volume):
                 assert type(value) is float
@@ -238,20 +257,24 @@ async def test_ticks_follow_absolute_deadlines_with_a_slow_consumer(
     # an interval. A loop that slept `interval` after each send would drift by 0.5 s per two
     # ticks; absolute deadlines keep every tick on the grid.
     interval = 2.0
-    send, receive = trio.open_memory_channel[list[Bar]](0)
+    inner, receive = trio.open_memory_channel[list[Bar]](0)
+    send = RecordingSend(inner)
     stamps = Stamps()
     generator = make_generator(send, stamps, interval=interval)
+    closes = []
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             await nursery.start(generator.run)
             for i in range(1000):
-                await receive.receive()
+                closes.append((await receive.receive())[0].timestamp)
                 await trio.sleep((1.5 if i % 2 == 0 else 0.2) * interval)
             nursery.cancel_scope.cancel()
-    start = stamps.times[0]
-    assert len(stamps.times) >= 1000
-    for k, t in enumerate(stamps.times[:1000]):
+    start = send.times[0]
+    assert stamps.times == [start]
+    assert len(send.times) >= 1000
+    for k, t in enumerate(send.times[:1000]):
         assert t == pytest.approx(start + k * interval, abs=1e-9)
+    assert closes == [EPOCH + timedelta(seconds=start + k * interval) for k in range(1000)]
     assert not [e for e in logs if e["event"] == "generator_ticks_skipped"]
 
 
@@ -263,47 +286,135 @@ async def test_missed_ticks_are_made_up_then_skipped_never_burst(
     autojump_clock: trio.testing.MockClock, stall: float, caught_up: int, skipped: int
 ) -> None:
     interval = 1.0
-    send, receive = trio.open_memory_channel[list[Bar]](0)
-    stamps = Stamps()
-    generator = make_generator(send, stamps, interval=interval)
+    inner, receive = trio.open_memory_channel[list[Bar]](0)
+    send = RecordingSend(inner)
+    generator = make_generator(send, interval=interval)
     symbols = len(generator._symbols)
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             await nursery.start(generator.run)
             start = trio.current_time()
             first = await receive.receive()  # tick 0
-            await trio.sleep(stall * interval)  # tick 1 is stamped at 1.0 and waits in send
+            await trio.sleep(stall * interval)  # tick 1 is emitted at 1.0 and waits in send
             received_at, batches = [], [first]
             for _ in range(4):
                 batches.append(await receive.receive())
                 received_at.append(trio.current_time() - start)
             nursery.cancel_scope.cancel()
-    # Tick 1 (stamped on time, delivered late), then one batch for the latest due tick that
+    # Tick 1 (emitted on time, delivered late), then one batch for the latest due tick that
     # carries the bars of up to MAX_CATCH_UP_TICKS missed ticks too, sent at once, then back on
     # the grid.
     resume = math.floor(stall) + 1
     assert received_at == pytest.approx([stall, stall, resume, resume + 1.0])
-    assert [t - start for t in stamps.times[:4]] == pytest.approx(
-        [0.0, 1.0, stall, resume], abs=1e-9
-    )
+    assert [t - start for t in send.times[:4]] == pytest.approx([0.0, 1.0, stall, resume], abs=1e-9)
     assert [len(b) for b in batches] == [symbols, symbols, symbols * (1 + caught_up)] + [
         symbols
     ] * 2
     skips = [e for e in logs if e["event"] == "generator_ticks_skipped"]
     assert [e["count"] for e in skips] == ([skipped] if skipped else [])
+    assert [e["clock_lag_s"] for e in skips] == ([skipped * interval] if skipped else [])
     assert all(e["log_level"] == "warning" for e in skips)
     # Neither a made-up nor a skipped tick breaks the series: each symbol's bars, in batch
-    # order, go on from the last bar sent; their close times keep going forward, a made-up
-    # bar's one interval before the next, the batch's last at its emission.
-    emitted = EPOCH + timedelta(seconds=stall)
-    expected = [emitted - timedelta(seconds=interval * k) for k in range(caught_up, -1, -1)]
+    # order, go on from the last bar sent, and close exactly one bar apart on the market clock
+    # (a skipped tick is not simulated, so it takes no market time).
+    origin = EPOCH + timedelta(seconds=start)
     for symbol in generator._symbols:
         series = [bar for batch in batches for bar in batch if bar.symbol == symbol]
         assert len(series) == 4 + 1 + caught_up
         for before, after in pairwise(series):
             assert after.open == before.close
-            assert after.timestamp > before.timestamp
-        assert [bar.timestamp for bar in series[2 : 3 + caught_up]] == expected
+        assert [bar.timestamp for bar in series] == [
+            origin + timedelta(seconds=interval * n) for n in range(len(series))
+        ]
+
+
+def test_market_clock_spaces_rounds_exactly_and_never_goes_back() -> None:
+    """The pure clock: rounds bar_seconds apart to the microsecond, counted across calls; a run
+    starts at the wall clock unless a published close makes that go backwards."""
+    clock = MarketClock(1 / 3)  # not a whole number of microseconds: rounded once, not drifting
+    with pytest.raises(RuntimeError):
+        clock.next_rounds(1)
+    assert clock.start_run(EPOCH) == EPOCH
+    closes = clock.next_rounds(2) + clock.next_rounds(0) + clock.next_rounds(3)
+    step = timedelta(microseconds=333_333)
+    assert closes == [EPOCH + n * step for n in range(5)]
+    clock.mark_published(closes[-1])
+    clock.mark_published(closes[0])  # an older close changes nothing
+    assert clock.published == closes[-1]
+    # The wall clock is behind the last close (the clock ran ahead): one bar after it.
+    assert clock.start_run(EPOCH) == closes[-1] + step
+    assert clock.next_rounds(1) == [closes[-1] + step]
+    # The wall clock is ahead: it wins, and the gap is the time the generator was away.
+    later = EPOCH + timedelta(hours=1)
+    assert clock.start_run(later) == later
+    assert bar_step(60.0) == timedelta(minutes=1) and bar_step(1e-9) == timedelta(microseconds=1)
+
+
+async def test_an_accelerated_market_closes_bars_bar_seconds_apart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One-minute bars every 2 s: data.timestamp is market time (60 s apart from the start),
+    # the emissions are wall time (2 s apart); the warm-up bars took no market time.
+    inner, receive = trio.open_memory_channel[list[Bar]](100)
+    send = RecordingSend(inner)
+    stamps = Stamps()
+    generator = make_generator(send, stamps, interval=2.0, bar_seconds=60.0, warmup_bars=30)
+    batches = await collect(generator, receive, 50)
+    start = send.times[0]
+    assert stamps.times == [start]
+    assert send.times[:50] == pytest.approx([start + 2.0 * k for k in range(50)], abs=1e-9)
+    origin = EPOCH + timedelta(seconds=start)
+    for batch, n in zip(batches, range(50), strict=True):
+        assert {bar.timestamp for bar in batch} == {origin + timedelta(minutes=n)}
+
+
+@pytest.mark.parametrize(
+    ("bar_seconds", "down", "gap"),
+    [
+        # Accelerated: the market clock is ahead of the wall clock, so the next run continues
+        # one bar after the last published close, with no gap.
+        (60.0, 7.3, 0.0),
+        # Real time: the wall clock is later than one bar after the last close: the time the
+        # generator was down is a gap (the only place one can appear).
+        (2.0, 7.3, 9.0 + 7.3 - 10.0),
+    ],
+)
+async def test_a_restarted_run_never_moves_the_clock_backwards(
+    autojump_clock: trio.testing.MockClock, bar_seconds: float, down: float, gap: float
+) -> None:
+    send, receive = trio.open_memory_channel[list[Bar]](100)
+    generator = make_generator(send, interval=2.0, bar_seconds=bar_seconds)
+    await run_for(generator, 9.0)
+    before = drain(receive)
+    await trio.sleep(down)
+    await run_for(generator, 9.0)
+    after = drain(receive)
+    bar = timedelta(seconds=bar_seconds)
+    for run in (before, after):  # exact spacing within a run
+        closes = [batch[0].timestamp for batch in run]
+        assert [b - a for a, b in pairwise(closes)] == [bar] * (len(closes) - 1)
+    assert after[0][0].timestamp - before[-1][0].timestamp == bar + timedelta(seconds=gap)
+
+
+async def test_the_clock_continues_after_a_persisted_history(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A previous run of an accelerated market published bars up to a close far ahead of the
+    # wall clock: the new run's first bar closes one bar after it, not at the wall clock.
+    send, receive = trio.open_memory_channel[list[Bar]](100)
+    generator = make_generator(send, interval=2.0, bar_seconds=300.0)
+    ahead = EPOCH + timedelta(days=3)
+    generator.continue_clock(
+        {
+            "BTC/USD": [{"timestamp": "2024-01-01T00:00:00Z"}, {"timestamp": iso_utc(ahead)}],
+            "ETH/USD": [{"timestamp": "2024-01-02T00:00:00.000000Z"}],
+            "SOL/USD": [],
+        }
+    )
+    batches = await collect(generator, receive, 3)
+    assert [batch[0].timestamp for batch in batches] == [
+        ahead + timedelta(seconds=300.0 * n) for n in (1, 2, 3)
+    ]
 
 
 # --- cancellation and restarts -------------------------------------------------------------------
@@ -435,15 +546,24 @@ async def test_per_symbol_overrides_take_effect(autojump_clock: trio.testing.Moc
         warmup_bars=0,
         seed=3,
         overrides={
-            "ETH/USD": {"model": "gbm", "initial_price": 3000.0, "gbm": {"sigma": 0.002}},
+            "ETH/USD": {"model": "gbm", "initial_price": 3000.0, "gbm": {"annual_volatility": 0.7}},
             "SOL/USD": {"model": "heston", "heston": {"rho": -0.8}},
         },
     )
     batches = await collect(generator, receive, 60)
+    # The yearly tables scaled to 2 s bars (interval 2, bar_seconds unset) in a 365-day year.
+    bar = annual.BarTime(bar_seconds=2.0, seconds_per_year=365 * 86400.0)
+    garch = annual.garch_params(
+        bar, annual_volatility=0.65, half_life=2058.6, reaction=0.3518, nu=8.0
+    )
+    gbm = models.GbmParams(mu=0.0, sigma=0.7 / math.sqrt(365 * 86400 / 2))
+    heston = annual.heston_params(
+        bar, annual_volatility=0.65, half_life=2079.4, vol_of_vol=78.84, rho=-0.8
+    )
     expected = {
-        "BTC/USD": reference_model("garch", models.GarchParams(), 3, "BTC/USD", 50000.0),
-        "ETH/USD": reference_model("gbm", models.GbmParams(sigma=0.002), 3, "ETH/USD", 3000.0),
-        "SOL/USD": reference_model("heston", models.HestonParams(rho=-0.8), 3, "SOL/USD", 50000.0),
+        "BTC/USD": reference_model("garch", garch, 3, "BTC/USD", 50000.0),
+        "ETH/USD": reference_model("gbm", gbm, 3, "ETH/USD", 3000.0),
+        "SOL/USD": reference_model("heston", heston, 3, "SOL/USD", 50000.0),
     }
     for i, symbol in enumerate(SYMBOLS):
         block = expected[symbol].simulate(60)
@@ -565,3 +685,55 @@ async def test_file_source_restart_neither_repeats_nor_loses_a_record(tmp_path: 
         assert drain(receive) == []
         nursery.cancel_scope.cancel()
     assert [bar_fields(bar) for bar in got] == [record_fields(r) for r in records]
+
+
+# --- the market clock through the real daemon ----------------------------------------------------
+
+
+async def test_daemon_publishes_market_time_and_continues_it_after_a_restart(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """One-minute bars every 0.02 s, history persisted: each update's data.timestamp is exactly
+    60 s after the previous one while the outer timestamp (publication) advances by about the
+    interval; after kill -9 and a restart the market clock, hours ahead of the wall clock by
+    then, goes on one bar after the last persisted close, never back to the wall clock."""
+    token = new_token()
+    extra = f'[history]\npersist = true\ndir = "{tmp_path / "history"}"\n'
+    text = config_text(tokens={"t": token}, interval=0.02, symbols=("BTC/USD",), extra=extra)
+    text = text.replace("seed = 7\n", "seed = 7\nbar_seconds = 60.0\nwarmup_bars = 0\n")
+
+    async def updates(daemon: Any, count: int) -> list[dict[str, Any]]:
+        ws_port, _ = await daemon.ports()
+        url = f"ws://127.0.0.1:{ws_port}/?access_token={token}"
+        got = []
+        async with open_websocket_url(url) as ws:
+            while len(got) < count:
+                message = orjson.loads(await ws.get_message())
+                if message["type"] == "volatility_update":
+                    got.append(message)
+        return got
+
+    def stamp(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    first = daemon_factory(text)
+    before = await updates(first, 8)
+    first.kill()
+    second = daemon_factory(text)
+    after = await updates(second, 3)
+
+    minute = timedelta(minutes=1)
+    for run in (before, after):
+        closes = [stamp(u["data"]["timestamp"]) for u in run]
+        assert [b - a for a, b in pairwise(closes)] == [minute] * (len(closes) - 1)
+        seqs = [u["data"]["seq"] for u in run]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    published = [stamp(u["timestamp"]) for u in before]
+    wall = (published[-1] - published[0]) / (len(published) - 1)
+    assert timedelta(seconds=0.005) < wall < timedelta(seconds=0.5)  # ~interval, not a minute
+    # The restarted daemon's first update is either the one after the last persisted (a client
+    # connected at once) or a later one; its close is a whole number of minutes after it.
+    persisted = stamp(before[-1]["data"]["timestamp"])
+    gap = stamp(after[0]["data"]["timestamp"]) - persisted
+    assert gap >= minute and gap % minute == timedelta(0)
+    assert after[0]["data"]["seq"] - before[-1]["data"]["seq"] == gap // minute

@@ -5,17 +5,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentspoonsd import settings as settings_module
-from agentspoonsd.market import models
+from agentspoonsd.market import annual, models
 from agentspoonsd.settings import (
     CONFIG_ENV_VAR,
+    EXIT_CONFIG,
     ConfigError,
+    GeneratorSettings,
     Settings,
     TokenSettings,
     find_config_path,
@@ -73,8 +78,25 @@ def test_defaults_match_design() -> None:
 
 
 def test_repository_config_is_valid_and_equals_defaults() -> None:
-    """./agentspoonsd.toml documents every key with its built-in default."""
-    assert load_settings(REPO_CONFIG) == load_settings(None)
+    """./agentspoonsd.toml documents every key with its built-in default, but for its symbols:
+    it lists BTC/USD and ETH/USD, each with a plausible price and volatility of its own."""
+    shipped, defaults = load_settings(REPO_CONFIG), load_settings(None)
+    generator = shipped.generator
+    assert generator.symbols == ["BTC/USD", "ETH/USD"]
+    assert set(generator.overrides) == set(generator.symbols)
+    assert (
+        shipped.model_copy(
+            update={
+                "generator": generator.model_copy(update={"symbols": ["BTC/USD"], "overrides": {}})
+            }
+        )
+        == defaults
+    )
+    for symbol, price, volatility in [("BTC/USD", 60_000.0, 0.55), ("ETH/USD", 3_000.0, 0.70)]:
+        assert generator.initial_price_for(symbol) == price
+        per_bar = generator.params_for(symbol)
+        annual_variance = per_bar.unconditional_variance * generator.bar_time.periods_per_year
+        assert math.sqrt(annual_variance) == pytest.approx(volatility, rel=1e-12)
 
 
 def test_toml_file_is_loaded(tmp_path: Path) -> None:
@@ -162,7 +184,12 @@ def test_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     ("name", "value", "key", "expected"),
     [
         ("AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED", "false", "garch_fit.enabled", False),
-        ("AGENTSPOONSD_GENERATOR__HESTON__V0", "1e-6", "heston.v0", 1e-6),
+        (
+            "AGENTSPOONSD_GENERATOR__HESTON__INITIAL_VOLATILITY",
+            "0.8",
+            "heston.initial_volatility",
+            0.8,
+        ),
         ("agentspoonsd_generator__replay__speed", "60", "replay.speed", 60.0),
         ("AGENTSPOONSD_GENERATOR__GARCH_FIT", '{"enabled": false}', "garch_fit.enabled", False),
     ],
@@ -172,7 +199,7 @@ def test_env_sets_a_nested_key_and_keeps_the_file_s_neighbours(
 ) -> None:
     path = write(
         tmp_path,
-        "[generator.garch_fit]\nwindow = 200\n[generator.heston]\nkappa = 0.05\n"
+        "[generator.garch_fit]\nwindow = 200\n[generator.heston]\nhalf_life = 900.0\n"
         "[generator.replay]\nloop = false\n",
     )
     monkeypatch.setenv(name, value)
@@ -180,7 +207,7 @@ def test_env_sets_a_nested_key_and_keeps_the_file_s_neighbours(
     table, field = key.split(".")
     assert getattr(getattr(generator, table), field) == expected
     assert generator.garch_fit.window == 200
-    assert generator.heston.kappa == 0.05
+    assert generator.heston.half_life == 900.0
     assert generator.replay.loop is False
 
 
@@ -580,56 +607,155 @@ def test_bad_broker_settings_are_refused(tmp_path: Path, text: str, key: str) ->
 # --- [generator] model tables ---------------------------------------------------------------------
 
 
+def test_volume_table_defaults_are_the_models_defaults() -> None:
+    """The TOML table and the dataclass document the same defaults: they cannot drift."""
+    dataclass_defaults = {f.name: f.default for f in dataclasses.fields(models.VolumeParams)}
+    assert settings_module.VolumeSettings().model_dump() == dataclass_defaults
+    assert load_settings(None).generator.volume_for("BTC/USD") == models.VolumeParams()
+
+
+@pytest.mark.parametrize("kind", models.MODEL_KINDS)
 @pytest.mark.parametrize(
-    ("table", "params"),
+    ("interval", "bar_seconds", "trading_days"),
+    [(2.0, None, 365.0), (2.0, 60.0, 365.0), (1.0, 300.0, 252.0)],
+)
+def test_a_model_table_is_yearly_and_scaled_to_the_configured_bar(
+    kind: models.ModelKind, interval: float, bar_seconds: float | None, trading_days: float
+) -> None:
+    """params_for scales the yearly table to the bar (bar_seconds, else interval) and the year
+    (trading_days of 24 h here), through the one conversion function."""
+    fields: dict[str, Any] = {"model": kind, "interval": interval, "trading_days": trading_days}
+    if bar_seconds is not None:
+        fields["bar_seconds"] = bar_seconds
+    generator = GeneratorSettings(**fields)
+    assert generator.bar_seconds == (interval if bar_seconds is None else bar_seconds)
+    bar = annual.BarTime(generator.bar_seconds, trading_days * 86400.0)
+    table = getattr(generator, kind).model_dump()
+    assert generator.params_for("BTC/USD") == annual.per_bar_params(kind, table, bar)
+    assert "annual_volatility" in table
+
+
+def test_bar_seconds_defaults_to_the_interval_real_time(tmp_path: Path) -> None:
+    assert load_settings(None).generator.bar_seconds == 2.0
+    generator = load_settings(write(tmp_path, "[generator]\ninterval = 0.5\n")).generator
+    assert generator.bar_seconds == 0.5 and "bar_seconds" not in generator.model_fields_set
+    text = "[generator]\ninterval = 0.5\nbar_seconds = 60.0\n"
+    generator = load_settings(write(tmp_path, text)).generator
+    assert generator.bar_seconds == 60.0 and "bar_seconds" in generator.model_fields_set
+    # An invalid interval is one error, not a second one about the key that follows it.
+    message = config_error(write(tmp_path, "[generator]\ninterval = -1\n"))
+    assert "generator.interval" in message and "generator.bar_seconds" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "new"),
     [
-        (settings_module.GbmSettings, models.GbmParams),
-        (settings_module.GarchModelSettings, models.GarchParams),
-        (settings_module.GjrGarchSettings, models.GjrGarchParams),
-        (settings_module.HestonSettings, models.HestonParams),
-        (settings_module.VolumeSettings, models.VolumeParams),
+        ("[generator.gbm]\nsigma = 0.0009", "generator.gbm.sigma", "annual_volatility"),
+        ("[generator.gbm]\nmu = 0.0", "generator.gbm.mu", "annual_drift"),
+        ("[generator.garch]\nomega = 1.62e-8", "generator.garch.omega", "annual_volatility"),
+        ("[generator.garch]\nalpha = 0.07", "generator.garch.alpha", "reaction"),
+        ("[generator.garch]\nbeta = 0.91", "generator.garch.beta", "half_life"),
+        ("[generator.gjr_garch]\ngamma = 0.05", "generator.gjr_garch.gamma", "leverage"),
+        ("[generator.heston]\nkappa = 0.02", "generator.heston.kappa", "half_life"),
+        ("[generator.heston]\ntheta = 8.1e-7", "generator.heston.theta", "annual_volatility"),
+        ("[generator.heston]\nxi = 1.5e-4", "generator.heston.xi", "vol_of_vol"),
+        ("[generator.heston]\nv0 = 8.1e-7", "generator.heston.v0", "initial_volatility"),
+        (
+            '[generator.overrides."BTC/USD".garch]\nalpha = 0.1',
+            'generator.overrides."BTC/USD".garch.alpha',
+            "reaction",
+        ),
     ],
 )
-def test_model_table_defaults_are_the_models_defaults(table: type, params: type) -> None:
-    """The TOML tables and the model dataclasses document the same defaults: they cannot drift."""
-    dataclass_defaults = {f.name: f.default for f in dataclasses.fields(params)}
-    assert table().model_dump() == dataclass_defaults
-    assert list(table.model_fields) == list(dataclass_defaults)  # same keys, same order
-    # And the loaded defaults build exactly the default dataclasses.
-    generator = load_settings(None).generator
-    name = {
-        models.GbmParams: "gbm",
-        models.GarchParams: "garch",
-        models.GjrGarchParams: "gjr_garch",
-        models.HestonParams: "heston",
-    }.get(params)
-    if name is not None:
-        per_symbol = generator.model_copy(update={"model": name})
-        assert per_symbol.params_for("BTC/USD") == params()
-    else:
-        assert generator.volume_for("BTC/USD") == params()
+def test_a_per_bar_parameter_of_earlier_versions_names_its_yearly_key(
+    tmp_path: Path, text: str, key: str, new: str
+) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert message.startswith(f"{path}: {key}: unknown key; model parameters are given per year")
+    assert message.endswith(f": use `{new}` (at line 2, column 1)"), message
+
+
+def test_a_per_bar_parameter_from_the_environment_names_its_yearly_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AGENTSPOONSD_GENERATOR__GARCH__BETA", "0.91")
+    assert config_error(None).endswith(
+        "(model parameters are given per year now and scaled to bar_seconds);"
+        " did you mean AGENTSPOONSD_GENERATOR__GARCH__HALF_LIFE?"
+    )
+
+
+def test_a_per_bar_parameter_exits_78_naming_the_new_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[generator.heston]\nkappa = 0.02\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "agentspoonsd", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == EXIT_CONFIG
+    assert "generator.heston.kappa: unknown key" in result.stderr
+    assert "use `half_life`" in result.stderr
+
+
+def test_a_symbol_sets_its_own_annual_volatility_whatever_its_model(tmp_path: Path) -> None:
+    text = (
+        '[generator]\nsymbols = ["BTC/USD", "ETH/USD"]\nbar_seconds = 60.0\n'
+        '[generator.overrides."BTC/USD"]\ninitial_price = 60000.0\nannual_volatility = 0.55\n'
+        '[generator.overrides."ETH/USD"]\nmodel = "heston"\nannual_volatility = 0.7\n'
+    )
+    generator = load_settings(write(tmp_path, text)).generator
+    bar = annual.BarTime(60.0, 365 * 86400.0)
+    btc = generator.garch.model_dump() | {"annual_volatility": 0.55}
+    eth = generator.heston.model_dump() | {"annual_volatility": 0.7}
+    assert generator.params_for("BTC/USD") == annual.per_bar_params("garch", btc, bar)
+    assert generator.params_for("ETH/USD") == annual.per_bar_params("heston", eth, bar)
+    both = (
+        '[generator.overrides."BTC/USD"]\nannual_volatility = 0.55\n'
+        "garch = { annual_volatility = 0.5 }\n"
+    )
+    message = config_error(write(tmp_path, both))
+    assert 'generator.overrides."BTC/USD"' in message and "not both" in message
 
 
 @pytest.mark.parametrize(
     ("text", "key", "reason"),
     [
-        ("[generator.garch]\nalpha = 0.2\nbeta = 0.8", "generator.garch", "stationarity"),
+        ("[generator.garch]\nreaction = 1.5", "generator.garch.reaction", "less than or equal"),
         ("[generator.garch]\nnu = 2", "generator.garch.nu", "greater than 2"),
-        ("[generator.gjr_garch]\nbeta = 0.96", "generator.gjr_garch", "stationarity"),
-        ("[generator.gjr_garch]\nalpha = 0.01\ngamma = -0.5", "generator.gjr_garch", "gamma"),
+        ("[generator.garch]\nhalf_life = 0", "generator.garch.half_life", "greater than 0"),
+        ("[generator.gjr_garch]\nleverage = 3.0", "generator.gjr_garch", "<= 1"),
+        ("[generator.gjr_garch]\nreaction = 0.01\nleverage = -0.5", "generator.gjr_garch", ">= 0"),
         ("[generator.heston]\nrho = 2", "generator.heston.rho", "less than or equal to 1"),
-        ("[generator.heston]\nkappa = 1.5", "generator.heston.kappa", "less than or equal to 1"),
-        ("[generator.gbm]\nsigma = 0", "generator.gbm.sigma", "greater than 0"),
-        ("[generator.gbm]\nmu = nan", "generator.gbm.mu", "finite"),
+        (
+            '[generator]\nmodel = "heston"\nbar_seconds = 600.0\n'
+            "[generator.heston]\nhalf_life = 300",
+            "generator",
+            "heston.half_life: must be at least ln 2 × bar_seconds",
+        ),
+        (
+            '[generator]\nbar_seconds = 3600.0\nsymbols = ["A"]\n'
+            '[generator.overrides.A]\nmodel = "heston"\nheston = { half_life = 60.0 }',
+            "generator",
+            'overrides."A".heston.half_life: must be at least',
+        ),
+        ("[generator.gbm]\nannual_volatility = 0", "generator.gbm.annual_volatility", "than 0"),
+        ("[generator.gbm]\nannual_drift = nan", "generator.gbm.annual_drift", "finite"),
         ("[generator.volume]\nscale = inf", "generator.volume.scale", "finite"),
         ("[generator]\ninitial_price = inf", "generator.initial_price", "finite"),
         ("[generator]\nbar_seconds = inf", "generator.bar_seconds", "finite"),
         ("[generator.replay]\nspeed = inf", "generator.replay.speed", "finite"),
         ("[generator.garch_fit]\nwindow = 99", "generator.garch_fit.window", "100"),
         (
-            '[generator.overrides."BTC/USD".garch]\nalpha = 0.5\nbeta = 0.5',
-            'generator.overrides."BTC/USD".garch',
-            "stationarity",
+            '[generator.overrides."BTC/USD".garch]\nreaction = 2',
+            'generator.overrides."BTC/USD".garch.reaction',
+            "less than or equal to 1",
+        ),
+        (
+            '[generator.overrides."BTC/USD"]\nannual_volatility = -0.5',
+            'generator.overrides."BTC/USD".annual_volatility',
+            "greater than 0",
         ),
         (
             '[generator.overrides."BTC/USD"]\ninitial_price = inf',
@@ -681,10 +807,13 @@ def test_overrides_apply_to_their_symbol_only(tmp_path: Path) -> None:
     )
     generator = load_settings(write(tmp_path, text)).generator
     assert generator.model_for("BTC/USD") == "garch"
-    assert generator.params_for("BTC/USD") == models.GarchParams()
+    bar = generator.bar_time
+    garch = annual.per_bar_params("garch", settings_module.GarchModelSettings().model_dump(), bar)
+    assert generator.params_for("BTC/USD") == garch
     assert generator.initial_price_for("BTC/USD") == 50000.0
     assert generator.volume_for("BTC/USD") == models.VolumeParams()
     assert generator.model_for("ETH/USD") == "heston"
-    assert generator.params_for("ETH/USD") == models.HestonParams(rho=-0.7)  # the shared table
+    shared = settings_module.HestonSettings(rho=-0.7).model_dump()  # the shared table
+    assert generator.params_for("ETH/USD") == annual.per_bar_params("heston", shared, bar)
     assert generator.initial_price_for("ETH/USD") == 3000.0
     assert generator.volume_for("ETH/USD") == models.VolumeParams(scale=4.0)

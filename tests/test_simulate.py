@@ -1,8 +1,9 @@
 """`agentspoonsd simulate` (market/simulate.py and the CLI subcommand).
 
 The key property: simulate writes the very records the daemon publishes for the same settings,
-bit for bit (GARCH refits included), except the timestamps. The daemon side is the real
-`Generator` service on Trio (virtual clock), its GARCH fits in worker threads.
+bit for bit (GARCH refits included), timestamps too for a daemon run that starts at simulate's
+`start`. The daemon side is the real `Generator` service on Trio (virtual clock), its GARCH fits
+in worker threads.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import trio.testing
 
 from agentspoonsd import settings as settings_module
 from agentspoonsd.cli import main
-from agentspoonsd.market import models
+from agentspoonsd.market import annual, models
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.estimators import ESTIMATOR_NAMES
 from agentspoonsd.market.generator import Generator, symbol_seed
@@ -84,15 +85,10 @@ def without(record: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 async def daemon_bars(settings: GeneratorSettings, count: int) -> list[list[Bar]]:
-    """`count` batches from the real Generator service (warm-up and fits in worker threads)."""
+    """`count` batches from the real Generator service (warm-up and fits in worker threads),
+    its run starting at the wall-clock time START."""
     send, receive = trio.open_memory_channel[list[Bar]](0)
-    stamps = iter(range(10**9))
-    generator = Generator(
-        settings,
-        send,
-        structlog.get_logger(),
-        wall_clock=lambda: datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=next(stamps)),
-    )
+    generator = Generator(settings, send, structlog.get_logger(), wall_clock=lambda: START)
     batches = []
     async with trio.open_nursery() as nursery:
         await nursery.start(generator.run)
@@ -115,6 +111,7 @@ async def test_simulate_writes_what_the_daemon_publishes(
         overrides={"ETH/USD": {"model": "heston", "initial_price": 2500.0}},
         seed=20250101,
         interval=1.0,
+        bar_seconds=60.0,  # an accelerated market: the timestamps are market time, not wall time
         warmup_bars=130,  # fits during the warm-up too (warm-started from each other)
         volatility_window=12,
         garch_fit={"window": 100, "refit_every": 9, "horizon": 7},
@@ -126,7 +123,6 @@ async def test_simulate_writes_what_the_daemon_publishes(
         assert [r["seq"] for r in written] == list(range(1, steps + 1))
         assert [list(r) for r in written] == [DATA_KEYS] * steps
         for a, b in zip(published, written, strict=True):
-            a, b = without(a, "timestamp"), without(b, "timestamp")
             assert a == b
             # Bit for bit: orjson writes the shortest repr that round-trips each float.
             assert orjson.dumps(a) == orjson.dumps(b)
@@ -136,15 +132,16 @@ async def test_simulate_writes_what_the_daemon_publishes(
         assert any(f["status"] == "ok" for f in forecasts)
 
 
-def test_simulate_stamps_bar_k_at_start_plus_k_bars() -> None:
+def test_simulate_closes_bar_k_at_start_plus_k_minus_1_bars() -> None:
+    # The warm-up (5 bars) takes no market time: update 1 closes at start, as a daemon's first.
     settings = GeneratorSettings(
         seed=1, warmup_bars=5, bar_seconds=0.25, garch_fit={"enabled": False}
     )
     start = datetime(2024, 2, 28, 23, 59, 59, 999_000, tzinfo=UTC)
     records = list(simulate(settings, "BTC/USD", 40, start))
-    expected = [iso_utc(start + timedelta(seconds=0.25 * k)) for k in range(1, 41)]
+    expected = [iso_utc(start + timedelta(seconds=0.25 * k)) for k in range(40)]
     assert [r["timestamp"] for r in records] == expected
-    assert records[-1]["timestamp"] == "2024-02-29T00:00:09.999000Z"  # leap day crossed
+    assert records[-1]["timestamp"] == "2024-02-29T00:00:09.749000Z"  # leap day crossed
 
 
 def test_simulate_output_does_not_depend_on_other_symbols_or_zero_steps() -> None:
@@ -179,7 +176,10 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     """Every subprocess case at once (each interpreter start costs ~0.5 s)."""
     tmp = tmp_path_factory.mktemp("simulate")
     config = tmp / "agentspoonsd.toml"
-    config.write_text("[generator]\nwarmup_bars = 200\n[generator.garch_fit]\nrefit_every = 50\n")
+    config.write_text(
+        "[generator]\ninterval = 2.0\nbar_seconds = 60.0\nwarmup_bars = 200\n"
+        "[generator.garch_fit]\nrefit_every = 50\n"
+    )
     common = ["simulate", "--config", str(config), "--steps", "400"]
     cases = {
         "a": [*common, "--seed", "7"],
@@ -210,8 +210,9 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
 def check_data_object(record: dict[str, Any], symbol: str, seq: int) -> None:
     assert list(record) == DATA_KEYS
     assert record["symbol"] == symbol and record["seq"] == seq
+    # One-minute bars published every 2 s: market time, exactly 60 s apart from --start on.
     assert datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")) == START + timedelta(
-        minutes=seq
+        minutes=seq - 1
     )
     for key in ("volatility", "price", "returns", "open", "high", "low", "close", "volume"):
         assert type(record[key]) is float, key
@@ -224,7 +225,7 @@ def check_data_object(record: dict[str, Any], symbol: str, seq: int) -> None:
     annualized = record["estimators_annualized"]
     assert list(annualized) == list(estimators)
     for name in ESTIMATOR_NAMES:
-        # Defaults: 365 trading days of 60 s bars.
+        # 365 trading days of 60 s bars.
         assert annualized[name] == pytest.approx(estimators[name] * math.sqrt(525_600), rel=1e-14)
     assert record["garch_forecast"]["horizon"] == 10
 
@@ -344,19 +345,19 @@ def test_cli_output_is_simulate_of_the_effective_settings(workdir: Path) -> None
     moved = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     original = list(simulate(expected, "BTC/USD", 20, START))
     assert [without(r, "timestamp") for r in moved] == [without(r, "timestamp") for r in original]
-    assert moved[0]["timestamp"] == "2026-06-01T10:01:00.000000Z"
+    assert moved[0]["timestamp"] == "2026-06-01T10:00:00.000000Z"  # the first bar closes at start
 
 
 @pytest.mark.parametrize(
-    ("model", "params"),
+    ("model", "yearly"),
     [
-        ("heston", models.HestonParams()),
-        ("gbm", models.GbmParams()),
-        ("garch", models.GarchParams()),
+        ("heston", settings_module.HestonSettings()),
+        ("gbm", settings_module.GbmSettings()),
+        ("garch", settings_module.GarchModelSettings()),
     ],
 )
 def test_cli_model_and_symbol_choose_the_stream(
-    workdir: Path, capsysbinary: pytest.CaptureFixture[bytes], model: str, params: object
+    workdir: Path, capsysbinary: pytest.CaptureFixture[bytes], model: str, yearly: Any
 ) -> None:
     # The configured model is gjr_garch for every symbol; --model switches DOGE/USD (not even
     # configured) to `model`. Without warm-up the bars are the model's first ones.
@@ -369,9 +370,15 @@ def test_cli_model_and_symbol_choose_the_stream(
     assert code == 0
     records = [orjson.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
     assert len(records) == 100 and {r["symbol"] for r in records} == {"DOGE/USD"}
+    # The default yearly table at the default bar: interval = 2 s, a 365-day year.
+    params = annual.per_bar_params(
+        model,  # type: ignore[arg-type]
+        yearly.model_dump(),
+        annual.BarTime(bar_seconds=2.0, seconds_per_year=365 * 86400.0),
+    )
     reference = models.make_model(
         model,  # type: ignore[arg-type]
-        params,  # type: ignore[arg-type]
+        params,
         seed=symbol_seed(9, "DOGE/USD"),
         initial_price=0.15,
         volume=models.VolumeParams(),
@@ -393,14 +400,16 @@ def test_cli_model_and_symbol_choose_the_stream(
         (["--symbol", ""], "symbols.1"),
         (["--config", "missing.toml"], "missing.toml: config file not found"),
         (["--config", "bad.toml"], "generator.garch"),
+        (["--config", "per_bar.toml"], "generator.gbm.sigma: unknown key"),
         (["--config", "inf.toml"], "generator.initial_price"),
     ],
 )
 def test_cli_bad_arguments_exit_78_with_a_message(
     workdir: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    (workdir / "bad.toml").write_text("[generator.garch]\nalpha = 0.2\nbeta = 0.8\n")
+    (workdir / "bad.toml").write_text("[generator.garch]\nreaction = 1.5\n")
     (workdir / "inf.toml").write_text("[generator]\ninitial_price = inf\n")
+    (workdir / "per_bar.toml").write_text("[generator.gbm]\nsigma = 0.0009\n")
     assert run_cli(*args) == EX_CONFIG
     captured = capsys.readouterr()
     assert captured.out == ""

@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--start",
         default="2025-01-01T00:00:00Z",
-        help="timestamp origin: update k is stamped start + k × bar_seconds",
+        help="close of the first update: update k closes at start + (k - 1) × bar_seconds",
     )
     sim.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     tools.add_commands(commands)

@@ -22,7 +22,7 @@ import types
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -42,7 +42,7 @@ from pydantic_settings import (
 )
 
 from .httppolicy import PublicUrl, normalise_host
-from .market import models
+from .market import annual, models
 from .market.models import ModelKind
 from .proxies import parse_network
 from .tomlfile import (
@@ -375,66 +375,147 @@ class _MarketSection(_Section):
     model_config = ConfigDict(allow_inf_nan=False)
 
 
-def _check_params(factory: Any, settings: BaseModel) -> None:
-    """Build the model's parameter dataclass, so its cross-field rules (stationarity, Feller...)
-    are checked when the config is loaded and reported under the table's key."""
-    factory(**settings.model_dump())
+# Half-lives at which the yearly defaults give today's per-bar defaults on 1-minute bars:
+# 0.5 ** (60 / 2058.6) = 0.98000 (GARCH alpha + beta), ln 2 × 60 / 2079.4 = 0.020000 (Heston kappa).
+_GARCH_HALF_LIFE = 2058.6
+_HESTON_HALF_LIFE = 2079.4
+_HALF_LIFE = "Market seconds in which a variance shock halves (persistence in time, not in bars)."
+_ANNUAL_VOLATILITY = "Long-run volatility of the log price per year (0.65 = 65 %/year)."
 
 
-class GbmSettings(_MarketSection):
-    """Geometric Brownian motion, per bar."""
+def _check_yearly(kind: ModelKind, table: BaseModel) -> None:
+    """Build the per-bar model at 1-minute bars in a 365-day year, so the rules that do not
+    depend on the bar length (stationarity of the shares, Feller-free ranges...) are reported
+    under the table's key when the config is loaded; the bar-dependent ones are checked by
+    GeneratorSettings with the configured bar."""
+    try:
+        annual.per_bar_params(kind, table.model_dump(), _REFERENCE_BAR)
+    except annual.YearlyParamError as exc:
+        if exc.key != "half_life":  # depends on the bar: GeneratorSettings reports it
+            raise ValueError(str(exc)) from None
 
-    mu: float = Field(0.0, description="Drift of the log price per bar.")
-    sigma: float = Field(0.0009, gt=0, description="Volatility per bar (0.0009 ≈ 65 %/year).")
+
+_REFERENCE_BAR = annual.BarTime(bar_seconds=60.0, seconds_per_year=365 * 86400.0)
+
+
+class _ModelTable(_MarketSection):
+    """A model's parameters, per year. `RETIRED` maps the per-bar keys of earlier versions to
+    the key that replaces each, for the message that refuses them."""
+
+    RETIRED: ClassVar[dict[str, str]] = {}
+
+
+class GbmSettings(_ModelTable):
+    """Geometric Brownian motion, in yearly units (scaled to the bar: `market.annual`)."""
+
+    RETIRED: ClassVar[dict[str, str]] = {"mu": "annual_drift", "sigma": "annual_volatility"}
+
+    annual_volatility: float = Field(0.65, gt=0, description=_ANNUAL_VOLATILITY)
+    annual_drift: float = Field(0.0, description="Drift of the log price per year.")
 
     @model_validator(mode="after")
     def _valid(self) -> GbmSettings:
-        _check_params(models.GbmParams, self)
+        _check_yearly("gbm", self)
         return self
 
 
-class GarchModelSettings(_MarketSection):
-    """GARCH(1,1) with Student-t innovations, per bar."""
+class GarchModelSettings(_ModelTable):
+    """GARCH(1,1) with Student-t innovations, in yearly units (scaled to the bar)."""
 
-    omega: float = Field(1.62e-8, gt=0, description="Constant of the variance recursion.")
-    alpha: float = Field(0.07, ge=0, description="Reaction to the last squared return.")
-    beta: float = Field(0.91, ge=0, description="Persistence; alpha + beta < 1.")
+    RETIRED: ClassVar[dict[str, str]] = {
+        "omega": "annual_volatility",
+        "alpha": "reaction",
+        "beta": "half_life",
+    }
+
+    annual_volatility: float = Field(0.65, gt=0, description=_ANNUAL_VOLATILITY)
+    half_life: float = Field(_GARCH_HALF_LIFE, gt=0, description=_HALF_LIFE)
+    reaction: float = Field(
+        0.3518,
+        ge=0,
+        le=1,
+        description=(
+            "Reaction to the last squared return: alpha = reaction × sqrt(1 − p²), p the"
+            " per-bar persistence; the kurtosis of returns is finite below 1/sqrt(E[z⁴] − 1)"
+            " (0.53 for nu = 8), at every bar length."
+        ),
+    )
     nu: float = Field(8.0, gt=2, description="Degrees of freedom of the Student-t innovations.")
 
     @model_validator(mode="after")
     def _valid(self) -> GarchModelSettings:
-        _check_params(models.GarchParams, self)
+        _check_yearly("garch", self)
         return self
 
 
-class GjrGarchSettings(_MarketSection):
-    """GJR-GARCH(1,1): GARCH plus a leverage term gamma·r²·[r < 0], per bar."""
+class GjrGarchSettings(_ModelTable):
+    """GJR-GARCH(1,1): GARCH plus a leverage term for negative returns, in yearly units."""
 
-    omega: float = Field(1.62e-8, gt=0)
-    alpha: float = Field(0.03, description="Reaction to any squared return; alpha + gamma >= 0.")
-    gamma: float = Field(0.05, description="Extra reaction to a negative return (leverage).")
-    beta: float = Field(0.925, ge=0, description="Persistence; alpha + gamma/2 + beta < 1.")
-    nu: float = Field(8.0, gt=2)
+    RETIRED: ClassVar[dict[str, str]] = {
+        "omega": "annual_volatility",
+        "alpha": "reaction",
+        "gamma": "leverage",
+        "beta": "half_life",
+    }
+
+    annual_volatility: float = Field(0.65, gt=0, description=_ANNUAL_VOLATILITY)
+    half_life: float = Field(_GARCH_HALF_LIFE, gt=0, description=_HALF_LIFE)
+    reaction: float = Field(
+        0.1508,
+        ge=0,
+        description="Reaction to any squared return: alpha = reaction × sqrt(1 − p²).",
+    )
+    leverage: float = Field(
+        0.2513,
+        description=(
+            "Extra reaction to a negative return: gamma = leverage × sqrt(1 − p²);"
+            " reaction + leverage >= 0, reaction + leverage / 2 <= 1."
+        ),
+    )
+    nu: float = Field(8.0, gt=2, description="Degrees of freedom of the Student-t innovations.")
 
     @model_validator(mode="after")
     def _valid(self) -> GjrGarchSettings:
-        _check_params(models.GjrGarchParams, self)
+        _check_yearly("gjr_garch", self)
         return self
 
 
-class HestonSettings(_MarketSection):
-    """Heston stochastic volatility, per bar (variance units: per-bar variance)."""
+class HestonSettings(_ModelTable):
+    """Heston stochastic volatility, in yearly units (scaled to the bar)."""
 
-    kappa: float = Field(0.02, gt=0, le=1, description="Mean reversion speed of the variance.")
-    theta: float = Field(8.1e-7, gt=0, description="Long-run per-bar variance.")
-    xi: float = Field(1.5e-4, gt=0, description="Volatility of the variance.")
+    RETIRED: ClassVar[dict[str, str]] = {
+        "kappa": "half_life",
+        "theta": "annual_volatility",
+        "xi": "vol_of_vol",
+        "v0": "initial_volatility",
+        "mu": "annual_drift",
+    }
+
+    annual_volatility: float = Field(
+        0.65, gt=0, description="Square root of the long-run variance per year."
+    )
+    half_life: float = Field(
+        _HESTON_HALF_LIFE,
+        gt=0,
+        description=(
+            "Market seconds in which the variance reverts halfway to its long run; at least"
+            " ln 2 × bar_seconds."
+        ),
+    )
+    vol_of_vol: float = Field(
+        78.84,
+        ge=0,
+        description="Volatility of the annual variance, per sqrt(year) (Feller: 2·k·V̄ >= it²).",
+    )
     rho: float = Field(-0.4, ge=-1, le=1, description="Correlation of price and variance shocks.")
-    v0: float | None = Field(None, gt=0, description="Initial variance; unset: theta.")
-    mu: float = Field(0.0, description="Drift of the log price per bar.")
+    initial_volatility: float | None = Field(
+        None, ge=0, description="Initial volatility per year; unset: annual_volatility."
+    )
+    annual_drift: float = Field(0.0, description="Drift of the log price per year.")
 
     @model_validator(mode="after")
     def _valid(self) -> HestonSettings:
-        _check_params(models.HestonParams, self)
+        _check_yearly("heston", self)
         return self
 
 
@@ -450,11 +531,31 @@ class SymbolOverride(_MarketSection):
 
     model: ModelKind | None = None
     initial_price: float | None = Field(None, gt=0)
+    annual_volatility: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Long-run volatility per year of this symbol, whatever its model: replaces the"
+            " model table's annual_volatility. Unset: the table's."
+        ),
+    )
     gbm: GbmSettings | None = None
     garch: GarchModelSettings | None = None
     gjr_garch: GjrGarchSettings | None = None
     heston: HestonSettings | None = None
     volume: VolumeSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_volatility(self) -> SymbolOverride:
+        if self.annual_volatility is None:
+            return self
+        for kind in models.MODEL_KINDS:
+            table = getattr(self, kind)
+            if table is not None and "annual_volatility" in table.model_fields_set:
+                raise ValueError(
+                    f"annual_volatility is set here and in {kind}: set it in one place, not both"
+                )
+        return self
 
 
 class GarchFitSettings(_MarketSection):
@@ -498,7 +599,15 @@ class GeneratorSettings(_MarketSection):
     seed: int | None = Field(None, ge=0, description="Fixed seed: the same stream on every start.")
     initial_price: float = Field(50000.0, gt=0, description="Starting price of every symbol.")
     bar_seconds: float = Field(
-        60.0, gt=0, description="Market time one bar covers (annualisation; replay pacing)."
+        None,
+        ge=1e-6,
+        validate_default=True,
+        json_schema_extra=lambda schema: schema.pop("default", None),  # not null: interval
+        description=(
+            "Market seconds one bar covers: bars are this far apart in data.timestamp, and the"
+            " yearly model parameters and the annualisation use it. Unset: interval (real time);"
+            " larger than interval: an accelerated market."
+        ),
     )
     trading_days: float = Field(
         365.0, gt=0, le=366, description="Trading days per year, for annualised values."
@@ -530,6 +639,15 @@ class GeneratorSettings(_MarketSection):
             raise ValueError('"*" is not a symbol name')
         return symbols
 
+    @field_validator("bar_seconds", mode="before")
+    @classmethod
+    def _real_time_by_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # Unset: one bar per interval, so the market clock is the wall clock. An invalid
+        # interval has its own error; any valid number keeps this key quiet meanwhile.
+        return info.data.get("interval", 1.0)
+
     @model_validator(mode="after")
     def _consistent(self) -> GeneratorSettings:
         unknown = sorted(set(self.overrides) - set(self.symbols))
@@ -538,7 +656,23 @@ class GeneratorSettings(_MarketSection):
             raise ValueError(f"overrides for symbols not in generator.symbols: {listed}")
         if self.source in ("file", "replay") and getattr(self, self.source).path is None:
             raise ValueError(f'source = "{self.source}" needs generator.{self.source}.path')
+        if self.source == "synthetic":
+            for symbol in self.symbols:
+                self._yearly_problem(symbol)
         return self
+
+    def _yearly_problem(self, symbol: str) -> None:
+        """Raise ValueError naming the key when `symbol`'s yearly parameters make no valid
+        model at this bar length (e.g. a Heston half_life shorter than ln 2 bars)."""
+        try:
+            self.params_for(symbol)
+        except annual.YearlyParamError as exc:
+            kind = self.model_for(symbol)
+            override = self.overrides.get(symbol)
+            table = f"{kind}"
+            if override is not None and getattr(override, kind) is not None:
+                table = f'overrides."{symbol}".{kind}'
+            raise ValueError(f"{table}.{exc.key}: {exc.message}") from None
 
     @property
     def seconds_per_year(self) -> float:
@@ -548,17 +682,21 @@ class GeneratorSettings(_MarketSection):
         override = self.overrides.get(symbol)
         return override.model if override and override.model else self.model
 
-    def params_for(self, symbol: str) -> Any:
-        """The parameter dataclass of `symbol`'s model (its override table, else the default)."""
+    @property
+    def bar_time(self) -> annual.BarTime:
+        """One bar and one year in market seconds: what the yearly parameters are scaled by."""
+        return annual.BarTime(self.bar_seconds, self.seconds_per_year)
+
+    def params_for(self, symbol: str) -> models.ModelParams:
+        """The per-bar parameter dataclass of `symbol`'s model: its override table, else the
+        default one, scaled from yearly units to `bar_seconds` (`market.annual`)."""
         kind = self.model_for(symbol)
-        table = getattr(self.overrides.get(symbol), kind, None) or getattr(self, kind)
-        factory = {
-            "gbm": models.GbmParams,
-            "garch": models.GarchParams,
-            "gjr_garch": models.GjrGarchParams,
-            "heston": models.HestonParams,
-        }[kind]
-        return factory(**table.model_dump())
+        override = self.overrides.get(symbol)
+        table = getattr(override, kind, None) or getattr(self, kind)
+        yearly = table.model_dump()
+        if override is not None and override.annual_volatility is not None:
+            yearly["annual_volatility"] = override.annual_volatility
+        return annual.per_bar_params(kind, yearly, self.bar_time)
 
     def volume_for(self, symbol: str) -> models.VolumeParams:
         override = self.overrides.get(symbol)
@@ -1031,6 +1169,19 @@ def _suggest_key(loc: Sequence[str | int], root: type[BaseModel] | None = None) 
     return elsewhere[0] if len(elsewhere) == 1 else None
 
 
+_RETIRED_NOTE = "model parameters are given per year now and scaled to bar_seconds"
+
+
+def _retired_key(loc: Sequence[str | int], root: type[BaseModel] | None = None) -> str | None:
+    """For a per-bar model key of earlier versions (`generator.gbm.sigma`): the yearly key that
+    replaces it; else None."""
+    name = loc[-1]
+    table = _as_model(_annotation_at(loc[:-1], root))
+    if not isinstance(name, str) or table is None or not issubclass(table, _ModelTable):
+        return None
+    return table.RETIRED.get(name)
+
+
 def _reject_unknown_env(environ: Mapping[str, str]) -> None:
     """An `AGENTSPOONSD_X__Y[__Z…]` variable that names no key is a typo the operator wants to
     hear of, with the variable that was probably meant."""
@@ -1059,7 +1210,10 @@ def _env_key_problem(parts: list[str]) -> str | None:
             if table is None:
                 break
             if parts[depth] not in table.model_fields:
-                close = _closest(parts[depth], list(table.model_fields))
+                retired = _retired_key(parts[: depth + 1])
+                if retired is not None:
+                    problem += f" ({_RETIRED_NOTE})"
+                close = retired or _closest(parts[depth], list(table.model_fields))
                 if close is not None:
                     fixed = [*parts[:depth], close, *parts[depth + 1 :]]
                 break
@@ -1143,8 +1297,11 @@ def _problem(error: Any, root: type[BaseModel] | None = None) -> str:
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-        suggestion = _suggest_key(loc, root)
-        if suggestion is not None:
+        retired = _retired_key(loc, root)
+        suggestion = _suggest_key(loc, root) if retired is None else None
+        if retired is not None:
+            message += f"; {_RETIRED_NOTE}: use `{retired}`"
+        elif suggestion is not None:
             message += f"; did you mean `{suggestion}`?"
     elif error["type"] != "missing":
         shown = _shown_value(loc, error["input"])

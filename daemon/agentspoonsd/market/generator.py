@@ -3,7 +3,8 @@
 Sources (``[generator] source``):
 
 - ``synthetic``: one model per symbol (`models`), simulated in blocks and published one bar per
-  symbol every ``interval`` seconds, on an absolute schedule;
+  symbol every ``interval`` seconds, on an absolute schedule; each bar closes on the market
+  clock (`clock.MarketClock`), ``bar_seconds`` after the previous one;
 - ``file``: records another process writes to a JSON array or JSON Lines file (`sources`);
 - ``replay``: the bars of a CSV, paced by their own timestamps at ``speed`` × real time.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -27,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 from ..settings import GeneratorSettings
 from .bar import Bar
 from .block import BarBlock, FloatArray
+from .clock import MarketClock
 from .garch_fit import GarchFit, fit_garch11
 from .models import Model, make_model
 from .pipeline import PipelineConfig, SymbolPipeline
@@ -125,8 +127,9 @@ class Generator:
         *,
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        """`wall_clock` stamps synthetic bars (it must return timezone-aware datetimes); the
-        schedule itself runs on Trio's clock, so tests can drive it with a MockClock."""
+        """`wall_clock` (timezone-aware datetimes) is read once per synthetic run, for the origin
+        of its market clock; the schedule itself runs on Trio's clock, so tests can drive it
+        with a MockClock."""
         self._settings = settings
         self._send = send_channel
         self._log = log
@@ -144,7 +147,7 @@ class Generator:
         self._watermarks: dict[str, datetime] = {}  # file source: last record per symbol
         self._unknown_symbols: set[str] = set()
         self._continued: set[str] = set()  # symbols carried on from published updates
-        self._last_stamp: datetime | None = None  # close time of the newest bar sent
+        self._clock = MarketClock(settings.bar_seconds)
         self._running = False
 
     @property
@@ -161,9 +164,11 @@ class Generator:
         no warm-up) and its model starts again at the last close, with a seed of its own for
         this continuation (a fixed seed stays reproducible without replaying the same shocks).
         A file source skips records up to the last published timestamp. Symbols not named, or
-        with nothing published, start as they would without it.
+        with nothing published, start as they would without it. The market clock continues
+        after the newest published bar (`continue_clock`).
         """
         config = pipeline_config(self._settings)
+        self.continue_clock(published)
         for symbol, updates in published.items():
             if symbol not in self._pipelines or not updates:
                 continue
@@ -190,6 +195,18 @@ class Generator:
             )
             self._continued.add(symbol)
         self._unsent = None
+
+    def continue_clock(self, published: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Start the synthetic market clock after the newest `timestamp` of the `data` objects
+        in `published` (symbol → updates, as for `continue_from`; a persisted history's newest
+        ones): the next run's first bar closes at the wall clock or one `bar_seconds` after
+        that timestamp, whichever is later, so close times never go backwards across a
+        restart. Call before `run()`."""
+        for updates in published.values():
+            if updates:
+                stamp = datetime.fromisoformat(str(updates[-1]["timestamp"]))
+                if stamp.utcoffset() is not None:
+                    self._clock.mark_published(stamp.astimezone(UTC))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send batches of bars (``list[Bar]``) forever; see the module docstring per source.
@@ -219,7 +236,9 @@ class Generator:
         loop falls behind by whole intervals, the next batch makes up to `MAX_CATCH_UP_TICKS` of
         the missed ticks: it carries their bars too, each symbol's in series order. Ticks missed
         beyond that are skipped (logged as ``generator_ticks_skipped`` with their ``count``):
-        never a burst. Bars are stamped `wall_clock()` at emission.
+        never a burst. Bars close on the market clock (`clock.MarketClock`): the run's round n at
+        its origin (`wall_clock()` at the start, or one bar after the newest published close if
+        that is later) + n × bar_seconds; skipped ticks take no market time.
         """
         settings = self._settings
         if not self._warmed_up:
@@ -228,21 +247,33 @@ class Generator:
             self._warmed_up = True
         interval = settings.interval
         start = trio.current_time()
+        origin = self._clock.start_run(self._timestamp())
         task_status.started()
         self._log.info(
             "generator_started",
             source="synthetic",
             symbols=list(self._symbols),
             interval=interval,
+            bar_seconds=settings.bar_seconds,
+            clock_origin=origin.isoformat(),
             model=settings.model,
             seed=settings.seed,
         )
         tick = 0
+        skipped = 0
         while True:
             await trio.sleep_until(start + tick * interval)
             due = _latest_due_tick(start, interval, trio.current_time())
             if due - tick > MAX_CATCH_UP_TICKS:
-                self._log.warning("generator_ticks_skipped", count=due - tick - MAX_CATCH_UP_TICKS)
+                count = due - tick - MAX_CATCH_UP_TICKS
+                skipped += count
+                # Not simulated, so no market time passes for them: the market clock now runs
+                # `clock_lag_s` behind the schedule for the rest of this run.
+                self._log.warning(
+                    "generator_ticks_skipped",
+                    count=count,
+                    clock_lag_s=round(skipped * settings.bar_seconds, 6),
+                )
                 tick = due - MAX_CATCH_UP_TICKS
             await self._emit(bars_per_symbol=due - tick + 1)
             tick = due + 1
@@ -259,34 +290,21 @@ class Generator:
                     self._install(symbol, fit_garch11(window, previous=pipeline.last_fit))
 
     async def _emit(self, bars_per_symbol: int = 1) -> None:
-        stamp = self._timestamp()
         if self._unsent is not None:
-            # Re-stamped as a whole: a made-up tick keeps its place one interval before the next.
-            shift = stamp - self._unsent[-1].timestamp
-            batch = [bar._replace(timestamp=bar.timestamp + shift) for bar in self._unsent]
+            # Never delivered, so never published: its rounds become this run's first ones.
+            symbols = len(self._symbols)
+            stamps = self._clock.next_rounds(len(self._unsent) // symbols)
+            batch = [
+                bar._replace(timestamp=stamps[i // symbols]) for i, bar in enumerate(self._unsent)
+            ]
         else:
-            batch = await self._next_batch(self._round_stamps(stamp, bars_per_symbol))
+            batch = await self._next_batch(self._clock.next_rounds(bars_per_symbol))
         # Remember the batch until the send completes: a Cancelled from a Trio channel send means
         # it was not delivered, and dropping it would leave a hole in the price series.
         self._unsent = batch
         await self._send.send(batch)
-        self._last_stamp = batch[-1].timestamp
+        self._clock.mark_published(batch[-1].timestamp)
         self._unsent = None
-
-    def _round_stamps(self, stamp: datetime, rounds: int) -> list[datetime]:
-        """The close times of `rounds` bars ending at `stamp`: the made-up ticks' bars one
-        interval apart before it, as if each had been emitted on time, yet never before the bar
-        last sent (a bar's time never goes backwards)."""
-        step = timedelta(seconds=self._settings.interval)
-        floor = self._last_stamp
-        stamps = []
-        for k in range(rounds - 1, -1, -1):
-            t = stamp - k * step
-            if floor is not None and t < floor:
-                t = floor
-            stamps.append(t)
-            floor = t
-        return stamps
 
     async def _next_batch(self, stamps: list[datetime]) -> list[Bar]:
         """One bar of every symbol per stamp, round by round (each symbol's bars in series

@@ -2,8 +2,10 @@
 
 The records are the daemon's: the same model, seed derivation, warm-up, pipeline and GARCH
 refits (inline here, in a worker thread in the daemon, installed at the same bar either way).
-Only the clock differs: bar ``k`` (from 1) is stamped ``start + k * bar_seconds``, so the output
-is a pure function of the config, the symbol, ``steps`` and ``start``.
+The clock follows the daemon's rule (`clock.MarketClock`) for a run that starts at ``start``:
+update ``k`` (from 1) closes at ``start + (k - 1) × bar_seconds`` (to the microsecond; the
+warm-up bars take no market time), so the output is a pure function of the config, the symbol,
+``steps`` and ``start``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Literal
 
 import numpy as np
 import orjson
 
 from ..settings import GeneratorSettings
+from .clock import bar_step
 from .estimators import ESTIMATOR_NAMES
 from .garch_fit import fit_garch11
 from .generator import build_model, pipeline_config
@@ -58,7 +61,7 @@ def simulate(
     model = build_model(settings, symbol)
     pipeline = SymbolPipeline(symbol, pipeline_config(settings))
     origin = np.datetime64(start.astimezone(UTC).replace(tzinfo=None), "us")
-    bar_us = np.timedelta64(round(settings.bar_seconds * 1_000_000), "us")
+    bar_us = np.timedelta64(bar_step(settings.bar_seconds) // timedelta(microseconds=1), "us")
     warmup = settings.warmup_bars
     total = warmup + steps
     done = 0
@@ -67,7 +70,7 @@ def simulate(
         pipeline.feed(block)
         # The block's timestamps, formatted at once: iso_utc's format, microseconds and a Z.
         seqs = np.arange(done - warmup + 1, done - warmup + 1 + block.n_bars)
-        stamps = [s + "Z" for s in np.datetime_as_string(origin + seqs * bar_us, unit="us")]
+        stamps = [s + "Z" for s in np.datetime_as_string(origin + (seqs - 1) * bar_us, unit="us")]
         for seq, stamp in zip(seqs.tolist(), stamps, strict=True):
             window = pipeline.advance()
             if window is not None:
