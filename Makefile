@@ -39,9 +39,14 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/ruff format --check daemon tests bench
 
-# pytest exits 5 when it collects nothing: make treats that as the failure it is.
+# pytest exits 5 when it collects nothing: make treats that as the failure it is. Most tests
+# wait on processes and sockets, so they run on $(TEST_WORKERS) workers (pytest-xdist, a test
+# module per worker at a time); those marked `serial` (they measure latency, CPU or memory:
+# tests/conftest.py) run afterwards on their own.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format daemon tests bench

@@ -94,7 +94,26 @@ def _cancellation_is_a_failure(test: AsyncTest) -> AsyncTest:
     return run
 
 
+# Modules whose tests assert latencies, loop time, CPU time or memory of a daemon: `make test` runs
+# them alone after the rest (which runs on two workers), so another test's load cannot move them.
+SERIAL_MODULES = frozenset(
+    {
+        "test_deflate_bomb",
+        "test_fuzz_flood",
+        "test_http_hardening",
+        "test_httpserver",
+        "test_sdnotify",
+        "test_ws_hardening",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marker added here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
     for item in items:
         test = getattr(item, "obj", None)
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(test):
