@@ -32,6 +32,7 @@ from .models import Model, make_model
 from .pipeline import PipelineConfig, SymbolPipeline
 from .records import Record
 from .sources import follow_file, replay_csv
+from .spacing import SpacingTracker
 
 # Bars simulated per model call: large enough to amortise numpy's per-call cost, small enough
 # that a refill (every BLOCK_BARS ticks) costs well under a millisecond per symbol.
@@ -53,6 +54,7 @@ def pipeline_config(settings: GeneratorSettings) -> PipelineConfig:
         window=settings.volatility_window,
         ewma_lambda=settings.ewma_lambda,
         bars_per_year=settings.seconds_per_year / settings.bar_seconds,
+        bar_seconds=settings.bar_seconds,
         fit_enabled=fit.enabled,
         fit_window=fit.window,
         refit_every=fit.refit_every,
@@ -100,6 +102,9 @@ def _published_block(updates: Sequence[Mapping[str, Any]]) -> BarBlock:
     )
 
 
+_CLOSE_ONLY = np.array([True])  # the `close_only` marks of a one-bar block without a real range
+
+
 def single_bar_block(record: Record) -> BarBlock:
     def one(value: float) -> np.ndarray:
         return np.array([value], dtype=np.float64)
@@ -142,6 +147,7 @@ class Generator:
         # run, so consumers never see a gap in the price series.
         self._unsent: list[Bar] | None = None
         self._watermarks: dict[str, datetime] = {}  # file source: last record per symbol
+        self._spacings: dict[str, SpacingTracker] = {}  # file and replay: each symbol's time base
         self._unknown_symbols: set[str] = set()
         self._continued: set[str] = set()  # symbols carried on from published updates
         self._last_stamp: datetime | None = None  # close time of the newest bar sent
@@ -340,6 +346,11 @@ class Generator:
     async def _run_external(self, task_status: trio.TaskStatus[None]) -> None:
         """Publish one batch (one bar) per record the source delivers, in its order.
 
+        Each symbol's bars are annualised with the spacing of its records (`SpacingTracker`),
+        marked after a session gap, and flagged close-only where the record gave no range. The
+        first time a symbol's spacing contradicts ``bar_seconds`` one warning is logged,
+        ``source_spacing_mismatch`` (``symbol``, ``inferred_seconds``, ``bar_seconds``).
+
         A replay that reaches its end (``loop = false``) leaves the service idle, not finished:
         the supervisor treats a returning service as a crash.
         """
@@ -395,7 +406,24 @@ class Generator:
                 )
             return None
         with trio.CancelScope(shield=True):  # as in _next_batch: advanced means published
-            pipeline.feed(single_bar_block(record))
+            tracker = self._spacings.get(record.symbol)
+            if tracker is None:
+                tracker = SpacingTracker(self._settings.bar_seconds)
+                self._spacings[record.symbol] = tracker
+            spacing = tracker.observe(record.timestamp)
+            if spacing.mismatch:
+                self._log.warning(
+                    "source_spacing_mismatch",
+                    symbol=record.symbol,
+                    inferred_seconds=spacing.inferred_seconds,
+                    bar_seconds=tracker.configured_seconds,
+                )
+            pipeline.feed(
+                single_bar_block(record),
+                bar_seconds=spacing.bar_seconds,
+                gap_seconds=None if spacing.gap_seconds is None else [spacing.gap_seconds],
+                close_only=None if record.has_range else _CLOSE_ONLY,
+            )
             window = pipeline.advance()
             if window is not None:
                 fit = await trio.to_thread.run_sync(
