@@ -537,3 +537,9 @@ def test_a_session_gap_is_marked_and_read_in_session_by_close_to_close_and_the_f
     assert data["returns"] is not None
     marked = one_by_one(SymbolPipeline("X", config), block, gaps={gap_bar: 63_060.0})
     assert marked[gap_bar]["returns"] == pytest.approx(math.log(c / previous), rel=1e-12)
+
+
+@pytest.mark.parametrize("hours", [0.0, -1.0, 24.01])
+def test_session_hours_outside_zero_to_twenty_four_are_refused(hours: float) -> None:
+    with pytest.raises(ValueError, match="session_hours"):
+        GeneratorSettings(session_hours=hours)
