@@ -297,21 +297,31 @@ class SymbolPipeline:
 
     def bar(self, timestamp: datetime) -> Bar:
         """The update of the current bar, stamped `timestamp` (its close time)."""
-        o, h, lo, c, v, r, volatility, analytics = self._current_values()
+        o, h, lo, c, v, r, estimators, annualized, quality, gap = self._current_values()
+        analytics = {
+            "bar_seconds": self._bar_seconds,
+            "gap_seconds": gap,
+            "estimators": estimators,
+            "estimators_annualized": annualized,
+            "estimators_quality": quality,
+            "garch_forecast": self._garch.forecast(),
+        }
+        volatility = estimators["close_to_close"]
         return Bar(self.symbol, timestamp, o, h, lo, c, v, r, volatility, analytics)
 
     def data(self, timestamp: str, seq: int) -> dict[str, Any]:
         """The current bar as the ``data`` object of its update, for a pre-formatted timestamp.
 
         Equal to ``protocol.update_data(self.bar(t), seq)`` where ``timestamp == iso_utc(t)``
-        (a test holds them together); `simulate` uses it to skip a datetime and a Bar per bar.
+        (a test holds them together); `simulate` uses it to skip a datetime, a Bar and a dict
+        per bar.
         """
-        o, h, lo, c, v, r, volatility, analytics = self._current_values()
-        data = {
+        o, h, lo, c, v, r, estimators, annualized, quality, gap = self._current_values()
+        return {
             "timestamp": timestamp,
             "symbol": self.symbol,
             "seq": seq,
-            "volatility": volatility,
+            "volatility": estimators["close_to_close"],
             "price": c,
             "returns": r,
             "open": o,
@@ -319,11 +329,17 @@ class SymbolPipeline:
             "low": lo,
             "close": c,
             "volume": v,
+            "bar_seconds": self._bar_seconds,
+            "gap_seconds": gap,
+            "estimators": estimators,
+            "estimators_annualized": annualized,
+            "estimators_quality": quality,
+            "garch_forecast": self._garch.forecast(),
         }
-        data.update(analytics)
-        return data
 
     def _current_values(self) -> tuple[Any, ...]:
+        """``o h l c v r``, the two estimator dicts, ``estimators_quality`` and ``gap_seconds``
+        of the current bar."""
         current = self._current
         if current < 0:
             raise RuntimeError("advance() first")
@@ -346,12 +362,6 @@ class SymbolPipeline:
             }
         estimators["window"] = window
         annualized["window"] = window
-        analytics = {
-            "bar_seconds": self._bar_seconds,
-            "gap_seconds": None if self._gaps is None else self._gaps[current],
-            "estimators": estimators,
-            "estimators_annualized": annualized,
-            "estimators_quality": {"range": "close_only" if close_only else "ok"},
-            "garch_forecast": self._garch.forecast(),
-        }
-        return o, h, lo, c, v, (r if r == r else None), estimators["close_to_close"], analytics
+        quality = {"range": "close_only" if close_only else "ok"}
+        gap = None if self._gaps is None else self._gaps[current]
+        return o, h, lo, c, v, (r if r == r else None), estimators, annualized, quality, gap
