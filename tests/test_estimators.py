@@ -18,6 +18,7 @@ import pytest
 from agentspoonsd.market.block import BarBlock
 from agentspoonsd.market.estimators import (
     ESTIMATOR_NAMES,
+    RANGE_ESTIMATORS,
     EstimatorBlock,
     RollingEstimators,
 )
@@ -53,36 +54,50 @@ def gbm_bars(
     return BarBlock(opens, highs, lows, closes, volume)
 
 
-def textbook(bars: BarBlock, window: int, lam: float = 0.94) -> dict[str, list[float]]:
-    """Every output column, bar by bar, from the formulas (NaN where undefined)."""
+def textbook(
+    bars: BarBlock,
+    window: int,
+    lam: float = 0.94,
+    gaps: list[bool] | None = None,
+    close_only: list[bool] | None = None,
+) -> dict[str, list[float]]:
+    """Every output column, bar by bar, from the formulas (NaN where undefined).
+
+    A bar marked in `gaps` counts its in-session return ln(C/O) in close_to_close and ewma; a
+    window holding a bar marked in `close_only` has no range-based estimate."""
     o, h, low, c = (field.tolist() for field in bars[:4])
+    gaps = gaps or [False] * len(c)
+    close_only = close_only or [False] * len(c)
     nan = math.nan
-    out: dict[str, list[float]] = {name: [] for name in (*ESTIMATOR_NAMES, "returns", "window")}
-    per_bar: list[tuple[float, float, float, float, float, float]] = []
+    out: dict[str, list] = {
+        name: [] for name in (*ESTIMATOR_NAMES, "returns", "window", "range_missing")
+    }
+    per_bar: list[tuple[float, float, float, float, float, float, bool]] = []
     ewma_var = None
     for t in range(len(c)):
         if t == 0:
             for name in out:
-                out[name].append(0 if name == "window" else nan)
+                out[name].append({"window": 0, "range_missing": False}.get(name, nan))
             continue
-        r = math.log(c[t] / c[t - 1])
         gap = math.log(o[t] / c[t - 1])
         body = math.log(c[t] / o[t])
+        r = body if gaps[t] else math.log(c[t] / c[t - 1])
         up = math.log(h[t] / o[t])
         down = math.log(low[t] / o[t])
         hl = math.log(h[t] / low[t])
-        per_bar.append((r, gap, body, up, down, hl))
+        per_bar.append((r, gap, body, up, down, hl, close_only[t]))
         ewma_var = r * r if ewma_var is None else lam * ewma_var + (1 - lam) * r * r
-        out["returns"].append(r)
+        out["returns"].append(math.log(c[t] / c[t - 1]))
         out["ewma"].append(math.sqrt(ewma_var))
         recent = per_bar[-window:]
         n = len(recent)
         out["window"].append(n)
+        rs, gs, bs, us, ds, hls, flags = (list(column) for column in zip(*recent, strict=True))
+        out["range_missing"].append(any(flags))
         if n < 2:
             for name in WINDOWED:
                 out[name].append(nan)
             continue
-        rs, gs, bs, us, ds, hls = (list(column) for column in zip(*recent, strict=True))
         rs_var = statistics.fmean(
             u * (u - b) + d * (d - b) for u, d, b in zip(us, ds, bs, strict=True)
         )
@@ -101,15 +116,29 @@ def textbook(bars: BarBlock, window: int, lam: float = 0.94) -> dict[str, list[f
         out["yang_zhang"].append(
             math.sqrt(statistics.variance(gs) + k * statistics.variance(bs) + (1 - k) * rs_var)
         )
+        if any(flags):
+            for name in RANGE_ESTIMATORS:
+                out[name][-1] = nan
     return out
 
 
-def run(bars: BarBlock, window: int, splits: list[int] | None = None, **kwargs: float) -> dict:
+def run(
+    bars: BarBlock,
+    window: int,
+    splits: list[int] | None = None,
+    gaps: np.ndarray | None = None,
+    close_only: np.ndarray | None = None,
+    **kwargs: float,
+) -> dict:
     """Feed `bars` to a fresh instance (in pieces cut at `splits`) and concatenate the outputs."""
     estimators = RollingEstimators(window, **kwargs)
     cuts = [0, *(splits or []), bars.n_bars]
     blocks = [
-        estimators.update(BarBlock(*(field[a:b] for field in bars)))
+        estimators.update(
+            BarBlock(*(field[a:b] for field in bars)),
+            gaps=None if gaps is None else gaps[a:b],
+            close_only=None if close_only is None else close_only[a:b],
+        )
         for a, b in itertools.pairwise(cuts)
     ]
     return {
@@ -192,7 +221,8 @@ def test_warm_up_does_not_depend_on_block_boundaries() -> None:
     estimators = RollingEstimators(5)
     first = estimators.update(bar_slice(bars, 0, 1))
     assert first.window.tolist() == [0]
-    assert all(np.isnan(value).all() for value in first[:-1])
+    assert all(np.isnan(getattr(first, name)).all() for name in (*ESTIMATOR_NAMES, "returns"))
+    assert first.range_missing.tolist() == [False]
     second = estimators.update(bar_slice(bars, 1, 2))
     assert second.window.tolist() == [1]
     assert not np.isnan(second.returns).any()
@@ -307,6 +337,119 @@ def test_malformed_block_is_rejected_without_changing_state(bars: BarBlock) -> N
     two_d = BarBlock(*(field[10:20].reshape(2, 5) for field in bars))
     with pytest.raises(ValueError, match="shape"):
         estimators.update(two_d)
+    after = estimators.update(bar_slice(bars, 10, 30))
+    whole = run(bar_slice(bars, 0, 30), 4)
+    for name in EstimatorBlock._fields:
+        np.testing.assert_array_equal(getattr(after, name), whole[name][10:], err_msg=name)
+
+
+# --- session gaps and close-only bars ----------------------------------------------------------
+
+
+def marks(n_bars: int, seed: int, probability: float) -> np.ndarray:
+    return np.random.default_rng(seed).random(n_bars) < probability
+
+
+@pytest.mark.parametrize("window", [2, 20])
+def test_marked_bars_match_textbook(bars: BarBlock, window: int) -> None:
+    # Sparse marks, so that windows with and without a close-only bar both occur often.
+    n_bars = 1500
+    head = bar_slice(bars, 0, n_bars)
+    gaps = marks(n_bars, seed=1, probability=0.05)
+    close_only = marks(n_bars, seed=2, probability=0.4 / window)
+    expected = textbook(head, window, gaps=gaps.tolist(), close_only=close_only.tolist())
+    for splits in (None, list(range(1, 300))):  # one block; then bar by bar, then one block
+        got = run(head, window, splits=splits, gaps=gaps, close_only=close_only)
+        for name in (*ESTIMATOR_NAMES, "returns"):
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(got["window"], expected["window"])
+        np.testing.assert_array_equal(got["range_missing"], expected["range_missing"])
+    missing = np.array(expected["range_missing"])
+    assert 0.1 < missing.mean() < 0.9  # the case is not degenerate either way
+
+
+def test_a_close_only_bar_masks_exactly_the_windows_it_is_in() -> None:
+    window, k = 5, 9
+    bars = gbm_bars(30, seed=6)
+    close_only = np.zeros(30, dtype=bool)
+    close_only[k] = True
+    marked = run(bars, window, close_only=close_only)
+    plain = run(bars, window)
+    inside = np.zeros(30, dtype=bool)
+    inside[k : k + window] = True  # rows k .. k + W - 1 have bar k in their window
+    np.testing.assert_array_equal(marked["range_missing"], inside)
+    for name in RANGE_ESTIMATORS:
+        assert np.isnan(marked[name][inside]).all(), name
+        np.testing.assert_array_equal(marked[name][~inside], plain[name][~inside], err_msg=name)
+    for name in ("close_to_close", "ewma", "returns"):  # close-only bars still have a close
+        np.testing.assert_array_equal(marked[name], plain[name], err_msg=name)
+
+
+def test_a_close_only_first_bar_masks_nothing() -> None:
+    # The very first bar has no return: its range is in no window.
+    bars = gbm_bars(10, seed=7)
+    close_only = np.zeros(10, dtype=bool)
+    close_only[0] = True
+    out = run(bars, 4, close_only=close_only)
+    assert not out["range_missing"].any()
+    for name in RANGE_ESTIMATORS:
+        assert not np.isnan(out[name][2:]).any(), name
+
+
+def test_close_only_series_has_no_range_estimate_ever() -> None:
+    # High and low made up from open and close: Rogers-Satchell would be exactly 0.
+    bars = gbm_bars(200, seed=8, wick_probability=0.0)
+    out = run(bars, 20, splits=[1, 7, 50], close_only=np.ones(200, dtype=bool))
+    assert out["range_missing"][1:].all()
+    for name in RANGE_ESTIMATORS:
+        assert np.isnan(out[name]).all(), name
+    assert not np.isnan(out["close_to_close"][2:]).any()
+
+
+def test_a_gap_return_is_read_in_session_by_close_to_close_and_ewma_only() -> None:
+    # Two sessions of flat-ish bars; between them the price opens 5 % higher.
+    n_bars, window = 40, 10
+    bars = gbm_bars(n_bars, seed=9, vol=1e-4)
+    jump = np.ones(n_bars)
+    jump[20:] = 1.05
+    bars = BarBlock(*(field * jump for field in bars[:4]), bars.volume)
+    gaps = np.zeros(n_bars, dtype=bool)
+    gaps[20] = True
+    marked = run(bars, window, gaps=gaps)
+    plain = run(bars, window)
+    # returns stay ln(C_t / C_{t-1}): the 5 % jump is there.
+    assert marked["returns"][20] == plain["returns"][20]
+    assert marked["returns"][20] > 0.045
+    # Unmarked, the jump dominates close_to_close for the W rows whose window holds it.
+    rows = slice(20, 20 + window)
+    assert (plain["close_to_close"][rows] > 0.01).all()
+    assert (marked["close_to_close"][rows] < 1e-3).all()
+    assert marked["ewma"][20] < 1e-3 < plain["ewma"][20]
+    # Yang-Zhang's overnight term keeps the gap: it is the same with or without the mark.
+    np.testing.assert_array_equal(marked["yang_zhang"], plain["yang_zhang"])
+    assert (marked["yang_zhang"][rows] > 0.01).all()
+    for name in ("parkinson", "garman_klass", "rogers_satchell"):
+        np.testing.assert_array_equal(marked[name], plain[name], err_msg=name)
+
+
+@pytest.mark.parametrize("window", [3, 20])
+def test_split_invariance_with_marks(window: int) -> None:
+    bars = gbm_bars(20_000, seed=window + 1)
+    gaps = marks(bars.n_bars, seed=3, probability=0.01)
+    close_only = marks(bars.n_bars, seed=4, probability=0.02)
+    whole = run(bars, window, gaps=gaps, close_only=close_only)
+    cuts = sorted(np.random.default_rng(5).choice(np.arange(1, 20_000), 40, replace=False))
+    pieces = run(bars, window, splits=[1, 2, 3, *cuts], gaps=gaps, close_only=close_only)
+    for name in EstimatorBlock._fields:
+        np.testing.assert_array_equal(pieces[name], whole[name], err_msg=name)
+
+
+def test_marks_of_the_wrong_shape_are_rejected_without_changing_state(bars: BarBlock) -> None:
+    estimators = RollingEstimators(4)
+    estimators.update(bar_slice(bars, 0, 10))
+    for bad in ({"gaps": np.zeros(9, dtype=bool)}, {"close_only": np.zeros((2, 5), dtype=bool)}):
+        with pytest.raises(ValueError, match="shape"):
+            estimators.update(bar_slice(bars, 10, 20), **bad)
     after = estimators.update(bar_slice(bars, 10, 30))
     whole = run(bar_slice(bars, 0, 30), 4)
     for name in EstimatorBlock._fields:

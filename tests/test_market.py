@@ -179,8 +179,11 @@ async def test_first_batch_is_immediate_and_well_formed(
             assert bar.low <= min(bar.open, bar.close) <= max(bar.open, bar.close) <= bar.high
             assert bar.volume > 0
             assert list(bar.analytics) == [
+                "bar_seconds",
+                "gap_seconds",
                 "estimators",
                 "estimators_annualized",
+                "estimators_quality",
                 "garch_forecast",
             ]
             assert bar.analytics["garch_forecast"]["status"] == "disabled"

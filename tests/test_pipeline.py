@@ -20,8 +20,9 @@ import pytest
 
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.block import BarBlock
-from agentspoonsd.market.estimators import ESTIMATOR_NAMES
+from agentspoonsd.market.estimators import ESTIMATOR_NAMES, RANGE_ESTIMATORS
 from agentspoonsd.market.garch_fit import GarchFit, fit_garch11, variance_forecast
+from agentspoonsd.market.generator import pipeline_config
 from agentspoonsd.market.pipeline import (
     GarchTracker,
     PipelineConfig,
@@ -29,6 +30,7 @@ from agentspoonsd.market.pipeline import (
     fit_phase,
 )
 from agentspoonsd.protocol import iso_utc, update_data
+from agentspoonsd.settings import GeneratorSettings
 
 EPOCH = datetime(2024, 3, 1, tzinfo=UTC)
 FORECAST_KEYS = [
@@ -371,6 +373,9 @@ def test_data_is_update_data_of_bar_for_every_bar_warm_up_included() -> None:
             assert data["volatility"] == estimators["close_to_close"]
             assert data["estimators_annualized"]["window"] == estimators["window"]
             assert list(data["garch_forecast"]) == FORECAST_KEYS
+            # The configured time base, no session gap, real ranges: the defaults of a block.
+            assert data["bar_seconds"] == config.bar_seconds and data["gap_seconds"] is None
+            assert data["estimators_quality"] == {"range": "ok"}
     assert seq == 400 and fits >= 14
 
 
@@ -394,3 +399,148 @@ def test_feeding_while_bars_are_pending_raises() -> None:
         pipeline.advance()
     pipeline.feed(hand_made_block(2, seed=9))  # now it is accepted
     assert pipeline.pending == 2
+
+
+# --- time base, session gaps, close-only bars ------------------------------------------------
+
+
+def one_by_one(
+    pipeline: SymbolPipeline,
+    block: BarBlock,
+    *,
+    bar_seconds: float | None = None,
+    gaps: dict[int, float] | None = None,
+    close_only: set[int] = frozenset(),  # type: ignore[assignment]
+) -> list[dict[str, Any]]:
+    """Feed `block` one bar at a time, as a file source does; the `data` of every bar."""
+    out = []
+    for i in range(block.n_bars):
+        gap = (gaps or {}).get(i)
+        pipeline.feed(
+            BarBlock(*(field[i : i + 1] for field in block)),
+            bar_seconds=bar_seconds,
+            gap_seconds=None if gap is None else [gap],
+            close_only=np.array([True]) if i in close_only else None,
+        )
+        pipeline.advance()
+        data = pipeline.data(iso_utc(EPOCH), i + 1)
+        assert data == update_data(pipeline.bar(EPOCH), i + 1)
+        out.append(data)
+    return out
+
+
+def test_bars_of_another_length_are_annualised_with_it() -> None:
+    # A 5-minute series in a pipeline configured for 1-minute bars of a 365-day, 24-hour year.
+    config = PipelineConfig(window=5, bars_per_year=525_600.0, bar_seconds=60.0)
+    block = hand_made_block(30, seed=10)
+    five = one_by_one(SymbolPipeline("X", config), block, bar_seconds=300.0)
+    one = one_by_one(SymbolPipeline("X", config), block)
+    factor = math.sqrt(365 * 86400 / 300)
+    for a, b in zip(five, one, strict=True):
+        assert a["bar_seconds"] == 300.0 and b["bar_seconds"] == 60.0
+        assert a["estimators"] == b["estimators"]  # per bar: the same numbers
+        for name in ESTIMATOR_NAMES:
+            if a["estimators"][name] is None:
+                continue
+            assert a["estimators_annualized"][name] == pytest.approx(
+                a["estimators"][name] * factor, rel=1e-14
+            )
+            assert b["estimators_annualized"][name] == pytest.approx(
+                b["estimators"][name] * math.sqrt(525_600), rel=1e-14
+            )
+    assert five[-1]["estimators_annualized"]["close_to_close"] is not None
+
+
+def test_the_configured_length_given_explicitly_is_the_default() -> None:
+    config = PipelineConfig(window=5, bars_per_year=1000.0, bar_seconds=30.0)
+    block = hand_made_block(12, seed=11)
+    explicit = one_by_one(SymbolPipeline("X", config), block, bar_seconds=30.0)
+    assert explicit == one_by_one(SymbolPipeline("X", config), block)
+    pipeline = SymbolPipeline("X", config)
+    for bad in (0.0, -30.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="bar_seconds"):
+            pipeline.feed(block, bar_seconds=bad)
+    with pytest.raises(ValueError, match="gap_seconds"):
+        pipeline.feed(block, gap_seconds=[None])
+    with pytest.raises(ValueError, match="shape"):
+        pipeline.feed(block, close_only=np.zeros(3, dtype=bool))
+    assert one_by_one(pipeline, block) == explicit  # the refused feeds changed nothing
+    with pytest.raises(ValueError, match="bar_seconds"):
+        PipelineConfig(bar_seconds=0.0)
+
+
+def test_an_equities_calendar_annualises_with_its_trading_hours() -> None:
+    settings = GeneratorSettings(trading_days=252, session_hours=6.5, bar_seconds=60)
+    config = pipeline_config(settings)
+    assert settings.seconds_per_year == 252 * 6.5 * 3600
+    assert config.bars_per_year == pytest.approx(252 * 6.5 * 60, rel=1e-15)  # 98,280
+    block = hand_made_block(20, seed=12)
+    minute = one_by_one(SymbolPipeline("SPY", config), block)
+    five = one_by_one(SymbolPipeline("SPY", config), block, bar_seconds=300.0)
+    for a, b in zip(minute, five, strict=True):
+        if a["estimators"]["close_to_close"] is None:
+            continue
+        per_bar = a["estimators"]["close_to_close"]
+        assert a["estimators_annualized"]["close_to_close"] == pytest.approx(
+            per_bar * math.sqrt(252 * 6.5 * 60), rel=1e-14
+        )
+        assert b["estimators_annualized"]["close_to_close"] == pytest.approx(
+            per_bar * math.sqrt(252 * 6.5 * 12), rel=1e-14
+        )
+    # Crypto's default calendar is unchanged: 365 days of 24 hours, in bars of `interval` (2 s).
+    assert pipeline_config(GeneratorSettings()).bars_per_year == 15_768_000.0
+    assert pipeline_config(GeneratorSettings(bar_seconds=60)).bars_per_year == 525_600.0
+
+
+def test_close_only_bars_null_the_range_estimators_of_their_windows_and_say_why() -> None:
+    window = 4
+    config = PipelineConfig(window=window, bars_per_year=1000.0)
+    block = hand_made_block(20, seed=13)
+    marked = one_by_one(SymbolPipeline("X", config), block, close_only={8})
+    plain = one_by_one(SymbolPipeline("X", config), block)
+    for i, (a, b) in enumerate(zip(marked, plain, strict=True)):
+        inside = 8 <= i < 8 + window
+        assert a["estimators_quality"] == {"range": "close_only" if inside else "ok"}, i
+        for part in ("estimators", "estimators_annualized"):
+            for name in ESTIMATOR_NAMES:
+                if inside and name in RANGE_ESTIMATORS:
+                    assert a[part][name] is None, (i, part, name)
+                else:
+                    assert a[part][name] == b[part][name], (i, part, name)
+            assert a[part]["window"] == b[part]["window"]
+        assert a["volatility"] == b["volatility"]
+
+
+def test_a_session_gap_is_marked_and_read_in_session_by_close_to_close_and_the_fit() -> None:
+    config = PipelineConfig(window=5, bars_per_year=1000.0, fit_window=100, refit_every=1)
+    block = hand_made_block(150, seed=14)
+    gap_bar = 120
+    pipeline = SymbolPipeline("X", config)
+    fitted: dict[int, np.ndarray] = {}
+    for i in range(block.n_bars):
+        pipeline.feed(
+            BarBlock(*(field[i : i + 1] for field in block)),
+            gap_seconds=[63_060.0] if i == gap_bar else None,
+        )
+        window = pipeline.advance()
+        if window is not None:
+            fitted[i] = window
+        data = pipeline.data(iso_utc(EPOCH), i + 1)
+        assert data["gap_seconds"] == (63_060.0 if i == gap_bar else None)
+    o, c, previous = block.open[gap_bar], block.close[gap_bar], block.close[gap_bar - 1]
+    # The fit's window: the in-session return at the gap, ln(C/C_prev) everywhere else.
+    assert fitted[gap_bar][-1] == pytest.approx(math.log(c / o), rel=1e-12)
+    assert fitted[gap_bar + 1][-2] == fitted[gap_bar][-1]
+    assert fitted[gap_bar][-2] == pytest.approx(
+        math.log(previous / block.close[gap_bar - 2]), rel=1e-12
+    )
+    # data.returns stays the close-to-close return: the gap is in it.
+    assert data["returns"] is not None
+    marked = one_by_one(SymbolPipeline("X", config), block, gaps={gap_bar: 63_060.0})
+    assert marked[gap_bar]["returns"] == pytest.approx(math.log(c / previous), rel=1e-12)
+
+
+@pytest.mark.parametrize("hours", [0.0, -1.0, 24.01])
+def test_session_hours_outside_zero_to_twenty_four_are_refused(hours: float) -> None:
+    with pytest.raises(ValueError, match="session_hours"):
+        GeneratorSettings(session_hours=hours)

@@ -52,8 +52,11 @@ DATA_KEYS = [
     "low",
     "close",
     "volume",
+    "bar_seconds",
+    "gap_seconds",
     "estimators",
     "estimators_annualized",
+    "estimators_quality",
     "garch_forecast",
 ]
 CSV_HEADER = [

@@ -182,7 +182,7 @@ def test_a_bare_close_is_a_flat_bar_with_zero_volume() -> None:
     record = parse_record(
         {"timestamp": EPOCH_T0, "price": 42.0}, default_symbol="X", previous_close=None
     )
-    assert record == Record("X", T0, 42.0, 42.0, 42.0, 42.0, 0.0)
+    assert record == Record("X", T0, 42.0, 42.0, 42.0, 42.0, 0.0, has_range=False)
 
 
 def test_a_missing_open_is_the_previous_close() -> None:
@@ -194,6 +194,28 @@ def test_a_missing_open_is_the_previous_close() -> None:
         {"timestamp": EPOCH_T0, "close": 95.0}, default_symbol="X", previous_close=100.0
     )
     assert (down.open, down.high, down.low, down.close) == (100.0, 100.0, 95.0, 95.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "has_range"),
+    [
+        ({"high": 112.0, "low": 109.0}, True),
+        ({"high": 112.0, "low": 109.0, "open": 110.0}, True),
+        ({}, False),
+        ({"open": 110.0}, False),
+        ({"high": 112.0}, False),  # half a range is made up too
+        ({"low": 109.0, "open": 110.0}, False),
+        ({"high": None, "low": 109.0}, False),
+    ],
+)
+def test_a_record_remembers_whether_its_range_was_given(
+    fields: dict[str, Any], has_range: bool
+) -> None:
+    obj = {"timestamp": EPOCH_T0, "close": 111.0, **fields}
+    record = parse_record(obj, default_symbol="X", previous_close=100.0)
+    assert record.has_range is has_range
+    # A replay CSV always states high and low; a record built directly has a range by default.
+    assert Record("X", T0, 1.0, 1.0, 1.0, 1.0, 0.0).has_range
 
 
 def test_a_missing_open_gaps_into_the_stated_range() -> None:
@@ -220,7 +242,7 @@ def test_null_counts_as_missing_and_extras_are_ignored() -> None:
         "whatever": [1, 2],
     }
     assert parse_record(obj, default_symbol="X", previous_close=None) == Record(
-        "X", T0, 50.0, 50.0, 50.0, 50.0, 0.0
+        "X", T0, 50.0, 50.0, 50.0, 50.0, 0.0, has_range=False
     )
 
 

@@ -180,3 +180,51 @@ async def test_replay_source_sends_the_csv_bars_in_order(
     seqs = [d["seq"] for d in received]
     assert seqs == list(range(seqs[0], seqs[0] + 20))
     await daemon.wait_for("replay_looped")
+
+
+async def test_a_five_minute_replay_is_annualised_with_five_minute_bars_and_warned_once(
+    daemon_factory: Callable[[str], DaemonProcess], tmp_path: Path
+) -> None:
+    # The config says one-minute bars; the CSV's bars are five minutes apart.
+    records = []
+    close = 250.0
+    for k in range(12):
+        close *= 1 + 0.003 * math.sin(2 * k + 1)
+        record = bar("SPY", 5 * k, close)
+        records.append(record)
+    csv_path = tmp_path / "five.csv"
+    rows = ["timestamp,open,high,low,close,volume"] + [
+        ",".join(
+            [r["timestamp"]] + [repr(r[k]) for k in ("open", "high", "low", "close", "volume")]
+        )
+        for r in records
+    ]
+    csv_path.write_text("\n".join(rows) + "\n")
+    token = new_token()
+    # 3000 × real time: one 300 s bar every 0.1 s, looping.
+    table = (
+        'bar_seconds = 60.0\nsource = "replay"\n\n'
+        f'[generator.replay]\npath = "{csv_path}"\nspeed = 3000\n'
+    )
+    daemon = daemon_factory(config(table, ["SPY"], token))
+    ws_port, _ = await daemon.ports()
+    warning = await daemon.wait_for("source_spacing_mismatch")
+    assert (warning["symbol"], warning["inferred_seconds"], warning["bar_seconds"]) == (
+        "SPY",
+        300.0,
+        60.0,
+    )
+    url = f"ws://127.0.0.1:{ws_port}/?access_token={token}"
+    async with open_websocket_url(url) as ws:
+        assert json.loads(await ws.get_message())["type"] == "connected"
+        received = await updates(ws, 6)
+    factor = math.sqrt(365 * 86400 / 300)  # periods per year of 5-minute bars
+    for data in received:
+        assert data["bar_seconds"] == 300.0
+        per_bar = data["estimators"]["close_to_close"]
+        annual = data["estimators_annualized"]["close_to_close"]
+        assert annual == pytest.approx(per_bar * factor, rel=1e-14)
+        assert data["estimators_quality"] == {"range": "ok"}
+    # One warning for the symbol, however many bars and passes followed.
+    await daemon.wait_for("replay_looped")
+    assert len([e for e in daemon.events if e.get("event") == "source_spacing_mismatch"]) == 1

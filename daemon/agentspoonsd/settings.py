@@ -612,6 +612,13 @@ class GeneratorSettings(_MarketSection):
     trading_days: float = Field(
         365.0, gt=0, le=366, description="Trading days per year, for annualised values."
     )
+    session_hours: float = Field(
+        24.0,
+        gt=0,
+        le=24,
+        description="Trading hours per trading day (24: crypto; 6.5: US equities), for annualised"
+        " values.",
+    )
     volatility_window: int = Field(
         20, ge=2, le=10000, description="W: bars in every rolling estimator."
     )
@@ -676,7 +683,9 @@ class GeneratorSettings(_MarketSection):
 
     @property
     def seconds_per_year(self) -> float:
-        return self.trading_days * 86400.0
+        """Market seconds per year: ``trading_days × session_hours × 3600`` (annualised values
+        are per-bar ones × sqrt(seconds_per_year / bar length))."""
+        return self.trading_days * self.session_hours * 3600.0
 
     def model_for(self, symbol: str) -> ModelKind:
         override = self.overrides.get(symbol)

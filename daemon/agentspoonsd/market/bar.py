@@ -18,7 +18,8 @@ class Bar(NamedTuple):
     and None for the first bar of a series; ``volatility`` is the per-bar ``close_to_close``
     estimator (sample standard deviation, ddof=1, of the last ``generator.volatility_window`` log
     returns), None until two returns exist. ``analytics`` holds the rest of ``data``:
-    ``estimators``, ``estimators_annualized`` and ``garch_forecast``.
+    ``bar_seconds``, ``gap_seconds``, ``estimators``, ``estimators_annualized``,
+    ``estimators_quality`` and ``garch_forecast``.
 
     A NamedTuple rather than a frozen dataclass: one is built per symbol per tick (and per bar in
     `agentspoonsd simulate`), and a tuple is several times cheaper to create.

@@ -21,6 +21,16 @@ instance ever sees. All windowed estimators of a row use the same bars:
   ``o``/``c``, ``σrs²`` the Rogers–Satchell mean, ``k = 0.34 / (1.34 + (n + 1) / (n − 1))``.
 - ``ewma``: RiskMetrics ``σ²_t = λ·σ²_{t−1} + (1 − λ)·r_t²`` seeded with ``σ²_1 = r_1²``; it ignores
   the window and reports ``sqrt(σ²_t)``.
+
+Two marks a caller may put on bars (`RollingEstimators.update`):
+
+- a *session gap* (the bar closes after the market was shut, e.g. the first bar of a trading day):
+  ``close_to_close`` and ``ewma`` read the bar's in-session return ``c_t`` in place of ``r_t``, so
+  the overnight move is not mixed into them as if it were one bar's; ``yang_zhang`` keeps ``o_t``
+  (its overnight term is made for exactly that); ``returns`` stays ``r_t``.
+- *close-only* (the source gave no high/low; they were made up from open and close): the four
+  range-based estimators (``parkinson``, ``garman_klass``, ``rogers_satchell``, ``yang_zhang``)
+  are NaN for every row whose window holds such a bar, and ``range_missing`` says so.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from agentspoonsd.market.block import BarBlock
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 ESTIMATOR_NAMES: tuple[str, ...] = (
     "close_to_close",
@@ -62,6 +73,10 @@ _DENOMINATORS = np.array([0, 0, 1, 3, 1, 1])
 _EWMA_ROW = ESTIMATOR_NAMES.index("ewma")
 _RETURNS_ROW = len(ESTIMATOR_NAMES)
 _WINDOWED_ROWS = np.array([i for i, name in enumerate(ESTIMATOR_NAMES) if name != "ewma"])
+#: The estimators that read the bars' high and low (a contiguous run of output rows).
+RANGE_ESTIMATORS: tuple[str, ...] = ("parkinson", "garman_klass", "rogers_satchell", "yang_zhang")
+_RANGE_ROWS = slice(ESTIMATOR_NAMES.index("parkinson"), ESTIMATOR_NAMES.index("yang_zhang") + 1)
+assert ESTIMATOR_NAMES[_RANGE_ROWS] == RANGE_ESTIMATORS
 # Fewer full-window rows than this go through one accumulate over a strided window view; more go
 # through a loop over the W window offsets with whole-block vector operations (cheaper per row,
 # but ~4·W NumPy calls of fixed overhead).
@@ -74,8 +89,9 @@ class EstimatorBlock(NamedTuple):
     """Estimates for the ``T`` bars of one `BarBlock`; every field is an array of shape ``(T,)``.
 
     The six estimator fields (named as in `ESTIMATOR_NAMES`) are float64 per-bar standard
-    deviations of log returns, never negative. The five windowed ones are NaN exactly where
-    ``window < 2``. ``ewma`` does not use the window: it is NaN exactly where ``returns`` is NaN
+    deviations of log returns, never negative. The five windowed ones are NaN where
+    ``window < 2``, the four range-based ones (`RANGE_ESTIMATORS`) also where ``range_missing``,
+    and nowhere else. ``ewma`` does not use the window: it is NaN exactly where ``returns`` is NaN
     (the very first bar ever) and defined from the first return on (equal to ``|r_1|`` there).
     The fields are rows of one freshly allocated matrix: they share nothing with the estimator.
     """
@@ -90,6 +106,8 @@ class EstimatorBlock(NamedTuple):
     """Log close-to-close return ``ln(C_t / C_{t-1})``; NaN only for the very first bar ever."""
     window: IntArray
     """int64: ``n_t``, how many bars the windowed estimators of the row use (0 ≤ n_t ≤ W)."""
+    range_missing: BoolArray
+    """True where the row's window holds a close-only bar (the range-based ones are NaN)."""
 
 
 class RollingEstimators:
@@ -103,8 +121,9 @@ class RollingEstimators:
     Streaming guarantee: feeding blocks ``a`` then ``b`` gives the same rows as feeding their
     concatenation, bit for bit: a row is computed from the same window values by the same
     operations in the same order whichever block it arrives in. The state is exactly what that
-    needs: the per-bar quantities of the last ``W − 1`` bars, the last close, the EWMA variance
-    and how many bars with a return were seen (capped at ``W``).
+    needs: the per-bar quantities of the last ``W − 1`` bars, the last close, the EWMA variance,
+    how many bars with a return were seen and how long ago the last close-only one was (both
+    capped at ``W``). The bar marks are part of the input: the guarantee holds for the same marks.
 
     Window sums are recomputed from the window for every row (mean first, then squared deviations
     from it) rather than kept as running or cumulative sums: O(W) per row, but no rounding drift
@@ -130,13 +149,27 @@ class RollingEstimators:
         self._seen = 0  # bars with a return so far, capped at `window`
         self._last_close: float | None = None
         self._ewma_var: float | None = None  # None until the first return
+        # Bars with a return since the last close-only one (0: the latest bar was), capped at W:
+        # a window of n bars holds a close-only bar exactly when this age is < n.
+        self._close_only_age = window
 
-    def update(self, block: BarBlock) -> EstimatorBlock:
+    def update(
+        self,
+        block: BarBlock,
+        *,
+        gaps: BoolArray | None = None,
+        close_only: BoolArray | None = None,
+    ) -> EstimatorBlock:
         """Consume the next ``T`` bars of the symbol and return their estimates (new arrays).
 
+        ``gaps[t]`` marks bar ``t`` as closing after a session gap, ``close_only[t]`` as having no
+        real high/low (see the module docstring); None means no bar is marked. On the very first
+        bar ever (which has no return) the marks change nothing.
+
         ``T == 0`` returns empty arrays and changes nothing. Raises ValueError, before changing any
-        state, if the block's fields are not 1-D arrays of one common shape. Values are assumed to
-        satisfy the `BarBlock` guarantees (finite, prices > 0, low <= open, close <= high).
+        state, if the block's fields (or the marks) are not 1-D arrays of one common shape. Values
+        are assumed to satisfy the `BarBlock` guarantees (finite, prices > 0, low <= open,
+        close <= high).
         """
         close = block.close
         shape = close.shape
@@ -146,18 +179,22 @@ class RollingEstimators:
             and block.volume.shape == shape
         ):
             raise ValueError(f"BarBlock fields must be 1-D of one shape, got {_shapes(block)}")
+        for name, marks in (("gaps", gaps), ("close_only", close_only)):
+            if marks is not None and np.shape(marks) != shape:
+                raise ValueError(f"{name} must have the block's shape {shape}: {np.shape(marks)}")
         n_bars = shape[0]
         skip = 1 if self._last_close is None else 0  # the very first bar ever has no return
         n_valid = n_bars - skip
         result = np.empty((_RETURNS_ROW + 1, n_bars), dtype=np.float64)
         window_counts = np.empty(n_bars, dtype=np.int64)
+        range_missing = np.zeros(n_bars, dtype=np.bool_)
         if skip and n_bars:
             result[:, 0] = np.nan
             window_counts[0] = 0
         if n_valid <= 0:
             if n_bars:
                 self._last_close = float(close[-1])
-            return EstimatorBlock(*result, window=window_counts)
+            return EstimatorBlock(*result, window=window_counts, range_missing=range_missing)
 
         width = self.window
         prices = np.empty((5, n_valid), dtype=np.float64)
@@ -178,6 +215,9 @@ class RollingEstimators:
         quantities[:, : width - 1] = self._history
         new = quantities[:, width - 1 :]
         new[:_N_VARIANCES] = logs[:_N_VARIANCES]
+        if gaps is not None:
+            # Across a session gap close_to_close and ewma read the in-session return.
+            np.copyto(new[_R], c, where=np.asarray(gaps, dtype=np.bool_)[skip:])
         np.multiply(logs[3], logs[3], out=new[_HL2])
         new[_GK] = 0.5 * new[_HL2] - _GK_CLOSE_WEIGHT * (c * c)
         new[_RS] = up * (up - c) + down * (down - c)
@@ -212,15 +252,35 @@ class RollingEstimators:
         np.maximum(means[_GK], 0.0, out=rows[3])
         rows[5] = variances[_O] + k * variances[_C] + (1.0 - k) * rs_var
         np.sqrt(rows[:_RETURNS_ROW], out=rows[:_RETURNS_ROW])
-        rows[_RETURNS_ROW] = new[_R]
+        rows[_RETURNS_ROW] = logs[_R]
         window_counts[skip:] = counts
         if self._seen == 0:  # the first return has n = 1: too few bars for the windowed ones
             rows[_WINDOWED_ROWS, 0] = np.nan
+        flags = None if close_only is None else np.asarray(close_only, dtype=np.bool_)[skip:]
+        if (flags is not None and flags.any()) or self._close_only_age + 1 < width:
+            missing = self._close_only_windows(flags, counts, n_valid)
+            rows[_RANGE_ROWS, missing] = np.nan
+            range_missing[skip:] = missing
+        else:  # no close-only bar in any window of the block: nothing to mask
+            self._close_only_age = width
 
         self._history = quantities[:, -(width - 1) :].copy()
         self._seen = min(self._seen + n_valid, width)
         self._last_close = float(prices[4, -1])
-        return EstimatorBlock(*result, window=window_counts)
+        return EstimatorBlock(*result, window=window_counts, range_missing=range_missing)
+
+    def _close_only_windows(
+        self, flags: BoolArray | None, counts: IntArray | int, n_valid: int
+    ) -> BoolArray:
+        """Which of the block's rows (with a return) have a close-only bar in their window;
+        advances the age of the last close-only bar."""
+        positions = np.arange(n_valid)
+        age = positions + (self._close_only_age + 1)  # from the last one before the block
+        if flags is not None:
+            latest = np.maximum.accumulate(np.where(flags, positions, -1))
+            age = np.where(latest >= 0, positions - latest, age)
+        self._close_only_age = min(int(age[-1]), self.window)
+        return age < counts
 
     def _ewma(self, returns: FloatArray) -> list[float]:
         """Run the EWMA variance recursion over ``returns``, advance the state, return variances.

@@ -34,6 +34,7 @@ from .models import Model, make_model
 from .pipeline import PipelineConfig, SymbolPipeline
 from .records import Record
 from .sources import follow_file, replay_csv
+from .spacing import SpacingTracker
 
 # Bars simulated per model call: large enough to amortise numpy's per-call cost, small enough
 # that a refill (every BLOCK_BARS ticks) costs well under a millisecond per symbol.
@@ -55,6 +56,7 @@ def pipeline_config(settings: GeneratorSettings) -> PipelineConfig:
         window=settings.volatility_window,
         ewma_lambda=settings.ewma_lambda,
         bars_per_year=settings.seconds_per_year / settings.bar_seconds,
+        bar_seconds=settings.bar_seconds,
         fit_enabled=fit.enabled,
         fit_window=fit.window,
         refit_every=fit.refit_every,
@@ -102,6 +104,9 @@ def _published_block(updates: Sequence[Mapping[str, Any]]) -> BarBlock:
     )
 
 
+_CLOSE_ONLY = np.array([True])  # the `close_only` marks of a one-bar block without a real range
+
+
 def single_bar_block(record: Record) -> BarBlock:
     def one(value: float) -> np.ndarray:
         return np.array([value], dtype=np.float64)
@@ -145,6 +150,7 @@ class Generator:
         # run, so consumers never see a gap in the price series.
         self._unsent: list[Bar] | None = None
         self._watermarks: dict[str, datetime] = {}  # file source: last record per symbol
+        self._spacings: dict[str, SpacingTracker] = {}  # file and replay: each symbol's time base
         self._unknown_symbols: set[str] = set()
         self._continued: set[str] = set()  # symbols carried on from published updates
         self._clock = MarketClock(settings.bar_seconds)
@@ -358,6 +364,11 @@ class Generator:
     async def _run_external(self, task_status: trio.TaskStatus[None]) -> None:
         """Publish one batch (one bar) per record the source delivers, in its order.
 
+        Each symbol's bars are annualised with the spacing of its records (`SpacingTracker`),
+        marked after a session gap, and flagged close-only where the record gave no range. The
+        first time a symbol's spacing contradicts a configured ``bar_seconds`` one warning is
+        logged, ``source_spacing_mismatch`` (``symbol``, ``inferred_seconds``, ``bar_seconds``).
+
         A replay that reaches its end (``loop = false``) leaves the service idle, not finished:
         the supervisor treats a returning service as a crash.
         """
@@ -413,7 +424,25 @@ class Generator:
                 )
             return None
         with trio.CancelScope(shield=True):  # as in _next_batch: advanced means published
-            pipeline.feed(single_bar_block(record))
+            tracker = self._spacings.get(record.symbol)
+            if tracker is None:
+                tracker = SpacingTracker(self._settings.bar_seconds)
+                self._spacings[record.symbol] = tracker
+            spacing = tracker.observe(record.timestamp)
+            # An unset bar_seconds is the tick interval, which says nothing of a file's bars.
+            if spacing.mismatch and "bar_seconds" in self._settings.model_fields_set:
+                self._log.warning(
+                    "source_spacing_mismatch",
+                    symbol=record.symbol,
+                    inferred_seconds=spacing.inferred_seconds,
+                    bar_seconds=tracker.configured_seconds,
+                )
+            pipeline.feed(
+                single_bar_block(record),
+                bar_seconds=spacing.bar_seconds,
+                gap_seconds=None if spacing.gap_seconds is None else [spacing.gap_seconds],
+                close_only=None if record.has_range else _CLOSE_ONLY,
+            )
             window = pipeline.advance()
             if window is not None:
                 fit = await trio.to_thread.run_sync(

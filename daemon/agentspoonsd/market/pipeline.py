@@ -14,7 +14,9 @@ before the bar is published; `simulate`: inline). Either way it is installed at 
 the daemon and `agentspoonsd simulate` produce the same numbers for the same seed.
 
 Units: everything per bar (standard deviations of log returns per bar) except
-``estimators_annualized``, which multiplies by ``sqrt(bars per year)``.
+``estimators_annualized``, which multiplies by ``sqrt(bars per year)``. A block may come with its
+own bar length (a file or replay source's spacing, inferred from its timestamps): its bars are
+then annualised with ``sqrt(seconds per year / that length)``, and say so in ``bar_seconds``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +33,7 @@ import numpy as np
 
 from .bar import Bar
 from .block import BarBlock, FloatArray
-from .estimators import ESTIMATOR_NAMES, EstimatorBlock, RollingEstimators
+from .estimators import ESTIMATOR_NAMES, BoolArray, EstimatorBlock, RollingEstimators
 from .garch_fit import GarchFit
 
 # Fewer returns than this make a fit mostly noise (and usually a boundary solution).
@@ -50,6 +53,8 @@ class PipelineConfig:
     ewma_lambda: float = 0.94
     bars_per_year: float = 525_600.0
     """Annualisation: estimators_annualized = per-bar value × sqrt(bars_per_year)."""
+    bar_seconds: float = 60.0
+    """The configured bar length, the one `bars_per_year` counts (``data.bar_seconds``)."""
     fit_enabled: bool = True
     fit_window: int = 500
     """Returns in each GARCH fit (the most recent ones)."""
@@ -61,6 +66,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not self.bars_per_year > 0:
             raise ValueError(f"bars_per_year must be > 0, got {self.bars_per_year}")
+        if not self.bar_seconds > 0:
+            raise ValueError(f"bar_seconds must be > 0, got {self.bar_seconds}")
         if self.fit_window < MIN_FIT_BARS:
             raise ValueError(f"fit_window must be >= {MIN_FIT_BARS}, got {self.fit_window}")
         if self.refit_every < 1 or self.horizon < 1:
@@ -198,9 +205,13 @@ class SymbolPipeline:
         self._estimators = RollingEstimators(config.window, config.ewma_lambda)
         self._garch = GarchTracker(config, fit_phase(symbol, config.refit_every))
         self._annualize = math.sqrt(config.bars_per_year)
+        self._seconds_per_year = config.bars_per_year * config.bar_seconds
         self._block: BarBlock | None = None
         self._rows: list[list[float]] = []  # per bar: o h l c v r, 6 estimators, 6 annualised
         self._windows: list[int] = []
+        self._bar_seconds = config.bar_seconds  # of the fed block
+        self._gaps: list[float | None] | None = None  # per bar of the fed block; None: no gap
+        self._close_only: list[bool] | None = None  # per bar; None: no range estimator masked
         self._next = 0  # index of the next bar `advance` moves to
         self._current = -1
 
@@ -213,10 +224,43 @@ class SymbolPipeline:
     def last_fit(self) -> GarchFit | None:
         return self._garch.last_fit
 
-    def feed(self, block: BarBlock) -> None:
+    def feed(
+        self,
+        block: BarBlock,
+        *,
+        bar_seconds: float | None = None,
+        gap_seconds: Sequence[float | None] | None = None,
+        close_only: BoolArray | None = None,
+    ) -> None:
+        """Take the next bars of the symbol.
+
+        ``bar_seconds``: the length of these bars when it is not the configured one (a source's
+        inferred spacing): they are annualised with ``sqrt(seconds per year / bar_seconds)`` and
+        their updates say ``bar_seconds``. ``gap_seconds[t]``: the spacing before bar ``t`` when
+        it is a session gap, else None (the estimators read its in-session return, so does the
+        GARCH fit; the update carries ``gap_seconds``). ``close_only[t]``: bar ``t`` has no real
+        high/low (the range-based estimators are null while it is in their window, and the
+        update's ``estimators_quality.range`` is ``"close_only"``). None: the default for every
+        bar (configured length, no gap, real ranges). Raises ValueError, before changing any
+        state, for a bar length that is not a positive number or marks of the wrong length.
+        """
         if self.pending:
             raise RuntimeError(f"{self.pending} bars of the previous block are still pending")
-        est: EstimatorBlock = self._estimators.update(block)
+        if bar_seconds is not None and not (math.isfinite(bar_seconds) and bar_seconds > 0):
+            raise ValueError(f"bar_seconds must be > 0, got {bar_seconds!r}")
+        gaps = None
+        if gap_seconds is not None:
+            if len(gap_seconds) != block.n_bars:
+                raise ValueError(f"gap_seconds has {len(gap_seconds)} values for {block.n_bars}")
+            if any(gap is not None for gap in gap_seconds):
+                gaps = np.array([gap is not None for gap in gap_seconds], dtype=np.bool_)
+        est: EstimatorBlock = self._estimators.update(block, gaps=gaps, close_only=close_only)
+        annualize = self._annualize
+        if bar_seconds is None or bar_seconds == self.config.bar_seconds:
+            self._bar_seconds = self.config.bar_seconds
+        else:
+            self._bar_seconds = float(bar_seconds)
+            annualize = math.sqrt(self._seconds_per_year / bar_seconds)
         columns = [
             block.open,
             block.high,
@@ -225,11 +269,13 @@ class SymbolPipeline:
             block.volume,
             est.returns,
             *(getattr(est, name) for name in ESTIMATOR_NAMES),
-            *(getattr(est, name) * self._annualize for name in ESTIMATOR_NAMES),
+            *(getattr(est, name) * annualize for name in ESTIMATOR_NAMES),
         ]
         # One conversion to Python floats for the whole block (tolist), not one per value.
         self._rows = np.column_stack(columns).tolist()
         self._windows = est.window.tolist()
+        self._gaps = None if gaps is None else list(gap_seconds)  # type: ignore[arg-type]
+        self._close_only = est.range_missing.tolist() if est.range_missing.any() else None
         self._next = 0
         self._current = -1
 
@@ -239,7 +285,11 @@ class SymbolPipeline:
             raise RuntimeError("no pending bar: feed a block first")
         self._current = self._next
         self._next += 1
-        return self._garch.observe(self._rows[self._current][5])
+        row = self._rows[self._current]
+        if self._gaps is not None and self._gaps[self._current] is not None:
+            # Across a session gap the fit reads the in-session return, as close_to_close does.
+            return self._garch.observe(math.log(row[3] / row[0]))
+        return self._garch.observe(row[5])
 
     def install(self, fit: GarchFit) -> None:
         """Install the fit of the window `advance` just returned (any status)."""
@@ -247,21 +297,31 @@ class SymbolPipeline:
 
     def bar(self, timestamp: datetime) -> Bar:
         """The update of the current bar, stamped `timestamp` (its close time)."""
-        o, h, lo, c, v, r, volatility, analytics = self._current_values()
+        o, h, lo, c, v, r, estimators, annualized, quality, gap = self._current_values()
+        analytics = {
+            "bar_seconds": self._bar_seconds,
+            "gap_seconds": gap,
+            "estimators": estimators,
+            "estimators_annualized": annualized,
+            "estimators_quality": quality,
+            "garch_forecast": self._garch.forecast(),
+        }
+        volatility = estimators["close_to_close"]
         return Bar(self.symbol, timestamp, o, h, lo, c, v, r, volatility, analytics)
 
     def data(self, timestamp: str, seq: int) -> dict[str, Any]:
         """The current bar as the ``data`` object of its update, for a pre-formatted timestamp.
 
         Equal to ``protocol.update_data(self.bar(t), seq)`` where ``timestamp == iso_utc(t)``
-        (a test holds them together); `simulate` uses it to skip a datetime and a Bar per bar.
+        (a test holds them together); `simulate` uses it to skip a datetime, a Bar and a dict
+        per bar.
         """
-        o, h, lo, c, v, r, volatility, analytics = self._current_values()
-        data = {
+        o, h, lo, c, v, r, estimators, annualized, quality, gap = self._current_values()
+        return {
             "timestamp": timestamp,
             "symbol": self.symbol,
             "seq": seq,
-            "volatility": volatility,
+            "volatility": estimators["close_to_close"],
             "price": c,
             "returns": r,
             "open": o,
@@ -269,21 +329,29 @@ class SymbolPipeline:
             "low": lo,
             "close": c,
             "volume": v,
+            "bar_seconds": self._bar_seconds,
+            "gap_seconds": gap,
+            "estimators": estimators,
+            "estimators_annualized": annualized,
+            "estimators_quality": quality,
+            "garch_forecast": self._garch.forecast(),
         }
-        data.update(analytics)
-        return data
 
     def _current_values(self) -> tuple[Any, ...]:
-        if self._current < 0:
+        """``o h l c v r``, the two estimator dicts, ``estimators_quality`` and ``gap_seconds``
+        of the current bar."""
+        current = self._current
+        if current < 0:
             raise RuntimeError("advance() first")
-        row = self._rows[self._current]
+        row = self._rows[current]
         o, h, lo, c, v, r = row[:6]
-        window = self._windows[self._current]
-        if window >= 2:  # warmed up: every value is a number
+        window = self._windows[current]
+        close_only = self._close_only is not None and self._close_only[current]
+        if window >= 2 and not close_only:  # warmed up: every value is a number
             # Lengths are fixed by `feed` (six estimators, six annualised): no strict check here.
             estimators: dict[str, Any] = dict(zip(ESTIMATOR_NAMES, row[6:12]))  # noqa: B905
             annualized: dict[str, Any] = dict(zip(ESTIMATOR_NAMES, row[12:]))  # noqa: B905
-        else:  # NaN (undefined during warm-up) becomes JSON null
+        else:  # NaN (undefined during warm-up, or a close-only range) becomes JSON null
             estimators = {
                 name: (value if value == value else None)
                 for name, value in zip(ESTIMATOR_NAMES, row[6:12], strict=True)
@@ -294,9 +362,6 @@ class SymbolPipeline:
             }
         estimators["window"] = window
         annualized["window"] = window
-        analytics = {
-            "estimators": estimators,
-            "estimators_annualized": annualized,
-            "garch_forecast": self._garch.forecast(),
-        }
-        return o, h, lo, c, v, (r if r == r else None), estimators["close_to_close"], analytics
+        quality = {"range": "close_only" if close_only else "ok"}
+        gap = None if self._gaps is None else self._gaps[current]
+        return o, h, lo, c, v, (r if r == r else None), estimators, annualized, quality, gap

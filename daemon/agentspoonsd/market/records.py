@@ -78,6 +78,10 @@ class Record:
 
     A record carries no returns or volatility: sources are not trusted with those, the pipeline
     recomputes them from the closes.
+
+    ``has_range`` says whether ``high`` and ``low`` were given by the source (True) or made up
+    as max/min of open and close because it gave no range (False, a close-only record: the
+    range-based estimators must not read it).
     """
 
     symbol: str
@@ -87,6 +91,7 @@ class Record:
     low: float
     close: float
     volume: float
+    has_range: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.symbol, str) or not self.symbol.strip():
@@ -173,9 +178,10 @@ def parse_record(obj: object, *, default_symbol: str, previous_close: float | No
     (one is required); ``open`` missing ⇒ ``previous_close`` (the previous record's close of
     the same symbol, supplied by the caller) moved into ``[low, high]`` when the record states
     its own range (a gap open), else ``close``; ``high``/``low`` missing ⇒ max/min of open and
-    close; ``volume`` missing ⇒ 0; ``symbol`` missing ⇒ ``default_symbol``. A JSON ``null``
-    counts as missing. Numbers must be JSON numbers (int or float; booleans and numeric strings
-    are refused). Every other field (``volatility``, ``returns``, ``seq``...) is ignored.
+    close, and ``has_range`` False (either one missing makes the range unreal); ``volume``
+    missing ⇒ 0; ``symbol`` missing ⇒ ``default_symbol``. A JSON ``null`` counts as missing.
+    Numbers must be JSON numbers (int or float; booleans and numeric strings are refused).
+    Every other field (``volatility``, ``returns``, ``seq``...) is ignored.
 
     Raises `RecordError` (never anything else) with the first problem found.
     """
@@ -210,6 +216,7 @@ def parse_record(obj: object, *, default_symbol: str, previous_close: float | No
         low=min(open_, close) if low is None else low,
         close=close,
         volume=0.0 if volume is None else volume,
+        has_range=high is not None and low is not None,
     )
 
 
