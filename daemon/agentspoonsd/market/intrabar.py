@@ -149,21 +149,23 @@ def path_extremes(
     (`substep_extremes`). A drift within the substep does not change the bridge's law.
 
     Args:
-        increments: shape (T, n), n >= 1, the log-price increment of each substep.
-        variance: shape (T, n), >= 0, each substep's variance.
-        exponentials: shape (T, 2, n), i.i.d. standard exponentials.
+        increments: shape (n, T), n >= 1, substep-major: ``increments[k, t]`` is the log-price
+            increment of bar t's substep k.
+        variance: shape (n, T), >= 0, each substep's variance, laid out as ``increments``.
+        exponentials: shape (T, 2, n), i.i.d. standard exponentials (bar-major, as drawn).
 
     Returns:
         ``(log_return, max_excursion, min_excursion)``, shape (T,) each, relative to the bar's log
-        open: the return is the path's end point (a sequential left-to-right sum of the row), the
-        extremes bound every point of the path, so they bound the return and 0.
+        open: the return is the path's end point (a sequential sum of the bar's increments in
+        substep order), the extremes bound every point of the path, so they bound the return
+        and 0.
     """
-    n_bars, n = increments.shape
+    n, n_bars = increments.shape
     points = np.empty((n + 1, n_bars), dtype=np.float64)
     points[0] = 0.0
-    points[1:] = increments.T
+    points[1:] = increments
     _running_sum(points[1:])
-    hi, lo = substep_extremes(points, variance.T, exponentials)
+    hi, lo = substep_extremes(points, variance, exponentials)
     return points[n].copy(), hi, lo
 
 
