@@ -16,16 +16,22 @@ The models differ in how ``r_t`` is drawn (all in per-bar units; ``z_t`` i.i.d.,
                  ``corr(dW1, dW2) = rho``, one bar = one unit of time, simulated by full-truncation
                  Euler on ``substeps`` steps per bar (``v+ = max(v, 0)`` in drift and diffusion).
 
-High and low: for heston the extremes of the simulated substep path itself; for the others the
-extremes of a Brownian bridge pinned at ``log(open)`` and ``log(close)`` whose variance is the bar's
-(conditional) variance, sampled at ``substeps`` points. Volume rises with ``|r_t|`` relative to the
-long-run volatility, times lognormal noise of mean 1 (see `intrabar.clustered_volume`).
+High and low are those of a continuous intrabar path, cut into ``substeps`` substeps: for heston
+the simulated Euler path, for the others a Brownian bridge pinned at ``log(open)`` and
+``log(close)`` whose variance is the bar's (conditional) variance. Between consecutive substep
+points the path is a Brownian bridge of that substep's variance, and its maximum and minimum are
+drawn from their exact law (Glasserman 2004, §6.4; see `intrabar.substep_extremes`), so the range
+estimators are unbiased rather than reading the extremes of a few sampled points. Volume rises with
+``|r_t|`` relative to the long-run volatility, times lognormal noise of mean 1 (see
+`intrabar.clustered_volume`).
 
 Randomness: the `numpy.random.SeedSequence` given to a model is never mutated. Its children
-``0, 1, 2, 3`` (derived exactly as ``seed.spawn(4)`` would on a fresh copy) seed one
+``0, 1, 2, 3, 4`` (derived exactly as ``seed.spawn(5)`` would on a fresh copy) seed one
 `numpy.random.Generator` each, for: innovations (``z``; heston: the price shocks), the intrabar
-bridge, the volume noise and (heston only) the variance shocks. Pass each model its own
-SeedSequence (e.g. one child of a root per symbol), not one whose children are used elsewhere.
+bridge skeleton, the volume noise, (heston only) the variance shocks, and the standard
+exponentials of the substep extremes (``2 · substeps`` per bar: the maxima, then the minima).
+Pass each model its own SeedSequence (e.g. one child of a root per symbol), not one whose
+children are used elsewhere.
 
 Reproducibility: same seed, parameters, ``substeps`` and total bar count ⇒ bit-for-bit identical
 bars, *however the total is split into `simulate` calls* (``simulate(a)`` then ``simulate(b)`` ==
@@ -76,9 +82,10 @@ ModelKind: TypeAlias = Literal["gbm", "garch", "gjr_garch", "heston"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("gbm", "garch", "gjr_garch", "heston")
 """Every valid `ModelKind`, in documentation order."""
 
-# Bars simulated per internal pass: bounds the (bars x substeps) temporaries to a few MB. Results
-# do not depend on it (see "Reproducibility" above).
-_CHUNK_BARS = 16_384
+# Bars simulated per internal pass: keeps the (bars x substeps) temporaries, about 1 MB each at
+# 16 substeps, in cache; larger passes ran markedly slower per bar. Results do not depend on it
+# (see "Reproducibility" above).
+_CHUNK_BARS = 4096
 
 
 def _require(ok: bool, name: str, condition: str, value: object) -> None:
@@ -393,11 +400,14 @@ class _BaseModel:
         self._seed = seed
         self._volume = volume
         self._substeps = substeps
-        innovations, path, vol_noise, variance = _child_seeds(seed, 4)
+        # Child 4 was added after the others: appending a stream keeps 0-3 (and so the returns,
+        # volume and heston variance) what they were for a given seed.
+        innovations, path, vol_noise, variance, extremes = _child_seeds(seed, 5)
         self._rng_innovations = np.random.default_rng(innovations)
         self._rng_path = np.random.default_rng(path)
         self._rng_volume = np.random.default_rng(vol_noise)
         self._rng_variance = np.random.default_rng(variance)
+        self._rng_extremes = np.random.default_rng(extremes)
         self._long_run_sd = math.sqrt(long_run_variance)
         self._mean_abs_ratio = mean_abs_ratio
         self._close = float(initial_price)
@@ -412,7 +422,7 @@ class _BaseModel:
 
     @property
     def substeps(self) -> int:
-        """Intrabar points per bar used for high and low (heston: Euler steps per bar)."""
+        """Intrabar substeps per bar of the high/low path (heston: Euler steps per bar)."""
         return self._substeps
 
     @property
@@ -492,6 +502,11 @@ class _BaseModel:
     def _draw(self, n: int) -> tuple[FloatArray, FloatArray, FloatArray, float]:
         raise NotImplementedError
 
+    def _exponentials(self, n: int) -> FloatArray:
+        """The next n bars' standard exponentials for `intrabar.substep_extremes`, (n, 2, substeps):
+        drawn in bar order, so the stream does not depend on the block sizes."""
+        return self._rng_extremes.standard_exponential((n, 2, self._substeps))
+
 
 class GbmModel(_BaseModel):
     """Geometric Brownian motion bars (see `GbmParams`); build with `make_model`."""
@@ -536,6 +551,7 @@ class GbmModel(_BaseModel):
             log_return,
             np.full(n, self._bar_variance),
             self._rng_path.standard_normal((n, self._substeps)),
+            self._exponentials(n),
         )
         return log_return, hi, lo, self._bar_variance
 
@@ -592,7 +608,10 @@ class _GarchFamily(_BaseModel):
         bar_variance = np.array(variances, dtype=np.float64)
         log_return = np.sqrt(bar_variance) * z
         hi, lo = bridge_extremes(
-            log_return, bar_variance, self._rng_path.standard_normal((n, self._substeps))
+            log_return,
+            bar_variance,
+            self._rng_path.standard_normal((n, self._substeps)),
+            self._exponentials(n),
         )
         return log_return, hi, lo, s
 
@@ -665,8 +684,9 @@ class HestonModel(_BaseModel):
 
     Z1 come from the innovations generator, Z2 from the variance generator. The variance
     recursion is a Python loop over floats (sequential and non-linear: about 0.3 µs per
-    substep); the price path is then vectorised, and the bar's high and low are the extremes of
-    that same path. Build with `make_model`.
+    substep); the price path is then vectorised, and the bar's high and low are the exact
+    extremes of Brownian bridges between that path's points, each with its substep's variance
+    ``v+·dt`` (`intrabar.path_extremes`). Build with `make_model`.
     """
 
     _KIND: ModelKind = "heston"
@@ -730,9 +750,15 @@ class HestonModel(_BaseModel):
             vp = v if v > 0.0 else 0.0
             append(vp)
             v = v + rate * (theta - vp) + sqrt(vp) * w
-        v_plus = np.array(truncated, dtype=np.float64)
-        increments = p.mu * dt + np.sqrt(v_plus * dt) * z1
-        log_return, hi, lo = path_extremes(increments.reshape(n, self._substeps))
+        # Substep-major (substeps, n) from here on, as `path_extremes` wants: the transposes are
+        # read once, fused into operations the path needs anyway.
+        by_bar = (n, self._substeps)
+        substep_variance = np.empty(by_bar[::-1], dtype=np.float64)
+        np.multiply(
+            np.array(truncated, dtype=np.float64).reshape(by_bar).T, dt, out=substep_variance
+        )
+        increments = p.mu * dt + np.sqrt(substep_variance) * z1.reshape(by_bar).T
+        log_return, hi, lo = path_extremes(increments, substep_variance, self._exponentials(n))
         return log_return, hi, lo, v
 
 
@@ -762,8 +788,9 @@ def make_model(
         seed: seeds the model's generators (not mutated; see the module docstring).
         initial_price: finite, > 0: the first bar's open.
         volume: volume parameters.
-        substeps: >= 1, intrabar points per bar (heston: Euler steps per bar). Changing it
-            changes the whole series (high/low, and for heston the returns too).
+        substeps: >= 1, intrabar substeps per bar (heston: Euler steps per bar); high and low
+            are drawn exactly between the substep points. Changing it changes the whole series
+            (high/low, and for heston the returns too).
 
     Raises:
         ValueError: unknown kind, or initial_price / substeps out of range.
