@@ -231,16 +231,14 @@ _LOG_MIN_POWER = math.log(_MIN_POWER)
 
 
 @lru_cache(maxsize=8)
-def _index_tables(n: int) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Read-only tables of ``t = 0..n-1`` for `_newton_terms`: ``t``, the moments
-    ``[1, t, t²]`` as columns (n, 3), and the weights ``[1, t, t² - t, 2t - 1, t + 1,
-    t (t + 1)]`` as rows (6, n)."""
+def _index_tables(n: int) -> tuple[FloatArray, FloatArray]:
+    """Read-only tables of ``t = 0..n-1`` for `_newton_terms`: ``t`` and the weights
+    ``[1, t, t² - t, 2t - 1, t + 1, t (t + 1)]`` as rows (6, n)."""
     t = np.arange(n, dtype=np.float64)
-    moments = np.stack((np.ones(n), t, t * t), axis=1)
     weights = np.stack((np.ones(n), t, t * t - t, 2.0 * t - 1.0, t + 1.0, t * (t + 1.0)))
-    for table in (t, moments, weights):
-        table.setflags(write=False)
-    return t, moments, weights
+    t.setflags(write=False)
+    weights.setflags(write=False)
+    return t, weights
 
 
 _GRID_MIN_POWER = 1e-280  # smallest beta**j of the single-pass grid (1 / it and sums stay finite)
@@ -328,7 +326,7 @@ def _newton_terms(
     form) and ``B_t = sum_{j<=t} beta**(t-j) xlag_j``. Their beta-derivatives are closed forms
     in the running sums ``S_k = cumsum(j**k beta**j)`` (k = 1, 2) and
     ``T_k = cumsum(j**k xlag_j / beta**j)`` (k = 0, 1, 2), so one cumulative sum over five
-    columns replaces nested derivative filters: ``dA/dbeta = S_1 / beta``,
+    rows replaces nested derivative filters: ``dA/dbeta = S_1 / beta``,
     ``d2A/dbeta2 = (S_2 - S_1) / beta²``, ``dB/dbeta = beta**t (t T_0 - T_1) / beta`` and
     ``d2B/dbeta2 = beta**t ((t² - t) T_0 - (2t - 1) T_1 + T_2) / beta²``. The differences
     cancel up to a factor ~t / (1 - beta) (~1e3 at n = 500): the gradient stays accurate to
@@ -337,53 +335,71 @@ def _newton_terms(
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     n = x.shape[0]
-    t, moments, weights = _index_tables(n)
+    t, weights = _index_tables(n)
     log_beta = math.log(beta)
     scaled_t = t * log_beta
     q = np.exp(scaled_t)
-    xq = xlag * np.exp(-scaled_t)
     # A_t = (1 - beta**(t+1)) / (1 - beta), through expm1: accurate for beta near 1 too.
-    a = np.expm1(scaled_t + log_beta) * (1.0 / math.expm1(log_beta))
+    a = np.expm1(scaled_t + log_beta)
+    a *= 1.0 / math.expm1(log_beta)
+    # In-place operations throughout: at n = 500 numpy's per-call cost dominates, not the flops.
     if not hessian:
-        s2 = omega * a + (alpha * np.cumsum(xq) + b * beta) * q
+        s2 = np.cumsum(xlag / q)
+        s2 *= alpha
+        s2 += b * beta
+        s2 *= q
+        s2 += omega * a
         value = 0.5 * (_LOG_2PI + (float(np.log(s2).sum()) + float((x / s2).sum())) / n)
         return value, None, None, None
-    # Columns S_1, S_2, T_0, T_1, T_2; the (n, k) layout: numpy's cumsum along the first axis
-    # of a C-ordered array is about twice as fast as along the last.
-    z = np.empty((n, 5))
-    np.multiply(q[:, None], moments[:, 1:], out=z[:, :2])
-    np.multiply(xq[:, None], moments, out=z[:, 2:])
-    sums = np.cumsum(z, axis=0)
-    t0, t1 = sums[:, 2], sums[:, 3]
-    bq = t0 * q  # B
-    s2 = omega * a + alpha * bq + (b * beta) * q
+    z = np.empty((5, n))
+    np.multiply(q, t, out=z[0])
+    np.multiply(z[0], t, out=z[1])
+    np.divide(xlag, q, out=z[2])
+    np.multiply(z[2], t, out=z[3])
+    np.multiply(z[3], t, out=z[4])
+    sums = np.cumsum(z, axis=1)  # rows S_1, S_2, T_0, T_1, T_2
+    # d: the first derivatives of s2 (rows omega, alpha, beta); d[1] is B.
+    d = np.empty((3, n))
+    d[0] = a
+    np.multiply(sums[2], q, out=d[1])
+    s2 = d[1] * alpha
+    s2 += (b * beta) * q
+    s2 += omega * a
     inv = 1.0 / s2
     ratio = x * inv
     value = 0.5 * (_LOG_2PI + (float(np.log(s2).sum()) + float(ratio.sum())) / n)
-    w = (0.5 / n) * (1.0 - ratio) * inv  # d value / d s2_t
+    w = (1.0 - ratio) * inv  # d value / d s2_t, times n / 0.5
+    w *= 0.5 / n
     # The sums over t with w: sw = (w.S_1, w.S_2), tw[i, k] = (w q weights_i).T_k,
-    # ew[i] = sum(w q weights_i).
+    # ew = sum(w q (t + 1)), sum(w q t (t + 1)).
     weighted = weights * (w * q)
-    sw = w @ sums[:, :2]
-    tw = weighted @ sums[:, 2:]
-    ew = weighted.sum(axis=1)
+    sw = sums[:2] @ w
+    tw = weighted @ sums[2:].T
+    ew = weighted[4:].sum(axis=1)
     a_b = sw[0] / beta  # w.dA/dbeta
     b_b = (tw[1, 0] - tw[0, 1]) / beta  # w.dB/dbeta
-    s2_b = omega * a_b + alpha * b_b + b * ew[4]  # w.ds2/dbeta (the backcast term: b (t+1) q)
+    s2_b = omega * a_b + alpha * b_b + b * ew[0]  # w.ds2/dbeta (the backcast term: b (t+1) q)
     s2_bb = (
-        omega * (sw[1] - sw[0]) / beta + alpha * (tw[2, 0] - tw[3, 1] + tw[0, 2]) / beta + b * ew[5]
+        omega * (sw[1] - sw[0]) / beta + alpha * (tw[2, 0] - tw[3, 1] + tw[0, 2]) / beta + b * ew[1]
     ) / beta  # w.d2s2/dbeta2
     grad = np.array((float(w @ a), tw[0, 0], s2_b))
-    # The Gauss-Newton part needs the first derivatives of s2 themselves (rows omega, alpha,
-    # beta); the second derivatives add w.d2s2 where they are non-zero (s2 is linear in omega
-    # and alpha, so only beta-omega = w.dA/dbeta, beta-alpha = w.dB/dbeta and beta-beta).
-    d = np.empty((3, n))
-    d[0] = a
-    d[1] = bq
-    d[2] = (omega * sums[:, 0] + (alpha * q) * (t * t0 - t1)) / beta + (b * q) * weights[4]
-    dc = d * ((0.5 / n) * inv * inv)
+    # ds2/dbeta = omega S_1 / beta + alpha q (t T_0 - T_1) / beta + b (t + 1) q
+    tmp = t * sums[2]
+    tmp -= sums[3]
+    tmp *= alpha / beta
+    tmp += b * weights[4]
+    tmp *= q
+    np.multiply(sums[0], omega / beta, out=d[2])
+    d[2] += tmp
+    # The Gauss-Newton part of the Hessian; the second derivatives of s2 add w.d2s2 where they
+    # are non-zero (s2 is linear in omega and alpha: beta-omega = w.dA/dbeta, beta-alpha =
+    # w.dB/dbeta and beta-beta).
+    c = inv * inv
+    c *= 0.5 / n
+    dc = d * c
     fisher = dc @ d.T
-    hess = (dc * (2.0 * ratio - 1.0)) @ d.T
+    dc *= 2.0 * ratio - 1.0
+    hess = dc @ d.T
     hess[0, 2] += a_b
     hess[2, 0] += a_b
     hess[1, 2] += b_b
@@ -523,6 +539,7 @@ def _newton(
     lower: FloatArray,
     upper: FloatArray,
     budget: int,
+    terms: tuple[float, FloatArray | None, FloatArray | None, FloatArray | None] | None = None,
 ) -> tuple[FloatArray | None, int]:
     """Projected Newton's method with a backtracking line search inside the constraints.
 
@@ -540,11 +557,14 @@ def _newton(
     decrement is below `_NEWTON_DECREMENT`, and the final projected step stays feasible.
     """
     n = x.shape[0]
-    if not _newton_feasible(start, lower, upper, n):
-        return None, 0
+    evaluations = 0
+    if terms is None:  # else: `_newton_terms(start, ..., True)`, already counted by the caller
+        if not _newton_feasible(start, lower, upper, n):
+            return None, 0
+        evaluations = 1
+        terms = _newton_terms(start, x, xlag, b, True)
     params = start
-    evaluations = 1
-    value, grad, hess, fisher = _newton_terms(params, x, xlag, b, True)
+    value, grad, hess, fisher = terms
     for _ in range(_NEWTON_MAX_ITERATIONS):
         assert grad is not None and hess is not None and fisher is not None
         face = _binding_face(params, grad, lower)
@@ -653,15 +673,22 @@ def fit_garch11(
     values = _grid_values(grid, target, x, xlag, backcast)
     best = int(np.nanargmin(values)) if np.isfinite(values).any() else 0
     start = grid.params[best] * np.array((target, 1.0, 1.0))
+    warm_terms = None
     if warm is not None:
         if _newton_feasible(warm, lower, upper, n):
-            warm_value = _newton_terms(warm, x, xlag, backcast, False)[0]
+            # Newton's first evaluation, made now: its value decides the start.
+            warm_terms = _newton_terms(warm, x, xlag, backcast, True)
+            warm_value = warm_terms[0]
         else:
             warm_value = _negloglik(warm, None, x, xlag, backcast)
         if not warm_value > values[best]:
             start = warm  # the warm start wins ties against the grid
+        else:
+            warm_terms = None
     method: Literal["newton", "slsqp"] = "newton"
-    params, evaluations = _newton(start, x, xlag, backcast, lower, upper, budget)
+    evaluations = 1 if warm_terms is not None else 0
+    params, more = _newton(start, x, xlag, backcast, lower, upper, budget - evaluations, warm_terms)
+    evaluations += more
     if params is None and evaluations < budget:
         method = "slsqp"
         params, more, failure = _slsqp(start, x, xlag, backcast, lower, upper, budget - evaluations)

@@ -147,10 +147,11 @@ class GarchTracker:
         c_h, d_h, c_cum, d_cum = self._coefficients
         vh = c_h + d_h * v1
         cumulative = c_cum + d_cum * v1
-        header = self._header()
+        attempt = self._last_attempt
+        assert attempt is not None  # there is an "ok" fit
         return {
-            "status": header["status"],
-            "message": header["message"],
+            "status": attempt.status,
+            "message": attempt.message or None,
             "horizon": self._config.horizon,
             "omega": fit.omega,
             "alpha": fit.alpha,
