@@ -396,10 +396,12 @@ def _newton_terms(
     # w.dB/dbeta and beta-beta).
     c = inv * inv
     c *= 0.5 / n
-    dc = d * c
-    fisher = dc @ d.T
-    dc *= 2.0 * ratio - 1.0
-    hess = dc @ d.T
+    dc = np.empty((6, n))
+    np.multiply(d, c, out=dc[:3])
+    np.multiply(dc[:3], 2.0 * ratio - 1.0, out=dc[3:])
+    both = dc @ d.T  # one product for the Fisher matrix (rows 0-2) and the Hessian's (3-5)
+    fisher = both[:3]
+    hess = both[3:]
     hess[0, 2] += a_b
     hess[2, 0] += a_b
     hess[1, 2] += b_b
