@@ -16,7 +16,9 @@ from arch import arch_model
 
 from agentspoonsd.market.garch_fit import (
     GarchFit,
+    cumulative_variance,
     fit_garch11,
+    fit_log_event,
     next_variance,
     variance_forecast,
 )
@@ -196,6 +198,76 @@ def test_agrees_with_arch(
     assert fit.next_variance * scale**2 == pytest.approx(arch_next, rel=1e-4)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_warm_refit_takes_the_quick_path_and_agrees_with_arch(seed: int) -> None:
+    """The daemon's refit: the window moved by 100 of its 500 returns, warm-started from the
+    previous fit. Newton's method finds the optimum; arch (tight) agrees as in the cold case."""
+    returns = simulate_garch(600, OMEGA, ALPHA, BETA, seed=seed, innovations="t")
+    previous = fit_garch11(returns[:500])
+    window = returns[100:]
+    fit = fit_garch11(window, previous=previous)
+    assert previous.status == fit.status == "ok", fit.message
+    assert fit.method == "newton"
+    assert fit.iterations <= 12  # observed 4-7 evaluations (a cold SLSQP fit takes 20-40)
+    tight = fit_arch(window, tight=True)
+    default = fit_arch(window, tight=False)
+    scale = tight.scale
+    ours_loglik = fit.loglik - len(window) * math.log(scale)
+    assert ours_loglik >= default.loglikelihood - 1e-6
+    assert ours_loglik == pytest.approx(tight.loglikelihood, rel=1e-10)
+    arch_params = tight.params.to_numpy()
+    assert fit.alpha == pytest.approx(arch_params[1], abs=5e-6)
+    assert fit.beta == pytest.approx(arch_params[2], abs=5e-6)
+    assert fit.omega * scale**2 == pytest.approx(arch_params[0], rel=5e-4)
+    arch_next = float(tight.forecast(horizon=1, reindex=False).variance.to_numpy()[-1, 0])
+    assert fit.next_variance * scale**2 == pytest.approx(arch_next, rel=1e-4)
+    # The same optimum as the full optimiser from a cold start.
+    cold = fit_garch11(window, max_evaluations=300)
+    assert fit.loglik == pytest.approx(cold.loglik, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("omega", "alpha", "beta", "seed", "face"),
+    [
+        pytest.param(1e-7, 0.0, 0.9, 3, "alpha", id="calm: alpha = 0"),
+        pytest.param(2e-8, 0.01, 0.97, 1, "alpha", id="weak: alpha = 0"),
+        pytest.param(2e-8, 0.1, 0.9, 5, "persistence", id="integrated: alpha + beta = 1"),
+    ],
+)
+def test_quick_path_finds_optima_on_the_bounds(
+    omega: float, alpha: float, beta: float, seed: int, face: str
+) -> None:
+    """Projected Newton: an optimum on alpha >= 0 or alpha + beta <= 1 is found exactly on it,
+    never worse than arch's (whose SLSQP stops a rounding error inside)."""
+    returns = simulate_garch(600, omega, alpha, beta, seed=seed, innovations="normal")
+    previous = fit_garch11(returns[:500])
+    window = returns[100:]
+    fit = fit_garch11(window, previous=previous)
+    assert fit.method == "newton"
+    if face == "alpha":
+        assert fit.status == "ok" and fit.alpha == 0.0
+    else:
+        assert fit.status == "nonstationary" and fit.persistence == pytest.approx(1.0, abs=1e-15)
+    default = fit_arch(window, tight=False)
+    arch_params = default.params.to_numpy()
+    assert fit.loglik - len(window) * math.log(default.scale) >= default.loglikelihood - 1e-6
+    assert fit.alpha == pytest.approx(arch_params[1], abs=1e-3)
+    assert fit.persistence == pytest.approx(arch_params[1] + arch_params[2], abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_optimum_outside_the_quick_region_falls_back_to_slsqp(seed: int) -> None:
+    # ARCH(1) data: the optimum has beta ~ 0, where the quick path's beta**-t would overflow.
+    returns = simulate_garch(500, 1e-6, 0.3, 0.0, seed=seed, innovations="normal")
+    fit = fit_garch11(returns)
+    assert fit.status == "ok" and fit.method == "slsqp"
+    assert fit.beta < 1e-6
+    tight = fit_arch(returns, tight=True)
+    ours = fit.loglik - len(returns) * math.log(tight.scale)
+    assert ours == pytest.approx(tight.loglikelihood, rel=1e-10)
+    assert fit.alpha == pytest.approx(tight.params.to_numpy()[1], abs=5e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # (3) Forecasts
 
@@ -244,6 +316,27 @@ def test_forecast_rejects_bad_horizon_and_failed_fit() -> None:
         variance_forecast(fit, -3)
     with pytest.raises(ValueError):
         variance_forecast(fit_garch11([0.001] * 10), 5)
+
+
+@pytest.mark.parametrize("persistence", [0.0, 0.5, 0.98, 1.0 - 2e-6, 1.0])
+@pytest.mark.parametrize("horizon", [1, 2, 10, 1000])
+def test_cumulative_variance_is_the_sum_of_the_step_forecasts(
+    persistence: float, horizon: int
+) -> None:
+    alpha = persistence / 4
+    status = "nonstationary" if persistence >= 1 - 1e-6 else "ok"
+    fit = GarchFit(status, 3e-8, alpha, persistence - alpha, 0.0, 100, 10, "", 1e-6, 1.2e-6)
+    expected = math.fsum(loop_forecast(fit, horizon).tolist())
+    got = cumulative_variance(fit.omega, fit.persistence, fit.next_variance, horizon)
+    # Relative error ~ eps * long-run variance / variance_1: here at most ~3e-12.
+    assert got == pytest.approx(expected, rel=1e-10)
+    if horizon == 1:
+        assert got == fit.next_variance
+
+
+def test_cumulative_variance_rejects_a_bad_horizon() -> None:
+    with pytest.raises(ValueError):
+        cumulative_variance(3e-8, 0.9, 1e-6, 0)
 
 
 def test_next_variance_is_one_step_of_the_recursion() -> None:
@@ -400,3 +493,44 @@ def test_failed_or_boundary_previous_does_not_hurt() -> None:
 def test_fit_is_deterministic() -> None:
     returns = simulate_garch(1000, OMEGA, ALPHA, BETA, seed=43, innovations="t")
     assert fit_garch11(returns) == fit_garch11(returns.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) Logging: a nonstationary fit is an estimate, not a failure
+
+
+def test_log_event_tells_nonstationary_from_failed() -> None:
+    ok = fit_garch11(simulate_garch(1000, OMEGA, ALPHA, BETA, seed=43, innovations="t"))
+    level, event, fields = fit_log_event(ok)
+    assert (level, event) == ("debug", "garch_fitted")
+    assert fields["alpha"] == ok.alpha and fields["observations"] == 1000
+
+    boundary = GarchFit("nonstationary", 1e-8, 0.1, 0.9, 0.0, 500, 9, "on the boundary", 1e-6, 1e-6)
+    level, event, fields = fit_log_event(boundary)
+    assert (level, event) == ("info", "garch_fit_nonstationary")
+    assert fields == {"alpha": 0.1, "beta": 0.9, "persistence": 1.0, "observations": 500}
+
+    level, event, fields = fit_log_event(fit_garch11([0.001] * 10))
+    assert (level, event) == ("warning", "garch_fit_failed")
+    assert fields["status"] == "failed" and "at least" in fields["detail"]
+
+
+def test_generator_logs_each_status_under_its_own_event() -> None:
+    import structlog
+    import trio
+    from structlog.testing import capture_logs
+
+    from agentspoonsd.market.generator import Generator
+    from agentspoonsd.settings import GeneratorSettings
+
+    send, _receive = trio.open_memory_channel(1)
+    generator = Generator(GeneratorSettings(seed=1), send, structlog.get_logger())
+    boundary = GarchFit("nonstationary", 1e-8, 0.1, 0.9, 0.0, 500, 9, "on the boundary", 1e-6, 1e-6)
+    with capture_logs() as logs:
+        generator._install("BTC/USD", boundary)
+        generator._install("BTC/USD", fit_garch11([0.001] * 10))
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("garch_fit_nonstationary", "info"),
+        ("garch_fit_failed", "warning"),
+    ]
+    assert logs[0]["symbol"] == "BTC/USD" and logs[0]["persistence"] == 1.0

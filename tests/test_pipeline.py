@@ -45,6 +45,8 @@ FORECAST_KEYS = [
     "variance_h",
     "volatility_1",
     "volatility_h",
+    "variance_cum_h",
+    "volatility_cum_h",
     "fit_bars",
     "bars_since_fit",
 ]
@@ -136,6 +138,10 @@ def test_forecast_follows_the_fit_and_rolls_forward_between_refits() -> None:
         assert forecast["variance_h"] == pytest.approx(vh, rel=1e-11)
         assert forecast["volatility_1"] == pytest.approx(math.sqrt(v1), rel=1e-13)
         assert forecast["volatility_h"] == pytest.approx(math.sqrt(vh), rel=1e-11)
+        # The h-bar variance: the sum of the k-step forecasts, k = 1..h.
+        cum = sum(h_step(fit.omega, fit.alpha, fit.beta, v1, k) for k in range(1, horizon + 1))
+        assert forecast["variance_cum_h"] == pytest.approx(cum, rel=1e-11)
+        assert forecast["volatility_cum_h"] == pytest.approx(math.sqrt(cum), rel=1e-11)
         assert forecast["fit_bars"] == fit.n_obs
         assert forecast["bars_since_fit"] == since
     assert refits == list(range(120, 700, 60))  # 60 returns are too few to fit

@@ -29,7 +29,7 @@ from ..settings import GeneratorSettings
 from .bar import Bar
 from .block import BarBlock, FloatArray
 from .clock import MarketClock
-from .garch_fit import GarchFit, fit_garch11
+from .garch_fit import GarchFit, fit_garch11, fit_log_event
 from .models import Model, make_model
 from .pipeline import PipelineConfig, SymbolPipeline
 from .records import Record
@@ -340,18 +340,8 @@ class Generator:
 
     def _install(self, symbol: str, fit: GarchFit) -> None:
         self._pipelines[symbol].install(fit)
-        if fit.status == "ok":
-            self._log.debug(
-                "garch_fitted",
-                symbol=symbol,
-                alpha=fit.alpha,
-                beta=fit.beta,
-                observations=fit.n_obs,
-            )
-        else:
-            self._log.warning(
-                "garch_fit_failed", symbol=symbol, status=fit.status, detail=fit.message
-            )
+        level, event, fields = fit_log_event(fit)
+        getattr(self._log, level)(event, symbol=symbol, **fields)
 
     def _timestamp(self) -> datetime:
         stamp = self._wall_clock()

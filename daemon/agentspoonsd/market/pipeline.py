@@ -34,7 +34,7 @@ import numpy as np
 from .bar import Bar
 from .block import BarBlock, FloatArray
 from .estimators import ESTIMATOR_NAMES, BoolArray, EstimatorBlock, RollingEstimators
-from .garch_fit import GarchFit
+from .garch_fit import GarchFit, cumulative_variance
 
 # Fewer returns than this make a fit mostly noise (and usually a boundary solution).
 MIN_FIT_BARS = 100
@@ -99,6 +99,9 @@ class GarchTracker:
         self._next_variance = math.nan  # σ²_{t+1} under self._fit
         self._bars_since_fit = 0
         self._empty_forecast: dict[str, Any] | None = None  # the forecast while there is no fit
+        # Per fit, so a bar costs two multiply-adds: σ²_{t+h} = c_h + d_h σ²_{t+1} and
+        # Σ_{k=1..h} σ²_{t+k} = c_cum + d_cum σ²_{t+1} (see `_forecast_coefficients`).
+        self._coefficients = (math.nan, math.nan, math.nan, math.nan)
 
     @property
     def last_fit(self) -> GarchFit | None:
@@ -132,6 +135,7 @@ class GarchTracker:
             self._fit = fit
             self._next_variance = fit.next_variance
             self._bars_since_fit = 0
+            self._coefficients = _forecast_coefficients(fit, self._config.horizon)
 
     def forecast(self) -> dict[str, Any]:
         """``data.garch_forecast`` for the current bar; always the same keys, in the same order.
@@ -147,25 +151,28 @@ class GarchTracker:
                 self._empty_forecast = self._header() | dict.fromkeys(_FORECAST_VALUES)
             return self._empty_forecast
         v1 = self._next_variance
-        persistence = fit.alpha + fit.beta
-        # Closed form of the recursion: σ²_{t+h} = σ̄² + p^{h−1} (σ²_{t+1} − σ̄²), with
-        # σ̄² = ω / (1 − p); an "ok" fit is stationary, so p < 1.
-        long_run = fit.omega / (1.0 - persistence)
-        vh = long_run + persistence ** (self._config.horizon - 1) * (v1 - long_run)
-        out = self._header()
-        out.update(
-            omega=fit.omega,
-            alpha=fit.alpha,
-            beta=fit.beta,
-            persistence=persistence,
-            variance_1=v1,
-            variance_h=vh,
-            volatility_1=math.sqrt(v1),
-            volatility_h=math.sqrt(vh),
-            fit_bars=fit.n_obs,
-            bars_since_fit=self._bars_since_fit,
-        )
-        return out
+        c_h, d_h, c_cum, d_cum = self._coefficients
+        vh = c_h + d_h * v1
+        cumulative = c_cum + d_cum * v1
+        attempt = self._last_attempt
+        assert attempt is not None  # there is an "ok" fit
+        return {
+            "status": attempt.status,
+            "message": attempt.message or None,
+            "horizon": self._config.horizon,
+            "omega": fit.omega,
+            "alpha": fit.alpha,
+            "beta": fit.beta,
+            "persistence": fit.alpha + fit.beta,
+            "variance_1": v1,
+            "variance_h": vh,
+            "volatility_1": math.sqrt(v1),
+            "volatility_h": math.sqrt(vh),
+            "variance_cum_h": cumulative,
+            "volatility_cum_h": math.sqrt(cumulative),
+            "fit_bars": fit.n_obs,
+            "bars_since_fit": self._bars_since_fit,
+        }
 
     def _header(self) -> dict[str, Any]:
         attempt = self._last_attempt
@@ -178,6 +185,22 @@ class GarchTracker:
         return {"status": status, "message": message, "horizon": self._config.horizon}
 
 
+def _forecast_coefficients(fit: GarchFit, horizon: int) -> tuple[float, float, float, float]:
+    """``(c_h, d_h, c_cum, d_cum)`` with ``σ²_{t+h} = c_h + d_h σ²_{t+1}`` and
+    ``Σ_{k=1..h} σ²_{t+k} = c_cum + d_cum σ²_{t+1}`` under a stationary ("ok") fit.
+
+    The h-step forecast is the closed form of the recursion, σ̄² + p^{h−1} (σ²_{t+1} − σ̄²)
+    with σ̄² = ω / (1 − p) and p = α + β < 1; the cumulative one is `cumulative_variance`,
+    which is linear in σ²_{t+1} (its value at 0 and its slope).
+    """
+    persistence = fit.alpha + fit.beta
+    long_run = fit.omega / (1.0 - persistence)
+    decay = persistence ** (horizon - 1)
+    c_cum = cumulative_variance(fit.omega, persistence, 0.0, horizon)
+    d_cum = cumulative_variance(0.0, persistence, 1.0, horizon)
+    return long_run * (1.0 - decay), decay, c_cum, d_cum
+
+
 _FORECAST_VALUES = (
     "omega",
     "alpha",
@@ -187,6 +210,8 @@ _FORECAST_VALUES = (
     "variance_h",
     "volatility_1",
     "volatility_h",
+    "variance_cum_h",
+    "volatility_cum_h",
     "fit_bars",
     "bars_since_fit",
 )
