@@ -142,17 +142,19 @@ function tokenFromUrl() {
   const fragment = new URLSearchParams(location.hash.slice(1));
   if (!query.has("access_token") && !fragment.has("access_token")) return;
   const token = (fragment.get("access_token") ?? query.get("access_token")).trim();
-  query.delete("access_token");
-  fragment.delete("access_token");
-  const search = query.toString();
-  const hash = fragment.toString();
-  history.replaceState(
-    null,
-    "",
-    location.pathname + (search ? `?${search}` : "") + (hash ? `#${hash}` : ""),
-  );
+  // What does not carry the token is kept as it was written (`#note` stays `#note`).
+  const without = (params, original, mark) => {
+    if (!params.has("access_token")) return original;
+    params.delete("access_token");
+    const rest = params.toString();
+    return rest ? `${mark}${rest}` : "";
+  };
+  const search = without(query, location.search, "?");
+  const hash = without(fragment, location.hash, "#");
+  history.replaceState(null, "", location.pathname + search + hash);
   if (token) sessionStorage.setItem(TOKEN_KEY, token);
 }
+
 function askForToken() {
   ui.form.hidden = false;
   ui.session.hidden = true;

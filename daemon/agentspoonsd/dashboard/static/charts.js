@@ -74,9 +74,10 @@ export function showLatest(u) {
   if (n) u.setLegend({ idx: n - 1 });
 }
 
-// Where the time ticks were drawn and what they say, in the chart's dataset: the browser test
-// checks that no two labels overlap.
+// Where the time ticks were drawn and what they say, and the axes' titles, in the chart's
+// dataset: the browser test checks that no two labels overlap and that every axis has a title.
 function recordTicks(u) {
+  u.root.dataset.axes = JSON.stringify(u.axes.map((axis) => axis.label ?? ""));
   const ticks = u.tickLabels;
   if (!ticks) return;
   const at = ticks.splits.map((t, i) => [Math.round(u.valToPos(t, "x")), ticks.labels[i]]);

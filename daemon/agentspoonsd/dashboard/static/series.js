@@ -162,11 +162,17 @@ export class Liveness {
     return this.lastMs === null ? null : Math.max(0, (nowMs - this.lastMs) / 1000);
   }
 
-  /** Stale: an interval is known and no update came for staleFactor × it. */
-  isStale(nowMs, fallback = null) {
+  /**
+   * Stale: an interval is known and no update came for staleFactor × it. Before the first live
+   * update (a symbol whose history just loaded waits up to a second for its live stream: the
+   * requests are paced) `graceSeconds` more are allowed.
+   */
+  isStale(nowMs, fallback = null, graceSeconds = 2) {
     const interval = this.intervalSeconds(fallback);
     const age = this.ageSeconds(nowMs);
-    return interval !== null && age !== null && age > this.staleFactor * interval;
+    if (interval === null || age === null) return false;
+    const grace = this.arrivals.length ? 0 : graceSeconds;
+    return age > this.staleFactor * interval + grace;
   }
 }
 
