@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= agentspoonsd.toml
 
-.PHONY: run test lint format clean bench
+.PHONY: run test lint format clean bench bench-dashboard screenshots
 
 # The venv is (re)built when pyproject.toml changes; the stamp records what was installed.
 $(BIN)/python:
@@ -59,6 +59,17 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(ARGS)
 	$(BIN)/python bench/market.py $(MARKET_ARGS)
 	$(BIN)/python bench/ship.py
+
+# The dashboard's CPU in Chromium: 50 symbols at 1 update/s, 30 s (bench/dashboard_cpu.py; not
+# part of `make bench`, which measures the daemon). DASHBOARD_ARGS=--open 4: four charts open.
+bench-dashboard: $(VENV)/.installed-test
+	$(BIN)/python bench/dashboard_cpu.py $(DASHBOARD_ARGS)
+
+# docs/dashboard-1400.png and docs/dashboard-390.png: the page in Debian's chromium, against a
+# real daemon (build/screenshots.py; build/ensure-chromium.sh installs chromium when missing).
+screenshots: $(VENV)/.installed-test
+	sh build/ensure-chromium.sh
+	$(BIN)/python build/screenshots.py docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs

@@ -6,55 +6,45 @@ downloads are never used). Screenshots are kept as build/test-artifacts/dashboar
 
 The page publishes what it shows in data attributes, which the tests read: `body[data-state]`
 (connecting, live, reconnecting, down, refused, revoked, origin…), and per symbol
-`section.symbol[data-symbol]` with `data-updates` (updates received), `data-points` (points drawn
-on its charts), `data-seq`, `data-gaps` (seq jumps: never expected) and `data-resets`.
+`section.symbol[data-symbol]` (a symbol's charts, open for the rows selected in the overview)
+with `data-updates` (updates received), `data-points` (points drawn on its charts), `data-seq`,
+`data-gaps` (seq jumps: never expected), `data-resets` and `data-stale`; `window.dashboard.bars()`
+gives a symbol's charted window. The overview, charts, phones, token and export:
+tests/test_dashboard_page.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 
+import dashboard_support
 from daemon_process import DaemonProcess
-from dashboard_support import Ports, free_ports, start_daemon, stop_daemon, write_config
+from dashboard_support import (
+    ROOT,
+    WAIT_MS,
+    Ports,
+    card,
+    free_ports,
+    start_daemon,
+    stop_daemon,
+    url,
+    wait_state,
+    wait_updates,
+    write_config,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
+browser = dashboard_support.browser  # the fixtures: one chromium per module, a fresh page
+page = dashboard_support.page
 ARTIFACTS = ROOT / "build" / "test-artifacts"
 TOKEN = "dashboard-browser-test-token"
 SYMBOLS = ("BTC/USD", "ETH/USD")
-WAIT_MS = 15_000  # no step should come close: updates arrive every 0.2 s
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    subprocess.run(["sh", str(ROOT / "build" / "ensure-chromium.sh")], check=True)
-    with sync_playwright() as p:
-        # Headless, no sandbox (the tests run as root in CI, where chromium's sandbox refuses).
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 1400})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
-        yield page
-    finally:
-        context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
 
 
 @pytest.fixture
@@ -65,15 +55,6 @@ def daemon(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Ports]]:
         yield process, ports
     finally:
         process.kill()
-
-
-def url(ports: Ports, token: str | None = None) -> str:
-    base = f"http://127.0.0.1:{ports.http}/"
-    return base if token is None else f"{base}#access_token={token}"
-
-
-def wait_state(page: Page, state: str, timeout: float = WAIT_MS) -> None:
-    page.wait_for_selector(f'body[data-state="{state}"]', state="attached", timeout=timeout)
 
 
 def wait_state_saying(page: Page, state: str, text: str) -> None:
@@ -87,21 +68,20 @@ def wait_state_saying(page: Page, state: str, text: str) -> None:
     )
 
 
-def wait_updates(page: Page, symbol: str, at_least: int) -> None:
-    page.wait_for_function(
-        """([symbol, n]) => {
-            const card = document.querySelector(`section.symbol[data-symbol="${symbol}"]`);
-            return card && +card.dataset.updates >= n && +card.dataset.points >= n;
-        }""",
-        arg=[symbol, at_least],
-        timeout=WAIT_MS,
-    )
-
-
-def card(page: Page, symbol: str) -> dict[str, str]:
-    return page.eval_on_selector(
-        f'section.symbol[data-symbol="{symbol}"]', "el => Object.assign({}, el.dataset)"
-    )
+def assert_no_false_jump(points: list[dict[str, object]]) -> None:
+    """The charted window across a reconnect: every seq once and in order, time increasing, and
+    no line drawn across a hole in time (a break precedes a bar more than 3 spacings late)."""
+    bars = [p for p in points if not p["gap"]]
+    seqs = [int(str(p["seq"])) for p in bars]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a seq missing or repeated"
+    times = [float(str(p["t"])) for p in points]
+    assert all(a < b for a, b in itertools.pairwise(times)), "time not increasing"
+    steps = sorted(b - a for a, b in itertools.pairwise(times))
+    spacing = steps[len(steps) // 2]
+    for before, after in itertools.pairwise(points):
+        if not before["gap"] and not after["gap"]:
+            late = float(str(after["t"])) - float(str(before["t"]))
+            assert late <= 3 * spacing + 1e-6, f"a line drawn across {late:.2f} s"
 
 
 def test_live_page_authenticates_from_the_fragment_and_charts_updates(
@@ -212,6 +192,7 @@ def test_down_daemon_is_shown_then_the_page_resumes_without_a_gap(
         assert int(after["seq"]) > int(before["seq"])
         assert after["gaps"] == "0" and after["resets"] == "0"
         assert "Reconnected after" in page.inner_text("#notices")
+        assert_no_false_jump(page.evaluate("window.dashboard.bars('BTC/USD')"))
 
         assert stop_daemon(second) == 0
         wait_state(page, "down")
