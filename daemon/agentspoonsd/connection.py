@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import protocol
@@ -33,9 +33,8 @@ from .closecodes import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG
 from .deflate import BoundedDeflate
 from .httppolicy import client_key
 from .logthrottle import LogThrottle
-from .protocol import ErrorCode
 from .proxies import TrustedProxies
-from .routing import Budget, Router
+from .routing import Budget, MessageAssembler, Router
 from .upgrade import HandshakeError, UpgradeParser, UpgradeRequest, accept_response
 
 if TYPE_CHECKING:
@@ -50,7 +49,6 @@ __all__ = [
     "End",
     "Limits",
     "Log",
-    "MessageAssembler",
     "Policy",
     "ServerConnection",
     "Transport",
@@ -185,6 +183,74 @@ class Policy:
                 "upgrade_refused", peer=peer, reason=refusal.reason, status=refusal.status
             )
 
+    def complete_upgrade(
+        self, conn: ServerConnection, request: UpgradeRequest, now: float
+    ) -> End | None:
+        """Admit `conn`'s upgrade `request` (`Admission.at_upgrade`) and welcome it
+        (`Router.welcome`), or refuse it."""
+        # Behind a trusted proxy the client is the forwarded address: the per-address limits
+        # count it (from here on, so it is final before the client is counted) and logs name it.
+        conn.ip = self.limits.proxies.client_address(conn.ip, request.headers)
+        verdict = self.admission.at_upgrade(conn.ip, request, self.auth, self.limits, now)
+        if isinstance(verdict, Refusal):
+            return self.refuse(conn, verdict, now)
+        self.deadlines.pop(conn, None)
+        self._handshake_over(conn)
+        conn.grant = verdict
+        conn.connected_at = conn.last_seen = now
+        self.admission.connected(conn.ip, verdict.name)
+        self.stats.connections_accepted += 1
+        self.stats.clients_connected += 1
+        self.router.welcome(conn, request, verdict, now)
+        return None
+
+    def refuse(self, conn: ServerConnection, refusal: Refusal, now: float) -> End:
+        """Answer `conn`'s upgrade with `refusal`, counted and logged; the connection closes
+        once it is delivered."""
+        self.stats.rejected_upgrades[refusal.reason] += 1
+        if refusal.auth_failure:
+            self.stats.auth_failures[refusal.reason] += 1
+            self.log_peer("warning", "auth_failed", conn, now, reason=refusal.reason)
+        else:
+            self.log_peer(
+                refusal.level,
+                "upgrade_refused",
+                conn,
+                now,
+                reason=refusal.reason,
+                status=refusal.status,
+            )
+        conn.send_refusal(refusal)
+        return End("refused")
+
+    def forget(self, conn: ServerConnection, reason: str, now: float) -> None:
+        """The I/O layer has closed `conn`'s socket for `reason`: take the connection out of
+        the counts, the metrics and the hub, and log its end."""
+        self._handshake_over(conn)
+        self.hub.unsubscribe_all(conn)
+        if conn.connected_at is None:
+            if reason == "handshake_timeout":
+                self.stats.rejected_upgrades["handshake_timeout"] += 1
+                self.log_peer("info", "handshake_timeout", conn, now)
+            return
+        token = conn.grant.name if conn.grant else None
+        self.admission.disconnected(conn.ip, token)
+        self.stats.clients_connected -= 1
+        self.stats.disconnects[reason] += 1
+        self.log.info(
+            "client_disconnected",
+            **conn.peer_fields(),
+            token=token,
+            reason=reason,
+            duration_s=round(now - conn.connected_at, 3),
+        )
+
+    def _handshake_over(self, conn: ServerConnection) -> None:
+        """`conn` no longer counts as handshaking (upgraded, or gone)."""
+        if conn.handshaking is not None:
+            self.admission.handshake_over(conn.handshaking)
+            conn.handshaking = None
+
     def summarise_suppressed_logs(self, now: float, *, everything: bool = False) -> None:
         """Log what was held back from each address whose window closed by `now` (all of them
         with `everything`: at shutdown)."""
@@ -201,8 +267,8 @@ class ServerConnection:
     """One WebSocket peer's protocol state and the server's policy for it.
 
     Made when the connection is accepted at `now` (it counts as handshaking from then on, see
-    `Admission`, until its upgrade or `handshake_timeout`); `forget` when the I/O layer has
-    closed its socket. `finished` is the I/O
+    `Admission`, until its upgrade or `handshake_timeout`); `Policy.forget` it once the I/O
+    layer has closed its socket. `finished` is the I/O
     layer's: once set, nothing more is written and the hub never holds the connection again.
     """
 
@@ -316,25 +382,10 @@ class ServerConnection:
             request = parser.feed(data)
         except HandshakeError as exc:
             refusal = Refusal(exc.status, "bad_request", exc.message, exc.headers, level="info")
-            return self.refuse(refusal, now)
+            return self.policy.refuse(self, refusal, now)
         if request is None:
             return None
-        # Behind a trusted proxy the client is the forwarded address: the per-address limits
-        # count it (from here on, so it is final before the client is counted) and logs name it.
-        policy = self.policy
-        self.ip = policy.limits.proxies.client_address(self.ip, request.headers)
-        verdict = policy.admission.at_upgrade(self.ip, request, policy.auth, policy.limits, now)
-        if isinstance(verdict, Refusal):
-            return self.refuse(verdict, now)
-        policy.deadlines.pop(self, None)
-        self._handshake_over()
-        self.grant = verdict
-        self.connected_at = self.last_seen = now
-        policy.admission.connected(self.ip, verdict.name)
-        policy.stats.connections_accepted += 1
-        policy.stats.clients_connected += 1
-        policy.router.welcome(self, request, verdict, now)
-        return None
+        return self.policy.complete_upgrade(self, request, now)
 
     def _handle_events(self, conn: Connection, now: float) -> End | None:
         """React to what wsproto parsed: messages, pings, the closing handshake."""
@@ -343,7 +394,7 @@ class ServerConnection:
                 return None
             if isinstance(event, Message):
                 if conn.state is ConnectionState.OPEN:
-                    self._on_message(event, now)
+                    self.policy.router.on_message(self, event, now)
             elif isinstance(event, Ping):
                 self.send_event(event.response())
             elif isinstance(event, Pong):
@@ -358,7 +409,7 @@ class ServerConnection:
                     self.send_event(event.response())
                 elif conn.state is ConnectionState.OPEN:  # wsproto saw a protocol error
                     if event.code == CLOSE_TOO_BIG:  # deflate.BoundedDeflate's bounds
-                        self._message_too_large(now)
+                        self.policy.router.message_too_large(self, now)
                     else:
                         self.close(event.code, event.reason or "")
                 return End(f"close_{event.code}")
@@ -400,36 +451,6 @@ class ServerConnection:
         self.linger_close(CLOSE_POLICY, f"{kind} per second over limit", "flood", now)
         return False
 
-    def _on_message(self, event: Message, now: float) -> None:
-        if self.assembler is None:  # most clients never send anything: allocate on first use
-            self.assembler = MessageAssembler(self.policy.limits.max_message_size)
-        assembler = self.assembler
-        text = assembler.feed(event)
-        if assembler.too_large:
-            self._message_too_large(now)
-        elif isinstance(event, BytesMessage):
-            if event.message_finished:
-                self.policy.router.send_error(
-                    self,
-                    protocol.error_message(
-                        ErrorCode.BINARY_UNSUPPORTED,
-                        "binary messages are not supported; send JSON text",
-                    ),
-                    now,
-                )
-        elif text is not None:
-            self.policy.router.on_request(self, text, now)
-
-    def _message_too_large(self, now: float) -> None:
-        """Answer a message over `max_message_size`: an error reply, then close 1009."""
-        limit = self.policy.limits.max_message_size
-        self.send_message(
-            protocol.error_message(
-                ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {limit} bytes"
-            )
-        )
-        self.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large", now)
-
     # ---------------------------------------------------------------- what the server sends
 
     def accept(
@@ -462,26 +483,10 @@ class ServerConnection:
         self.ping_outstanding = True
         self.outbox.write(response + PING_FRAME + greeting_frame)
 
-    def refuse(self, refusal: Refusal, now: float) -> End:
-        """Answer the upgrade with `refusal` (counted and logged); the connection closes once
-        it is delivered."""
-        stats = self.policy.stats
-        stats.rejected_upgrades[refusal.reason] += 1
-        if refusal.auth_failure:
-            stats.auth_failures[refusal.reason] += 1
-            self.policy.log_peer("warning", "auth_failed", self, now, reason=refusal.reason)
-        else:
-            self.policy.log_peer(
-                refusal.level,
-                "upgrade_refused",
-                self,
-                now,
-                reason=refusal.reason,
-                status=refusal.status,
-            )
+    def send_refusal(self, refusal: Refusal) -> None:
+        """Answer the upgrade with `refusal`; nothing is written after it."""
         self.handshake = None
         self.outbox.seal(refusal.response())
-        return End("refused")
 
     def send_message(self, message: dict[str, Any]) -> None:
         if self.conn is not None and self.conn.state is ConnectionState.OPEN:
@@ -542,62 +547,3 @@ class ServerConnection:
         else:
             self.ping_outstanding = True
             self.send_frame(PING_FRAME)
-
-    # ---------------------------------------------------------------- its end
-
-    def _handshake_over(self) -> None:
-        """No longer counted as handshaking (upgraded, or gone)."""
-        if self.handshaking is not None:
-            self.policy.admission.handshake_over(self.handshaking)
-            self.handshaking = None
-
-    def forget(self, reason: str, now: float) -> None:
-        """The I/O layer has closed the socket for `reason`: take the connection out of the
-        counts, the metrics and the hub, and log its end."""
-        policy = self.policy
-        self._handshake_over()
-        policy.hub.unsubscribe_all(self)
-        if self.connected_at is None:
-            if reason == "handshake_timeout":
-                policy.stats.rejected_upgrades["handshake_timeout"] += 1
-                policy.log_peer("info", "handshake_timeout", self, now)
-            return
-        token = self.grant.name if self.grant else None
-        policy.admission.disconnected(self.ip, token)
-        policy.stats.clients_connected -= 1
-        policy.stats.disconnects[reason] += 1
-        policy.log.info(
-            "client_disconnected",
-            **self.peer_fields(),
-            token=token,
-            reason=reason,
-            duration_s=round(now - self.connected_at, 3),
-        )
-
-
-class MessageAssembler:
-    """Joins fragmented messages, enforcing the inbound size limit as the bytes arrive."""
-
-    __slots__ = ("_max_size", "_parts", "_size", "too_large")
-
-    def __init__(self, max_size: int) -> None:
-        self._max_size = max_size
-        self._size = 0
-        self._parts: list[str] = []
-        self.too_large = False
-
-    def feed(self, event: Message) -> str | None:
-        """The whole text once its last fragment arrives; None before, and for binary."""
-        self._size += len(event.data)
-        if self._size > self._max_size:
-            self.too_large = True
-            self._parts.clear()
-            return None
-        if isinstance(event, TextMessage):
-            self._parts.append(event.data)
-        if not event.message_finished:
-            return None
-        self._size = 0
-        text = "".join(self._parts)
-        self._parts.clear()
-        return text if isinstance(event, TextMessage) else None

@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from wsproto.events import BytesMessage, Message, TextMessage
+
 from . import protocol
-from .closecodes import CLOSE_POLICY
+from .closecodes import CLOSE_POLICY, CLOSE_TOO_BIG
 from .protocol import ErrorCode, RequestError
 from .upgrade import UpgradeRequest, negotiate_deflate
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from .auth import Grant
     from .connection import Policy, ServerConnection
 
-__all__ = ["ERROR_WINDOW", "Budget", "Router"]
+__all__ = ["ERROR_WINDOW", "Budget", "MessageAssembler", "Router"]
 
 ERROR_WINDOW = 10.0  # seconds over which a client's errors are counted
 
@@ -112,6 +114,37 @@ class Router:
         hub.subscribe(conn, initial)
         for symbol, seq in resume:
             hub.resume(conn, symbol, seq)
+
+    def on_message(self, conn: ServerConnection, event: Message, now: float) -> None:
+        """Take one data frame of an open connection: a request once its text is whole."""
+        if conn.assembler is None:  # most clients never send anything: allocate on first use
+            conn.assembler = MessageAssembler(self._policy.limits.max_message_size)
+        assembler = conn.assembler
+        text = assembler.feed(event)
+        if assembler.too_large:
+            self.message_too_large(conn, now)
+        elif isinstance(event, BytesMessage):
+            if event.message_finished:
+                self.send_error(
+                    conn,
+                    protocol.error_message(
+                        ErrorCode.BINARY_UNSUPPORTED,
+                        "binary messages are not supported; send JSON text",
+                    ),
+                    now,
+                )
+        elif text is not None:
+            self.on_request(conn, text, now)
+
+    def message_too_large(self, conn: ServerConnection, now: float) -> None:
+        """Answer a message over `max_message_size`: an error reply, then close 1009."""
+        limit = self._policy.limits.max_message_size
+        conn.send_message(
+            protocol.error_message(
+                ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {limit} bytes"
+            )
+        )
+        conn.linger_close(CLOSE_TOO_BIG, "message too large", "message_too_large", now)
 
     def on_request(self, conn: ServerConnection, text: str, now: float) -> None:
         """Answer one text message of an upgraded client (docs/PROTOCOL.md "Client → server")."""
@@ -248,3 +281,31 @@ class Router:
         if len(errors) > policy.limits.max_client_errors:
             policy.log.info("client_too_many_errors", **conn.peer_fields(), errors=len(errors))
             conn.linger_close(CLOSE_POLICY, "too many errors", "too_many_errors", now)
+
+
+class MessageAssembler:
+    """Joins fragmented messages, enforcing the inbound size limit as the bytes arrive."""
+
+    __slots__ = ("_max_size", "_parts", "_size", "too_large")
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._size = 0
+        self._parts: list[str] = []
+        self.too_large = False
+
+    def feed(self, event: Message) -> str | None:
+        """The whole text once its last fragment arrives; None before, and for binary."""
+        self._size += len(event.data)
+        if self._size > self._max_size:
+            self.too_large = True
+            self._parts.clear()
+            return None
+        if isinstance(event, TextMessage):
+            self._parts.append(event.data)
+        if not event.message_finished:
+            return None
+        self._size = 0
+        text = "".join(self._parts)
+        self._parts.clear()
+        return text if isinstance(event, TextMessage) else None

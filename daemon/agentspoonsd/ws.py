@@ -232,7 +232,7 @@ class Peer(ServerConnection):
             release_frame_parser(getattr(self.conn, "_proto", None))
         trio.lowlevel.notify_closing(self.sock)  # wakes a drain task waiting on the socket
         self.sock.close()
-        self.forget(reason, trio.current_time())
+        self.policy.forget(self, reason, trio.current_time())
 
     def _on_overflow(self) -> None:
         self.policy.stats.backlog_overflows += 1
