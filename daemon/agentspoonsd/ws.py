@@ -38,7 +38,6 @@ from .auth import TokenStore
 from .closecodes import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .connection import (
     CLOSE_GRACE,
-    PING_FRAME,
     RECV_SIZE,
     End,
     Limits,
@@ -52,7 +51,7 @@ from .outbox import Outbox, TlsOutbox
 from .tls import TlsError, TlsSession
 from .upgrade import reject_response
 
-__all__ = ["PING_FRAME", "Limits", "Peer", "WebSocketServer"]
+__all__ = ["Limits", "Peer", "WebSocketServer"]
 
 # Handshakes run inline at accept, in rounds of about this long, each ended by a checkpoint: a
 # publication waits at most one round behind a reconnect storm. Measured (bench B: 10,000
