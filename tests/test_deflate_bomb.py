@@ -602,7 +602,7 @@ async def test_live_peer_sending_after_the_close_costs_nothing(
         f" connection ended after {gone['duration_s']} s"
     )
     assert code == 1009
-    # Cut once past its allowance, not left to the 2 s grace (ws.CLOSE_GRACE) for an answer.
+    # Cut once past its allowance, not left to the 2 s grace (connection.CLOSE_GRACE) for an answer.
     assert gone["duration_s"] < 0.3 + 1.5
     # The daemon's idle work for these seconds is ~50 ms (generator and fan-out at 20/s);
     # inflating the flood would be hundreds of milliseconds.

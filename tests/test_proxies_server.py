@@ -158,7 +158,8 @@ async def test_the_per_address_limit_counts_each_forwarded_client(running: Runni
         assert [await hold(), await hold()] == [101, 101]  # the proxy's own address: its own
         assert await hold() == 429
     assert running.stats.rejected_upgrades["per_ip"] == 3
-    assert running.server._per_ip == {}  # each connection was counted off where it was counted
+    # each connection was counted off where it was counted
+    assert running.server.policy.admission.per_ip == {}
     async with holding(running) as hold:
         assert [await hold(first), await hold(first)] == [101, 101]
 

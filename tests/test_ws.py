@@ -731,11 +731,11 @@ def server_side_cycles(garbage: list[object]) -> list[str]:
 
     from agentspoonsd.outbox import Outbox
     from agentspoonsd.upgrade import UpgradeParser
-    from agentspoonsd.ws import Client
+    from agentspoonsd.ws import Peer
 
     found = []
     for obj in garbage:
-        if isinstance(obj, Client | Outbox | UpgradeParser):
+        if isinstance(obj, Peer | Outbox | UpgradeParser):
             found.append(type(obj).__name__)
         elif isinstance(obj, FrameProtocol | Connection) and obj.client is False:
             found.append(f"server {type(obj).__name__}")

@@ -389,7 +389,7 @@ async def test_stalled_handshakes_from_one_address_are_capped_and_others_served(
         for sock in held:
             sock.close()
     await wait_until(lambda: running.server.client_count == 0)
-    assert running.server._handshaking == {}
+    assert running.server.policy.admission.handshaking == {}
     assert await status_from(running.port, "127.0.0.1") == 101  # its count went back down
 
 
