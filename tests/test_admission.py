@@ -3,6 +3,8 @@ event loop, the time an argument). The same rules end to end: tests/test_ws_hard
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,12 +15,20 @@ from wsproto.events import Request
 
 from agentspoonsd import admission
 from agentspoonsd.admission import Admission, Refusal
-from agentspoonsd.auth import Grant, TokenStore, hash_token, new_token
+from agentspoonsd.auth import Grant, TokenStore, hash_token
 from agentspoonsd.connection import Limits
 from agentspoonsd.settings import TokenSettings
 from agentspoonsd.upgrade import UpgradeParser, UpgradeRequest
 
-TOKEN, LIMITED, EXPIRED = new_token(), new_token(), new_token()
+
+def fixed_token(name: str) -> str:
+    """A token shaped like `new_token()`'s (43 URL-safe characters), the same on every run."""
+    digest = hashlib.sha256(f"agentspoonsd-test-{name}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+# Fixed tokens: parameter ids show them, and pytest-xdist's workers must collect the same ids.
+TOKEN, LIMITED, EXPIRED = (fixed_token(name) for name in ("TOKEN", "LIMITED", "EXPIRED"))
 NOW = 1000.0
 STORE = TokenStore(
     [

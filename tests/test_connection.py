@@ -8,6 +8,8 @@ The same behaviour through real sockets: tests/test_ws.py, test_ws_hardening.py,
 from __future__ import annotations
 
 import ast
+import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from wsproto.events import (
 )
 
 from agentspoonsd import protocol
-from agentspoonsd.auth import TokenStore, hash_token, new_token
+from agentspoonsd.auth import TokenStore, hash_token
 from agentspoonsd.connection import (
     CLOSE_GRACE,
     PING_FRAME,
@@ -46,7 +48,16 @@ from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
 
 SYMBOLS = ["BTC/USD", "ETH/USD"]
-TOKEN, ETH_ONLY, NOTHING = new_token(), new_token(), new_token()
+
+
+def fixed_token(name: str) -> str:
+    """A token shaped like `new_token()`'s (43 URL-safe characters), the same on every run."""
+    digest = hashlib.sha256(f"agentspoonsd-test-{name}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+# Fixed tokens: parameter ids show them, and pytest-xdist's workers must collect the same ids.
+TOKEN, ETH_ONLY, NOTHING = (fixed_token(name) for name in ("TOKEN", "ETH_ONLY", "NOTHING"))
 STORE = TokenStore(
     [
         TokenSettings(name="main", sha256=hash_token(TOKEN)),
