@@ -88,7 +88,7 @@ def make_generator(
     **overrides: object,
 ) -> Generator:
     return Generator(
-        generator_settings(**overrides),
+        generator_settings(**overrides).spec(),
         send,  # type: ignore[arg-type]
         structlog.get_logger(),
         wall_clock=stamps if stamps is not None else Stamps(),

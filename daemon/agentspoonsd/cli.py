@@ -381,7 +381,7 @@ def _simulate(args: argparse.Namespace) -> int:
                 else {"model": args.model}
             )
             changes["overrides"] = overrides
-        generator = type(generator).model_validate({**generator.model_dump(), **changes})
+        spec = type(generator).model_validate({**generator.model_dump(), **changes}).spec()
         start = datetime.fromisoformat(args.start.replace("Z", "+00:00"))
         if start.utcoffset() is None or args.steps < 0:
             raise ValueError("--start needs a UTC offset (e.g. Z) and --steps must be >= 0")
@@ -390,7 +390,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     tune_gc()  # a few dicts per bar and no cycles: the collector would only cost time
     write = write_csv if args.format == "csv" else write_jsonl
-    records = simulate(generator, symbol, args.steps, start)
+    records = simulate(spec, symbol, args.steps, start)
     if args.output:
         with open(args.output, "wb") as out:
             write(records, out)

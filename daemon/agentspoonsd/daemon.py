@@ -348,7 +348,7 @@ class Daemon:
                 get_logger("agentspoonsd.broker"),
                 generator_log=get_logger("agentspoonsd.generator"),
             )
-        generator = Generator(s.generator, send, get_logger("agentspoonsd.generator"))
+        generator = Generator(s.generator.spec(), send, get_logger("agentspoonsd.generator"))
         # A persisted history's newest bars: the market clock goes on after them, never back.
         generator.continue_clock({symbol: hub.recent(symbol, 1) for symbol in hub.symbols})
         websocket = WebSocketServer(

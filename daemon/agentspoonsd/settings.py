@@ -44,6 +44,7 @@ from pydantic_settings import (
 from .httppolicy import PublicUrl, normalise_host
 from .market import annual, models
 from .market.models import ModelKind
+from .market.spec import FileSourceSpec, FitSpec, GeneratorSpec, ReplaySourceSpec, SymbolSpec
 from .proxies import parse_network
 from .tomlfile import (
     MAX_CONFIG_BYTES,
@@ -717,6 +718,43 @@ class GeneratorSettings(_MarketSection):
         if override and override.initial_price is not None:
             return override.initial_price
         return self.initial_price
+
+    def spec(self) -> GeneratorSpec:
+        """The plain `market.spec.GeneratorSpec` the generator and `simulate` run on: this
+        table with every synthetic symbol's model scaled to `bar_seconds`."""
+        symbol_specs = {}
+        default_symbol = None
+        if self.source == "synthetic":
+
+            def symbol_spec(symbol: str) -> SymbolSpec:
+                return SymbolSpec(
+                    model=self.model_for(symbol),
+                    params=self.params_for(symbol),
+                    initial_price=self.initial_price_for(symbol),
+                    volume=self.volume_for(symbol),
+                )
+
+            symbol_specs = {symbol: symbol_spec(symbol) for symbol in self.symbols}
+            default_symbol = symbol_spec("")  # no override: the tables of [generator]
+        return GeneratorSpec(
+            source=self.source,
+            interval=self.interval,
+            symbols=tuple(self.symbols),
+            model=self.model,
+            seed=self.seed,
+            bar_seconds=self.bar_seconds,
+            seconds_per_year=self.seconds_per_year,
+            volatility_window=self.volatility_window,
+            ewma_lambda=self.ewma_lambda,
+            substeps=self.substeps,
+            warmup_bars=self.warmup_bars,
+            symbol_specs=symbol_specs,
+            default_symbol=default_symbol,
+            garch_fit=FitSpec(**self.garch_fit.model_dump()),
+            file=FileSourceSpec(**self.file.model_dump()),
+            replay=ReplaySourceSpec(**self.replay.model_dump()),
+            bar_seconds_set="bar_seconds" in self.model_fields_set,
+        )
 
 
 class HistorySettings(_Section):

@@ -360,7 +360,7 @@ class RedisBroker:
         tops, recent = await self._read_tops()
         next_seqs = {symbol: next_seq_after(top) for symbol, top in tops.items()}
         send, receive = trio.open_memory_channel[list[Bar]](1)
-        generator = Generator(self._settings.generator, send, self._generator_log)
+        generator = Generator(self._settings.generator.spec(), send, self._generator_log)
         await trio.to_thread.run_sync(generator.continue_from, recent)
         self._log.info(
             "leader_elected",
