@@ -524,7 +524,7 @@ def test_generator_logs_each_status_under_its_own_event() -> None:
     from agentspoonsd.settings import GeneratorSettings
 
     send, _receive = trio.open_memory_channel(1)
-    generator = Generator(GeneratorSettings(seed=1), send, structlog.get_logger())
+    generator = Generator(GeneratorSettings(seed=1).spec(), send, structlog.get_logger())
     boundary = GarchFit("nonstationary", 1e-8, 0.1, 0.9, 0.0, 500, 9, "on the boundary", 1e-6, 1e-6)
     with capture_logs() as logs:
         generator._install("BTC/USD", boundary)

@@ -42,8 +42,8 @@ from pydantic_settings import (
 )
 
 from .httppolicy import PublicUrl, normalise_host
-from .market import annual, models
-from .market.models import ModelKind
+from .market import annual, params
+from .market.params import ModelKind
 from .market.spec import FileSourceSpec, FitSpec, GeneratorSpec, ReplaySourceSpec, SymbolSpec
 from .proxies import parse_network
 from .tomlfile import (
@@ -550,7 +550,7 @@ class SymbolOverride(_MarketSection):
     def _one_volatility(self) -> SymbolOverride:
         if self.annual_volatility is None:
             return self
-        for kind in models.MODEL_KINDS:
+        for kind in params.MODEL_KINDS:
             table = getattr(self, kind)
             if table is not None and "annual_volatility" in table.model_fields_set:
                 raise ValueError(
@@ -697,7 +697,7 @@ class GeneratorSettings(_MarketSection):
         """One bar and one year in market seconds: what the yearly parameters are scaled by."""
         return annual.BarTime(self.bar_seconds, self.seconds_per_year)
 
-    def params_for(self, symbol: str) -> models.ModelParams:
+    def params_for(self, symbol: str) -> params.ModelParams:
         """The per-bar parameter dataclass of `symbol`'s model: its override table, else the
         default one, scaled from yearly units to `bar_seconds` (`market.annual`)."""
         kind = self.model_for(symbol)
@@ -708,10 +708,10 @@ class GeneratorSettings(_MarketSection):
             yearly["annual_volatility"] = override.annual_volatility
         return annual.per_bar_params(kind, yearly, self.bar_time)
 
-    def volume_for(self, symbol: str) -> models.VolumeParams:
+    def volume_for(self, symbol: str) -> params.VolumeParams:
         override = self.overrides.get(symbol)
         table = override.volume if override and override.volume else self.volume
-        return models.VolumeParams(**table.model_dump())
+        return params.VolumeParams(**table.model_dump())
 
     def initial_price_for(self, symbol: str) -> float:
         override = self.overrides.get(symbol)

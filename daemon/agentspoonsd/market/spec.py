@@ -2,7 +2,7 @@
 
 `market/` knows nothing of the config file: `settings.GeneratorSettings.spec()` validates the
 `[generator]` table and builds a `GeneratorSpec` from it, with every symbol's model already
-scaled to the bar (per-bar `models.ModelParams`). Tests and tools may build one directly.
+scaled to the bar (per-bar `params.ModelParams`). Tests and tools may build one directly.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .models import ModelKind, ModelParams, VolumeParams
+from .params import ModelKind, ModelParams, VolumeParams
 
 SourceKind = Literal["synthetic", "file", "replay"]
 
