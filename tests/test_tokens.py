@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from agentspoonsd import daemon as daemon_module
 from agentspoonsd import tokenfile
-from agentspoonsd.auth import AuthFailure, Grant, TokenStore, hash_token
+from agentspoonsd.auth import AuthFailure, Grant, TokenSpec, TokenStore, hash_token
 from agentspoonsd.daemon import Daemon
 from agentspoonsd.logs import configure_logging
 from agentspoonsd.settings import (
@@ -33,6 +33,7 @@ from agentspoonsd.settings import (
     Settings,
     TokenSettings,
     load_settings,
+    parse_tokens_file,
     read_tokens_file,
     redacted,
 )
@@ -551,8 +552,8 @@ async def test_live_connections_are_closed_when_their_token_expires(
 # --- tokenfile: append, remove ------------------------------------------------------------------
 
 
-def entry(name: str, secret: str | None = None, **extra: Any) -> TokenSettings:
-    return TokenSettings(name=name, sha256=hash_token(secret or name), **extra)
+def entry(name: str, secret: str | None = None, **extra: Any) -> TokenSpec:
+    return TokenSettings(name=name, sha256=hash_token(secret or name), **extra).spec()
 
 
 def test_append_creates_0600_with_a_header_then_only_appends(
@@ -560,11 +561,13 @@ def test_append_creates_0600_with_a_header_then_only_appends(
 ) -> None:
     os.umask(0o022)  # the usual umask would give 0644
     path = tmp_path / "tokens.toml"
-    assert append_token(path, entry("a", symbols=["ETH/USD"], max_connections=2)) is True
+    first_entry = entry("a", symbols=["ETH/USD"], max_connections=2)
+    assert append_token(path, first_entry, parse=parse_tokens_file) is True
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     first = path.read_bytes()
     assert first.startswith(b"# agentspoonsd tokens")
-    assert append_token(path, entry("b", expires=datetime(2030, 1, 1, tzinfo=UTC))) is False
+    second_entry = entry("b", expires=datetime(2030, 1, 1, tzinfo=UTC))
+    assert append_token(path, second_entry, parse=parse_tokens_file) is False
     second = path.read_bytes()
     assert second.startswith(first)  # not one byte of what was there is rewritten
     assert (
@@ -579,30 +582,30 @@ def test_append_creates_0600_with_a_header_then_only_appends(
 
 def test_append_after_a_hand_edit_without_final_newline(tmp_path: Path) -> None:
     path = write(tmp_path / "tokens.toml", "# mine\n" + block("a", DIGEST_A, "tokens").rstrip())
-    append_token(path, entry("b"))
+    append_token(path, entry("b"), parse=parse_tokens_file)
     assert [t.name for t in read_tokens_file(path)[0]] == ["a", "b"]
     assert path.read_text().startswith("# mine\n" + block("a", DIGEST_A, "tokens").rstrip())
 
 
 def test_append_refuses_a_duplicate_and_a_broken_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens.toml"
-    append_token(path, entry("a"))
+    append_token(path, entry("a"), parse=parse_tokens_file)
     before = path.read_bytes()
     with pytest.raises(TokenFileError, match='"a" already exists'):
-        append_token(path, entry("a", "other secret"))
+        append_token(path, entry("a", "other secret"), parse=parse_tokens_file)
     with pytest.raises(TokenFileError, match='"x" already exists'):
-        append_token(path, entry("x"), taken={"x"})
+        append_token(path, entry("x"), taken={"x"}, parse=parse_tokens_file)
     assert path.read_bytes() == before
     broken = write(tmp_path / "broken.toml", "[[tokens]\n")
     with pytest.raises(TokenFileError, match="invalid TOML"):
-        append_token(broken, entry("a"))
+        append_token(broken, entry("a"), parse=parse_tokens_file)
     assert broken.read_text() == "[[tokens]\n"
 
 
 def test_a_refused_first_entry_leaves_no_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens.toml"
     with pytest.raises(TokenFileError):
-        append_token(path, entry("x"), taken={"x"})
+        append_token(path, entry("x"), taken={"x"}, parse=parse_tokens_file)
     assert not path.exists()
 
 
@@ -612,7 +615,7 @@ def test_concurrent_appends_all_land(tmp_path: Path) -> None:
 
     def add(i: int) -> None:
         try:
-            append_token(path, entry(f"t{i}"))
+            append_token(path, entry(f"t{i}"), parse=parse_tokens_file)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -648,8 +651,8 @@ sha256 = "{DIGEST_C}"
 
 def test_remove_keeps_every_other_line_mode_and_owner(tmp_path: Path) -> None:
     path = write(tmp_path / "tokens.toml", HAND_EDITED, mode=0o640)
-    removed = remove_token(path, "risk")
-    assert removed.name == "risk" and removed.symbols == ["ETH/USD"]
+    removed = remove_token(path, "risk", parse=parse_tokens_file)
+    assert removed.name == "risk" and removed.symbols == ("ETH/USD",)
     assert path.read_text() == HAND_EDITED.replace(
         f'# risk desk: ETH only\n# (rotated 2026-01-12)\n[[tokens]]\nname = "risk"\n'
         f'sha256 = "{DIGEST_B}"\nsymbols = ["ETH/USD"]\n\n',
@@ -657,8 +660,8 @@ def test_remove_keeps_every_other_line_mode_and_owner(tmp_path: Path) -> None:
     )
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # kept, whatever it was
     assert [p.name for p in tmp_path.iterdir()] == ["tokens.toml"]  # no temporary file left
-    remove_token(path, "dashboard")
-    remove_token(path, "last")
+    remove_token(path, "dashboard", parse=parse_tokens_file)
+    remove_token(path, "last", parse=parse_tokens_file)
     assert path.read_text().startswith("# Tokens of the trading floor.")
     assert read_tokens_file(path)[0] == ()
 
@@ -666,13 +669,13 @@ def test_remove_keeps_every_other_line_mode_and_owner(tmp_path: Path) -> None:
 def test_remove_unknown_name_or_inline_table_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "tokens.toml", HAND_EDITED)
     with pytest.raises(TokenFileError, match='no token named "nobody"'):
-        remove_token(path, "nobody")
+        remove_token(path, "nobody", parse=parse_tokens_file)
     inline = write(tmp_path / "inline.toml", f'tokens = [{{name = "a", sha256 = "{DIGEST_A}"}}]\n')
     with pytest.raises(TokenFileError, match="edit the file by hand"):
-        remove_token(inline, "a")
+        remove_token(inline, "a", parse=parse_tokens_file)
     assert path.read_text() == HAND_EDITED
     with pytest.raises(TokenFileError, match="file not found"):
-        remove_token(tmp_path / "none.toml", "a")
+        remove_token(tmp_path / "none.toml", "a", parse=parse_tokens_file)
 
 
 def test_remove_through_a_symlink_edits_the_target(tmp_path: Path) -> None:
@@ -680,7 +683,7 @@ def test_remove_through_a_symlink_edits_the_target(tmp_path: Path) -> None:
     target = write(tmp_path / "secrets" / "tokens.toml", HAND_EDITED)
     link = tmp_path / "tokens.toml"
     link.symlink_to(target)
-    remove_token(link, "last")
+    remove_token(link, "last", parse=parse_tokens_file)
     assert link.is_symlink()
     assert [t.name for t in read_tokens_file(link)[0]] == ["dashboard", "risk"]
 

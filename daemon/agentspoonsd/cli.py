@@ -10,6 +10,7 @@ stops quietly, without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -222,7 +223,7 @@ def _tokens_config(
 def _token_new(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .settings import TokenSettings
+    from .settings import TokenSettings, parse_tokens_file
     from .tokenfile import TokenFileError, append_token, check_new, entry_text, scope_warnings
 
     try:
@@ -232,7 +233,7 @@ def _token_new(args: argparse.Namespace) -> int:
             symbols=args.symbols,
             expires=args.expires,
             max_connections=args.max_connections,
-        )
+        ).spec()
         check_new(entry)
     except ValidationError as exc:
         details = "; ".join(
@@ -261,7 +262,7 @@ def _token_new(args: argparse.Namespace) -> int:
             print(f"agentspoonsd: warning: {line}", file=sys.stderr)
 
     token = new_token()
-    entry = entry.model_copy(update={"sha256": hash_token(token)})
+    entry = dataclasses.replace(entry, sha256=hash_token(token))
     if file is None:
         print(f"token: {token}")
         print("# Shown once: give it to the client; only its digest goes in the config.")
@@ -269,7 +270,7 @@ def _token_new(args: argparse.Namespace) -> int:
         print(entry_text(entry, table="auth.tokens"), end="")
         return 0
     try:
-        created = append_token(file, entry, taken=in_config)
+        created = append_token(file, entry, parse=parse_tokens_file, taken=in_config)
     except TokenFileError as exc:
         return _fail(f"token new: {exc}")
     except OSError as exc:
@@ -328,6 +329,7 @@ def _token_list(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
+    from .settings import parse_tokens_file
     from .tokenfile import TokenFileError, remove_token
 
     try:
@@ -347,7 +349,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
             f' and no --file was given; no token "{args.name}" to revoke'
         )
     try:
-        remove_token(file, args.name)
+        remove_token(file, args.name, parse=parse_tokens_file)
     except TokenFileError as exc:
         return _fail(f"token revoke: {exc}")
     except OSError as exc:

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from . import __version__, activation, sdnotify
-from .auth import ANONYMOUS, TokenStore, hash_token, new_token
+from .auth import ANONYMOUS, TokenSpec, TokenStore, hash_token, new_token
 from .banner import PROGRAM, start_banner
 from .dashboard import PageConfig, load_dashboard
 from .health import HttpService, Probes, make_handler, readiness
@@ -41,7 +41,7 @@ from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
 from .proxies import TrustedProxies
-from .settings import EXIT_CONFIG, ConfigError, Settings, TokenSettings, load_settings
+from .settings import EXIT_CONFIG, ConfigError, Settings, load_settings
 from .supervisor import RestartPolicy, supervise
 from .tls import TlsConfigError, server_context
 from .ws import Limits, WebSocketServer
@@ -205,7 +205,7 @@ class Daemon:
         self._restart_policy = restart_policy
         self._log = get_logger("agentspoonsd.daemon")
         self._notifier = sdnotify.Notifier(None)  # replaced in run() from $NOTIFY_SOCKET
-        self._ephemeral: TokenSettings | None = None
+        self._ephemeral: TokenSpec | None = None
         self._ephemeral_token: str | None = None  # in plain text, for the start banner only
         self._program = tuple(program)
         # (name, expires) of the tokens whose expiry was already acted on.
@@ -220,14 +220,14 @@ class Daemon:
         (their connections, if any, are closed by `_reload`; `_expire_tokens` skips them).
         """
         auth = settings.auth
-        tokens = list(auth.all_tokens)
+        tokens = [token.spec() for token in auth.all_tokens]
         if auth.enabled and not tokens and auth.tokens_file is not None:
             # Tokens are managed in a file: its last one revoked means no one, not a new token.
             self._log.warning("auth_no_tokens", tokens_file=str(auth.tokens_file))
         elif auth.enabled and not tokens:
             if self._ephemeral is None:
                 token = new_token()
-                self._ephemeral = TokenSettings(name="ephemeral", sha256=hash_token(token))
+                self._ephemeral = TokenSpec(name="ephemeral", sha256=hash_token(token))
                 # The one deliberate exception to "no secret in a log": without it a fresh
                 # daemon could not be used. Shown once, by the start banner (daemon_started).
                 self._ephemeral_token = token

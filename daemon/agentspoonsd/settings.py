@@ -41,6 +41,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .auth import TokenSpec
 from .httppolicy import PublicUrl, normalise_host
 from .market import annual, params
 from .market.params import ModelKind
@@ -292,6 +293,12 @@ class TokenSettings(_Section):
         """Refused at `now` (aware): from `expires` on, that instant included."""
         return self.expires is not None and now >= self.expires
 
+    def spec(self) -> TokenSpec:
+        """This entry as the plain `auth.TokenSpec` the token store and the tokens file take."""
+        return TokenSpec(
+            self.name, self.sha256, tuple(self.symbols), self.expires, self.max_connections
+        )
+
 
 def _duplicate_problems(tokens: list[TokenSettings]) -> list[str]:
     """Two entries with one name, or one token (digest) under two names, are ambiguous: a
@@ -366,6 +373,18 @@ class TokensFile(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return tokens
+
+
+def parse_tokens_file(data: Mapping[str, Any]) -> list[TokenSpec]:
+    """The entries of a parsed tokens file, validated as the daemon reads them (the `parse`
+    argument of `tokenfile.append_token`/`remove_token`). Raises ValueError
+    ``KEY: PROBLEM`` naming the first invalid key."""
+    try:
+        return [token.spec() for token in TokensFile(**data).tokens]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}: {first['msg']}") from None
 
 
 class _MarketSection(_Section):
