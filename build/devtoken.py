@@ -39,7 +39,7 @@ from agentspoonsd.settings import (
 from agentspoonsd.tokenfile import TokenFileError, append_token, remove_token
 
 NAME = "dev"
-EX_CANTCREAT = 73
+EX_CANTCREAT = os.EX_CANTCREAT
 
 
 def _plain_token(path: Path) -> str | None:

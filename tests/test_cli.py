@@ -293,9 +293,9 @@ def test_check_config_defaults_without_any_file(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
     assert main(["check-config"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["server"]["port"] == 8765
@@ -537,9 +537,9 @@ def test_token_new_refuses_bad_expiry_and_limits(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
     for args, message in [
         (["--expires", "2099-01-01T00:00:00"], "--expires: needs a timezone"),
         (["--expires", "2099-01-01"], "--expires: must be an RFC 3339 date-time"),
@@ -556,9 +556,9 @@ def test_token_new_without_a_file_prints_expiry_and_limit_in_the_block(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     r = token_main(
         capsys, "new", "x", "--expires", "2099-01-01T00:00:00+02:00", "--max-connections", "4"
     )
@@ -602,9 +602,9 @@ def test_token_list_without_tokens(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     r = token_main(capsys, "list")
     assert r.returncode == 0
     assert r.stdout.split() == [
@@ -720,14 +720,14 @@ def test_a_port_clash_names_the_address(service: str, tmp_path: Path) -> None:
 def test_run_and_check_config_help_list_search_order_environment_and_exit_statuses(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from agentspoonsd import cli, daemon
+    from agentspoonsd import cli, exits
 
     assert [status for status, _ in cli.RUN_EXIT_STATUSES] == [
-        daemon.EXIT_OK,
-        daemon.EXIT_SOFTWARE,
-        daemon.EXIT_OSERR,
-        daemon.EXIT_CANTCREAT,
-        daemon.EXIT_CONFIG,
+        exits.EX_OK,
+        exits.EX_SOFTWARE,
+        exits.EX_OSERR,
+        exits.EX_CANTCREAT,
+        exits.EX_CONFIG,
     ]
     for command, statuses in (("run", (0, 70, 71, 73, 78)), ("check-config", (0, 78))):
         with pytest.raises(SystemExit):
@@ -795,9 +795,9 @@ def test_token_new_without_a_config_checks_the_built_in_symbols(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     r = token_main(capsys, "new", "x", "--symbols", "ETH/USD")
     assert r.returncode == 0
     assert '"ETH/USD" is not published by the built-in defaults' in r.stderr

@@ -27,6 +27,7 @@ import structlog
 import trio
 import trio.testing
 
+from agentspoonsd import configpaths
 from agentspoonsd import settings as settings_module
 from agentspoonsd.cli import main
 from agentspoonsd.market import annual, models
@@ -308,7 +309,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.upper().startswith("AGENTSPOONSD_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(settings_module, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     return tmp_path
 
 

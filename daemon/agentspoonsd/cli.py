@@ -16,44 +16,40 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, tools
 from .auth import hash_token, new_token
-from .settings import (
+from .configpaths import (
     CLIENT_ENV_VARS,
     CONFIG_ENV_VAR,
     DEFAULT_SEARCH_PATHS,
     ENV_PREFIX,
-    EXIT_CONFIG,
     ConfigError,
-    Settings,
     find_config_path,
-    load_settings,
-    redacted,
 )
+from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR, EX_PIPE, EX_SOFTWARE
 
-EXIT_PIPE = (
-    128 + 13
-)  # 128 + SIGPIPE: stdout's reader went away (the shell's status for `yes | head`)
+if TYPE_CHECKING:  # loaded by the commands that read the config, not by --version or --help
+    from .settings import Settings
 
-# The daemon's statuses (daemon.EXIT_*; cli imports no daemon module before `run` starts it, so a
-# test checks that these agree).
 RUN_EXIT_STATUSES = (
-    (0, "stopped by SIGTERM or SIGINT"),
-    (70, "a service exhausted its crash budget"),
-    (71, "a listener could not be bound (the log's listener_bind_failed names the address)"),
-    (73, "the persisted history cannot be read or created"),
-    (EXIT_CONFIG, "the configuration is invalid: nothing was started"),
+    (EX_OK, "stopped by SIGTERM or SIGINT"),
+    (EX_SOFTWARE, "a service exhausted its crash budget"),
+    (EX_OSERR, "a listener could not be bound (the log's listener_bind_failed names the address)"),
+    (EX_CANTCREAT, "the persisted history cannot be read or created"),
+    (EX_CONFIG, "the configuration is invalid: nothing was started"),
 )
 CHECK_EXIT_STATUSES = (
-    (0, "the configuration is valid (printed as JSON)"),
-    (EXIT_CONFIG, "the configuration is invalid: one line per problem on stderr"),
+    (EX_OK, "the configuration is valid (printed as JSON)"),
+    (EX_CONFIG, "the configuration is invalid: one line per problem on stderr"),
 )
 
 
 def config_help(statuses: Sequence[tuple[int, str]]) -> str:
     """The epilog of the commands that read the config: where it is found, the environment
-    variables, the exit statuses. Built from the settings module, so it cannot drift from it."""
+    variables, the exit statuses. Built from `configpaths` and `exits`, so it cannot drift from
+    them."""
     search = [
         "  --config PATH                     (must exist)",
         f"  {'$' + CONFIG_ENV_VAR:<34}(must exist)",
@@ -76,7 +72,7 @@ def config_help(statuses: Sequence[tuple[int, str]]) -> str:
     every = [
         *statuses,
         (2, "a usage error (a bad option)"),
-        (EXIT_PIPE, "stdout was closed before all was written (`| head`): stopped quietly"),
+        (EX_PIPE, "stdout was closed before all was written (`| head`): stopped quietly"),
     ]
     exits = [f"  {status:<4}{meaning}" for status, meaning in sorted(every)]
     return "\n".join(
@@ -179,16 +175,20 @@ def _invalid(exc: ConfigError) -> str:
 
 
 def _settings(config: str | None) -> tuple[Settings, Path | None]:
+    from .settings import load_settings
+
     path = find_config_path(config, os.environ)
     return load_settings(path), path
 
 
 def _check_config(config: str | None) -> int:
+    from .settings import redacted
+
     try:
         settings, path = _settings(config)
     except ConfigError as exc:
         print(f"agentspoonsd: {_invalid(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EX_CONFIG
     print(f"# effective configuration from {path or 'built-in defaults'}", file=sys.stderr)
     print(json.dumps(redacted(settings), indent=2, ensure_ascii=False))
     return 0
@@ -200,11 +200,10 @@ _TOKEN_OPTIONS = {
     "expires": "--expires",
     "max_connections": "--max-connections",
 }
-EX_CANTCREAT = 73  # the tokens file cannot be written
 RELOAD_HINT = "systemctl reload agentspoonsd, or kill -HUP <pid>"
 
 
-def _fail(message: str, status: int = EXIT_CONFIG) -> int:
+def _fail(message: str, status: int = EX_CONFIG) -> int:
     print(f"agentspoonsd: {message}", file=sys.stderr)
     return status
 
@@ -214,6 +213,8 @@ def _tokens_config(
 ) -> tuple[Settings | None, Path | None]:
     """The config a token command works with. With --file and no --config there is none: the file
     is all the command touches."""
+    from .settings import load_settings
+
     if getattr(args, "file", None) is not None and args.config is None:
         return None, None
     path = find_config_path(args.config, os.environ)
@@ -389,7 +390,7 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ValueError("--start needs a UTC offset (e.g. Z) and --steps must be >= 0")
     except (ConfigError, ValueError) as exc:
         print(f"agentspoonsd: simulate: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EX_CONFIG
     tune_gc()  # a few dicts per bar and no cycles: the collector would only cost time
     write = write_csv if args.format == "csv" else write_jsonl
     records = simulate(spec, symbol, args.steps, start)
@@ -420,12 +421,12 @@ def _run(config: str | None) -> int:
             )
             + "\n"
         )
-        return EXIT_CONFIG
+        return EX_CONFIG
     # Imported here so `--version`, `token` and `check-config` don't pay for numpy and trio.
     import trio
 
     from .banner import program_command
-    from .daemon import EXIT_SOFTWARE, Daemon
+    from .daemon import Daemon
     from .logs import configure_logging
     from .supervisor import CrashBudgetExceeded
 
@@ -438,7 +439,7 @@ def _run(config: str | None) -> int:
     except BaseExceptionGroup as group:
         if group.subgroup(CrashBudgetExceeded) is None:
             raise
-        return EXIT_SOFTWARE
+        return EX_SOFTWARE
 
 
 def tune_gc() -> None:
@@ -458,7 +459,7 @@ def tune_gc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit status. A reader of stdout that went away (`| head -1`) ends
-    any command quietly with EXIT_PIPE, never with a BrokenPipeError traceback."""
+    any command quietly with EX_PIPE, never with a BrokenPipeError traceback."""
     broken_pipe = False
     status = 0
     try:
@@ -472,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         broken_pipe = True
     if broken_pipe:
         _discard_stdout()
-        return EXIT_PIPE
+        return EX_PIPE
     return status
 
 

@@ -32,6 +32,7 @@ from . import __version__, activation, sdnotify
 from .auth import ANONYMOUS, TokenSpec, TokenStore, hash_token, new_token
 from .banner import PROGRAM, start_banner
 from .dashboard import PageConfig, load_dashboard
+from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
 from .httppolicy import WEBSOCKET_PATH, PublicUrl
@@ -41,15 +42,11 @@ from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
 from .proxies import TrustedProxies
-from .settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, load_settings
 from .supervisor import RestartPolicy, supervise
 from .tls import TlsConfigError, server_context
 from .ws import Limits, WebSocketServer
 
-EXIT_OK = 0
-EXIT_SOFTWARE = 70  # a service exhausted its crash budget
-EXIT_OSERR = 71  # a listener could not be bound
-EXIT_CANTCREAT = 73  # the persisted history cannot be read or created
 CLOSE_TOKEN_REVOKED = 4001  # docs/PROTOCOL.md: the token was revoked or expired
 TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
 # Seconds a reload may spend reading its files (a hung NFS mount) before it is rejected.
@@ -302,7 +299,9 @@ class Daemon:
             return None
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (returns 0) or a crash budget is exhausted (returns 70)."""
+        """Serve until SIGTERM/SIGINT (returns EX_OK). Returns EX_OSERR, EX_CANTCREAT or EX_CONFIG
+        when a listener, the history or the TLS files cannot be set up; a service past its crash
+        budget raises CrashBudgetExceeded out of the nursery (`cli` exits EX_SOFTWARE)."""
         s = self.settings
         log = self._log
         notifier = self._notifier = sdnotify.Notifier.from_environ()
@@ -319,7 +318,7 @@ class Daemon:
             for bound in (ws_sock, http_sock):
                 if bound is not None:
                     bound.close()
-            return EXIT_OSERR
+            return EX_OSERR
         self._http_port = http_sock.getsockname()[1]
         for name in inherited.close_unused():
             log.warning("inherited_socket_unused", fd_name=name)
@@ -331,12 +330,12 @@ class Daemon:
             history = open_history(s)
         except OSError as exc:
             log.error("history_unavailable", dir=str(s.history.dir), error=str(exc))
-            return EXIT_CANTCREAT
+            return EX_CANTCREAT
         try:
             tls = tls_context(s)
         except TlsConfigError as exc:  # the files changed since the config was checked
             log.error("tls_unavailable", key=f"server.{exc.key}", error=exc.message)
-            return EXIT_CONFIG
+            return EX_CONFIG
         hub = Hub(s.generator.symbols, receive, self.stats, history=history)
         broker = None
         if s.broker.kind == "redis":  # imported only then: coredis is not loaded by a single node
@@ -452,8 +451,8 @@ class Daemon:
         ws_sock.close()
         history.close()
         http_sock.close()
-        log.info("daemon_stopped", exit_status=EXIT_OK)
-        return EXIT_OK
+        log.info("daemon_stopped", exit_status=EX_OK)
+        return EX_OK
 
     async def _handle_signals(
         self,
