@@ -38,8 +38,9 @@ from agentspoonsd.broker.entries import (
     stream_key,
 )
 from agentspoonsd.broker.service import Backoff, RedisBroker
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.generator import Generator
 from agentspoonsd.metrics import Stats

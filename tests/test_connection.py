@@ -41,8 +41,9 @@ from agentspoonsd.connection import (
     Policy,
     ServerConnection,
 )
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings

@@ -37,8 +37,9 @@ from wsproto.events import CloseConnection, Event, Message, Ping, TextMessage
 from agentspoonsd.auth import TokenStore, hash_token
 from agentspoonsd.daemon import bind_listener
 from agentspoonsd.deflate import BoundedDeflate, wire_limit
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
 from agentspoonsd.upgrade import UpgradeRequest, negotiate_deflate

@@ -10,8 +10,9 @@ import trio
 from wsproto.frame_protocol import FrameDecoder
 
 from agentspoonsd import protocol
+from agentspoonsd.frames import encode_deflate_frame, encode_text_frame, frame_payload
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_deflate_frame, encode_text_frame, frame_payload
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 

@@ -29,9 +29,10 @@ from trio_websocket import (
 
 from agentspoonsd.auth import TokenStore, hash_token
 from agentspoonsd.daemon import bind_listener
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
 from agentspoonsd.httppolicy import PublicUrl
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings

@@ -33,10 +33,11 @@ from .auth import ANONYMOUS, TokenSpec, TokenStore, hash_token, new_token
 from .banner import PROGRAM, start_banner
 from .dashboard import PageConfig, load_dashboard
 from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
+from .frames import encode_text_frame
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
 from .httppolicy import WEBSOCKET_PATH, PublicUrl
-from .hub import Hub, encode_text_frame
+from .hub import Hub
 from .logs import LevelGate, get_logger
 from .market.bar import Bar
 from .market.generator import Generator
@@ -143,7 +144,7 @@ async def collect_garbage_loop(interval: float) -> None:
 
     `cli.tune_gc` raises the collector's thresholds so collections stay off the broadcast path,
     which makes full collections rare. Nothing the daemon makes per connection or per update
-    is left in a reference cycle (tests keep it so: see `hub.release_frame_parser`, which ended
+    is left in a reference cycle (tests keep it so: see `frames.release_frame_parser`, which ended
     the ~4 MB a minute the soak grew by), so this is a safety net for what might still be, not
     a cleaner the daemon depends on. Each one pauses every client (~35 ms with 5,000 of them);
     `garbage_collected` (debug) logs how long and what it found.

@@ -45,7 +45,8 @@ from .connection import (
     Policy,
     ServerConnection,
 )
-from .hub import Hub, release_frame_parser
+from .frames import release_frame_parser
+from .hub import Hub
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
 from .tls import TlsError, TlsSession
