@@ -589,4 +589,6 @@ def test_importing_the_client_loads_no_daemon_stack() -> None:
         "print(heavy, ours)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[] ['agentspoonsd.client', 'agentspoonsd.wscore']"
+    assert done.stdout.strip() == (
+        "[] ['agentspoonsd.backoff', 'agentspoonsd.client', 'agentspoonsd.wscore']"
+    )

@@ -98,6 +98,7 @@ import anyio.lowlevel
 import orjson
 from wsproto.utilities import LocalProtocolError
 
+from .backoff import capped_exponential
 from .wscore import ABNORMAL, Accepted, ClientCore, Closed, Message, PongReceived, Refused
 from .wscore import Event as WsEvent
 
@@ -252,10 +253,7 @@ def backoff_delay(
     Exponential backoff with full jitter: uniform in [0, min(maximum, initial × 2**attempt)).
     `rand` returns a float in [0, 1) (``random.random`` by default; injectable for tests).
     """
-    if attempt < 0 or initial < 0 or maximum < 0:
-        raise ValueError("attempt, initial and maximum must be >= 0")
-    ceiling = min(maximum, initial * 2.0 ** min(attempt, 64))
-    return rand() * ceiling
+    return rand() * capped_exponential(attempt, initial, maximum)
 
 
 @dataclass(frozen=True, slots=True)
