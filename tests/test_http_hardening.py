@@ -24,6 +24,7 @@ from agentspoonsd.httppolicy import (
     bearer_matches,
     check_host,
     client_key,
+    format_address,
     normalise_host,
     parse_target,
 )
@@ -658,3 +659,10 @@ def test_health_defaults() -> None:
     assert (health.max_connections, health.max_connections_per_ip) == (512, 64)
     assert (health.request_timeout, health.idle_timeout) == (10.0, 5.0)
     assert health.allowed_hosts is None and health.metrics_token_sha256 is None
+
+
+def test_format_address_brackets_ipv6_and_passes_other_addresses_through() -> None:
+    assert format_address(("127.0.0.1", 8765)) == "127.0.0.1:8765"
+    assert format_address(("::1", 8765, 0, 0)) == "[::1]:8765"  # AF_INET6's 4-tuple
+    assert format_address(("fe80::1%eth0", 80, 0, 2)) == "[fe80::1%eth0]:80"
+    assert format_address("/run/agentspoonsd.sock") == "/run/agentspoonsd.sock"

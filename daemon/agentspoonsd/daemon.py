@@ -36,7 +36,7 @@ from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
 from .frames import encode_text_frame
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
-from .httppolicy import WEBSOCKET_PATH, PublicUrl
+from .httppolicy import WEBSOCKET_PATH, PublicUrl, format_address
 from .hub import Hub
 from .logs import LevelGate, get_logger
 from .market.bar import Bar
@@ -290,11 +290,10 @@ class Daemon:
         try:
             return bind_listener(host, port, backlog)
         except OSError as exc:
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self._log.error(
                 "listener_bind_failed",
                 service=service,
-                address=address,
+                address=format_address((host, port)),
                 error=exc.strerror or str(exc),
             )
             return None
@@ -423,10 +422,14 @@ class Daemon:
                 log.info(
                     "listener_bound",
                     service="websocket",
-                    address=_address(ws_sock),
+                    address=format_address(ws_sock.getsockname()),
                     scheme="wss" if tls is not None else "ws",
                 )
-                log.info("listener_bound", service="http", address=_address(http_sock))
+                log.info(
+                    "listener_bound",
+                    service="http",
+                    address=format_address(http_sock.getsockname()),
+                )
                 banner = start_banner(
                     s,
                     self.config_path,
@@ -595,8 +598,3 @@ class Daemon:
         if hub.last_publish is None:
             return None
         return max(0.0, trio.current_time() - hub.last_publish)
-
-
-def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

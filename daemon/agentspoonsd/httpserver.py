@@ -66,6 +66,7 @@ from .httppolicy import (
     bearer_matches,
     check_host,
     client_key,
+    format_address,
     parse_target,
 )
 from .logthrottle import LogThrottle
@@ -312,7 +313,7 @@ async def serve_http(
     )
     table = ConnectionTable(max_connections, max_connections_per_ip, _MAX_REJECTING)
     occupancy = _Occupancy(table, LogThrottle(_PEER_LOG_LIMIT, _PEER_LOG_INTERVAL))
-    log.info("http_listening", address=_address(listener.socket.getsockname()))
+    log.info("http_listening", address=format_address(listener.socket.getsockname()))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_flush_log_summaries, occupancy.throttle, log)
@@ -706,13 +707,6 @@ def _peer_ip(stream: trio.SocketStream) -> str:
 
 def _peer(stream: trio.SocketStream) -> str:
     try:
-        return _address(stream.socket.getpeername())
+        return format_address(stream.socket.getpeername())
     except OSError:
         return "unknown"
-
-
-def _address(sockaddr: object) -> str:
-    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-        host, port = sockaddr[0], sockaddr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(sockaddr)

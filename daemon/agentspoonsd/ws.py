@@ -46,6 +46,7 @@ from .connection import (
     ServerConnection,
 )
 from .frames import release_frame_parser
+from .httppolicy import format_address
 from .hub import Hub
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
@@ -441,7 +442,7 @@ class WebSocketServer:
                     self._accept_failed(exc)
                     await trio.sleep(0.1)
                     break
-                peer = _format_peer(address)
+                peer = format_address(address)
                 if self._admit_connection(sock, peer):
                     self._adopt(sock, peer)
 
@@ -479,7 +480,7 @@ class WebSocketServer:
         (not started, draining) the answer is 503. Takes ownership of `sock` in every case.
         """
         try:
-            peer = _format_peer(sock.getpeername())
+            peer = format_address(sock.getpeername())
         except OSError:  # gone already
             sock.close()
             return
@@ -565,10 +566,3 @@ def _recv_now(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b""
-
-
-def _format_peer(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address)
