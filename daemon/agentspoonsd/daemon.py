@@ -31,6 +31,7 @@ import trio
 from . import __version__, activation, sdnotify
 from .auth import ANONYMOUS, TokenSpec, TokenStore, hash_token, new_token
 from .banner import PROGRAM, start_banner
+from .closecodes import CLOSE_TOKEN_REVOKED
 from .dashboard import PageConfig, load_dashboard
 from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
 from .frames import encode_text_frame
@@ -48,7 +49,6 @@ from .supervisor import RestartPolicy, supervise
 from .tls import TlsConfigError, server_context
 from .ws import Limits, WebSocketServer
 
-CLOSE_TOKEN_REVOKED = 4001  # docs/PROTOCOL.md: the token was revoked or expired
 TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
 # Seconds a reload may spend reading its files (a hung NFS mount) before it is rejected.
 RELOAD_TIMEOUT = 10.0

@@ -35,7 +35,7 @@ import trio
 
 from .admission import Refusal
 from .auth import TokenStore
-from .closecodes import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from .closecodes import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED, CLOSE_TRY_AGAIN_LATER
 from .connection import (
     CLOSE_GRACE,
     RECV_SIZE,
@@ -531,7 +531,10 @@ class WebSocketServer:
             self._poller.unregister(fd)
 
     def close_token_connections(
-        self, names: set[str] | frozenset[str], code: int = 4001, reason: str = "token revoked"
+        self,
+        names: set[str] | frozenset[str],
+        code: int = CLOSE_TOKEN_REVOKED,
+        reason: str = "token revoked",
     ) -> int:
         """Close every established connection whose token is in `names` (a revocation).
 
