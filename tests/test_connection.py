@@ -37,7 +37,6 @@ from agentspoonsd.connection import (
     PING_FRAME,
     RECV_SIZE,
     End,
-    Limits,
     Policy,
     ServerConnection,
 )
@@ -47,6 +46,7 @@ from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
+from server_limits import make_limits
 
 SYMBOLS = ["BTC/USD", "ETH/USD"]
 
@@ -112,7 +112,7 @@ class Log:
 
 
 def server(**overrides: Any) -> Policy:
-    limits = Limits(
+    limits = make_limits(
         **{
             "max_connections": 100,
             "max_backlog_bytes": 65536,

@@ -228,7 +228,7 @@ async def test_sigint_also_closes_clients_with_1001(daemon_factory) -> None:
 
 
 def test_default_allowed_origins_are_the_dashboards_own() -> None:
-    from agentspoonsd.daemon import allowed_origins
+    from agentspoonsd.reloading import allowed_origins
     from agentspoonsd.settings import Settings
 
     default = allowed_origins(Settings(health={"port": 9000}))

@@ -43,8 +43,9 @@ from agentspoonsd.hub import Hub
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
 from agentspoonsd.upgrade import UpgradeRequest, negotiate_deflate
-from agentspoonsd.ws import Limits, WebSocketServer
+from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text, new_token
+from server_limits import make_limits
 
 LIMIT = 64 * 1024  # max_message_size of the unit tests (the daemon's default)
 MIB = 1024 * 1024
@@ -638,7 +639,7 @@ async def test_in_process_bomb_costs_the_loop_little_time() -> None:
     within the wire bound and inflation is what refuses it): the dispatcher's steps while it is
     read and refused add up to well under the spec's 50 ms (asserted: 250 ms, for a shared CPU)."""
     token = new_token()
-    limits = Limits(
+    limits = make_limits(
         max_connections=10,
         max_backlog_bytes=MIB,
         max_message_size=MIB,

@@ -36,8 +36,9 @@ from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
-from agentspoonsd.ws import Limits, WebSocketServer
+from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text, http_get, new_token
+from server_limits import make_limits
 
 TIMEOUT = 10.0
 
@@ -291,7 +292,7 @@ async def test_adopted_connections_are_served_only_while_the_server_accepts() ->
     history = History(("A",), 10, decode_frame=encode_text_frame)
     hub = Hub(("A",), receive, stats, history=history)
     store = TokenStore([TokenSettings(name="t", sha256=hash_token(token))])
-    limits = Limits(
+    limits = make_limits(
         max_connections=10, max_backlog_bytes=65536, max_message_size=4096, handshake_timeout=2.0
     )
     server = WebSocketServer(listener, hub, store, limits, stats, structlog.get_logger())

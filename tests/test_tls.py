@@ -34,8 +34,9 @@ from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import ConfigError, TokenSettings, load_settings
 from agentspoonsd.tls import TlsConfigError, TlsError, TlsSession, server_context
-from agentspoonsd.ws import Limits, WebSocketServer
+from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text
+from server_limits import make_limits
 
 SYMBOLS = ["BTC/USD", "ETH/USD"]
 TOKEN = new_token()
@@ -351,7 +352,7 @@ class Running:
 
 @pytest.fixture
 async def running(request: pytest.FixtureRequest, pki: Pki) -> AsyncIterator[Running]:
-    limits = Limits(
+    limits = make_limits(
         **{
             "max_connections": 100,
             "max_backlog_bytes": 64 * 1024,

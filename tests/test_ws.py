@@ -24,7 +24,8 @@ from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
-from agentspoonsd.ws import Limits, WebSocketServer
+from agentspoonsd.ws import WebSocketServer
+from server_limits import make_limits
 
 SYMBOLS = ["BTC/USD", "ETH/USD"]
 TOKEN = new_token()
@@ -50,7 +51,7 @@ def bar(symbol: str = "BTC/USD", price: float = 100.0) -> Bar:
 @pytest.fixture
 async def running(request: pytest.FixtureRequest) -> AsyncIterator[Running]:
     overrides = getattr(request, "param", {})
-    limits = Limits(
+    limits = make_limits(
         **{
             "max_connections": 100,
             "max_backlog_bytes": 64 * 1024,
@@ -263,7 +264,7 @@ async def test_cancelling_run_aborts_clients_and_keeps_the_listener() -> None:
     stats = Stats()
     _, receive = trio.open_memory_channel[list[Bar]](1)
     hub = Hub(SYMBOLS, receive, stats)
-    limits = Limits(
+    limits = make_limits(
         max_connections=10, max_backlog_bytes=65536, max_message_size=4096, handshake_timeout=1.0
     )
     server = WebSocketServer(
@@ -482,7 +483,7 @@ async def test_resume_past_the_history_starts_with_reset(running: Running) -> No
 
 
 async def test_rate_limit_and_too_many_errors_close_1008(running: Running) -> None:
-    running.server.limits = Limits(
+    running.server.limits = make_limits(
         max_connections=100,
         max_backlog_bytes=65536,
         max_message_size=4096,
@@ -625,7 +626,7 @@ async def test_deflate_clients_get_one_shared_compressed_frame(running: Running)
 
 
 async def test_deflate_can_be_switched_off(running: Running) -> None:
-    running.server.limits = Limits(
+    running.server.limits = make_limits(
         max_connections=100,
         max_backlog_bytes=65536,
         max_message_size=4096,

@@ -43,30 +43,22 @@ from .logs import LevelGate, get_logger
 from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
-from .proxies import TrustedProxies
+from .reloading import (
+    RELOADABLE,
+    allowed_origins,
+    changes_applied,
+    changes_needing_restart,
+    limits_from,
+)
 from .settings import ConfigError, Settings, load_settings
 from .supervisor import RestartPolicy, supervise
 from .tls import TlsConfigError, server_context
-from .ws import Limits, WebSocketServer
+from .ws import WebSocketServer
 
 TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
 # Seconds a reload may spend reading its files (a hung NFS mount) before it is rejected.
 RELOAD_TIMEOUT = 10.0
 AUTH_DISABLED_DETAIL = "every client is served without a token"
-
-# Settings a SIGHUP applies live; any other change is reported as needing a restart.
-RELOADABLE = {"auth", "log"}
-RELOADABLE_SERVER_KEYS = {
-    "max_connections",
-    "max_backlog_bytes",
-    "max_message_size",
-    "handshake_timeout",
-    "shutdown_timeout",
-    "tls_cert",  # re-read on every reload; switching TLS on or off needs a restart
-    "tls_key",
-    "trusted_proxies",
-    "forwarded_header",
-}
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -84,56 +76,12 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
-    s = settings.server
-    return Limits(
-        max_connections=s.max_connections,
-        max_backlog_bytes=s.max_backlog_bytes,
-        send_buffer_bytes=s.send_buffer_bytes or None,
-        max_message_size=s.max_message_size,
-        handshake_timeout=s.handshake_timeout,
-        ping_interval=s.ping_interval,
-        idle_timeout=s.idle_timeout,
-        max_client_messages_per_second=s.max_client_messages_per_second,
-        max_client_errors=s.max_client_errors,
-        max_client_frames_per_second=s.max_client_frames_per_second,
-        max_client_bytes_per_second=s.max_client_bytes_per_second,
-        permessage_deflate=s.permessage_deflate,
-        allowed_origins=allowed_origins(settings, http_port),
-        max_connections_per_ip=s.max_connections_per_ip,
-        max_handshakes_per_ip=s.max_handshakes_per_ip,
-        max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
-        proxies=TrustedProxies.parse(s.trusted_proxies, s.forwarded_header),
-    )
-
-
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The wss:// context of [server] tls_cert/tls_key, None for ws://. Raises TlsConfigError."""
     s = settings.server
     if s.tls_cert is None or s.tls_key is None:
         return None
     return server_context(s.tls_cert, s.tls_key)
-
-
-def allowed_origins(settings: Settings, http_port: int | None = None) -> frozenset[str] | None:
-    """The Origins a browser may connect from: the configured ones ("*": any, None returned), or
-    by default only the daemon's own dashboard (the HTTP port, by its usual local names, and
-    the origin of `[server] public_url`, where a reverse proxy serves it).
-
-    `http_port`: the port the HTTP listener actually bound (`[health] port = 0`, or a socket
-    systemd passed); the configured one when not given."""
-    configured = settings.server.allowed_origins
-    if configured is not None:
-        if "*" in configured:
-            return None
-        return frozenset(o.lower().rstrip("/") for o in configured)
-    port = settings.health.port if http_port is None else http_port
-    hosts = {settings.health.host, "localhost", "127.0.0.1", "[::1]"} - {"0.0.0.0", "::"}
-    origins = {f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https")}
-    public = settings.server.public_url
-    if public is not None:
-        origins.add(PublicUrl.parse(public).origin)
-    return frozenset(origins)
 
 
 GC_INTERVAL = 600.0  # seconds between full collections of the cyclic garbage collector
@@ -164,22 +112,6 @@ def open_history(settings: Settings) -> History:
     h = settings.history
     store = HistoryStore(h.dir, h.size) if h.persist else None
     return History(settings.generator.symbols, h.size, store=store, decode_frame=encode_text_frame)
-
-
-def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
-    """Dotted keys that differ between `old` and `new` but are not applied by a reload."""
-    changed = []
-    for section in Settings.model_fields:
-        if section in RELOADABLE:
-            continue
-        before = getattr(old, section).model_dump()
-        after = getattr(new, section).model_dump()
-        for key in before:
-            if before[key] != after[key] and not (
-                section == "server" and key in RELOADABLE_SERVER_KEYS
-            ):
-                changed.append(f"{section}.{key}")
-    return changed
 
 
 class Daemon:
@@ -541,6 +473,7 @@ class Daemon:
         limits = limits_from(new, self._http_port)
         tls, tls_needs_restart = self._reloaded_tls(websocket, new)
         needs_restart = changes_needing_restart(self.settings, new) + tls_needs_restart
+        applied = [k for k in changes_applied(self.settings, new) if k not in tls_needs_restart]
         was_enabled = self.settings.auth.enabled
 
         old_auth = websocket.auth
@@ -561,6 +494,7 @@ class Daemon:
             path=str(self.config_path),
             tokens=len(websocket.auth),
             log_level=new.log.level,
+            applied=applied,
         )
         if was_enabled and not new.auth.enabled:
             self._log.warning("auth_disabled", detail=AUTH_DISABLED_DETAIL, by="reload")
