@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agentspoonsd import protocol, ws
+from agentspoonsd import admission, connection, protocol, routing, ws
 from agentspoonsd.settings import load_settings
 
 SECURITY = Path(__file__).resolve().parents[1] / "docs" / "SECURITY.md"
@@ -24,7 +24,9 @@ IN_WORDS = {("server", "allowed_origins"): "the dashboard's own origins"}
 # A row's setting cell naming nothing but settings: `server.x`, `[health] x`, comma-separated.
 SETTING = re.compile(r"`(?:\[(server|auth|health)\] |(server|auth|health)\.)(\w+)`")
 ONLY_SETTINGS = re.compile(rf"^{SETTING.pattern}(?:, {SETTING.pattern})*$")
-CONSTANT = re.compile(r"^`(protocol|ws)\.([A-Z_]+)`(?: \(constant\))?$")
+CONSTANT = re.compile(
+    r"^`(admission|connection|protocol|routing|ws)\.([A-Z_]+)`(?: \(constant\))?$"
+)
 
 # Settings the list must name (limits, deadlines and the address rules); the rest of the models
 # (host, port, TLS files, shutdown_timeout, listen_backlog, public_url...) are no peer's limit.
@@ -141,7 +143,13 @@ def test_each_listed_setting_shows_its_default(cell: str, keys: list[tuple[str, 
 
 
 def test_each_listed_constant_shows_its_value() -> None:
-    modules = {"protocol": protocol, "ws": ws}
+    modules = {
+        "admission": admission,
+        "connection": connection,
+        "protocol": protocol,
+        "routing": routing,
+        "ws": ws,
+    }
     checked = 0
     for row in table_rows():
         match = CONSTANT.match(row[2]) if len(row) == 4 else None
