@@ -146,6 +146,7 @@ _REPLY_TYPES = {
     "subscribe": "subscribed",
     "unsubscribe": "unsubscribed",
     "history": "history",
+    "resume": "subscribed",  # then the replay, delivered as updates (no gap, no duplicate)
 }
 
 # --- errors ---------------------------------------------------------------------------------
@@ -803,11 +804,13 @@ class VolatilityClient:
     async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send a request and return its reply (docs/PROTOCOL.md, "Replies").
 
-        Any message may be sent: one the protocol does not know gets the daemon's ``error``
-        reply (``unknown_type``, ``invalid_message``). Raises `ServerError` for an ``error``
-        reply. If the connection is lost first and ``reconnect=True``, the request is sent
-        again on the next connection (every request of the protocol is idempotent).
-        ``resume`` is the client's own business: ValueError.
+        Any message may be sent: one the protocol does not know (any JSON value, not only an
+        object) gets the daemon's ``error`` reply (``unknown_type``, ``invalid_message``).
+        Raises `ServerError` for an ``error`` reply. If the connection is lost first and
+        ``reconnect=True``, the request is sent again on the next connection (every request of
+        the protocol is idempotent). A ``resume`` adds its symbols to the subscription, like a
+        ``subscribe``; its replay arrives as updates, judged by seq like any other (a symbol
+        the connection already receives gets ``already_subscribed``).
         """
         expected = self._expected_reply(message)
         while True:
@@ -886,16 +889,15 @@ class VolatilityClient:
         return [row for page in reversed(pages) for row in page]
 
     @staticmethod
-    def _expected_reply(message: Mapping[str, Any]) -> str:
-        kind = message.get("type")
-        if kind == "resume":
-            raise ValueError("the client resumes by itself; resume cannot be sent")
+    def _expected_reply(message: Any) -> str:
+        # Not an object: the daemon answers invalid_message; the client does not judge it.
+        kind = message.get("type") if isinstance(message, Mapping) else None
         return _REPLY_TYPES.get(kind, "error") if isinstance(kind, str) else "error"
 
     async def _send_request(
         self,
         conn: _Connection,
-        message: Mapping[str, Any],
+        message: Any,
         expected: str,
         *,
         waited: bool,
@@ -903,7 +905,7 @@ class VolatilityClient:
     ) -> _Pending | None:
         """Queue the reply slot and the frame, then send. None when the connection is gone."""
         pending = _Pending(expected, internal=internal, waited=waited)
-        text = orjson.dumps(dict(message)).decode()
+        text = orjson.dumps(dict(message) if isinstance(message, Mapping) else message).decode()
         # The slot and the frame are queued together, synchronously: replies come in the
         # order the frames leave (`_Link` sends queued frames in order).
         try:
@@ -1394,9 +1396,11 @@ class WebSocketDashboardClient:
             if inspect.isawaitable(result):
                 await result
 
-    async def send(self, message: Mapping[str, Any]) -> dict[str, Any]:
+    async def send(self, message: Any) -> dict[str, Any]:
         """Send any request and return the daemon's reply, an ``error`` reply included (a type
-        the protocol does not know gets ``{"type": "error", "code": "unknown_type", ...}``)."""
+        the protocol does not know gets ``{"type": "error", "code": "unknown_type", ...}``, a
+        JSON value that is not an object ``invalid_message``). `message` is any value orjson
+        can serialise; nothing is refused locally."""
         try:
             return await self.client.request(message)
         except ServerError as exc:
