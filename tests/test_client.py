@@ -636,7 +636,9 @@ async def test_first_failed_connect_says_why_then_raises(
         with anyio.fail_after(5), pytest.raises(ConnectFailed) as failed:
             async with open_client(url, connect_timeout=1.0, on_status=statuses.append, **FAST):
                 pass
-        assert 0.5 < anyio.current_time() - started < 3.0  # retried until connect_timeout
+        # Retried until connect_timeout had passed (a last attempt at the deadline), not given
+        # up early because a whole backoff no longer fitted before it.
+        assert 1.0 <= anyio.current_time() - started < 3.0
         assert failed.value.reason == reason and "no connection within 1 s" in str(failed.value)
         first = [s for s in statuses if s.kind == "connect_failed"]
         assert len(first) >= 2 and first[0].detail == {

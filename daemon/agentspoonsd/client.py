@@ -529,7 +529,8 @@ class VolatilityClient:
         buffer_size: updates buffered before the client stops reading the socket.
         keep_recent: how many received updates `recent` keeps (the local history).
         connect_timeout: seconds within which the first connection must be made (retrying with
-            backoff meanwhile), else `ConnectFailed`; also bounds each attempt (TCP, TLS, the
+            backoff meanwhile, a last attempt at the deadline), else `ConnectFailed`, raised at
+            most min(1 s, connect_timeout) after it; also bounds each attempt (TCP, TLS, the
             WebSocket handshake and the ``connected`` message). None: keep trying until
             connected (each attempt then bounded by 10 s).
         close_timeout: seconds to wait for the daemon's close answer when disconnecting.
@@ -964,7 +965,10 @@ class VolatilityClient:
                 while True:
                     timeout = self._step_timeout
                     if deadline is not None and self.connections == 0:
-                        timeout = max(0.001, min(timeout, deadline - anyio.current_time()))
+                        # Bounded by the time left, but the last attempt, made at the
+                        # deadline, still gets up to a second: time enough to be accepted.
+                        left = deadline - anyio.current_time()
+                        timeout = max(min(1.0, timeout), min(timeout, left))
                     retry_after, delivered = await self._connect_once(timeout)
                     if self._closed or self._failure is not None or not self.reconnect:
                         return
@@ -975,13 +979,14 @@ class VolatilityClient:
                         min(retry_after, self.backoff_max),
                     )
                     attempt += 1
-                    if (
-                        deadline is not None
-                        and self.connections == 0
-                        and anyio.current_time() + delay >= deadline
-                    ):
-                        self._give_up()
-                        return
+                    if deadline is not None and self.connections == 0:
+                        # Keep trying until the deadline, not only while a whole backoff fits
+                        # before it: a daemon that comes up late in the window is still found.
+                        left = deadline - anyio.current_time()
+                        if left <= 0:
+                            self._give_up()
+                            return
+                        delay = min(delay, left)
                     self._status("retrying", f"reconnecting in {delay:.2f} s", delay=delay)
                     await anyio.sleep(delay)
         except Exception as exc:  # a bug: surface it to the consumer instead of the nursery
