@@ -31,6 +31,7 @@ from agentspoonsd.client import (
     VolatilityClient,
     WebSocketDashboardClient,
     backoff_delay,
+    connect_sync,
     open_client,
 )
 from daemon_process import DaemonProcess, config_text, new_token
@@ -361,6 +362,31 @@ async def test_the_original_api_with_its_arguments_local_buffers_and_any_request
     assert by_symbol["BTC/USD"][:2] == [d["seq"] for d in stored[1:]]
     assert client.client.duplicates == 0
     await daemon.wait_for("client_disconnected", reason="close_1000")
+
+
+def test_the_blocking_client_iterates_and_reads_its_latest_without_an_event_loop(
+    daemon_factory: Factory,
+) -> None:
+    """connect_sync: iteration in order; latest() and history() answer at once from what was
+    received (latest at least as new as what the iteration returned); requests block for
+    their reply; leaving the ``with`` closes with 1000."""
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = anyio.run(daemon.ports)
+    with connect_sync(f"ws://127.0.0.1:{port}/", token, **FAST) as client:
+        assert client.latest() is None or isinstance(client.latest(), dict)
+        got = [update for _, update in zip(range(6), client, strict=False)]
+        by_symbol = assert_consecutive(got)
+        for symbol, seqs in by_symbol.items():
+            latest = client.latest(symbol)
+            assert latest is not None and latest["seq"] >= seqs[-1]
+        newest = client.latest()
+        assert newest is not None and client.history(3)[-1] == newest
+        assert client.history(1000)[: len(got)] == got  # received in the order iterated
+        assert client.request({"type": "ping"})["type"] == "pong"
+        assert len(client.fetch_history(4, "ETH/USD")) == 4
+    event = anyio.run(daemon.wait_for, "client_disconnected")
+    assert event["reason"] == "close_1000"
 
 
 async def collect(
