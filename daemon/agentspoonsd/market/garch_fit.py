@@ -301,7 +301,10 @@ def _grid_values(
         s2 += target * omega_a
         s2 += b * beta_q
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            return 0.5 * (_LOG_2PI + (np.log(s2).sum(axis=0) + (x[:, None] / s2).sum(axis=0)) / n)
+            by_start: FloatArray = 0.5 * (
+                _LOG_2PI + (np.log(s2).sum(axis=0) + (x[:, None] / s2).sum(axis=0)) / n
+            )
+        return by_start
     assert grid.powers is not None
     powers = grid.powers
     beta = grid.params[:, 2:3]
@@ -316,7 +319,8 @@ def _grid_values(
         s2[:, start:stop] = seg
         carry = seg[:, -1:]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return 0.5 * (_LOG_2PI + (np.log(s2).sum(axis=1) + (x / s2).sum(axis=1)) / n)
+        values: FloatArray = 0.5 * (_LOG_2PI + (np.log(s2).sum(axis=1) + (x / s2).sum(axis=1)) / n)
+    return values
 
 
 def _newton_terms(
@@ -864,7 +868,7 @@ def cumulative_variance(omega: float, persistence: float, variance_1: float, hor
     if persistence == 1.0:
         return variance_1 * h + omega * h * (h - 1.0) / 2.0
     if persistence < 0.5:  # nothing cancels; log1p(p - 1) would not exist at p <= 0
-        geometric = (1.0 - persistence**h) / (1.0 - persistence)
+        geometric = (1.0 - math.pow(persistence, h)) / (1.0 - persistence)
     else:
         geometric = math.expm1(h * math.log1p(persistence - 1.0)) / (persistence - 1.0)
     return variance_1 * geometric + omega * (h - geometric) / (1.0 - persistence)

@@ -299,7 +299,7 @@ class SymbolPipeline:
         # One conversion to Python floats for the whole block (tolist), not one per value.
         self._rows = np.column_stack(columns).tolist()
         self._windows = est.window.tolist()
-        self._gaps = None if gaps is None else list(gap_seconds)  # type: ignore[arg-type]
+        self._gaps = None if gaps is None or gap_seconds is None else list(gap_seconds)
         self._close_only = est.range_missing.tolist() if est.range_missing.any() else None
         self._next = 0
         self._current = -1
