@@ -38,6 +38,7 @@ from .link import (
     Resync,
     Signal,
     Status,
+    StatusKind,
     describe_connect_error,
     parse_message,
     refusal_reason,
@@ -98,7 +99,7 @@ class ConnectionTask:
     async def _send_request(
         self,
         conn: Connection,
-        message: Any,
+        message: object,
         expected: str,
         *,
         waited: bool,
@@ -107,7 +108,7 @@ class ConnectionTask:
         raise NotImplementedError
 
     def _status(
-        self, kind: Any, message: str, /, *, level: int = logging.INFO, **detail: Any
+        self, kind: StatusKind, message: str, /, *, level: int = logging.INFO, **detail: Any
     ) -> None:
         _log.log(level, "client_%s url=%s message=%s", kind, self.display_url, message)
         if self.on_status is not None:

@@ -9,10 +9,11 @@ from collections import deque
 from collections.abc import (
     Awaitable,
     Callable,
+    Coroutine,
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -23,6 +24,9 @@ import orjson
 from ..wscore import ABNORMAL, ClientCore, Closed
 from ..wscore import Event as WsEvent
 from .errors import ConnectFailed, StreamReset
+
+if TYPE_CHECKING:
+    import asyncio
 
 _log = logging.getLogger("agentspoonsd.client")
 
@@ -54,6 +58,17 @@ REPLY_TYPES = {
 }
 
 
+StatusKind = Literal[
+    "connected",
+    "disconnected",
+    "retrying",
+    "server_error",
+    "resync",
+    "connect_failed",
+    "failed",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Status:
     """A connection event, for `on_status` (the CLI prints these to stderr).
@@ -63,15 +78,7 @@ class Status:
     since the last connection). ``failed``: a fatal error, raised to the consumer next.
     """
 
-    kind: Literal[
-        "connected",
-        "disconnected",
-        "retrying",
-        "server_error",
-        "resync",
-        "connect_failed",
-        "failed",
-    ]
+    kind: StatusKind
     message: str
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -188,16 +195,16 @@ class Resync(Exception):
 
 
 class TaskStarter(Protocol):
-    """A Trio nursery or an anyio task group."""
+    """A Trio nursery or an anyio task group: what `VolatilityClient.connect` uses of it."""
 
-    def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> Any: ...
+    def start_soon(self, func: Callable[[], Coroutine[Any, Any, None]], /) -> object: ...
 
 
 UpdateCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 ResetCallback = Callable[[StreamReset], Awaitable[None] | None]
 
 
-def spawn_detached(run: Callable[[], Awaitable[None]]) -> Any:
+def spawn_detached(run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None] | None:
     """Run `run` as a task of the running loop itself, outside any nursery: an asyncio task
     (returned: the caller keeps a reference), or a Trio system task (cancelled when the run
     ends; it must not raise, and `_run` never does)."""
@@ -210,7 +217,7 @@ def spawn_detached(run: Callable[[], Awaitable[None]]) -> Any:
 
         trio.lowlevel.spawn_system_task(run)
         return None
-    return loop.create_task(run())  # type: ignore[arg-type]
+    return loop.create_task(run())
 
 
 def parse_message(raw: str | bytes) -> dict[str, Any] | None:

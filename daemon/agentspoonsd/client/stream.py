@@ -14,7 +14,8 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
@@ -46,6 +47,9 @@ from .link import (
     spawn_detached,
 )
 from .tracker import StreamTracker, Update
+
+if TYPE_CHECKING:
+    import asyncio
 
 _log = logging.getLogger("agentspoonsd.client")
 
@@ -151,7 +155,8 @@ class VolatilityClient(ConnectionTask):
         self._stopped = anyio.Event()
         self._closing: anyio.Event | None = None  # set once disconnect() has finished
         self._stack: AsyncExitStack | None = None
-        self._task: Any = None  # the detached task (asyncio), kept from the garbage collector
+        # The detached task (asyncio), kept from the garbage collector.
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def _step_timeout(self) -> float:
@@ -229,10 +234,15 @@ class VolatilityClient(ConnectionTask):
         self._stack = stack
         return self
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         stack, self._stack = self._stack, None
         assert stack is not None
-        return await stack.__aexit__(*exc_info)  # type: ignore[arg-type]
+        return await stack.__aexit__(exc_type, exc, tb)
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[VolatilityClient]:
@@ -425,7 +435,7 @@ class VolatilityClient(ConnectionTask):
         return [row for page in reversed(pages) for row in page]
 
     @staticmethod
-    def _expected_reply(message: Any) -> str:
+    def _expected_reply(message: object) -> str:
         # Not an object: the daemon answers invalid_message; the client does not judge it.
         kind = message.get("type") if isinstance(message, Mapping) else None
         return REPLY_TYPES.get(kind, "error") if isinstance(kind, str) else "error"
@@ -433,7 +443,7 @@ class VolatilityClient(ConnectionTask):
     async def _send_request(
         self,
         conn: Connection,
-        message: Any,
+        message: object,
         expected: str,
         *,
         waited: bool,
