@@ -21,10 +21,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -51,7 +50,7 @@ from .reloading import (
     limits_from,
 )
 from .settings import ConfigError, Settings, load_settings
-from .supervisor import RestartPolicy, supervise
+from .supervisor import RestartPolicy, Service, supervise
 from .tls import TlsConfigError, server_context
 from .ws import WebSocketServer
 
@@ -330,7 +329,7 @@ class Daemon:
             # One origin: the HTTP port's /ws is the WebSocket server's, not a copy of it.
             upgrades={"/" + WEBSOCKET_PATH: websocket.adopt_upgrade},
         )
-        services: list[tuple[str, Any]] = [("hub", hub), ("generator", generator)]
+        services: list[tuple[str, Service]] = [("hub", hub), ("generator", generator)]
         if broker is not None:  # it fills the hub from Redis, and generates while elected
             services = [("broker", broker)]
         services += [("websocket", websocket), ("http", http)]
@@ -393,7 +392,7 @@ class Daemon:
 
     async def _handle_signals(
         self,
-        signals: Any,
+        signals: AsyncIterator[int],
         websocket: WebSocketServer,
         reload_requests: trio.MemorySendChannel[None],
     ) -> None:

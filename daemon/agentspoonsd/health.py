@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -14,6 +14,9 @@ from prometheus_client import CollectorRegistry
 from . import metrics
 from .dashboard import Dashboard
 from .httpserver import Handler, HttpResponse, Upgrade, serve_http
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 from .settings import HealthSettings
 
 JSON = "application/json"
@@ -101,7 +104,7 @@ class HttpService:
         self,
         listener: trio.SocketListener,
         handler: Handler,
-        log: Any,
+        log: FilteringBoundLogger,
         settings: HealthSettings | None = None,
         upgrades: dict[str, Upgrade] | None = None,
     ) -> None:

@@ -114,9 +114,11 @@ def read_bounded(path: Path, limit: int) -> tuple[bytes, int]:
 
 
 def _position(data: bytes | str, offset: int) -> str:
-    newline = b"\n" if isinstance(data, bytes) else "\n"
-    line = data.count(newline, 0, offset) + 1  # type: ignore[arg-type]
-    column = offset - (data.rfind(newline, 0, offset) + 1) + 1  # type: ignore[arg-type]
+    if isinstance(data, bytes):
+        line_start, line = data.rfind(b"\n", 0, offset) + 1, data.count(b"\n", 0, offset) + 1
+    else:
+        line_start, line = data.rfind("\n", 0, offset) + 1, data.count("\n", 0, offset) + 1
+    column = offset - line_start + 1
     return f"line {line}, column {column}"
 
 

@@ -26,9 +26,9 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TypeVarTuple, cast
 
 import orjson
 import trio
@@ -54,6 +54,8 @@ from .tls import TlsError, TlsSession
 from .upgrade import reject_response
 
 __all__ = ["Limits", "Peer", "WebSocketServer"]
+
+_Args = TypeVarTuple("_Args")  # a spawned function's arguments
 
 # Handshakes run inline at accept, in rounds of about this long, each ended by a checkpoint: a
 # publication waits at most one round behind a reconnect storm. Measured (bench B: 10,000
@@ -318,7 +320,7 @@ class WebSocketServer:
     def client_count(self) -> int:
         return len(self._clients)
 
-    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+    def spawn(self, fn: Callable[[*_Args], Awaitable[object]], *args: *_Args) -> None:
         """Start a task for a connection (an outbox's drain, a close waiting for it)."""
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -254,7 +254,7 @@ class RedisBroker:
             for entry in entries:
                 self._apply(symbol, entry.identifier, entry.field_values)
 
-    def _apply(self, symbol: str, identifier: bytes | str, fields: Any) -> None:
+    def _apply(self, symbol: str, identifier: bytes | str, fields: Mapping[Any, Any]) -> None:
         """Hand one entry to the hub unless the local history has it already."""
         key = self._keys[symbol]
         self._last_ids[key] = identifier.decode() if isinstance(identifier, bytes) else identifier
@@ -294,7 +294,7 @@ class RedisBroker:
             try:
                 with trio.fail_after(self._request_timeout):
                     script = self._acquire if role is Role.FOLLOWER else self._renew
-                    reply = await script(keys=[self._lease_key], args=[self.node_id, lease_ms])
+                    reply: int = await script(keys=[self._lease_key], args=[self.node_id, lease_ms])
                     granted = reply == 1
             except UNAVAILABLE as exc:
                 self.link.down(exc)
@@ -402,7 +402,10 @@ class RedisBroker:
             keys = [self._lease_key, *(self._keys[bar.symbol] for bar in batch)]
             try:
                 with trio.fail_after(self._request_timeout):
-                    reply = await self._publish_script(keys=keys, args=args)
+                    # PUBLISH_SCRIPT's 0, -1, or [i, top] (top a string, as Lua matched it)
+                    reply: int | list[int | bytes | str] = await self._publish_script(
+                        keys=keys, args=args
+                    )
             except UNAVAILABLE as exc:
                 self.link.down(exc)
                 uncertain = True
@@ -413,6 +416,7 @@ class RedisBroker:
             if reply == -1:  # the lease is another node's: stop at once
                 self._step_down("deposed")
                 await trio.sleep_forever()  # cancelled by _step_down
+            assert isinstance(reply, list)  # neither 0 nor -1
             symbol, top = batch[int(reply[0]) - 1].symbol, int(reply[1])
             if uncertain and top == following[symbol] - 1:
                 break  # the earlier attempt was applied; its reply was lost

@@ -255,7 +255,9 @@ class GeneratorSettings(_MarketSection):
     model: ModelKind = Field("garch", description="Simulation model of every symbol.")
     seed: int | None = Field(None, ge=0, description="Fixed seed: the same stream on every start.")
     initial_price: float = Field(50000.0, gt=0, description="Starting price of every symbol.")
-    bar_seconds: float = Field(
+    # The ignore: pydantic types a json_schema_extra callable as returning None, and this
+    # lambda returns what pop returned (which pydantic discards).
+    bar_seconds: float = Field(  # type: ignore[call-overload]
         None,
         ge=1e-6,
         validate_default=True,
