@@ -31,6 +31,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from agentspoonsd import __version__
 from daemon_process import DaemonProcess, config_text, http_get, new_token
+from helpers import bearer
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "dist" / "agentspoonsd"
@@ -120,10 +121,6 @@ def running_pids() -> set[int]:
 
 def entries(path: Path) -> list[str]:
     return sorted(os.listdir(path))
-
-
-def bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"Authorization", f"Bearer {token}".encode())]
 
 
 # --- the executable itself -----------------------------------------------------------------------

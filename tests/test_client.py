@@ -6,7 +6,6 @@ import functools
 import inspect
 import logging
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from agentspoonsd.client import (
     open_client,
 )
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import free_port
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.4, "close_timeout": 2.0}
 
@@ -470,12 +470,6 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
     assert any("closed during the handshake" in s.message for s in statuses)
     by_symbol = assert_consecutive([u.data for u in got])  # no gap, no duplicate, all along
     assert all(len(seqs) >= 10 for seqs in by_symbol.values())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @on_both_loops

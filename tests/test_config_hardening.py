@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +39,7 @@ from agentspoonsd.tomlfile import (
     read_bounded,
 )
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import bearer
 
 AS_ROOT = os.geteuid() == 0
 # 4,000 parts: refused by the key check; tomllib alone would take ~65 MB for it (and tens of GB
@@ -281,19 +282,7 @@ def test_token_new_refuses_to_grow_the_file_past_its_limit(tmp_path: Path) -> No
 # --- the daemon: at start, and on SIGHUP -------------------------------------------------------
 
 
-@pytest.fixture
-async def daemon_factory() -> AsyncIterator[Callable[[Path], DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def start(config: Path) -> DaemonProcess:
-        process = DaemonProcess(config)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 @pytest.mark.parametrize(
@@ -341,7 +330,7 @@ async def test_sighup_with_any_bad_file_keeps_the_old_settings_and_the_stream(
     good = {config: config.read_bytes(), tokens: tokens.read_bytes()}
     daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
+    headers = bearer(token)
     cases = [
         (path, name)
         for path in (config, tokens)

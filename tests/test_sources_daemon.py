@@ -16,6 +16,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from daemon_process import DaemonProcess, new_token, token_block
+from helpers import bearer
 
 START = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -98,7 +99,7 @@ async def test_file_source_publishes_appended_records_and_never_garbage(
     ws_port, _ = await daemon.ports()
     await daemon.wait_for("source_started")
     url = f"ws://127.0.0.1:{ws_port}/"
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
+    headers = bearer(token)
     async with open_websocket_url(url, extra_headers=headers) as ws:
         assert json.loads(await ws.get_message())["type"] == "connected"
         closes = {"BTC/USD": 60000.0, "ETH/USD": 3000.0}

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from agentspoonsd.settings import (
 )
 from agentspoonsd.tokenfile import TokenFileError, append_token, entry_text, remove_token
 from daemon_process import DaemonProcess, config_text, new_token, token_block
+from helpers import bearer, next_update
 
 DIGEST_A = hashlib.sha256(b"token-a").hexdigest()
 DIGEST_B = hashlib.sha256(b"token-b").hexdigest()
@@ -705,17 +706,6 @@ def printed_token(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout.splitlines()[0].removeprefix("token: ")
 
 
-def bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"Authorization", f"Bearer {token}".encode())]
-
-
-async def next_update(ws: Any) -> dict[str, Any]:
-    while True:
-        message = json.loads(await ws.get_message())
-        if message["type"] == "volatility_update":
-            return message
-
-
 async def closed_with(ws: Any, within: float) -> tuple[int, str]:
     with trio.fail_after(within), pytest.raises(ConnectionClosed) as closed:
         while True:
@@ -723,16 +713,11 @@ async def closed_with(ws: Any, within: float) -> tuple[int, str]:
     return closed.value.reason.code, closed.value.reason.reason
 
 
-@pytest.fixture
-async def daemon_proc(tmp_path: Path) -> AsyncIterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 async def test_revoke_and_sighup_close_that_tokens_connections_only(
-    tmp_path: Path, daemon_proc: list[DaemonProcess]
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
     tokens_file = tmp_path / "tokens.toml"
     config = tmp_path / "agentspoonsd.toml"
@@ -744,9 +729,7 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
     assert stat.S_IMODE(tokens_file.stat().st_mode) == 0o600
     tokens_file.chmod(0o640)  # the daemon must say so
 
-    daemon = DaemonProcess(config)
-    daemon.start()
-    daemon_proc.append(daemon)
+    daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()
     warning = await daemon.wait_for("tokens_file_permissions")
     assert warning["mode"] == "0640" and warning["path"] == str(tokens_file)
@@ -805,13 +788,11 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
 
 
 async def test_a_reload_that_switches_auth_on_closes_the_anonymous_connections(
-    tmp_path: Path, daemon_proc: list[DaemonProcess]
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
     config = tmp_path / "agentspoonsd.toml"
     config.write_text(config_text(auth_enabled=False))
-    daemon = DaemonProcess(config)
-    daemon.start()
-    daemon_proc.append(daemon)
+    daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{ws_port}/"
     token = new_token()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import trio
 
 from agentspoonsd.tools import HEADER, table_line
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import free_port
 
 Factory = Callable[..., DaemonProcess]
 
@@ -36,13 +36,6 @@ async def run_tool(*args: str, token: str | None = None) -> tuple[int, str, str]
             tool_argv(*args), env=env, capture_stdout=True, capture_stderr=True, check=False
         )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_table_line_formats_and_tolerates_nulls() -> None:
