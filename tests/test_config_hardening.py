@@ -108,13 +108,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def files(tmp_path: Path, token: str = "t0") -> tuple[Path, Path]:
-    """A valid config (with a tokens file) and its tokens file, the latter holding `token`."""
+def files(tmp_path: Path, token: str = "t0", interval: float = 0.2) -> tuple[Path, Path]:
+    """A valid config (with a tokens file, ticking every `interval` seconds) and its tokens
+    file, the latter holding `token`."""
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(entry("first", token))
     tokens.chmod(0o600)
     config = tmp_path / "agentspoonsd.toml"
-    config.write_text(config_text(extra=f'tokens_file = "{tokens}"\n'))
+    config.write_text(config_text(interval=interval, extra=f'tokens_file = "{tokens}"\n'))
     return config, tokens
 
 
@@ -326,7 +327,8 @@ async def test_sighup_with_any_bad_file_keeps_the_old_settings_and_the_stream(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
     token, second = new_token(), new_token()
-    config, tokens = files(tmp_path, token)
+    # Fast ticks: each case below waits for the next update.
+    config, tokens = files(tmp_path, token, interval=0.05)
     good = {config: config.read_bytes(), tokens: tokens.read_bytes()}
     daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()

@@ -747,29 +747,32 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
         result = cli("token", "revoke", "revoked", "--config", str(config), cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "systemctl reload agentspoonsd" in result.stdout
-        # Long enough for the CLI calls and the reload below on a loaded machine (2.5 s was not).
-        expires = datetime.now(UTC) + timedelta(seconds=6)
+        # Long enough for `token new`, the reload and a connection on a loaded machine; the
+        # checks of the revocation below run while it counts down.
+        expires = datetime.now(UTC) + timedelta(seconds=4)
         short = printed_token(
             cli("token", "new", "short", "--expires", expires.isoformat(), cwd=tmp_path)
         )  # found through the search order: ./agentspoonsd.toml
-        listed = cli("token", "list", "--config", str(config), cwd=tmp_path)
-        assert listed.returncode == 0, listed.stderr
-        assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "kept", "short"]
         daemon.signal(signal.SIGHUP)
-
-        assert await closed_with(ws_revoked, 5) == (4001, "token revoked")
-        event = await daemon.wait_for("token_revoked", name="revoked")
-        assert event["connections"] == 1 and event["cause"] == "removed"
         await daemon.wait_for("config_reloaded", tokens=2)
-        assert (await next_update(ws_kept))["type"] == "volatility_update"  # untouched
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with open_websocket_url(url, extra_headers=bearer(revoked)):
-                pass
-        assert rejected.value.status_code == 401
 
-        # `short` expires while connected: closed at expiry (4001), then refused as invalid.
         async with open_websocket_url(url, extra_headers=bearer(short)) as ws_short:
             assert json.loads(await ws_short.get_message())["token"] == "short"
+
+            assert await closed_with(ws_revoked, 5) == (4001, "token revoked")
+            event = await daemon.wait_for("token_revoked", name="revoked")
+            assert event["connections"] == 1 and event["cause"] == "removed"
+            assert (await next_update(ws_kept))["type"] == "volatility_update"  # untouched
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with open_websocket_url(url, extra_headers=bearer(revoked)):
+                    pass
+            assert rejected.value.status_code == 401
+            listed = cli("token", "list", "--config", str(config), cwd=tmp_path)
+            assert listed.returncode == 0, listed.stderr
+            names = [line.split()[0] for line in listed.stdout.splitlines()]
+            assert names == ["NAME", "kept", "short"]
+
+            # `short` expires while connected: closed at expiry (4001), then refused as invalid.
             assert await closed_with(ws_short, 10) == (4001, "token expired")
         assert datetime.now(UTC) >= expires
         event = await daemon.wait_for("token_expired", name="short")
