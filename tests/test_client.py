@@ -262,8 +262,9 @@ async def test_cancelling_the_iteration_closes_cleanly(
     with anyio.move_on_after(10) as outer:
         async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
-            nursery.start_soon(client.listen, lambda data: None)
-            await anyio.sleep(0.2)
+            listening = anyio.Event()
+            nursery.start_soon(client.listen, lambda data: listening.set())
+            await listening.wait()  # an update has come through the callback
             nursery.cancel_scope.cancel()
             cancelled_at = anyio.current_time()
     assert not outer.cancelled_caught and anyio.current_time() - cancelled_at < 1.0
@@ -524,12 +525,19 @@ async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
     token = new_token()
     port = free_port()
     statuses: list[Status] = []
+    failed_thrice = anyio.Event()
+
+    def on_status(status: Status) -> None:
+        statuses.append(status)
+        if [s.kind for s in statuses].count("connect_failed") == 3:
+            failed_thrice.set()
+
     got: list[dict[str, Any]] = []
     with anyio.fail_after(20):
         async with anyio.create_task_group() as group:
 
             async def start_later() -> None:
-                await anyio.sleep(1.5)  # well past the default backoff's first attempts
+                await failed_thrice.wait()  # the client has kept trying, with its backoff
                 daemon_factory(
                     config_text(tokens={"t": token}, interval=0.05),
                     env={"AGENTSPOONSD_SERVER__PORT": str(port)},
@@ -540,11 +548,11 @@ async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
                 f"ws://127.0.0.1:{port}/",
                 token,
                 connect_timeout=None,
-                on_status=statuses.append,
+                on_status=on_status,
                 **FAST,
             ) as client:
                 got = [await client.__anext__() for _ in range(3)]
-    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 2
+    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 3
 
 
 @on_both_loops
