@@ -318,7 +318,9 @@ async def test_frozen_daemon_notifies_systemd_from_its_child(
         daemon.signal(signal.SIGTERM)
         await until("STOPPING", "1")
         assert await daemon.wait_exit(6) == 0
-    assert ready_after < 5.0  # the issue's target is 1.5 s on this machine; printed above
+    # Printed above; `make bench` (bench/ship.py) measures it on an idle machine, where the
+    # target is 1.5 s. 5 s here leaves room for the other tests' load.
+    assert ready_after < 5.0
 
 
 async def test_frozen_daemon_adopts_a_socket_passed_by_systemd(

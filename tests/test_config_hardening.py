@@ -1,4 +1,4 @@
-"""Bad config and tokens files at start, in check-config and on SIGHUP (issue 15, item 2).
+"""Bad config and tokens files at start, in check-config and on SIGHUP.
 
 Every class of bad file is a one-line config error naming the file (and the key that named it),
 exit 78 at start and in `check-config`, `config_reload_rejected` on SIGHUP with the old settings

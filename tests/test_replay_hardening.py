@@ -1,4 +1,4 @@
-"""Replays a client asked for never get it cut as a slow consumer (issue 15, items 8 and 9).
+"""Replays a client asked for never get it cut as a slow consumer.
 
 The real daemon as a subprocess, a persisted history of `HISTORY` realistic updates (~1 KB
 each, far more than the backlog cap of `BACKLOG` bytes), and a client with a tiny receive
