@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,21 +52,15 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def start_node(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Any]:
-    started: list[DaemonProcess] = []
+async def start_node(daemon_factory: Callable[..., DaemonProcess], redis: RedisServer) -> Any:
+    """`start()`: one more node on the shared Redis (conftest.py's daemon_factory stops them)."""
 
     async def start() -> tuple[DaemonProcess, int, int]:
-        path = tmp_path / f"node-{len(started)}.toml"
-        path.write_text(cluster_config(redis.url))
-        node = DaemonProcess(path)
-        node.start()
-        started.append(node)
+        node = daemon_factory(cluster_config(redis.url))
         ws_port, http_port = await node.ports()
         return node, ws_port, http_port
 
-    yield start
-    for node in started:
-        node.kill()
+    return start
 
 
 class Client:
