@@ -75,6 +75,13 @@ port = 0
 """
 
 
+CLIENT_AND_NESTED_ENV = {
+    "AGENTSPOONSD_TOKEN": "a-client-token",
+    "AGENTSPOONSD_URL": "ws://127.0.0.1:1/",
+    "AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED": "false",
+}
+
+
 def bad_config(ws_port: int, http_port: int) -> str:
     return f"""
 [server]
@@ -104,6 +111,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         "check_bad": (["check-config", "--config", str(bad)], {}),
         "run_bad": (["run", "--config", str(bad)], {}),
         "run_unknown_env": (["run", "--config", str(good)], {"AGENTSPOONSD_SERVER__PROT": "1"}),
+        # The clients' variables exported in the same shell, as the README's `watch` has them.
+        "check_client_env": (["check-config", "--config", str(good)], CLIENT_AND_NESTED_ENV),
     }
     procs = {
         name: subprocess.Popen(
@@ -201,6 +210,16 @@ def test_unknown_env_var_exits_78(runs: Runs) -> None:
     assert "AGENTSPOONSD_SERVER__PROT" in r.stderr and "server.prot" in r.stderr
     assert "Traceback" not in r.stderr
     assert "listener_bound" not in r.stdout
+
+
+def test_check_config_ignores_the_clients_variables_and_takes_a_nested_key(runs: Runs) -> None:
+    """$AGENTSPOONSD_TOKEN and $AGENTSPOONSD_URL are never overrides (exporting them for `watch`
+    once stopped the daemon with exit 78); a nested key's variable is one."""
+    r = runs["check_client_env"]
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["generator"]["garch_fit"]["enabled"] is False
+    assert "a-client-token" not in r.stdout + r.stderr
 
 
 # --- in process: cheap variants of the same commands ----------------------------------------------

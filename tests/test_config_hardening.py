@@ -375,7 +375,7 @@ def in_process(tmp_path: Path) -> tuple[Daemon, SimpleNamespace, io.BytesIO]:
     config, _ = files(tmp_path)
     stream = io.BytesIO()
     daemon = Daemon(load_settings(config), config, configure_logging("debug", "json", stream))
-    websocket = SimpleNamespace(tls=None, limits=None, close_token_connections=lambda *a, **k: 0)
+    websocket = SimpleNamespace(tls=None, limits=None, close_token_connections=lambda *a, **k: {})
     websocket.auth = daemon.token_store(daemon.settings)
     return daemon, websocket, stream
 

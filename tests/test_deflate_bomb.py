@@ -513,8 +513,9 @@ async def test_live_bombs_cost_the_daemon_almost_nothing(
 ) -> None:
     """The spec's bomb (256 KiB compressed, 256 MiB inflated) in one frame, the same in 16 KiB
     fragments, and a frame declaring 2^40 bytes, each on its own connection: each gets close
-    1009; the daemon's peak RSS rises by well under 20 MiB (spec: 5 MiB); a bystander gets
-    every update, none late by more than a generous second."""
+    1009; the daemon's peak RSS rises by less than the spec's 5 MiB (measured: 1.2-1.7 MiB;
+    206 MiB before the bound); a bystander gets every update, none late by more than a generous
+    half second."""
     process, token, port = daemon
     assert process.proc is not None
     pid = process.proc.pid
@@ -561,7 +562,7 @@ async def test_live_bombs_cost_the_daemon_almost_nothing(
         f" during the bombs ({len(during)} updates) worst {max(during, default=0) * 1000:.1f} ms"
     )
     assert not bystander.gaps, bystander.gaps
-    assert peak - rss_before < 20 * MIB
+    assert peak - rss_before < 5 * MIB
     refused = [
         e
         for e in process.events

@@ -461,6 +461,33 @@ async def test_error_logs_per_peer_are_rate_limited_and_summarised(
     assert (summary["client"], summary["count"]) == ("127.0.0.1", 15)
 
 
+async def test_accept_failures_are_logged_once_a_second(listener: trio.SocketListener) -> None:
+    """Out of file descriptors, accept() fails every 0.1 s until one is free: one log line a
+    second with the count (as on the WebSocket port), not ten; served again once they are back."""
+    import resource
+    import socket
+
+    waiting = [socket.socket() for _ in range(5)]  # their descriptors exist before the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with serving(listener) as server:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself used
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+            for sock in waiting:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", server.port))
+            await trio.sleep(2.5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for sock in waiting:
+            sock.close()
+        assert (await (await connect(server)).request("GET", "/healthz")).status == 200
+    failures = server.events("http_accept_failed")
+    assert 2 <= len(failures) <= 3, [e.get("failures") for e in failures]
+    assert sum(e["failures"] for e in failures) >= 15
+    assert all(e["error"] == "EMFILE" for e in failures)
+
+
 # --- the daemon, held by 1,000 half-sent requests -----------------------------------------------
 
 

@@ -394,8 +394,11 @@ class MakeRun(DaemonProcess):
     """`make run` of this repository with this test's venv, config and development folder."""
 
     def __init__(self, config: Path, dev_dir: Path) -> None:
-        super().__init__(config, env=clean_env())
-        self.env = clean_env()
+        # The clients' variables exported, as a developer running `watch` in this shell has
+        # them: `make run` must not take them for config keys.
+        env = clean_env(AGENTSPOONSD_TOKEN="stale-token", AGENTSPOONSD_URL="ws://127.0.0.1:1/")
+        super().__init__(config, env=env)
+        self.env = env
         self.dev_dir = dev_dir
 
     def start(self) -> None:

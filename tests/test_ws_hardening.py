@@ -119,14 +119,15 @@ async def test_a_request_then_a_reset_leaves_nothing_in_the_hub(
         assert running.stats.clients_connected == 1
 
 
-async def test_an_upgrade_that_resumes_then_resets_leaves_nothing_in_the_hub(
-    running: Running,
+@pytest.mark.parametrize("query", ["resume=BTC/USD:0,ETH/USD:0", "symbols=BTC/USD,ETH/USD"])
+async def test_an_upgrade_that_subscribes_then_resets_leaves_nothing_in_the_hub(
+    running: Running, query: str
 ) -> None:
     for _ in range(3):
         running.hub.publish([bar("BTC/USD"), bar("ETH/USD")])
     for _ in range(20):
         sock = await raw_connect(running.port)
-        sock.send(upgrade_bytes(f"/?resume=BTC/USD:0,ETH/USD:0&access_token={TOKEN}"))
+        sock.send(upgrade_bytes(f"/?{query}&access_token={TOKEN}"))
         reset(sock)
         await trio.lowlevel.checkpoint()
     await wait_until(lambda: running.server.client_count == 0)

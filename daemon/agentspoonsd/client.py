@@ -146,6 +146,7 @@ _REPLY_TYPES = {
     "subscribe": "subscribed",
     "unsubscribe": "unsubscribed",
     "history": "history",
+    "resume": "subscribed",  # then the replay, delivered as updates (no gap, no duplicate)
 }
 
 # --- errors ---------------------------------------------------------------------------------
@@ -528,7 +529,8 @@ class VolatilityClient:
         buffer_size: updates buffered before the client stops reading the socket.
         keep_recent: how many received updates `recent` keeps (the local history).
         connect_timeout: seconds within which the first connection must be made (retrying with
-            backoff meanwhile), else `ConnectFailed`; also bounds each attempt (TCP, TLS, the
+            backoff meanwhile, a last attempt at the deadline), else `ConnectFailed`, raised at
+            most min(1 s, connect_timeout) after it; also bounds each attempt (TCP, TLS, the
             WebSocket handshake and the ``connected`` message). None: keep trying until
             connected (each attempt then bounded by 10 s).
         close_timeout: seconds to wait for the daemon's close answer when disconnecting.
@@ -803,11 +805,13 @@ class VolatilityClient:
     async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send a request and return its reply (docs/PROTOCOL.md, "Replies").
 
-        Any message may be sent: one the protocol does not know gets the daemon's ``error``
-        reply (``unknown_type``, ``invalid_message``). Raises `ServerError` for an ``error``
-        reply. If the connection is lost first and ``reconnect=True``, the request is sent
-        again on the next connection (every request of the protocol is idempotent).
-        ``resume`` is the client's own business: ValueError.
+        Any message may be sent: one the protocol does not know (any JSON value, not only an
+        object) gets the daemon's ``error`` reply (``unknown_type``, ``invalid_message``).
+        Raises `ServerError` for an ``error`` reply. If the connection is lost first and
+        ``reconnect=True``, the request is sent again on the next connection (every request of
+        the protocol is idempotent). A ``resume`` adds its symbols to the subscription, like a
+        ``subscribe``; its replay arrives as updates, judged by seq like any other (a symbol
+        the connection already receives gets ``already_subscribed``).
         """
         expected = self._expected_reply(message)
         while True:
@@ -886,16 +890,15 @@ class VolatilityClient:
         return [row for page in reversed(pages) for row in page]
 
     @staticmethod
-    def _expected_reply(message: Mapping[str, Any]) -> str:
-        kind = message.get("type")
-        if kind == "resume":
-            raise ValueError("the client resumes by itself; resume cannot be sent")
+    def _expected_reply(message: Any) -> str:
+        # Not an object: the daemon answers invalid_message; the client does not judge it.
+        kind = message.get("type") if isinstance(message, Mapping) else None
         return _REPLY_TYPES.get(kind, "error") if isinstance(kind, str) else "error"
 
     async def _send_request(
         self,
         conn: _Connection,
-        message: Mapping[str, Any],
+        message: Any,
         expected: str,
         *,
         waited: bool,
@@ -903,7 +906,7 @@ class VolatilityClient:
     ) -> _Pending | None:
         """Queue the reply slot and the frame, then send. None when the connection is gone."""
         pending = _Pending(expected, internal=internal, waited=waited)
-        text = orjson.dumps(dict(message)).decode()
+        text = orjson.dumps(dict(message) if isinstance(message, Mapping) else message).decode()
         # The slot and the frame are queued together, synchronously: replies come in the
         # order the frames leave (`_Link` sends queued frames in order).
         try:
@@ -962,7 +965,10 @@ class VolatilityClient:
                 while True:
                     timeout = self._step_timeout
                     if deadline is not None and self.connections == 0:
-                        timeout = max(0.001, min(timeout, deadline - anyio.current_time()))
+                        # Bounded by the time left, but the last attempt, made at the
+                        # deadline, still gets up to a second: time enough to be accepted.
+                        left = deadline - anyio.current_time()
+                        timeout = max(min(1.0, timeout), min(timeout, left))
                     retry_after, delivered = await self._connect_once(timeout)
                     if self._closed or self._failure is not None or not self.reconnect:
                         return
@@ -973,13 +979,14 @@ class VolatilityClient:
                         min(retry_after, self.backoff_max),
                     )
                     attempt += 1
-                    if (
-                        deadline is not None
-                        and self.connections == 0
-                        and anyio.current_time() + delay >= deadline
-                    ):
-                        self._give_up()
-                        return
+                    if deadline is not None and self.connections == 0:
+                        # Keep trying until the deadline, not only while a whole backoff fits
+                        # before it: a daemon that comes up late in the window is still found.
+                        left = deadline - anyio.current_time()
+                        if left <= 0:
+                            self._give_up()
+                            return
+                        delay = min(delay, left)
                     self._status("retrying", f"reconnecting in {delay:.2f} s", delay=delay)
                     await anyio.sleep(delay)
         except Exception as exc:  # a bug: surface it to the consumer instead of the nursery
@@ -1394,9 +1401,11 @@ class WebSocketDashboardClient:
             if inspect.isawaitable(result):
                 await result
 
-    async def send(self, message: Mapping[str, Any]) -> dict[str, Any]:
+    async def send(self, message: Any) -> dict[str, Any]:
         """Send any request and return the daemon's reply, an ``error`` reply included (a type
-        the protocol does not know gets ``{"type": "error", "code": "unknown_type", ...}``)."""
+        the protocol does not know gets ``{"type": "error", "code": "unknown_type", ...}``, a
+        JSON value that is not an object ``invalid_message``). `message` is any value orjson
+        can serialise; nothing is refused locally."""
         try:
             return await self.client.request(message)
         except ServerError as exc:

@@ -47,6 +47,7 @@ Logs never contain a query string (where `access_token` lives) nor request heade
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -317,8 +318,9 @@ async def serve_http(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_flush_log_summaries, occupancy.throttle, log)
             task_status.started()
+            accept_failures = _AcceptFailures()
             while True:
-                stream = await _accept(listener, log)
+                stream = await _accept(listener, log, accept_failures)
                 key = client_key(_peer_ip(stream))
                 admission = table.admit(key)
                 if admission is not Admission.SERVE:
@@ -342,14 +344,32 @@ async def _flush_log_summaries(throttle: LogThrottle, log: FilteringBoundLogger)
             _log_suppressed(log, key, count, throttle.interval)
 
 
-async def _accept(listener: trio.SocketListener, log: FilteringBoundLogger) -> trio.SocketStream:
+@dataclass
+class _AcceptFailures:
+    """Failed accepts since the last `http_accept_failed` line, and when it was logged."""
+
+    count: int = 0
+    logged_at: float = -math.inf
+
+
+async def _accept(
+    listener: trio.SocketListener, log: FilteringBoundLogger, failures: _AcceptFailures
+) -> trio.SocketStream:
+    """The next connection. Out of descriptors (or memory), accept() is retried every 0.1 s and
+    its failures are logged at most once a second with their count (`failures=`): the listener
+    stays readable and would otherwise log ten lines a second until a connection ends."""
     while True:
         try:
             return await listener.accept()
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
-            log.error("http_accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)))
+            failures.count += 1
+            now = trio.current_time()
+            if now - failures.logged_at >= 1.0:
+                error = errno.errorcode.get(exc.errno, str(exc.errno))
+                log.error("http_accept_failed", error=error, failures=failures.count)
+                failures.count, failures.logged_at = 0, now
             await trio.sleep(_ACCEPT_RETRY_SECONDS)
 
 

@@ -835,8 +835,10 @@ def variance_forecast(fit: GarchFit, horizon: int) -> FloatArray:
     decay = np.power(p, steps)
     if p == 1.0:
         geometric_sum = steps
-    elif p == 0.0:
-        geometric_sum = np.minimum(steps, 1.0)  # sigma2 is omega from the second step on
+    elif p < 0.5:
+        # Far from 1 nothing cancels; log1p(p - 1) would not exist at p <= 0 (an estimate a
+        # rounding error below 0 included).
+        geometric_sum = (1.0 - decay) / (1.0 - p)
     else:
         # (1 - p**k) / (1 - p) through expm1/log1p: accurate even when p is within 1e-9 of 1
         geometric_sum = np.expm1(steps * math.log1p(p - 1.0)) / (p - 1.0)
@@ -861,8 +863,8 @@ def cumulative_variance(omega: float, persistence: float, variance_1: float, hor
     h = float(horizon)
     if persistence == 1.0:
         return variance_1 * h + omega * h * (h - 1.0) / 2.0
-    if persistence == 0.0:
-        geometric = 1.0
+    if persistence < 0.5:  # nothing cancels; log1p(p - 1) would not exist at p <= 0
+        geometric = (1.0 - persistence**h) / (1.0 - persistence)
     else:
         geometric = math.expm1(h * math.log1p(persistence - 1.0)) / (persistence - 1.0)
     return variance_1 * geometric + omega * (h - geometric) / (1.0 - persistence)
