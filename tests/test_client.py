@@ -33,7 +33,7 @@ from agentspoonsd.client import (
     connect_sync,
     open_client,
 )
-from daemon_process import DaemonProcess, config_text, new_token
+from daemon_process import DaemonProcess, config_text, http_get, new_token
 from helpers import free_port
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.4, "close_timeout": 2.0}
@@ -226,8 +226,8 @@ async def test_slow_consumer_backpressure_and_a_request_meanwhile(
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     async with open_client(url, token, buffer_size=2, **FAST) as client:
-        await anyio.sleep(0.5)  # ~20 updates published
-        assert client.buffered == 2  # then the client stopped reading
+        await published(daemon, 10)  # more than the client buffers
+        assert client.buffered == 2  # so the client stopped reading
         with anyio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
             assert len(await client.fetch_history(3, "ETH/USD")) == 3
         got = [await client.__anext__() for _ in range(30)]
@@ -404,6 +404,27 @@ async def collect(
             resets.append(reset)
 
 
+async def published(daemon: DaemonProcess, count: int) -> None:
+    """Return once `daemon` has broadcast `count` more updates than when called (its
+    agentspoonsd_updates_published_total, polled)."""
+    _, http_port = await daemon.ports()
+
+    async def total() -> float:
+        status, _, body = await http_get(http_port, "/metrics")
+        assert status == 200, body
+        (line,) = [
+            line
+            for line in body.decode().splitlines()
+            if line.startswith("agentspoonsd_updates_published_total ")
+        ]
+        return float(line.split()[1])
+
+    start = await total()
+    with anyio.fail_after(10):
+        while await total() < start + count:  # noqa: ASYNC110 (a counter over HTTP: polled)
+            await anyio.sleep(0.02)
+
+
 async def restart(
     daemon_factory: Factory, text: str, port: int, old: DaemonProcess
 ) -> DaemonProcess:
@@ -437,7 +458,7 @@ async def test_kill_and_restart(
             await collect(client, updates, resets, lambda: len(updates) >= 10)
             second = await restart(daemon_factory, text, port, first)
             before = len(updates)
-            await anyio.sleep(0.3)  # the new daemon publishes while the client reconnects
+            await published(second, 4)  # the new daemon publishes while the client reconnects
             await collect(
                 client,
                 updates,
@@ -556,7 +577,7 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
                     gate.cut()
                     if restart_daemon:
                         daemon = await restart(daemon_factory, text, port, daemon)
-                    await anyio.sleep(0.5)  # ~10 updates per symbol published meanwhile
+                    await published(daemon, 6)  # three per symbol published meanwhile
                     gate.reopen()
                     connections = client.connections
                     while client.connections == connections:  # until the client is back
