@@ -1,4 +1,8 @@
-"""The WebSocket server in-process: real listening socket, real Hub, real WebSocket clients."""
+"""The WebSocket server in-process: real listening socket, real Hub, real WebSocket clients.
+
+The tests that hold for both transports (`BOTH`) run over plain TCP and over TLS; the TLS-only
+ones are in test_tls.py.
+"""
 
 from __future__ import annotations
 
