@@ -1,7 +1,7 @@
 """The WebSocket server in-process: real listening socket, real Hub, real WebSocket clients.
 
-The tests that hold for both transports (`BOTH`) run over plain TCP and over TLS; the TLS-only
-ones are in test_tls.py.
+The tests that hold for both transports (ids `ws` and `wss`) run over plain TCP and over TLS;
+the TLS-only ones are in test_tls.py.
 """
 
 from __future__ import annotations
