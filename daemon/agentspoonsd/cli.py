@@ -423,7 +423,7 @@ def _run(config: str | None) -> int:
             + "\n"
         )
         return EX_CONFIG
-    # Imported here so `--version`, `token` and `check-config` don't pay for numpy and trio.
+    # Imported here: `--version`, `token` and `check-config` need neither trio nor the daemon.
     import trio
 
     from .banner import program_command
