@@ -19,6 +19,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -378,8 +379,7 @@ class Generator:
             if spec.source == "file":
                 source = partial(
                     follow_file,
-                    # Never None here: the settings require a path for this source.
-                    spec.file.path,  # type: ignore[arg-type]
+                    _required_path(spec.file.path, "file"),
                     send=records_in,
                     log=self._log,
                     default_symbol=self._symbols[0],
@@ -390,8 +390,7 @@ class Generator:
             else:
                 source = partial(
                     replay_csv,
-                    # Never None here: the settings require a path for this source.
-                    spec.replay.path,  # type: ignore[arg-type]
+                    _required_path(spec.replay.path, "replay"),
                     send=records_in,
                     log=self._log,
                     default_symbol=self._symbols[0],
@@ -469,3 +468,11 @@ def _latest_due_tick(start: float, interval: float, now: float) -> int:
     while k > 0 and start + k * interval > now:
         k -= 1
     return k
+
+
+def _required_path(path: Path | None, source: str) -> Path:
+    """The source's path, which settings require for that source (a spec built otherwise is a
+    programming error, said as such)."""
+    if path is None:
+        raise ValueError(f'source = "{source}" needs generator.{source}.path')
+    return path
