@@ -250,7 +250,7 @@ class RedisBroker:
             try:
                 with trio.fail_after(self._request_timeout):
                     script = self._acquire if role is Role.FOLLOWER else self._renew
-                    reply = await script(keys=[self._lease_key], args=[self.node_id, lease_ms])
+                    reply: Any = await script(keys=[self._lease_key], args=[self.node_id, lease_ms])
                     granted = reply == 1
             except UNAVAILABLE as exc:
                 self.link.down(exc)

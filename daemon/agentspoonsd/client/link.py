@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import (
     Awaitable,
     Callable,
+    Coroutine,
     Sequence,
 )
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ class Resync(Exception):
 class TaskStarter(Protocol):
     """A Trio nursery or an anyio task group."""
 
-    def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> Any: ...
+    # Coroutine functions only: what anyio's task groups take (Trio's nurseries take more).
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], /, *args: Any) -> Any: ...
 
 
 UpdateCallback = Callable[[dict[str, Any]], Awaitable[None] | None]

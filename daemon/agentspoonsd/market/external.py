@@ -7,7 +7,7 @@ holds (``replay``), through the symbol's pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -121,10 +121,11 @@ class ExternalSource:
         self.watermarks: dict[str, datetime] = {}  # file source: last record per symbol
         self.unsent: list[Bar] | None = None
 
-    def _source(self, records: trio.MemorySendChannel[Record]) -> Callable[..., object]:
+    def _source(self, records: trio.MemorySendChannel[Record]) -> Callable[..., Awaitable[object]]:
         spec = self._spec
         default_symbol = spec.symbols[0]
         if spec.source == "file":
+            assert spec.file.path is not None  # the settings require it for this source
             return partial(
                 follow_file,
                 spec.file.path,
@@ -135,6 +136,7 @@ class ExternalSource:
                 poll_interval=spec.file.poll_interval,
                 published=self.watermarks,
             )
+        assert spec.replay.path is not None  # the settings require it for this source
         return partial(
             replay_csv,
             spec.replay.path,
@@ -180,19 +182,17 @@ class ExternalSource:
         """The bar of `record` (None: an unknown symbol), refit first if one is due."""
         with trio.CancelScope(shield=True):  # advanced means published: see SyntheticProducer
             fed = self.feed.feed(record)
-            if fed is None:
-                return None
-            if fed.window is not None:
+            if fed is not None and fed.window is not None:
                 await self._fits.fit_in_thread(fed.symbol, fed.window)
-            return self._pipelines[fed.symbol].bar(fed.timestamp)
+        return None if fed is None else self._pipelines[fed.symbol].bar(fed.timestamp)
 
 
 async def _closing_when_done(
-    source: Callable[..., object],
+    source: Callable[..., Awaitable[object]],
     channel: trio.MemorySendChannel[Record],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `source` and close `channel` when it returns, so the reader sees the end."""
     async with channel:
-        await source(task_status=task_status)  # type: ignore[operator]
+        await source(task_status=task_status)

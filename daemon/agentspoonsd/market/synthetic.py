@@ -223,15 +223,15 @@ class SyntheticProducer:
         order)."""
         # Shielded: the batch is built whole or not at all (a cancel between symbols would
         # advance some series without publishing them). Its only wait is a bounded GARCH fit.
+        batch = []
         with trio.CancelScope(shield=True):
-            batch = []
             for stamp in stamps:
                 for symbol in self._symbols:
                     window = self.step(symbol)
                     if window is not None:
                         await self._fits.fit_in_thread(symbol, window)
                     batch.append(self._pipelines[symbol].bar(stamp))
-            return batch
+        return batch
 
 
 def _aware_utc(stamp: datetime) -> datetime:
