@@ -1,17 +1,22 @@
 """The client's parts that decide, tested on their own without a socket or an event loop:
 `Session` (what each message means), `RetryPlan` (when to try again), `UpdateBuffer` (what the
-consumer gets), `ClientConfig` (the options), and the history merge. The connection task that
-drives them is tested end to end in test_client.py."""
+consumer gets), `ClientConfig` (the options), the history merge; and `TaskLifetime` on an event
+loop with a stand-in task. The connection task that drives them is tested end to end in
+test_client.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
+import trio
 
 from agentspoonsd.client import ConnectFailed, StreamReset, StreamTracker, Update
 from agentspoonsd.client.buffer import ResetItem, UpdateBuffer
 from agentspoonsd.client.config import STEP_TIMEOUT, ClientConfig
+from agentspoonsd.client.connection_task import ClientState
+from agentspoonsd.client.lifetime import TaskLifetime
 from agentspoonsd.client.paging import history_pages, merge_newest
 from agentspoonsd.client.retry import RetryPlan
 from agentspoonsd.client.session import (
@@ -283,3 +288,48 @@ async def test_history_pages_follow_before_seq_and_come_back_oldest_first() -> N
     rows = await history_pages(request, BTC, 3)
     assert [r["seq"] for r in rows] == [2, 3, 4, 5]
     assert [(m["limit"], m.get("before_seq")) for m in asked] == [(3, None), (1, 4)]
+
+
+# --- TaskLifetime (an event loop, no socket) --------------------------------------------------
+
+
+class Runner:
+    """A connection task that runs until cancelled, recording how it ended."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.ended_cancelled: bool | None = None
+
+    async def __call__(self, scope: anyio.CancelScope, stopped: anyio.Event) -> None:
+        try:
+            with scope:
+                self.started.set()
+                await anyio.sleep_forever()
+            self.ended_cancelled = scope.cancelled_caught
+        finally:
+            stopped.set()
+
+
+async def test_a_cancelled_nursery_closes_the_task_through_its_guard() -> None:
+    state, runner = ClientState(keep_recent=10), Runner()
+    lifetime = TaskLifetime(runner, state, close_timeout=1.0)
+    with trio.move_on_after(5) as outer:
+        async with trio.open_nursery() as nursery:
+            lifetime.start(nursery)
+            await runner.started.wait()
+            nursery.cancel_scope.cancel()  # the task's scope is shielded: only the guard sees it
+    assert not outer.cancelled_caught
+    assert state.closed and runner.ended_cancelled is True
+    with pytest.raises(RuntimeError, match="once"):
+        lifetime.start(None)
+
+
+async def test_closing_twice_at_once_waits_for_the_first_and_stops_the_task() -> None:
+    state, runner = ClientState(keep_recent=10), Runner()
+    lifetime = TaskLifetime(runner, state, close_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        lifetime.start(nursery)
+        await runner.started.wait()
+        nursery.start_soon(lifetime.close)
+        await lifetime.close()
+        assert state.closed and runner.ended_cancelled is True
