@@ -21,8 +21,9 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .config import DEFAULT_URL
 from .errors import ClientClosed, ServerError, StreamReset
-from .link import DEFAULT_URL, ORIGINAL_DEFAULT_URL, TOKEN_ENV, URL_ENV
+from .link import ORIGINAL_DEFAULT_URL, TOKEN_ENV, URL_ENV
 from .stream import VolatilityClient
 from .tracker import Update
 

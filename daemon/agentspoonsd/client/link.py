@@ -24,21 +24,19 @@ import orjson
 from ..wscore import ABNORMAL, ClientCore, Closed
 from ..wscore import Event as WsEvent
 from .errors import ConnectFailed, StreamReset
+from .session import Session
 
 if TYPE_CHECKING:
-    import asyncio
+    import asyncio  # the client imports it only where it runs on asyncio
 
 _log = logging.getLogger("agentspoonsd.client")
 
 
-DEFAULT_URL = "ws://127.0.0.1:8765/"
 ORIGINAL_DEFAULT_URL = "ws://localhost:8765"  # WebSocketDashboardClient's, as it always was
 URL_ENV = "AGENTSPOONSD_URL"
 TOKEN_ENV = "AGENTSPOONSD_TOKEN"
 
-_log = logging.getLogger("agentspoonsd.client")
 MAX_MESSAGE = 64 * 1024 * 1024  # a `history` reply of 1000 updates is about 1.2 MB
-STEP_TIMEOUT = 10.0  # one connect attempt, one send, when connect_timeout is None
 
 # Server close codes after which reconnecting cannot help (the token is no longer valid).
 FATAL_CLOSE_CODES = {4001: "the token was revoked"}
@@ -47,26 +45,6 @@ FATAL_STATUSES = {
     401: "the daemon refused the token (401)",
     403: "the daemon refused the connection (403: origin not allowed)",
 }
-# The reply each request type gets (docs/PROTOCOL.md, "Replies"); an `error` may come instead,
-# and is the only reply to anything else (unknown_type, invalid_message).
-REPLY_TYPES = {
-    "ping": "pong",
-    "subscribe": "subscribed",
-    "unsubscribe": "unsubscribed",
-    "history": "history",
-    "resume": "subscribed",  # then the replay, delivered as updates (no gap, no duplicate)
-}
-
-
-StatusKind = Literal[
-    "connected",
-    "disconnected",
-    "retrying",
-    "server_error",
-    "resync",
-    "connect_failed",
-    "failed",
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,21 +56,17 @@ class Status:
     since the last connection). ``failed``: a fatal error, raised to the consumer next.
     """
 
-    kind: StatusKind
+    kind: Literal[
+        "connected",
+        "disconnected",
+        "retrying",
+        "server_error",
+        "resync",
+        "connect_failed",
+        "failed",
+    ]
     message: str
     detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Pending:
-    """A request waiting for its reply; replies come in request order (one per request)."""
-
-    expected: str
-    internal: bool = False  # the client's own (barrier ping, subscribe "*"): not the user's
-    waited: bool = True  # False for `send()`: nobody awaits the reply
-    done: anyio.Event = field(default_factory=anyio.Event)
-    reply: dict[str, Any] | None = None
-    lost: bool = False  # the connection ended first
 
 
 class Link:
@@ -159,18 +133,17 @@ class Link:
 
 @dataclass(slots=True)
 class Connection:
+    """An established connection: its link, its protocol state, and the reader's flags."""
+
     link: Link
-    info: dict[str, Any]
-    pending: deque[Pending] = field(default_factory=deque)
-    barrier: bool = True  # until the first pong: errors are about the connect URL
+    session: Session
     blocked: bool = False  # the reader waits for buffer space
-    delivered: bool = False
     pong: anyio.Event | None = None  # the keepalive's ping awaits it
 
-
-@dataclass(frozen=True, slots=True)
-class ResetItem:
-    error: StreamReset
+    @property
+    def info(self) -> dict[str, Any]:
+        """The daemon's ``connected`` message, its ``symbols`` kept current."""
+        return self.session.info
 
 
 class Signal:
@@ -195,9 +168,10 @@ class Resync(Exception):
 
 
 class TaskStarter(Protocol):
-    """A Trio nursery or an anyio task group: what `VolatilityClient.connect` uses of it."""
+    """A Trio nursery or an anyio task group."""
 
-    def start_soon(self, func: Callable[[], Coroutine[Any, Any, None]], /) -> object: ...
+    # Coroutine functions only: what anyio's task groups take (Trio's nurseries take more).
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], /, *args: Any) -> Any: ...
 
 
 UpdateCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
