@@ -295,7 +295,9 @@ def test_forecast_matches_the_recursion_and_converges_to_the_unconditional_varia
     assert fit.unconditional_variance == pytest.approx(uncond, rel=1e-15)
 
 
-@pytest.mark.parametrize("persistence", [1.0, 1.0 - 1e-7, 1.0 - 1e-12, 0.0, 0.5])
+# 1.7e-17: a fit `agentspoonsd simulate --seed 1` made (alpha ~1.7e-17, beta 0), where
+# ``persistence - 1`` rounds to -1 exactly.
+@pytest.mark.parametrize("persistence", [1.0, 1.0 - 1e-7, 1.0 - 1e-12, 0.0, 1.7e-17, 1e-9, 0.5])
 def test_forecast_matches_the_recursion_at_and_near_the_boundary(persistence: float) -> None:
     alpha = persistence / 4
     beta = persistence - alpha
@@ -318,7 +320,7 @@ def test_forecast_rejects_bad_horizon_and_failed_fit() -> None:
         variance_forecast(fit_garch11([0.001] * 10), 5)
 
 
-@pytest.mark.parametrize("persistence", [0.0, 0.5, 0.98, 1.0 - 2e-6, 1.0])
+@pytest.mark.parametrize("persistence", [0.0, 1.7e-17, 1e-9, 0.5, 0.98, 1.0 - 2e-6, 1.0])
 @pytest.mark.parametrize("horizon", [1, 2, 10, 1000])
 def test_cumulative_variance_is_the_sum_of_the_step_forecasts(
     persistence: float, horizon: int
