@@ -18,13 +18,16 @@ arch's units (``c = result.scale``). It is estimated the same way, so the two ag
 * Same parameter bounds (``omega`` in ``[1e-8, 10] * mean(r²)``, ``alpha, beta`` in ``[0, 1]``),
   the same linear constraint ``alpha + beta <= 1`` and the same 16-point grid of starting values
   (the best of it and ``previous`` is the start).
-* The optimiser: a projected Newton method (`_newton`) on closed-form first and second
-  derivatives (`_newton_terms`), the bounds handled by projection; it stops at a Newton
-  decrement below 1e-9 (parameters within ~1e-7 of the exact optimum), typically after 4-6
-  evaluations from the previous window's fit. Where it gives up (optimum with beta below ~0.4,
-  at alpha = 0 with beta = 1, ...) nlopt's ``LD_SLSQP`` (arch's algorithm family, with an
-  analytic gradient and tighter tolerances) takes over from the same start; ``GarchFit.method``
-  says which one found the estimate.
+* The optimiser: Newton's method for the constrained problem (`_newton`: each step goes to the
+  minimum of the exact second-order model over the constraints, so the bounds that bind at the
+  optimum, ``alpha = 0``, ``beta = 0``, ``alpha + beta = 1``, omega's lower bound, are found in
+  one step and held exactly) on closed-form first and second derivatives (`_newton_terms`, and
+  `_short_memory_terms` where beta is below ~0.4). It stops at a Newton decrement below 1e-9
+  (parameters within ~1e-7 of the exact optimum), typically after 4-7 evaluations from the
+  previous window's fit. Where it gives up (rare: a stalled line search, too many iterations)
+  nlopt's ``LD_SLSQP`` (arch's algorithm family, with an analytic gradient and tighter
+  tolerances) takes over from the same start; ``GarchFit.method`` says which one found the
+  estimate.
 * arch also clips each ``sigma2_t`` into loose bounds (``1e-6`` to ``1e6`` times an EWMA of the
   data) to keep the likelihood finite at absurd parameters; inside the constraints above the
   variance is always ``>= omega > 0`` and finite, so this module does not clip. The two
@@ -326,8 +329,9 @@ def _newton_terms(
 
     Returns ``(value, grad, hess, fisher)``; without ``hessian`` the last three are None.
     ``fisher`` is the Gauss-Newton part of the Hessian with ``x / s2`` replaced by its
-    expectation 1 (Fisher scoring's matrix, positive semi-definite). Needs ``0 < beta`` and
-    ``beta**(n-1) >= 1e-200`` (see `_newton_feasible`).
+    expectation 1 (Fisher scoring's matrix, positive semi-definite). ``0 <= beta <= 1``;
+    where ``beta**(n-1) < 1e-200`` (beta below ~0.4 at n = 500, where ``1 / beta**t`` would
+    overflow) `_short_memory_terms` computes the same quantities.
 
     For a fixed backcast ``b`` the variance is linear in omega and alpha:
     ``s2_t = omega A_t + alpha B_t + b beta**(t+1)`` with ``A_t = sum_{j<=t} beta**j`` (closed
@@ -343,13 +347,18 @@ def _newton_terms(
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     n = x.shape[0]
+    if beta <= 0.0 or (n - 1) * math.log(beta) < _LOG_MIN_POWER:
+        return _short_memory_terms(omega, alpha, beta, x, xlag, b, hessian)
     t, weights = _index_tables(n)
     log_beta = math.log(beta)
     scaled_t = t * log_beta
     q = np.exp(scaled_t)
     # A_t = (1 - beta**(t+1)) / (1 - beta), through expm1: accurate for beta near 1 too.
-    a = np.expm1(scaled_t + log_beta)
-    a *= 1.0 / math.expm1(log_beta)
+    if beta == 1.0:  # the corner alpha = 0, beta = 1 ("nonstationary"): A_t = t + 1
+        a = t + 1.0
+    else:
+        a = np.expm1(scaled_t + log_beta)
+        a *= 1.0 / math.expm1(log_beta)
     # In-place operations throughout: at n = 500 numpy's per-call cost dominates, not the flops.
     if not hessian:
         s2 = np.cumsum(xlag / q)
@@ -418,127 +427,273 @@ def _newton_terms(
     return value, grad, hess, fisher
 
 
-def _cholesky_solve(h: FloatArray, g: FloatArray, keep: tuple[int, ...]) -> FloatArray | None:
-    """``h^-1 g`` restricted to the indices ``keep`` (2 or 3 of them; zero elsewhere), for a
-    symmetric ``h`` whose ``keep`` block is positive definite; None if it is not (a pivot below
-    1e-14 of its diagonal entry). Plain Python: for a 3x3 several times faster than numpy.linalg.
+_SHORT_MEMORY_EPS = 2.0**-60  # the weights beta**j dropped by `_short_memory_terms` are below
+
+
+def _short_memory_terms(
+    omega: float,
+    alpha: float,
+    beta: float,
+    x: FloatArray,
+    xlag: FloatArray,
+    b: float,
+    hessian: bool,
+) -> tuple[float, FloatArray | None, FloatArray | None, FloatArray | None]:
+    """`_newton_terms` for a short memory (``beta`` up to ~0.4 at n = 500, down to 0).
+
+    ``B_t = sum_j beta**j xlag_{t-j}`` and ``A_t = sum_j beta**j`` with their first two
+    beta-derivatives (weights ``j beta**(j-1)`` and ``j (j-1) beta**(j-2)``) are one matrix
+    product of a sliding-window view of ``xlag`` (and of ones) with the weights, truncated at
+    the ``K`` lags where ``beta**K < 2**-60`` (K <= ~45 here): no division by ``beta**t``, so
+    no overflow, and exact derivatives at ``beta = 0`` too.
     """
-    rows, rhs = h.tolist(), g.tolist()
-    i, j = keep[0], keep[1]
-    a00, a01, a11 = rows[i][i], rows[i][j], rows[j][j]
-    if not a00 > 0.0:
-        return None
-    l00 = math.sqrt(a00)
-    l10 = a01 / l00
-    d1 = a11 - l10 * l10
-    if not d1 > 1e-14 * abs(a11):
-        return None
-    l11 = math.sqrt(d1)
-    y0 = rhs[i] / l00
-    y1 = (rhs[j] - l10 * y0) / l11
-    out = [0.0, 0.0, 0.0]
-    if len(keep) == 2:
-        x1 = y1 / l11
-        out[i], out[j] = (y0 - l10 * x1) / l00, x1
-        return np.array(out)
-    k = keep[2]
-    l20 = rows[i][k] / l00
-    l21 = (rows[j][k] - l20 * l10) / l11
-    a22 = rows[k][k]
-    d2 = a22 - l20 * l20 - l21 * l21
-    if not d2 > 1e-14 * abs(a22):
-        return None
-    l22 = math.sqrt(d2)
-    y2 = (rhs[k] - l20 * y0 - l21 * y1) / l22
-    x2 = y2 / l22
-    x1 = (y1 - l21 * x2) / l11
-    out[i], out[j], out[k] = (y0 - l10 * x1 - l20 * x2) / l00, x1, x2
-    return np.array(out)
-
-
-def _newton_feasible(params: FloatArray, lower: FloatArray, upper: FloatArray, n: int) -> bool:
-    """Inside the constraints, with ``0 < beta < 1`` and ``beta**(n-1) >= 1e-200`` (what
-    `_newton_terms` needs)."""
-    omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
-    return (
-        lower[0] <= omega <= upper[0]
-        and alpha >= 0.0
-        and 0.0 < beta < 1.0
-        and alpha + beta <= 1.0
-        and (n - 1) * math.log(beta) >= _LOG_MIN_POWER
+    n = x.shape[0]
+    if beta > 0.0:
+        lags = min(n, max(3, int(math.log(_SHORT_MEMORY_EPS) / math.log(beta)) + 2))
+    else:
+        lags = 3
+    j = np.arange(lags, dtype=np.float64)
+    powers = np.power(beta, j)  # 0**0 = 1
+    weights = np.zeros((lags, 3))
+    weights[:, 0] = powers
+    weights[1:, 1] = j[1:] * powers[:-1]
+    weights[2:, 2] = j[2:] * j[1:-1] * powers[:-2]
+    padded = np.zeros((2, lags - 1 + n))
+    padded[0, lags - 1 :] = xlag
+    padded[1, lags - 1 :] = 1.0
+    item = padded.itemsize
+    windows = np.ndarray(
+        (2, n, lags), dtype=np.float64, buffer=padded, strides=(padded.strides[0], item, item)
     )
+    # windows[k, t, i] is lag lags - 1 - i of row k at t: the weights, reversed.
+    sums = windows @ weights[::-1]  # (2, n, 3): [B, dB, d2B] and [A, dA, d2A]
+    t, _ = _index_tables(n)
+    q = np.power(beta, t)  # beta**t
+    s2 = omega * sums[1, :, 0] + alpha * sums[0, :, 0] + (b * beta) * q
+    inv = 1.0 / s2
+    ratio = x * inv
+    value = 0.5 * (_LOG_2PI + (float(np.log(s2).sum()) + float(ratio.sum())) / n)
+    if not hessian:
+        return value, None, None, None
+    d = np.empty((3, n))
+    d[0] = sums[1, :, 0]
+    d[1] = sums[0, :, 0]
+    d[2] = omega * sums[1, :, 1] + alpha * sums[0, :, 1] + b * (t + 1.0) * q
+    q_before = np.zeros(n)  # beta**(t-1), where its factor t is not 0
+    q_before[1:] = q[:-1]
+    d_bb = omega * sums[1, :, 2] + alpha * sums[0, :, 2] + b * (t + 1.0) * t * q_before
+    w = (1.0 - ratio) * inv
+    w *= 0.5 / n
+    grad = d @ w
+    c = inv * inv
+    c *= 0.5 / n
+    dc = np.empty((6, n))
+    np.multiply(d, c, out=dc[:3])
+    np.multiply(dc[:3], 2.0 * ratio - 1.0, out=dc[3:])
+    both = dc @ d.T
+    fisher = both[:3]
+    hess = both[3:]
+    a_b = float(w @ sums[1, :, 1])
+    b_b = float(w @ sums[0, :, 1])
+    hess[0, 2] += a_b
+    hess[2, 0] += a_b
+    hess[1, 2] += b_b
+    hess[2, 1] += b_b
+    hess[2, 2] += float(w @ d_bb)
+    return value, grad, hess, fisher
+
+
+def _newton_feasible(params: FloatArray, lower: FloatArray, upper: FloatArray) -> bool:
+    """Inside the constraints (where `_newton_terms` is defined)."""
+    omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
+    return lower[0] <= omega <= upper[0] and alpha >= 0.0 and beta >= 0.0 and alpha + beta <= 1.0
 
 
 def _project(params: FloatArray, lower: FloatArray, upper: FloatArray) -> FloatArray:
-    """Onto ``alpha + beta <= 1``, ``alpha >= 0`` and omega's bounds (in place; returns it)."""
+    """Onto ``alpha + beta <= 1``, ``alpha, beta >= 0`` and omega's bounds (a rounding error
+    away; in place; returns it)."""
     excess = params[1] + params[2] - 1.0
     if excess > 0.0:
         params[1] -= 0.5 * excess
         params[2] = 1.0 - params[1]
     if params[1] < 0.0:
         params[1] = 0.0
+    if params[2] < 0.0:
+        params[2] = 0.0
     params[0] = min(max(params[0], lower[0]), upper[0])
     return params
 
 
-_PERSISTENCE_DIRECTION = (0.0, 1.0, -1.0)  # along alpha + beta = 1: beta follows alpha
+# The quick path's constraints, as a working set (w0, w1, w2, w3) of which are held as
+# equalities: w0: omega >= its lower bound; w1: alpha >= 0; w2: alpha + beta <= 1; w3: beta >= 0.
+# omega's upper bound (10 times the variance) is never near an optimum: a step beyond it ends
+# the quick path (`_newton_feasible`), and SLSQP takes over.
+_WorkingSet = tuple[bool, bool, bool, bool]
+_WORKING_SETS: tuple[_WorkingSet, ...] = tuple(
+    (w0, w1, w2, w3)
+    for w0 in (False, True)
+    for w1 in (False, True)
+    for w2 in (False, True)
+    for w3 in (False, True)
+    if not (w1 and w2 and w3)  # alpha = beta = 0 and alpha + beta = 1: empty
+)
+_Gap = tuple[float, float, float, float]
+_E_OMEGA, _E_ALPHA, _E_BETA = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+_ALONG_PERSISTENCE = (0.0, 1.0, -1.0)  # on alpha + beta = 1: beta follows alpha
 
 
-@lru_cache(maxsize=16)
-def _face_basis(omega_bound: bool, alpha_bound: bool, persistence_bound: bool) -> FloatArray:
-    """Columns spanning the moves that keep the given bounds binding (3, k), k >= 1."""
-    columns: list[tuple[float, ...]] = []
-    if not omega_bound:
-        columns.append((1.0, 0.0, 0.0))
-    if persistence_bound:
-        columns.append(_PERSISTENCE_DIRECTION)
-    else:
-        if not alpha_bound:
-            columns.append((0.0, 1.0, 0.0))
-        columns.append((0.0, 0.0, 1.0))
-    basis = np.array(columns).T
-    basis.setflags(write=False)
-    return basis
+@lru_cache(maxsize=8)
+def _free_directions(working: _WorkingSet) -> tuple[tuple[float, float, float], ...]:
+    """A basis of the moves that keep every constraint of ``working`` an equality."""
+    w0, w1, w2, w3 = working
+    basis = [] if w0 else [_E_OMEGA]
+    held = w1 + w2 + w3  # constraints on (alpha, beta), independent two by two
+    if held == 0:
+        basis.extend((_E_ALPHA, _E_BETA))
+    elif held == 1:
+        basis.append(_E_BETA if w1 else _ALONG_PERSISTENCE if w2 else _E_ALPHA)
+    return tuple(basis)
 
 
-def _binding_face(params: FloatArray, grad: FloatArray, lower: FloatArray) -> FloatArray | None:
-    """The basis (`_face_basis`) of the face of the constraints that binds at ``params``.
-
-    A bound binds when ``params`` is on it and the gradient pushes through it: omega at its
-    lower bound with ``d/domega > 0``; ``alpha = 0`` with ``d/dalpha > 0``; ``alpha + beta = 1``
-    with ``d/dalpha + d/dbeta < 0``. None when alpha = 0 and alpha + beta = 1 both bind (beta = 1:
-    outside the region of `_newton_terms`). omega's upper bound (10 times the variance) is never
-    near an optimum: reaching it ends the quick path (`_newton_feasible`).
-    """
-    omega_bound = params[0] <= lower[0] and grad[0] > 0.0
-    alpha_bound = params[1] <= 0.0 and grad[1] > 0.0
-    persistence_bound = params[1] + params[2] >= 1.0 - 4e-16 and grad[1] + grad[2] < 0.0
-    if alpha_bound and persistence_bound:
+def _solve_pd(m: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """``m^-1 rhs`` for a symmetric positive definite ``m`` of size 1, 2 or 3 by Cholesky,
+    unrolled in plain Python (several times faster than numpy.linalg at this size); None if a
+    pivot falls below 1e-14 of its diagonal entry (not positive definite, or too
+    ill-conditioned to trust)."""
+    k = len(rhs)
+    a00 = m[0][0]
+    if not a00 > 0.0:
         return None
-    return _face_basis(omega_bound, alpha_bound, persistence_bound)
-
-
-def _newton_step(matrix: FloatArray, grad: FloatArray, basis: FloatArray) -> FloatArray | None:
-    """``-Z (Z' matrix Z)^-1 Z' grad`` for the face basis ``Z``; None where the reduced matrix
-    is not positive definite."""
-    k = basis.shape[1]
-    if k == 3:
-        step = _cholesky_solve(matrix, grad, _ALL)
-        return None if step is None else -step
-    reduced = basis.T @ matrix @ basis
-    reduced_grad = grad @ basis
+    l00 = math.sqrt(a00)
+    y0 = rhs[0] / l00
     if k == 1:
-        curvature = float(reduced[0, 0])
-        if not curvature > 0.0:
+        return [y0 / l00]
+    l10 = m[1][0] / l00
+    a11 = m[1][1]
+    d1 = a11 - l10 * l10
+    if not d1 > 1e-14 * abs(a11):
+        return None
+    l11 = math.sqrt(d1)
+    y1 = (rhs[1] - l10 * y0) / l11
+    if k == 2:
+        x1 = y1 / l11
+        return [(y0 - l10 * x1) / l00, x1]
+    l20 = m[2][0] / l00
+    l21 = (m[2][1] - l20 * l10) / l11
+    a22 = m[2][2]
+    d2 = a22 - l20 * l20 - l21 * l21
+    if not d2 > 1e-14 * abs(a22):
+        return None
+    l22 = math.sqrt(d2)
+    x2 = (rhs[2] - l20 * y0 - l21 * y1) / l22 / l22
+    x1 = (y1 - l21 * x2) / l11
+    return [(y0 - l10 * x1 - l20 * x2) / l00, x1, x2]
+
+
+def _equality_step(
+    h: list[list[float]], g: list[float], gap: _Gap, working: _WorkingSet
+) -> tuple[list[float], list[float]] | None:
+    """Minimiser ``d`` of the model ``g.d + d.h.d / 2`` with the constraints of ``working`` held
+    as equalities (``gap``: the move that puts each exactly on its bound), and the model's
+    gradient ``g + h d`` there; None where ``h`` is not positive definite on the face."""
+    w0, w1, w2, w3 = working
+    d = [gap[0] if w0 else 0.0, gap[1] if w1 else 0.0, gap[3] if w3 else 0.0]
+    if w2:
+        if w3:
+            d[1] = gap[2] - d[2]
+        else:
+            d[2] = gap[2] - d[1]
+    grad = [g[i] + h[i][0] * d[0] + h[i][1] * d[1] + h[i][2] * d[2] for i in range(3)]
+    basis = _free_directions(working)
+    if basis:
+        hz = [[h[i][0] * z[0] + h[i][1] * z[1] + h[i][2] * z[2] for i in range(3)] for z in basis]
+        reduced = [[zi[0] * hj[0] + zi[1] * hj[1] + zi[2] * hj[2] for hj in hz] for zi in basis]
+        rhs = [-(z[0] * grad[0] + z[1] * grad[1] + z[2] * grad[2]) for z in basis]
+        u = _solve_pd(reduced, rhs)
+        if u is None:
             return None
-        return basis[:, 0] * (-float(reduced_grad[0]) / curvature)
-    padded = np.zeros((3, 3))
-    padded[:2, :2] = reduced
-    step = _cholesky_solve(padded, np.array((reduced_grad[0], reduced_grad[1], 0.0)), (0, 1))
-    return None if step is None else -(basis @ step[:2])
+        for ui, z, hzi in zip(u, basis, hz, strict=True):
+            for i in range(3):
+                d[i] += ui * z[i]
+                grad[i] += ui * hzi[i]
+    return d, grad
 
 
-_ALL = (0, 1, 2)
+def _qp_step(
+    h: list[list[float]],
+    g: list[float],
+    params: FloatArray,
+    lower: FloatArray,
+    guess: _WorkingSet,
+    convex: bool,
+) -> tuple[list[float], _WorkingSet] | None:
+    """The step of the quadratic model ``g.d + d.h.d / 2`` to its minimum over the constraints
+    (``omega >= lower[0]``, ``alpha >= 0``, ``alpha + beta <= 1``, ``beta >= 0``), and the
+    working set that
+    holds there: Newton's step with the active set found exactly.
+
+    ``guess`` (the last iteration's working set) is tried first: its equality-constrained
+    minimiser is the answer when it is feasible and its Lagrange multipliers are >= 0 (the KKT
+    conditions; ``h`` positive definite on that face). Otherwise, when ``h`` is positive
+    definite (``convex``, or checked here), every working set is tried and the feasible
+    minimiser with the lowest model value wins (the optimum of a convex quadratic lies in the
+    relative interior of one face, where it is that face's equality-constrained minimiser).
+    None: no answer (the guess failed and ``h`` is not positive definite).
+    """
+    omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
+    gap = (float(lower[0]) - omega, -alpha, 1.0 - alpha - beta, -beta)
+    solved = _equality_step(h, g, gap, guess)
+    if solved is not None and _feasible(solved[0], gap, guess):
+        # Multipliers of c(params + d) >= 0: grad = sum lambda_i grad c_i, with grad c =
+        # e_omega, e_alpha, -(e_alpha + e_beta) and e_beta.
+        d, grad = solved
+        w0, w1, w2, w3 = guess
+        lambda2 = (-grad[1] if w3 and not w1 else -grad[2]) if w2 else 0.0
+        lambda1 = grad[1] + lambda2 if w1 else 0.0
+        lambda3 = grad[2] + lambda2 if w3 else 0.0
+        if (not w0 or grad[0] >= 0.0) and min(lambda1, lambda2, lambda3) >= 0.0:
+            return d, guess
+    if not (convex or _solve_pd(h, [0.0, 0.0, 0.0]) is not None):
+        return None
+    best: tuple[list[float], _WorkingSet] | None = None
+    best_value = math.inf
+    for working in _WORKING_SETS:
+        if working == guess:
+            continue  # not the optimum: infeasible, or a multiplier has the wrong sign
+        solved = _equality_step(h, g, gap, working)
+        if solved is None or not _feasible(solved[0], gap, working):
+            continue
+        d, grad = solved
+        value = d[0] * (g[0] + grad[0]) + d[1] * (g[1] + grad[1]) + d[2] * (g[2] + grad[2])
+        if value < best_value:  # twice the model's value
+            best, best_value = (d, working), value
+    return best
+
+
+def _feasible(d: list[float], gap: _Gap, working: _WorkingSet) -> bool:
+    """The step keeps the constraints outside ``working`` (to a rounding error, snapped later)."""
+    return (
+        (working[0] or d[0] >= gap[0] - 1e-13)
+        and (working[1] or d[1] >= gap[1] - 1e-13)
+        and (working[2] or d[1] + d[2] <= gap[2] + 1e-13)
+        and (working[3] or d[2] >= gap[3] - 1e-13)
+    )
+
+
+def _on_face(params: FloatArray, working: _WorkingSet, lower: FloatArray) -> FloatArray:
+    """``params`` with the constraints of ``working`` made exact equalities (in place)."""
+    if working[0]:
+        params[0] = lower[0]
+    if working[1]:
+        params[1] = 0.0
+    if working[3]:
+        params[2] = 0.0
+    if working[2]:
+        if working[3]:
+            params[1] = 1.0
+        else:
+            params[2] = 1.0 - params[1]
+    return params
 
 
 def _newton(
@@ -551,47 +706,64 @@ def _newton(
     budget: int,
     terms: tuple[float, FloatArray | None, FloatArray | None, FloatArray | None] | None = None,
 ) -> tuple[FloatArray | None, int]:
-    """Projected Newton's method with a backtracking line search inside the constraints.
+    """Newton's method for the constrained problem (sequential quadratic programming with the
+    exact Hessian), with a backtracking line search inside the constraints.
 
     Returns ``(params, evaluations)``; ``params`` is None when the quick path gives up: the
-    start is outside the region `_newton_terms` handles (``beta`` below ~0.4 at n = 500, or 1),
-    the steps leave it, the line search stalls, or `_NEWTON_MAX_ITERATIONS` or ``budget``
+    start is outside the region `_newton_terms` handles (``beta`` below ~0.4 at n = 500), a
+    step leaves it, the line search stalls, or `_NEWTON_MAX_ITERATIONS` or ``budget``
     evaluations passed.
 
-    The constraints ``alpha >= 0`` (binding on calm windows: the optimum is alpha = 0 exactly)
-    and ``alpha + beta <= 1`` (binding on "nonstationary" windows) are handled as projected
-    Newton methods do: trial points are projected onto them (`_project`), and on a face where
-    one binds the step is the Newton step within that face (`_newton_step`). Where the Hessian
-    is not positive definite (far from the optimum) the step uses its Gauss-Newton part (Fisher
-    scoring). Converged means: the exact (reduced) Hessian is positive definite, the Newton
-    decrement is below `_NEWTON_DECREMENT`, and the final projected step stays feasible.
+    Each step goes to the minimum of the quadratic model over the constraints (`_qp_step`), so
+    the bounds that bind at the optimum are found in one step and held exactly: ``alpha >= 0``
+    (calm windows: alpha = 0 exactly), ``alpha + beta <= 1`` ("nonstationary" windows), both
+    (the corner alpha = 0, beta = 1) and omega's lower bound. The segment from a feasible point
+    to a feasible step is feasible (the constraints are linear), so the line search needs no
+    projection. Where the Hessian is not positive definite (far from the optimum) the model
+    uses its Gauss-Newton part (Fisher scoring). Converged means: the model is the exact
+    Hessian's, and the Newton decrement ``-g.d`` is below `_NEWTON_DECREMENT`.
     """
-    n = x.shape[0]
     evaluations = 0
     if terms is None:  # else: `_newton_terms(start, ..., True)`, already counted by the caller
-        if not _newton_feasible(start, lower, upper, n):
+        if not _newton_feasible(start, lower, upper):
             return None, 0
         evaluations = 1
         terms = _newton_terms(start, x, xlag, b, True)
     params = start
     value, grad, hess, fisher = terms
+    working: _WorkingSet = (
+        bool(params[0] <= lower[0]),
+        bool(params[1] <= 0.0),
+        bool(params[1] + params[2] >= 1.0),
+        bool(params[2] <= 0.0),
+    )
     for _ in range(_NEWTON_MAX_ITERATIONS):
         assert grad is not None and hess is not None and fisher is not None
-        face = _binding_face(params, grad, lower)
-        if face is None:
-            return None, evaluations
-        step = _newton_step(hess, grad, face)
-        exact = step is not None
-        if step is None:
-            step = _newton_step(fisher, grad, face)
-            if step is None:
+        g = grad.tolist()
+        h = hess.tolist()
+        # The exact Hessian's model: its KKT point on the guessed face (positive definite
+        # there), else its minimum over every face when it is positive definite everywhere;
+        # where that is no descent (a non-convex model), Fisher scoring's.
+        found = _qp_step(h, g, params, lower, working, False)
+        exact = found is not None
+        if found is not None:
+            d = found[0]
+            decrement = -(g[0] * d[0] + g[1] * d[1] + g[2] * d[2])
+            exact = decrement >= 0.0
+        if not exact:
+            found = _qp_step(fisher.tolist(), g, params, lower, working, True)
+            if found is None:
                 return None, evaluations
-        decrement = -float(grad @ step)
-        if not decrement >= 0.0:
-            return None, evaluations
+            d = found[0]
+            decrement = -(g[0] * d[0] + g[1] * d[1] + g[2] * d[2])
+            if not decrement >= 0.0:
+                return None, evaluations
+        assert found is not None
+        working = found[1]
+        step = np.array(d)
         if exact and decrement < _NEWTON_DECREMENT:
-            final = _project(params + step, lower, upper)
-            if not _newton_feasible(final, lower, upper, n):
+            final = _on_face(_project(params + step, lower, upper), working, lower)
+            if not _newton_feasible(final, lower, upper):
                 return None, evaluations
             return final, evaluations
         # Backtracking: the full step with every derivative (usually accepted: then they are
@@ -599,7 +771,9 @@ def _newton(
         size = 1.0
         while True:
             trial = _project(params + size * step, lower, upper)
-            if _newton_feasible(trial, lower, upper, n):
+            if size == 1.0:
+                _on_face(trial, working, lower)
+            if _newton_feasible(trial, lower, upper):
                 if evaluations >= budget:
                     return None, evaluations
                 evaluations += 1
@@ -685,7 +859,7 @@ def fit_garch11(
     start = grid.params[best] * np.array((target, 1.0, 1.0))
     warm_terms = None
     if warm is not None:
-        if _newton_feasible(warm, lower, upper, n):
+        if _newton_feasible(warm, lower, upper):
             # Newton's first evaluation, made now: its value decides the start.
             warm_terms = _newton_terms(warm, x, xlag, backcast, True)
             warm_value = warm_terms[0]
