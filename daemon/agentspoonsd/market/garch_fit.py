@@ -530,12 +530,17 @@ def _project(params: FloatArray, lower: FloatArray, upper: FloatArray) -> FloatA
 # the quick path (`_newton_feasible`), and SLSQP takes over.
 _WorkingSet = tuple[bool, bool, bool, bool]
 _WORKING_SETS: tuple[_WorkingSet, ...] = tuple(
-    (w0, w1, w2, w3)
-    for w0 in (False, True)
-    for w1 in (False, True)
-    for w2 in (False, True)
-    for w3 in (False, True)
-    if not (w1 and w2 and w3)  # alpha = beta = 0 and alpha + beta = 1: empty
+    sorted(
+        (
+            (w0, w1, w2, w3)
+            for w0 in (False, True)
+            for w1 in (False, True)
+            for w2 in (False, True)
+            for w3 in (False, True)
+            if not (w1 and w2 and w3)  # alpha = beta = 0 and alpha + beta = 1: empty
+        ),
+        key=sum,  # fewest constraints first: the likeliest faces of an optimum
+    )
 )
 _Gap = tuple[float, float, float, float]
 _E_OMEGA, _E_ALPHA, _E_BETA = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
@@ -629,55 +634,55 @@ def _qp_step(
 ) -> tuple[list[float], _WorkingSet] | None:
     """The step of the quadratic model ``g.d + d.h.d / 2`` to its minimum over the constraints
     (``omega >= lower[0]``, ``alpha >= 0``, ``alpha + beta <= 1``, ``beta >= 0``), and the
-    working set that
-    holds there: Newton's step with the active set found exactly.
+    working set that holds there: Newton's step with the active set found exactly.
 
-    ``guess`` (the last iteration's working set) is tried first: its equality-constrained
-    minimiser is the answer when it is feasible and its Lagrange multipliers are >= 0 (the KKT
-    conditions; ``h`` positive definite on that face). Otherwise, when ``h`` is positive
-    definite (``convex``, or checked here), every working set is tried and the feasible
-    minimiser with the lowest model value wins (the optimum of a convex quadratic lies in the
-    relative interior of one face, where it is that face's equality-constrained minimiser).
-    None: no answer (the guess failed and ``h`` is not positive definite).
+    A working set is the answer when its equality-constrained minimiser is feasible and its
+    Lagrange multipliers are >= 0 (the KKT conditions; ``h`` positive definite on that face:
+    a local minimum of the model). ``guess`` (the last iteration's working set) is tried first;
+    then, when ``h`` is positive definite (``convex``, or checked here), the others, fewest
+    constraints first: for a convex model the KKT point is its unique minimum. None: no
+    answer (the guess failed and ``h`` is not positive definite).
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     gap = (float(lower[0]) - omega, -alpha, 1.0 - alpha - beta, -beta)
-    solved = _equality_step(h, g, gap, guess)
-    if solved is not None and _feasible(solved[0], gap, guess):
-        # Multipliers of c(params + d) >= 0: grad = sum lambda_i grad c_i, with grad c =
-        # e_omega, e_alpha, -(e_alpha + e_beta) and e_beta.
-        d, grad = solved
-        w0, w1, w2, w3 = guess
-        lambda2 = (-grad[1] if w3 and not w1 else -grad[2]) if w2 else 0.0
-        lambda1 = grad[1] + lambda2 if w1 else 0.0
-        lambda3 = grad[2] + lambda2 if w3 else 0.0
-        if (not w0 or grad[0] >= 0.0) and min(lambda1, lambda2, lambda3) >= 0.0:
-            return d, guess
+    found = _kkt_step(h, g, gap, guess)
+    if found is not None:
+        return found, guess
     if not (convex or _solve_pd(h, [0.0, 0.0, 0.0]) is not None):
         return None
-    best: tuple[list[float], _WorkingSet] | None = None
-    best_value = math.inf
     for working in _WORKING_SETS:
-        if working == guess:
-            continue  # not the optimum: infeasible, or a multiplier has the wrong sign
-        solved = _equality_step(h, g, gap, working)
-        if solved is None or not _feasible(solved[0], gap, working):
-            continue
-        d, grad = solved
-        value = d[0] * (g[0] + grad[0]) + d[1] * (g[1] + grad[1]) + d[2] * (g[2] + grad[2])
-        if value < best_value:  # twice the model's value
-            best, best_value = (d, working), value
-    return best
+        if working != guess:
+            found = _kkt_step(h, g, gap, working)
+            if found is not None:
+                return found, working
+    return None
 
 
-def _feasible(d: list[float], gap: _Gap, working: _WorkingSet) -> bool:
-    """The step keeps the constraints outside ``working`` (to a rounding error, snapped later)."""
-    return (
-        (working[0] or d[0] >= gap[0] - 1e-13)
-        and (working[1] or d[1] >= gap[1] - 1e-13)
-        and (working[2] or d[1] + d[2] <= gap[2] + 1e-13)
-        and (working[3] or d[2] >= gap[3] - 1e-13)
-    )
+def _kkt_step(
+    h: list[list[float]], g: list[float], gap: _Gap, working: _WorkingSet
+) -> list[float] | None:
+    """`_equality_step` of ``working`` where it satisfies the KKT conditions, else None."""
+    solved = _equality_step(h, g, gap, working)
+    if solved is None:
+        return None
+    d, grad = solved
+    w0, w1, w2, w3 = working
+    # Feasible for the constraints not held (a rounding error outside is snapped later).
+    if (
+        (not w0 and d[0] < gap[0] - 1e-13)
+        or (not w1 and d[1] < gap[1] - 1e-13)
+        or (not w2 and d[1] + d[2] > gap[2] + 1e-13)
+        or (not w3 and d[2] < gap[3] - 1e-13)
+    ):
+        return None
+    # Multipliers of c(params + d) >= 0: grad = sum lambda_i grad c_i, with grad c =
+    # e_omega, e_alpha, -(e_alpha + e_beta) and e_beta.
+    lambda2 = (-grad[1] if w3 and not w1 else -grad[2]) if w2 else 0.0
+    lambda1 = grad[1] + lambda2 if w1 else 0.0
+    lambda3 = grad[2] + lambda2 if w3 else 0.0
+    if (w0 and grad[0] < 0.0) or lambda1 < 0.0 or lambda2 < 0.0 or lambda3 < 0.0:
+        return None
+    return d
 
 
 def _on_face(params: FloatArray, working: _WorkingSet, lower: FloatArray) -> FloatArray:
