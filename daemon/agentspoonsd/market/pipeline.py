@@ -121,6 +121,8 @@ class GarchTracker:
         # Per fit, so a bar costs two multiply-adds: σ²_{t+h} = c_h + d_h σ²_{t+1} and
         # Σ_{k=1..h} σ²_{t+k} = c_cum + d_cum σ²_{t+1} (see `_forecast_coefficients`).
         self._coefficients = (math.nan, math.nan, math.nan, math.nan)
+        # status, message, horizon, omega, alpha, beta, persistence of `forecast`
+        self._constants: tuple[Any, ...] = ()
 
     @property
     def last_fit(self) -> GarchFit | None:
@@ -155,6 +157,17 @@ class GarchTracker:
             self._next_variance = fit.next_variance
             self._bars_since_fit = 0
             self._coefficients = _forecast_coefficients(fit, self._config.horizon)
+        good = self._fit
+        if good is not None:  # what `forecast` repeats every bar until the next fit
+            self._constants = (
+                fit.status,
+                fit.message or None,
+                self._config.horizon,
+                good.omega,
+                good.alpha,
+                good.beta,
+                good.alpha + good.beta,
+            )
 
     def forecast(self) -> dict[str, Any]:
         """``data.garch_forecast`` for the current bar; always the same keys, in the same order.
@@ -173,16 +186,15 @@ class GarchTracker:
         c_h, d_h, c_cum, d_cum = self._coefficients
         vh = c_h + d_h * v1
         cumulative = c_cum + d_cum * v1
-        attempt = self._last_attempt
-        assert attempt is not None  # there is an "ok" fit
+        status, message, horizon, omega, alpha, beta, persistence = self._constants
         return {
-            "status": attempt.status,
-            "message": attempt.message or None,
-            "horizon": self._config.horizon,
-            "omega": fit.omega,
-            "alpha": fit.alpha,
-            "beta": fit.beta,
-            "persistence": fit.alpha + fit.beta,
+            "status": status,
+            "message": message,
+            "horizon": horizon,
+            "omega": omega,
+            "alpha": alpha,
+            "beta": beta,
+            "persistence": persistence,
             "variance_1": v1,
             "variance_h": vh,
             "volatility_1": math.sqrt(v1),
