@@ -246,14 +246,15 @@ _LOG_MIN_POWER = math.log(_MIN_POWER)
 
 
 @lru_cache(maxsize=8)
-def _index_tables(n: int) -> tuple[FloatArray, FloatArray]:
-    """Read-only tables of ``t = 0..n-1`` for `_newton_terms`: ``t`` and the weights
-    ``[1, t, t² - t, 2t - 1, t + 1, t (t + 1)]`` as rows (6, n)."""
+def _index_tables(n: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Read-only tables of ``t = 0..n-1`` for `_newton_terms`: ``t``, the weights
+    ``[1, t, t² - t, 2t - 1, t + 1, t (t + 1)]`` as rows (6, n) and ``[t, t²]`` (2, n)."""
     t = np.arange(n, dtype=np.float64)
     weights = np.stack((np.ones(n), t, t * t - t, 2.0 * t - 1.0, t + 1.0, t * (t + 1.0)))
-    t.setflags(write=False)
-    weights.setflags(write=False)
-    return t, weights
+    moments = np.stack((t, t * t))
+    for table in (t, weights, moments):
+        table.setflags(write=False)
+    return t, weights, moments
 
 
 _GRID_MIN_POWER = 1e-280  # smallest beta**j of the single-pass grid (1 / it and sums stay finite)
@@ -386,15 +387,19 @@ def _newton_terms(
     n = x.shape[0]
     if beta <= 0.0 or (n - 1) * math.log(beta) < _LOG_MIN_POWER:
         return _short_memory_terms(omega, alpha, beta, x, xlag, b, hessian)
-    t, weights = _index_tables(n)
+    t, weights, moments = _index_tables(n)
     log_beta = math.log(beta)
     scaled_t = t * log_beta
     q = np.exp(scaled_t)
+    # d: the first derivatives of s2 (rows omega, alpha, beta); d[0] is A, d[1] is B.
+    d = np.empty((3, n))
+    a = d[0]
     # A_t = (1 - beta**(t+1)) / (1 - beta), through expm1: accurate for beta near 1 too.
     if beta == 1.0:  # the corner alpha = 0, beta = 1 ("nonstationary"): A_t = t + 1
-        a = t + 1.0
+        a[:] = weights[4]
     else:
-        a = np.expm1(scaled_t + log_beta)
+        scaled_t += log_beta
+        np.expm1(scaled_t, out=a)
         a *= 1.0 / math.expm1(log_beta)
     # In-place operations throughout: at n = 500 numpy's per-call cost dominates, not the flops.
     if not hessian:
@@ -406,37 +411,34 @@ def _newton_terms(
         value = 0.5 * (_LOG_2PI + (float(np.log(s2).sum()) + float((x / s2).sum())) / n)
         return value, None, None, None
     z = np.empty((5, n))
-    np.multiply(q, t, out=z[0])
-    np.multiply(z[0], t, out=z[1])
+    np.multiply(moments, q, out=z[:2])  # q t, q t²
     np.divide(xlag, q, out=z[2])
-    np.multiply(z[2], t, out=z[3])
-    np.multiply(z[3], t, out=z[4])
+    np.multiply(moments, z[2], out=z[3:])  # xlag t / q, xlag t² / q
     sums = np.cumsum(z, axis=1)  # rows S_1, S_2, T_0, T_1, T_2
-    # d: the first derivatives of s2 (rows omega, alpha, beta); d[1] is B.
-    d = np.empty((3, n))
-    d[0] = a
     np.multiply(sums[2], q, out=d[1])
-    s2 = d[1] * alpha
-    s2 += (b * beta) * q
+    s2 = sums[2] * alpha
+    s2 += b * beta
+    s2 *= q
     s2 += omega * a
     inv = 1.0 / s2
     ratio = x * inv
     value = 0.5 * (_LOG_2PI + (float(np.log(s2).sum()) + float(ratio.sum())) / n)
-    w = (1.0 - ratio) * inv  # d value / d s2_t, times n / 0.5
+    w = 1.0 - ratio  # d value / d s2_t, times n / 0.5
+    w *= inv
     w *= 0.5 / n
     # The sums over t with w: sw = (w.S_1, w.S_2), tw[i, k] = (w q weights_i).T_k,
     # ew = sum(w q (t + 1)), sum(w q t (t + 1)).
     weighted = weights * (w * q)
-    sw = sums[:2] @ w
-    tw = weighted @ sums[2:].T
-    ew = weighted[4:].sum(axis=1)
-    a_b = sw[0] / beta  # w.dA/dbeta
-    b_b = (tw[1, 0] - tw[0, 1]) / beta  # w.dB/dbeta
-    s2_b = omega * a_b + alpha * b_b + b * ew[0]  # w.ds2/dbeta (the backcast term: b (t+1) q)
+    sw0, sw1 = (sums[:2] @ w).tolist()
+    tw = (weighted @ sums[2:].T).tolist()
+    ew0, ew1 = weighted[4:].sum(axis=1).tolist()
+    a_b = sw0 / beta  # w.dA/dbeta
+    b_b = (tw[1][0] - tw[0][1]) / beta  # w.dB/dbeta
+    s2_b = omega * a_b + alpha * b_b + b * ew0  # w.ds2/dbeta (the backcast term: b (t+1) q)
     s2_bb = (
-        omega * (sw[1] - sw[0]) / beta + alpha * (tw[2, 0] - tw[3, 1] + tw[0, 2]) / beta + b * ew[1]
+        omega * (sw1 - sw0) / beta + alpha * (tw[2][0] - tw[3][1] + tw[0][2]) / beta + b * ew1
     ) / beta  # w.d2s2/dbeta2
-    grad = np.array((float(w @ a), tw[0, 0], s2_b))
+    grad = np.array((float(w @ a), tw[0][0], s2_b))
     # ds2/dbeta = omega S_1 / beta + alpha q (t T_0 - T_1) / beta + b (t + 1) q
     tmp = t * sums[2]
     tmp -= sums[3]
@@ -448,12 +450,14 @@ def _newton_terms(
     # The Gauss-Newton part of the Hessian; the second derivatives of s2 add w.d2s2 where they
     # are non-zero (s2 is linear in omega and alpha: beta-omega = w.dA/dbeta, beta-alpha =
     # w.dB/dbeta and beta-beta).
-    c = inv * inv
-    c *= 0.5 / n
-    dc = np.empty((6, n))
-    np.multiply(d, c, out=dc[:3])
-    np.multiply(dc[:3], 2.0 * ratio - 1.0, out=dc[3:])
-    both = dc @ d.T  # one product for the Fisher matrix (rows 0-2) and the Hessian's (3-5)
+    c = np.empty((2, n))
+    np.multiply(inv, inv, out=c[0])
+    c[0] *= 0.5 / n
+    ratio *= 2.0
+    ratio -= 1.0
+    np.multiply(c[0], ratio, out=c[1])
+    # One product for the Fisher matrix (rows 0-2) and the Hessian's (3-5).
+    both = (c[:, None, :] * d).reshape(6, n) @ d.T
     fisher = both[:3]
     hess = both[3:]
     hess[0, 2] += a_b
@@ -504,7 +508,7 @@ def _short_memory_terms(
     )
     # windows[k, t, i] is lag lags - 1 - i of row k at t: the weights, reversed.
     sums = windows @ weights[::-1]  # (2, n, 3): [B, dB, d2B] and [A, dA, d2A]
-    t, _ = _index_tables(n)
+    t = _index_tables(n)[0]
     q = np.power(beta, t)  # beta**t
     s2 = omega * sums[1, :, 0] + alpha * sums[0, :, 0] + (b * beta) * q
     inv = 1.0 / s2
