@@ -361,7 +361,7 @@ def _grid_values(
 
 
 def _newton_terms(
-    params: FloatArray, x: FloatArray, xlag: FloatArray, b: float, hessian: bool
+    params: FloatArray | list[float], x: FloatArray, xlag: FloatArray, b: float, hessian: bool
 ) -> tuple[float, FloatArray | None, FloatArray | None, FloatArray | None]:
     """Mean negative log-likelihood and, with ``hessian``, its gradient and Hessian (3, 3).
 
@@ -544,13 +544,17 @@ def _short_memory_terms(
     return value, grad, hess, fisher
 
 
-def _newton_feasible(params: FloatArray, lower: FloatArray, upper: FloatArray) -> bool:
+def _newton_feasible(
+    params: FloatArray | list[float],
+    lower: FloatArray | list[float],
+    upper: FloatArray | list[float],
+) -> bool:
     """Inside the constraints (where `_newton_terms` is defined)."""
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     return lower[0] <= omega <= upper[0] and alpha >= 0.0 and beta >= 0.0 and alpha + beta <= 1.0
 
 
-def _project(params: FloatArray, lower: FloatArray, upper: FloatArray) -> FloatArray:
+def _project(params: list[float], lower: list[float], upper: list[float]) -> list[float]:
     """Onto ``alpha + beta <= 1``, ``alpha, beta >= 0`` and omega's bounds (a rounding error
     away; in place; returns it)."""
     excess = params[1] + params[2] - 1.0
@@ -705,8 +709,8 @@ def _free_coordinates(working: _WorkingSet) -> tuple[int, ...] | None:
 def _qp_step(
     h: list[list[float]],
     g: list[float],
-    params: FloatArray,
-    lower: FloatArray,
+    params: list[float],
+    lower: list[float],
     guess: _WorkingSet,
     convex: bool,
 ) -> tuple[list[float], _WorkingSet] | None:
@@ -763,7 +767,7 @@ def _kkt_step(
     return d
 
 
-def _on_face(params: FloatArray, working: _WorkingSet, lower: FloatArray) -> FloatArray:
+def _on_face(params: list[float], working: _WorkingSet, lower: list[float]) -> list[float]:
     """``params`` with the constraints of ``working`` made exact equalities (in place)."""
     if working[0]:
         params[0] = lower[0]
@@ -807,15 +811,17 @@ def _newton(
     """
     if budget < 1 or not _newton_feasible(start, lower, upper):
         return None, 0
+    # Python floats between the evaluations: 3-vectors are cheaper as lists than as arrays.
+    params = start.tolist()
+    bounds = lower.tolist(), upper.tolist()
     evaluations = 1
-    terms = _newton_terms(start, x, xlag, b, True)
-    params = start
+    terms = _newton_terms(params, x, xlag, b, True)
     value, grad, hess, fisher = terms
     working: _WorkingSet = (
-        bool(params[0] <= lower[0]),
-        bool(params[1] <= 0.0),
-        bool(params[1] + params[2] >= 1.0),
-        bool(params[2] <= 0.0),
+        params[0] <= bounds[0][0],
+        params[1] <= 0.0,
+        params[1] + params[2] >= 1.0,
+        params[2] <= 0.0,
     )
     for _ in range(_NEWTON_MAX_ITERATIONS):
         assert grad is not None and hess is not None and fisher is not None
@@ -824,14 +830,14 @@ def _newton(
         # The exact Hessian's model: its KKT point on the guessed face (positive definite
         # there), else its minimum over every face when it is positive definite everywhere;
         # where that is no descent (a non-convex model), Fisher scoring's.
-        found = _qp_step(h, g, params, lower, working, False)
+        found = _qp_step(h, g, params, bounds[0], working, False)
         exact = found is not None
         if found is not None:
             d = found[0]
             decrement = -(g[0] * d[0] + g[1] * d[1] + g[2] * d[2])
             exact = decrement >= 0.0
         if not exact:
-            found = _qp_step(fisher.tolist(), g, params, lower, working, True)
+            found = _qp_step(fisher.tolist(), g, params, bounds[0], working, True)
             if found is None:
                 return None, evaluations
             d = found[0]
@@ -840,25 +846,27 @@ def _newton(
                 return None, evaluations
         assert found is not None
         working = found[1]
-        step = np.array(d)
         if exact and decrement < _NEWTON_DECREMENT:
-            final = _on_face(_project(params + step, lower, upper), working, lower)
-            if not _newton_feasible(final, lower, upper):
+            final = [params[0] + d[0], params[1] + d[1], params[2] + d[2]]
+            final = _on_face(_project(final, *bounds), working, bounds[0])
+            if not _newton_feasible(final, *bounds):
                 return None, evaluations
-            return final, evaluations
+            return np.array(final), evaluations
         # Backtracking: the full step with every derivative (usually accepted: then they are
         # the next iteration's), shorter ones by the value alone.
         size = 1.0
         while True:
-            trial = _project(params + size * step, lower, upper)
+            trial = [params[0] + size * d[0], params[1] + size * d[1], params[2] + size * d[2]]
+            _project(trial, *bounds)
             if size == 1.0:
-                _on_face(trial, working, lower)
-            if _newton_feasible(trial, lower, upper):
+                _on_face(trial, working, bounds[0])
+            if _newton_feasible(trial, *bounds):
                 if evaluations >= budget:
                     return None, evaluations
                 evaluations += 1
                 terms = _newton_terms(trial, x, xlag, b, size == 1.0)
-                if terms[0] <= value + _ARMIJO * float(grad @ (trial - params)):
+                slope = sum(gi * (ti - pi) for gi, ti, pi in zip(g, trial, params, strict=True))
+                if terms[0] <= value + _ARMIJO * slope:
                     break
             size *= 0.5
             if size < _MIN_STEP:
