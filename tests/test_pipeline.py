@@ -24,6 +24,7 @@ from agentspoonsd.market.estimators import ESTIMATOR_NAMES, RANGE_ESTIMATORS
 from agentspoonsd.market.garch_fit import GarchFit, fit_garch11, variance_forecast
 from agentspoonsd.market.generator import pipeline_config
 from agentspoonsd.market.pipeline import (
+    _RECORD_CHUNK,
     GarchTracker,
     PipelineConfig,
     SymbolPipeline,
@@ -518,9 +519,11 @@ def test_close_only_bars_null_the_range_estimators_of_their_windows_and_say_why(
 
 
 def test_data_of_long_blocks_with_marks_is_update_data_of_bar() -> None:
-    """`data` builds the dicts of 256 bars at once: blocks longer than that, whose first bars are
-    the series' first (NaN estimators), with close-only bars and session gaps on both sides of
-    a chunk boundary, give the same updates as `bar`, and the same as bar-by-bar feeding."""
+    """`data` builds the dicts of a chunk of bars at once (`_RECORD_CHUNK`, 64): blocks of many
+    chunks, whose first bars are the series' first (NaN estimators), with close-only bars and
+    session gaps on both sides of chunk boundaries, give the same updates as `bar`, and the same
+    as bar-by-bar feeding."""
+    assert 256 % _RECORD_CHUNK == 0 and 4 * _RECORD_CHUNK < 600
     config = PipelineConfig(window=5, bars_per_year=1000.0, fit_window=100, refit_every=37)
     block = hand_made_block(700, seed=21)
     close_only = np.zeros(700, dtype=np.bool_)
