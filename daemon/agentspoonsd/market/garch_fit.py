@@ -225,8 +225,16 @@ def _arch_backcast(squared: FloatArray) -> float:
     has the units of ``squared``.
     """
     tau = min(_BACKCAST_TAU, squared.shape[0])
+    return float(np.dot(_backcast_weights(tau), squared[:tau]))
+
+
+@lru_cache(maxsize=8)
+def _backcast_weights(tau: int) -> FloatArray:
+    """arch's backcast weights ``0.94**i`` for ``i < tau``, normalised to sum to 1 (read-only)."""
     w = _BACKCAST_LAMBDA ** np.arange(tau, dtype=np.float64)
-    return float(np.dot(w / w.sum(), squared[:tau]))
+    w /= w.sum()
+    w.setflags(write=False)
+    return w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,10 +505,12 @@ def _short_memory_terms(
         lags = 3
     j = np.arange(lags, dtype=np.float64)
     powers = np.power(beta, j)  # 0**0 = 1
-    weights = np.zeros((lags, 3))
-    weights[:, 0] = powers
-    weights[1:, 1] = j[1:] * powers[:-1]
-    weights[2:, 2] = j[2:] * j[1:-1] * powers[:-2]
+    # Rows in reverse lag order (see `windows`); only the weights themselves without hessian.
+    weights = np.zeros((lags, 3) if hessian else (lags, 1))
+    weights[::-1, 0] = powers
+    if hessian:
+        weights[-2::-1, 1] = j[1:] * powers[:-1]
+        weights[-3::-1, 2] = j[2:] * j[1:-1] * powers[:-2]
     padded = np.zeros((2, lags - 1 + n))
     padded[0, lags - 1 :] = xlag
     padded[1, lags - 1 :] = 1.0
@@ -508,8 +518,8 @@ def _short_memory_terms(
     windows = np.ndarray(
         (2, n, lags), dtype=np.float64, buffer=padded, strides=(padded.strides[0], item, item)
     )
-    # windows[k, t, i] is lag lags - 1 - i of row k at t: the weights, reversed.
-    sums = windows @ weights[::-1]  # (2, n, 3): [B, dB, d2B] and [A, dA, d2A]
+    # windows[k, t, i] is lag lags - 1 - i of row k at t, the weights' row i.
+    sums = windows @ weights  # (2, n, 3): [B, dB, d2B] and [A, dA, d2A] (column 0 alone: V)
     t = _index_tables(n)[0]
     q = np.power(beta, t)  # beta**t
     s2 = omega * sums[1, :, 0] + alpha * sums[0, :, 0] + (b * beta) * q
@@ -911,9 +921,9 @@ def fit_garch11(
     n = int(r.shape[0])
     if n < MIN_OBSERVATIONS:
         return _failed(n, f"need at least {MIN_OBSERVATIONS} returns, got {n}")
-    if not np.isfinite(r).all():
+    peak = float(np.abs(r).max())  # NaN or inf where any return is
+    if not math.isfinite(peak):
         return _failed(n, "returns contain NaN or inf")
-    peak = float(np.abs(r).max())
     if peak == 0.0:
         return _failed(n, "all returns are zero: the variance is not identified")
     # Divide by the root mean square so mean(y²) == 1 (computed via the peak: no underflow of r²).
