@@ -586,18 +586,26 @@ def _project(params: list[float], lower: list[float], upper: list[float]) -> lis
 # omega's upper bound (10 times the variance) is never near an optimum: a step beyond it ends
 # the quick path (`_newton_feasible`), and SLSQP takes over.
 _WorkingSet = tuple[bool, bool, bool, bool]
-_WORKING_SETS: tuple[_WorkingSet, ...] = tuple(
-    sorted(
-        (
-            (w0, w1, w2, w3)
-            for w0 in (False, True)
-            for w1 in (False, True)
-            for w2 in (False, True)
-            for w3 in (False, True)
-            if not (w1 and w2 and w3)  # alpha = beta = 0 and alpha + beta = 1: empty
-        ),
-        key=sum,  # fewest constraints first: the likeliest faces of an optimum
-    )
+# Every working set, likeliest first where the last one fails (on simulate's refits: none, then
+# alpha = 0, then alpha = 0 with alpha + beta = 1 or with omega at its bound, ...).
+_LIKELY_FACES: tuple[_WorkingSet, ...] = (
+    (False, False, False, False),
+    (False, True, False, False),
+    (False, True, True, False),
+    (True, True, False, False),
+    (False, False, True, False),
+    (True, False, False, False),
+    (False, True, False, True),
+    (False, False, False, True),
+)
+_WORKING_SETS: tuple[_WorkingSet, ...] = _LIKELY_FACES + tuple(
+    (w0, w1, w2, w3)
+    for w0 in (False, True)
+    for w1 in (False, True)
+    for w2 in (False, True)
+    for w3 in (False, True)
+    # alpha = beta = 0 with alpha + beta = 1 is empty
+    if not (w1 and w2 and w3) and (w0, w1, w2, w3) not in _LIKELY_FACES
 )
 _Gap = tuple[float, float, float, float]
 _E_OMEGA, _E_ALPHA, _E_BETA = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
@@ -733,8 +741,8 @@ def _qp_step(
     A working set is the answer when its equality-constrained minimiser is feasible and its
     Lagrange multipliers are >= 0 (the KKT conditions; ``h`` positive definite on that face:
     a local minimum of the model). ``guess`` (the last iteration's working set) is tried first;
-    then, when ``h`` is positive definite (``convex``, or checked here), the others, fewest
-    constraints first: for a convex model the KKT point is its unique minimum. None: no
+    then, when ``h`` is positive definite (``convex``, or checked here), the others, likeliest
+    first (`_WORKING_SETS`): for a convex model the KKT point is its unique minimum. None: no
     answer (the guess failed and ``h`` is not positive definite).
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
