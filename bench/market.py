@@ -83,7 +83,7 @@ async def tick_cost(symbols: int, ticks: int, interval: float) -> float:
         }
     ).generator
     send, receive = trio.open_memory_channel(16)
-    generator = Generator(settings, send, structlog.get_logger("bench"))
+    generator = Generator(settings.spec(), send, structlog.get_logger("bench"))
     async with trio.open_nursery() as nursery:
         await nursery.start(generator.run)  # returns after the warm-up
         await receive.receive()

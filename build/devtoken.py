@@ -33,12 +33,13 @@ from agentspoonsd.settings import (
     TokenSettings,
     find_config_path,
     load_settings,
+    parse_tokens_file,
     read_tokens_file,
 )
 from agentspoonsd.tokenfile import TokenFileError, append_token, remove_token
 
 NAME = "dev"
-EX_CANTCREAT = 73
+EX_CANTCREAT = os.EX_CANTCREAT
 
 
 def _plain_token(path: Path) -> str | None:
@@ -87,12 +88,16 @@ def ensure_token(folder: Path) -> tuple[str, bool]:
         plain.chmod(0o600)
         return token, False
     if entries:
-        remove_token(tokens_file, NAME)
+        remove_token(tokens_file, NAME, parse=parse_tokens_file)
     token = new_token()
     # The plain text first: a failure between the two writes leaves files that disagree, which
     # the next run replaces, never a digest whose token is lost.
     _write_private(plain, token + "\n")
-    append_token(tokens_file, TokenSettings(name=NAME, sha256=hash_token(token)))
+    append_token(
+        tokens_file,
+        TokenSettings(name=NAME, sha256=hash_token(token)).spec(),
+        parse=parse_tokens_file,
+    )
     return token, True
 
 

@@ -19,6 +19,7 @@ from agentspoonsd.auth import Grant, TokenStore, hash_token
 from agentspoonsd.connection import Limits
 from agentspoonsd.settings import TokenSettings
 from agentspoonsd.upgrade import UpgradeParser, UpgradeRequest
+from server_limits import make_limits
 
 
 def fixed_token(name: str) -> str:
@@ -43,7 +44,7 @@ IP = "192.0.2.7"
 
 
 def limits(**overrides: Any) -> Limits:
-    return Limits(
+    return make_limits(
         **{
             "max_connections": 10,
             "max_backlog_bytes": 65536,

@@ -23,7 +23,7 @@ PAIRS = [(2.0, None), (2.0, 60.0), (1.0, 300.0)]  # (interval, bar_seconds); Non
 
 
 def annualised_close_to_close(settings: GeneratorSettings, bars: int) -> float:
-    block = build_model(settings, "BTC/USD").simulate(bars)
+    block = build_model(settings.spec(), "BTC/USD").simulate(bars)
     returns = np.diff(np.log(np.concatenate(([block.open[0]], block.close))))
     return float(np.std(returns, ddof=1) * math.sqrt(365 * 86400 / settings.bar_seconds))
 

@@ -12,20 +12,20 @@ from agentspoonsd.auth import (
     ANONYMOUS,
     AuthFailure,
     Grant,
+    TokenSpec,
     TokenStore,
     hash_token,
     new_token,
     presented_token,
 )
-from agentspoonsd.settings import TokenSettings
 
 DASHBOARD = "s3cret-dashboard-token"
 ETH_ONLY = "eth-only-token"
 
 
-def token(name: str, secret: str, symbols: list[str] | None = None) -> TokenSettings:
-    extra = {} if symbols is None else {"symbols": symbols}
-    return TokenSettings(name=name, sha256=hashlib.sha256(secret.encode()).hexdigest(), **extra)
+def token(name: str, secret: str, symbols: list[str] | None = None) -> TokenSpec:
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return TokenSpec(name, digest, ("*",) if symbols is None else tuple(symbols))
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ def test_hash_token_is_sha256_hex(secret: str) -> None:
 
 def test_hashed_new_token_is_accepted() -> None:
     secret = new_token()
-    store = TokenStore([TokenSettings(name="fresh", sha256=hash_token(secret))])
+    store = TokenStore([TokenSpec(name="fresh", sha256=hash_token(secret))])
     assert isinstance(store.authenticate(secret), Grant)
 
 

@@ -38,24 +38,22 @@ from agentspoonsd.broker.entries import (
     stream_key,
 )
 from agentspoonsd.broker.service import Backoff, RedisBroker
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.generator import Generator
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import GeneratorSettings, Settings
-from redis_server import RedisServer, free_port
+from helpers import bar, free_port
+from redis_server import RedisServer
 
 SYMBOL = "BTC/USD"
 NOW = datetime(2026, 11, 26, 2, 0, 0, tzinfo=UTC)
 
 
-def bar(close: float = 100.0, symbol: str = SYMBOL) -> Bar:
-    return Bar(symbol, NOW, close, close + 1, close - 1, close, 2.0, 0.001, 0.01)
-
-
 def payload(seq: int, close: float = 100.0, symbol: str = SYMBOL) -> bytes:
-    return protocol.encode(protocol.update_message(bar(close, symbol), seq, NOW))
+    return protocol.encode(protocol.update_message(bar(symbol, close, NOW), seq, NOW))
 
 
 # --- entries ----------------------------------------------------------------------------------
@@ -235,13 +233,13 @@ async def test_continue_from_carries_on_the_price_and_the_windows(
 ) -> None:
     log = structlog.get_logger()
     send, receive = trio.open_memory_channel[list[Bar]](100)
-    original = Generator(settings_for_continuation(), send, log, wall_clock=lambda: NOW)
+    original = Generator(settings_for_continuation().spec(), send, log, wall_clock=lambda: NOW)
     published = [
         protocol.update_data(batch[0], 100 + i)
         for i, batch in enumerate(await first_batches(original, receive, 30))
     ]
     send2, receive2 = trio.open_memory_channel[list[Bar]](100)
-    successor = Generator(settings_for_continuation(), send2, log, wall_clock=lambda: NOW)
+    successor = Generator(settings_for_continuation().spec(), send2, log, wall_clock=lambda: NOW)
     successor.continue_from({SYMBOL: published})
     nxt = (await first_batches(successor, receive2, 1))[0][0]
     last = published[-1]
@@ -251,7 +249,7 @@ async def test_continue_from_carries_on_the_price_and_the_windows(
     assert nxt.volatility is not None and math.isfinite(nxt.volatility)
     # A fixed seed stays reproducible, and does not replay the original shocks.
     send3, receive3 = trio.open_memory_channel[list[Bar]](100)
-    again = Generator(settings_for_continuation(), send3, log, wall_clock=lambda: NOW)
+    again = Generator(settings_for_continuation().spec(), send3, log, wall_clock=lambda: NOW)
     again.continue_from({SYMBOL: published})
     assert (await first_batches(again, receive3, 1))[0][0] == nxt
     assert nxt.returns != published[1]["returns"]

@@ -21,6 +21,7 @@ import pytest
 from agentspoonsd import __version__
 from agentspoonsd.cli import main
 from agentspoonsd.settings import TokenSettings
+from helpers import free_port
 
 EX_CONFIG = 78
 DIGEST = hashlib.sha256(b"the-dashboard-token").hexdigest()
@@ -41,12 +42,6 @@ class Runs:
 
     def __getitem__(self, name: str) -> Result:
         return self.results[name]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -80,6 +75,13 @@ port = 0
 """
 
 
+CLIENT_AND_NESTED_ENV = {
+    "AGENTSPOONSD_TOKEN": "a-client-token",
+    "AGENTSPOONSD_URL": "ws://127.0.0.1:1/",
+    "AGENTSPOONSD_GENERATOR__GARCH_FIT__ENABLED": "false",
+}
+
+
 def bad_config(ws_port: int, http_port: int) -> str:
     return f"""
 [server]
@@ -109,6 +111,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         "check_bad": (["check-config", "--config", str(bad)], {}),
         "run_bad": (["run", "--config", str(bad)], {}),
         "run_unknown_env": (["run", "--config", str(good)], {"AGENTSPOONSD_SERVER__PROT": "1"}),
+        # The clients' variables exported in the same shell, as the README's `watch` has them.
+        "check_client_env": (["check-config", "--config", str(good)], CLIENT_AND_NESTED_ENV),
     }
     procs = {
         name: subprocess.Popen(
@@ -208,6 +212,16 @@ def test_unknown_env_var_exits_78(runs: Runs) -> None:
     assert "listener_bound" not in r.stdout
 
 
+def test_check_config_ignores_the_clients_variables_and_takes_a_nested_key(runs: Runs) -> None:
+    """$AGENTSPOONSD_TOKEN and $AGENTSPOONSD_URL are never overrides (exporting them for `watch`
+    once stopped the daemon with exit 78); a nested key's variable is one."""
+    r = runs["check_client_env"]
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["generator"]["garch_fit"]["enabled"] is False
+    assert "a-client-token" not in r.stdout + r.stderr
+
+
 # --- in process: cheap variants of the same commands ----------------------------------------------
 
 
@@ -293,9 +307,9 @@ def test_check_config_defaults_without_any_file(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
     assert main(["check-config"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["server"]["port"] == 8765
@@ -537,9 +551,9 @@ def test_token_new_refuses_bad_expiry_and_limits(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())  # the host's /etc stays out of it
     for args, message in [
         (["--expires", "2099-01-01T00:00:00"], "--expires: needs a timezone"),
         (["--expires", "2099-01-01"], "--expires: must be an RFC 3339 date-time"),
@@ -556,9 +570,9 @@ def test_token_new_without_a_file_prints_expiry_and_limit_in_the_block(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     r = token_main(
         capsys, "new", "x", "--expires", "2099-01-01T00:00:00+02:00", "--max-connections", "4"
     )
@@ -602,9 +616,9 @@ def test_token_list_without_tokens(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     r = token_main(capsys, "list")
     assert r.returncode == 0
     assert r.stdout.split() == [
@@ -720,14 +734,14 @@ def test_a_port_clash_names_the_address(service: str, tmp_path: Path) -> None:
 def test_run_and_check_config_help_list_search_order_environment_and_exit_statuses(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from agentspoonsd import cli, daemon
+    from agentspoonsd import cli, exits
 
     assert [status for status, _ in cli.RUN_EXIT_STATUSES] == [
-        daemon.EXIT_OK,
-        daemon.EXIT_SOFTWARE,
-        daemon.EXIT_OSERR,
-        daemon.EXIT_CANTCREAT,
-        daemon.EXIT_CONFIG,
+        exits.EX_OK,
+        exits.EX_SOFTWARE,
+        exits.EX_OSERR,
+        exits.EX_CANTCREAT,
+        exits.EX_CONFIG,
     ]
     for command, statuses in (("run", (0, 70, 71, 73, 78)), ("check-config", (0, 78))):
         with pytest.raises(SystemExit):
@@ -795,9 +809,9 @@ def test_token_new_without_a_config_checks_the_built_in_symbols(
     monkeypatch: pytest.MonkeyPatch,
     no_agentspoonsd_env: Path,
 ) -> None:
-    from agentspoonsd import settings
+    from agentspoonsd import configpaths
 
-    monkeypatch.setattr(settings, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     r = token_main(capsys, "new", "x", "--symbols", "ETH/USD")
     assert r.returncode == 0
     assert '"ETH/USD" is not published by the built-in defaults' in r.stderr

@@ -6,7 +6,6 @@ import functools
 import inspect
 import logging
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,13 @@ from agentspoonsd.client import (
     Update,
     Verdict,
     VolatilityClient,
+    WebSocketDashboardClient,
     backoff_delay,
+    connect_sync,
     open_client,
 )
-from daemon_process import DaemonProcess, config_text, new_token
+from daemon_process import DaemonProcess, config_text, http_get, new_token
+from helpers import free_port
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.4, "close_timeout": 2.0}
 
@@ -224,8 +226,8 @@ async def test_slow_consumer_backpressure_and_a_request_meanwhile(
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     async with open_client(url, token, buffer_size=2, **FAST) as client:
-        await anyio.sleep(0.5)  # ~20 updates published
-        assert client.buffered == 2  # then the client stopped reading
+        await published(daemon, 10)  # more than the client buffers
+        assert client.buffered == 2  # so the client stopped reading
         with anyio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
             assert len(await client.fetch_history(3, "ETH/USD")) == 3
         got = [await client.__anext__() for _ in range(30)]
@@ -262,8 +264,9 @@ async def test_cancelling_the_iteration_closes_cleanly(
     with anyio.move_on_after(10) as outer:
         async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
-            nursery.start_soon(client.listen, lambda data: None)
-            await anyio.sleep(0.2)
+            listening = anyio.Event()
+            nursery.start_soon(client.listen, lambda data: listening.set())
+            await listening.wait()  # an update has come through the callback
             nursery.cancel_scope.cancel()
             cancelled_at = anyio.current_time()
     assert not outer.cancelled_caught and anyio.current_time() - cancelled_at < 1.0
@@ -300,6 +303,93 @@ async def test_bad_token_revoked_token_and_refused(backend: str, daemon_factory:
     assert refused.value.refused
 
 
+@on_both_loops
+async def test_the_original_api_with_its_arguments_local_buffers_and_any_request(
+    backend: str, daemon_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WebSocketDashboardClient: `uri=` and `token=` win over the environment; connect() takes
+    no nursery; a sync callback gets each update in the original shape; get_latest_data and
+    get_data_history are synchronous reads of what was received; send() returns the daemon's
+    reply to anything, its error reply included, and forwards a `resume`, whose replay goes
+    through the same no-gap, no-duplicate judgement."""
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    monkeypatch.setenv("AGENTSPOONSD_URL", f"ws://127.0.0.1:{free_port()}/")  # nothing there
+    monkeypatch.setenv("AGENTSPOONSD_TOKEN", "not-the-token")
+    client = WebSocketDashboardClient(
+        uri=f"ws://127.0.0.1:{port}", token=token, symbols=["ETH/USD"], **FAST
+    )
+    got: list[dict[str, Any]] = []
+    enough, replayed = anyio.Event(), anyio.Event()
+
+    def on_update(message: dict[str, Any]) -> None:  # a plain function, not a coroutine
+        got.append(message)
+        if len(got) == 6:
+            enough.set()
+        if sum(m["data"]["symbol"] == "BTC/USD" for m in got) == 5:
+            replayed.set()
+
+    with anyio.fail_after(10):
+        await client.connect()
+        assert client.is_connected
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.listen, on_update)
+            await enough.wait()
+            assert client.get_data_history(0) == []
+            latest, local = client.get_latest_data(), client.get_data_history(4)
+            assert isinstance(latest, dict) and isinstance(local, list) and len(local) == 4
+            assert local[-1] == latest and [d["seq"] for d in local] == list(
+                range(latest["seq"] - 3, latest["seq"] + 1)
+            )
+            assert (await client.send({"type": "ping"}))["type"] == "pong"
+            unknown = await client.send({"type": "hello"})
+            assert (unknown["type"], unknown["code"]) == ("error", "unknown_type")
+            not_an_object = await client.send(["ping"])
+            assert (not_an_object["type"], not_an_object["code"]) == ("error", "invalid_message")
+            # The daemon's history (not the local one) of a symbol not subscribed ...
+            stored = await client.fetch_history(3, "BTC/USD")
+            assert len(stored) == 3 and {d["symbol"] for d in stored} == {"BTC/USD"}
+            # ... and a resume from its oldest: subscribed, then the replay of the next ones.
+            since = stored[0]["seq"]
+            resumed = await client.send({"type": "resume", "from": {"BTC/USD": since}})
+            assert resumed == {"type": "subscribed", "symbols": ["BTC/USD", "ETH/USD"]}
+            await replayed.wait()
+            await client.disconnect()  # listen() returns
+    assert not client.is_connected
+    assert all(set(m) == {"type", "data", "timestamp"} for m in got)
+    assert all(m["type"] == "volatility_update" and m["timestamp"] != "None" for m in got)
+    by_symbol = assert_consecutive([m["data"] for m in got])  # the replay, then live, gap-free
+    assert by_symbol["BTC/USD"][:2] == [d["seq"] for d in stored[1:]]
+    assert client.client.duplicates == 0
+    await daemon.wait_for("client_disconnected", reason="close_1000")
+
+
+def test_the_blocking_client_iterates_and_reads_its_latest_without_an_event_loop(
+    daemon_factory: Factory,
+) -> None:
+    """connect_sync: iteration in order; latest() and history() answer at once from what was
+    received (latest at least as new as what the iteration returned); requests block for
+    their reply; leaving the ``with`` closes with 1000."""
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = anyio.run(daemon.ports)
+    with connect_sync(f"ws://127.0.0.1:{port}/", token, **FAST) as client:
+        assert client.latest() is None or isinstance(client.latest(), dict)
+        got = [update for _, update in zip(range(6), client, strict=False)]
+        by_symbol = assert_consecutive(got)
+        for symbol, seqs in by_symbol.items():
+            latest = client.latest(symbol)
+            assert latest is not None and latest["seq"] >= seqs[-1]
+        newest = client.latest()
+        assert newest is not None and client.history(3)[-1] == newest
+        assert client.history(1000)[: len(got)] == got  # received in the order iterated
+        assert client.request({"type": "ping"})["type"] == "pong"
+        assert len(client.fetch_history(4, "ETH/USD")) == 4
+    event = anyio.run(daemon.wait_for, "client_disconnected")
+    assert event["reason"] == "close_1000"
+
+
 async def collect(
     client: VolatilityClient,
     into: list[dict[str, Any]],
@@ -312,6 +402,27 @@ async def collect(
             into.append(await client.__anext__())
         except StreamReset as reset:
             resets.append(reset)
+
+
+async def published(daemon: DaemonProcess, count: int) -> None:
+    """Return once `daemon` has broadcast `count` more updates than when called (its
+    agentspoonsd_updates_published_total, polled)."""
+    _, http_port = await daemon.ports()
+
+    async def total() -> float:
+        status, _, body = await http_get(http_port, "/metrics")
+        assert status == 200, body
+        (line,) = [
+            line
+            for line in body.decode().splitlines()
+            if line.startswith("agentspoonsd_updates_published_total ")
+        ]
+        return float(line.split()[1])
+
+    start = await total()
+    with anyio.fail_after(10):
+        while await total() < start + count:  # noqa: ASYNC110 (a counter over HTTP: polled)
+            await anyio.sleep(0.02)
 
 
 async def restart(
@@ -347,7 +458,7 @@ async def test_kill_and_restart(
             await collect(client, updates, resets, lambda: len(updates) >= 10)
             second = await restart(daemon_factory, text, port, first)
             before = len(updates)
-            await anyio.sleep(0.3)  # the new daemon publishes while the client reconnects
+            await published(second, 4)  # the new daemon publishes while the client reconnects
             await collect(
                 client,
                 updates,
@@ -380,6 +491,7 @@ class Gate:
         self.target_port = target_port
         self.is_open = True
         self._links: list[anyio.CancelScope] = []
+        self._held: list[anyio.Event] = []  # one per link: set, it relays nothing more
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
@@ -396,9 +508,11 @@ class Gate:
                 if not self.is_open:
                     return  # closed at once: the client's handshake fails, it backs off
                 upstream = await anyio.connect_tcp("127.0.0.1", self.target_port)
+                held = anyio.Event()
+                self._held.append(held)
                 async with upstream, anyio.create_task_group() as nursery:
-                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope, held)
+                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope, held)
             except OSError:
                 pass
             finally:
@@ -406,11 +520,17 @@ class Gate:
 
     @staticmethod
     async def _pump(
-        source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, done: anyio.CancelScope
+        source: anyio.abc.SocketStream,
+        sink: anyio.abc.SocketStream,
+        done: anyio.CancelScope,
+        held: anyio.Event,
     ) -> None:
         try:
             while True:
-                await sink.send(await source.receive(65536))
+                data = await source.receive(65536)
+                if held.is_set():
+                    await anyio.sleep_forever()  # a dead path: TCP stays up, nothing arrives
+                await sink.send(data)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         done.cancel()
@@ -423,6 +543,12 @@ class Gate:
 
     def reopen(self) -> None:
         self.is_open = True
+
+    def hold(self) -> None:
+        """Stop relaying on every current connection, keeping it open (a path gone silent, as
+        when a NAT forgets it); new connections are relayed as before."""
+        for held in self._held:
+            held.set()
 
 
 @on_both_loops
@@ -451,7 +577,7 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
                     gate.cut()
                     if restart_daemon:
                         daemon = await restart(daemon_factory, text, port, daemon)
-                    await anyio.sleep(0.5)  # ~10 updates per symbol published meanwhile
+                    await published(daemon, 6)  # three per symbol published meanwhile
                     gate.reopen()
                     connections = client.connections
                     while client.connections == connections:  # until the client is back
@@ -472,10 +598,64 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
     assert all(len(seqs) >= 10 for seqs in by_symbol.values())
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+@on_both_loops
+async def test_a_silent_connection_is_found_by_the_keepalive_and_resumed(
+    backend: str, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """The client's heartbeat: a connection that stays open but carries nothing (the relay
+    holds it) is declared dead when a ping goes unanswered within `keepalive`; the client
+    reconnects and resumes with no gap and no duplicate."""
+    token = new_token()
+    daemon = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
+    port, _ = await daemon.ports()
+    got: list[dict[str, Any]] = []
+    statuses: list[Status] = []
+    options = {**FAST, "close_timeout": 0.5}
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as nursery:
+            gate = Gate(port)
+            url = f"ws://127.0.0.1:{await nursery.start(gate.serve)}/"
+            async with open_client(
+                url, token, keepalive=0.2, on_status=statuses.append, **options
+            ) as client:
+                while len(got) < 6:
+                    got.append(await client.__anext__())
+                gate.hold()
+                while client.connections < 2 or len(got) < 20:
+                    got.append(await client.__anext__())
+            nursery.cancel_scope.cancel()
+    assert any("no answer to a ping" in s.message for s in statuses)
+    by_symbol = assert_consecutive(got)
+    assert set(by_symbol) == {"BTC/USD", "ETH/USD"}
+    assert client.connections == 2
+
+
+@on_both_loops
+async def test_the_daemons_pings_are_answered(backend: str, daemon_factory: Factory) -> None:
+    """The daemon's heartbeat: it pings every `ping_interval` and closes a client from which
+    nothing arrived for `idle_timeout`; with no pings of its own (keepalive=None), the client
+    stays connected through many idle timeouts by answering the daemon's pings."""
+    token = new_token()
+    daemon = daemon_factory(
+        config_text(tokens={"t": token}, interval=0.05),
+        env={
+            "AGENTSPOONSD_SERVER__PING_INTERVAL": "0.05",
+            "AGENTSPOONSD_SERVER__IDLE_TIMEOUT": "0.2",
+        },
+    )
+    port, _ = await daemon.ports()
+    statuses: list[Status] = []
+    with anyio.fail_after(10):
+        async with open_client(
+            f"ws://127.0.0.1:{port}/", token, keepalive=None, on_status=statuses.append, **FAST
+        ) as client:
+            got = [await client.__anext__()]
+            await anyio.sleep(1.0)  # five idle timeouts
+            got += [await client.__anext__() for _ in range(3)]
+            assert client.connections == 1
+    assert not any(s.kind == "disconnected" for s in statuses)
+    event = await daemon.wait_for("client_disconnected")
+    assert event["reason"] == "close_1000"  # ended by the client, not the idle timeout
 
 
 @on_both_loops
@@ -498,7 +678,9 @@ async def test_first_failed_connect_says_why_then_raises(
         with anyio.fail_after(5), pytest.raises(ConnectFailed) as failed:
             async with open_client(url, connect_timeout=1.0, on_status=statuses.append, **FAST):
                 pass
-        assert 0.5 < anyio.current_time() - started < 3.0  # retried until connect_timeout
+        # Retried until connect_timeout had passed (a last attempt at the deadline), not given
+        # up early because a whole backoff no longer fitted before it.
+        assert 1.0 <= anyio.current_time() - started < 3.0
         assert failed.value.reason == reason and "no connection within 1 s" in str(failed.value)
         first = [s for s in statuses if s.kind == "connect_failed"]
         assert len(first) >= 2 and first[0].detail == {
@@ -530,12 +712,19 @@ async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
     token = new_token()
     port = free_port()
     statuses: list[Status] = []
+    failed_thrice = anyio.Event()
+
+    def on_status(status: Status) -> None:
+        statuses.append(status)
+        if [s.kind for s in statuses].count("connect_failed") == 3:
+            failed_thrice.set()
+
     got: list[dict[str, Any]] = []
     with anyio.fail_after(20):
         async with anyio.create_task_group() as group:
 
             async def start_later() -> None:
-                await anyio.sleep(1.5)  # well past the default backoff's first attempts
+                await failed_thrice.wait()  # the client has kept trying, with its backoff
                 daemon_factory(
                     config_text(tokens={"t": token}, interval=0.05),
                     env={"AGENTSPOONSD_SERVER__PORT": str(port)},
@@ -546,11 +735,11 @@ async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
                 f"ws://127.0.0.1:{port}/",
                 token,
                 connect_timeout=None,
-                on_status=statuses.append,
+                on_status=on_status,
                 **FAST,
             ) as client:
                 got = [await client.__anext__() for _ in range(3)]
-    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 2
+    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 3
 
 
 @on_both_loops
@@ -585,8 +774,12 @@ def test_importing_the_client_loads_no_daemon_stack() -> None:
         "import sys, agentspoonsd.client\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'pydantic',"
         " 'pydantic_settings', 'structlog', 'trio', 'trio_websocket', 'prometheus_client'))\n"
-        "ours = sorted(m for m in sys.modules if m.startswith('agentspoonsd.'))\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('agentspoonsd.')"
+        " and not m.startswith('agentspoonsd.client.'))\n"
         "print(heavy, ours)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[] ['agentspoonsd.client', 'agentspoonsd.wscore']"
+    # Its own modules, the sans-IO WebSocket core and the backoff rule: nothing of the daemon.
+    assert done.stdout.strip() == (
+        "[] ['agentspoonsd.backoff', 'agentspoonsd.client', 'agentspoonsd.wscore']"
+    )

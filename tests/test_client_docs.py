@@ -1,6 +1,7 @@
 """docs/CLIENT.md's examples, each run as a script against a real daemon: asyncio, Trio, a
 plain script, a notebook-style call (an asyncio loop already running), and the original
-system's consumer example with only its import line changed, under asyncio.run and trio.run."""
+system's consumer example with only its import line changed, under asyncio.run and trio.run
+(across a daemon restart too, its seqs read through a wrapper around the unchanged code)."""
 
 from __future__ import annotations
 
@@ -41,17 +42,44 @@ def notebook_cell(code: str) -> str:
     )
 
 
+def watched(code: str) -> str:
+    """`code` run unchanged, with `WebSocketDashboardClient.listen` wrapped so that every
+    message its callback gets is checked for the original shape and printed as ``SYMBOL SEQ``
+    first (the original example prints the volatility alone, so its seqs could not be seen)."""
+    return (
+        "import inspect\n"
+        "from agentspoonsd.client import WebSocketDashboardClient\n\n"
+        "listen = WebSocketDashboardClient.listen\n\n\n"
+        "async def watched_listen(self, callback=None):\n"
+        "    async def watch(message):\n"
+        "        assert set(message) == {'type', 'data', 'timestamp'}, message\n"
+        "        assert message['type'] == 'volatility_update', message\n"
+        "        assert isinstance(message['timestamp'], str), message\n"
+        "        print(message['data']['symbol'], message['data']['seq'], 'seen', flush=True)\n"
+        "        result = callback(message)\n"
+        "        if inspect.isawaitable(result):\n"
+        "            await result\n\n"
+        "    await listen(self, watch)\n\n\n"
+        "WebSocketDashboardClient.listen = watched_listen\n"
+        f"exec(compile({code!r}, '<example>', 'exec'), {{'__name__': '__main__'}})\n"
+    )
+
+
 def scripts() -> dict[str, str]:
     found = examples()
     original = found["original"]
     assert "import asyncio\n" in original and "asyncio.run(consume_data())" in original
+    under_trio = original.replace("import asyncio\n", "import trio\n").replace(
+        "asyncio.run(consume_data())", "trio.run(consume_data)"
+    )
     return {
         **found,
         "notebook": notebook_cell(found["sync"]),
         # The original example, the same code under trio.run.
-        "original-under-trio": original.replace("import asyncio\n", "import trio\n").replace(
-            "asyncio.run(consume_data())", "trio.run(consume_data)"
-        ),
+        "original-under-trio": under_trio,
+        # Both, their seqs seen from outside the unchanged code.
+        "original-watched": watched(original),
+        "original-under-trio-watched": watched(under_trio),
     }
 
 
@@ -65,7 +93,9 @@ class Script:
             [sys.executable, str(path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
+            # The examples print without flush, as users do: unbuffered, so that each line
+            # arrives when printed, not when a pipe's block buffer fills (seconds later).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             text=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -139,7 +169,18 @@ def test_the_original_consumer_example_with_its_import_changed(
     script.wait(lambda: sum(1 for line in script.lines if volatility.match(line)) >= 3)
 
 
-@pytest.mark.parametrize("name", ["asyncio", "trio", "sync", "notebook", "original-trio"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "asyncio",
+        "trio",
+        "sync",
+        "notebook",
+        "original-trio",
+        "original-watched",
+        "original-under-trio-watched",
+    ],
+)
 def test_each_consumer_across_a_daemon_restart_without_gap_or_duplicate(
     name: str,
     daemons: Callable[..., DaemonProcess],
@@ -165,6 +206,9 @@ def test_each_consumer_across_a_daemon_restart_without_gap_or_duplicate(
     anyio.run(second.wait_for, "client_connected")
     by_symbol = consecutive(script.updates())
     assert set(by_symbol) == {"BTC/USD", "ETH/USD"}
+    if name.endswith("-watched"):  # the example's own output went on too
+        printed = sum(line.startswith("Volatility: ") for line in script.lines)
+        assert printed >= len(script.updates()) - 1  # the last one may be on its way
     if name == "original-trio":
         assert any("'type': 'pong'" in line for line in script.lines)
         assert any("unknown_type" in line for line in script.lines)

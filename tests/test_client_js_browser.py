@@ -235,3 +235,56 @@ def test_close_ends_the_stream_while_it_retries_and_while_it_is_open(
         assert sum(url.startswith(f"ws://127.0.0.1:{ports.ws}/") for url in sockets) == 1
     finally:
         daemon.kill()
+
+
+def test_subscribe_and_unsubscribe_change_the_stream_on_a_real_daemon(
+    tmp_path: Path, ports: Ports, page: Page
+) -> None:
+    """subscribe() adds a symbol to an open stream (its updates follow, in seq order) and
+    unsubscribe() removes one (none of its updates after the daemon's `unsubscribed`)."""
+    fast = {"AGENTSPOONSD_GENERATOR__INTERVAL": "0.05"}
+    daemon = start_daemon(tmp_path, ports, {"page": TOKEN}, env=fast)
+    try:
+        page.goto(f"http://127.0.0.1:{ports.http}/healthz")  # any page of the daemon's origin
+        seen = page.evaluate(
+            """async ([moduleUrl, socketUrl, token]) => {
+                const { connect } = await import(moduleUrl);
+                const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+                const until = async (what, holds) => {
+                    const end = Date.now() + 10000;
+                    while (!holds()) {
+                        if (Date.now() > end) throw new Error(`timed out: ${what}`);
+                        await sleep(10);
+                    }
+                };
+                const updates = [];
+                let unsubscribedAt = null;
+                const count = (symbol) => updates.filter((u) => u.symbol === symbol).length;
+                const stream = connect({ url: socketUrl, token, symbols: ["BTC/USD"],
+                    onUpdate: (data) => updates.push({ symbol: data.symbol, seq: data.seq }),
+                    onMessage: (m) => {
+                        if (m.type === "unsubscribed") unsubscribedAt = updates.length;
+                    } });
+                await until("BTC/USD", () => count("BTC/USD") >= 3);
+                const onlyBtc = count("ETH/USD") === 0;
+                stream.subscribe(["ETH/USD"]);
+                await until("ETH/USD after subscribe", () => count("ETH/USD") >= 3);
+                stream.unsubscribe(["BTC/USD"]);
+                await until("unsubscribed", () => unsubscribedAt !== null);
+                const settled = updates.length;
+                await until("updates after it", () => updates.length >= settled + 4);
+                stream.close();
+                return { updates, onlyBtc, unsubscribedAt, positions: stream.positions() };
+            }""",
+            [f"http://127.0.0.1:{ports.http}/client.js", f"ws://127.0.0.1:{ports.ws}/", TOKEN],
+        )
+    finally:
+        daemon.kill()
+    updates = seen["updates"]
+    assert seen["onlyBtc"]
+    for symbol in ("BTC/USD", "ETH/USD"):
+        mine = [u["seq"] for u in updates if u["symbol"] == symbol]
+        assert mine == list(range(mine[0], mine[0] + len(mine))), (symbol, mine)
+    after = updates[seen["unsubscribedAt"] :]
+    assert after and all(u["symbol"] == "ETH/USD" for u in after)
+    assert list(seen["positions"]) == ["ETH/USD"]  # BTC/USD's position is forgotten

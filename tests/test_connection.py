@@ -7,14 +7,10 @@ The same behaviour through real sockets: tests/test_ws.py, test_ws_hardening.py,
 
 from __future__ import annotations
 
-import ast
 import base64
 import hashlib
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,15 +33,16 @@ from agentspoonsd.connection import (
     PING_FRAME,
     RECV_SIZE,
     End,
-    Limits,
     Policy,
     ServerConnection,
 )
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
+from server_limits import make_limits
 
 SYMBOLS = ["BTC/USD", "ETH/USD"]
 
@@ -111,7 +108,7 @@ class Log:
 
 
 def server(**overrides: Any) -> Policy:
-    limits = Limits(
+    limits = make_limits(
         **{
             "max_connections": 100,
             "max_backlog_bytes": 65536,
@@ -619,91 +616,3 @@ def test_a_forwarded_client_is_named_beside_its_socket() -> None:
     assert peer.conn.receive(data, NOW) is None
     assert peer.conn.peer_fields() == {"peer": ADDRESS, "client": "203.0.113.9"}
     assert policy.admission.per_ip == {"203.0.113.9": 1}
-
-
-# ---------------------------------------------------------------- the core's imports
-
-CORE = ["admission", "closecodes", "connection", "routing"]
-PACKAGE = Path(__file__).resolve().parents[1] / "daemon" / "agentspoonsd"
-IO_MODULES = {"trio", "socket", "ssl", "select", "anyio", "asyncio", "selectors"}
-
-
-def runtime_imports(module: str, *, in_functions: bool = True) -> set[str]:
-    """The modules `agentspoonsd.<module>` imports, as absolute names: all but those of
-    `if TYPE_CHECKING:`, or with `in_functions=False` only what loading it loads (not the
-    imports deferred into a function's body)."""
-    path = PACKAGE / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        path = PACKAGE / module.replace(".", "/") / "__init__.py"
-    tree = ast.parse(path.read_text())
-    package = ["agentspoonsd", *module.split(".")[:-1]]
-    found: set[str] = set()
-
-    def visit(nodes: list[ast.stmt]) -> None:
-        for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                visit(node.orelse)
-                continue
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parent = ".".join(package[: len(package) - node.level + 1])
-                    base = f"{parent}.{base}" if base else parent
-                    if not node.module:  # from . import x: x a module, or a name of the package
-                        for alias in node.names:
-                            name = f"{base}.{alias.name}"
-                            as_path = PACKAGE.parent / name.replace(".", "/")
-                            exists = as_path.with_suffix(".py").exists() or as_path.is_dir()
-                            found.add(name if exists else base)
-                        continue
-                found.add(base)
-            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not in_functions:
-                continue
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.stmt):
-                    visit([child])
-
-    visit(tree.body)
-    return found
-
-
-def test_the_connection_core_imports_no_io_directly_or_through_the_package() -> None:
-    """The core imports no event loop and no socket anywhere, and neither does any
-    agentspoonsd module that loading it loads: the sans-IO boundary, on the import graph."""
-    seen: set[str] = set()
-    todo = list(CORE)
-    offenders = []
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        for name in runtime_imports(module, in_functions=module in CORE):
-            top = name.split(".")[0]
-            if top in IO_MODULES:
-                offenders.append(f"agentspoonsd.{module} imports {name}")
-            elif top == "agentspoonsd" and name != "agentspoonsd":
-                todo.append(name.removeprefix("agentspoonsd."))
-    assert offenders == []
-    assert {"connection", "admission", "routing", "upgrade", "auth"} <= seen
-
-
-def test_the_import_scan_sees_an_io_import() -> None:
-    """The scan above can fail: it finds the I/O imports of the I/O layer."""
-    assert {"trio", "socket", "select", "ssl"} <= runtime_imports("ws")
-    assert "agentspoonsd.connection" in runtime_imports("ws")
-    assert "trio" in runtime_imports("hub", in_functions=False)
-
-
-def test_loading_the_core_loads_no_event_loop() -> None:
-    """Nor does what it imports from elsewhere (wsproto, orjson, httptools, pydantic)."""
-    code = (
-        "import sys, agentspoonsd.connection, agentspoonsd.admission, agentspoonsd.routing; "
-        "print(sorted(m for m in ('trio', 'anyio') if m in sys.modules))"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert output.strip() == "[]"

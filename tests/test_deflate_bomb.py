@@ -1,4 +1,4 @@
-"""permessage-deflate bombs: inflation is bounded by `server.max_message_size` (issue 15, item 3).
+"""permessage-deflate bombs: inflation is bounded by `server.max_message_size`.
 
 Two halves. The bounded extension (`agentspoonsd.deflate.BoundedDeflate`, as `negotiate_deflate`
 agrees it) driven through wsproto's real `Connection`, without sockets: bombs in one frame,
@@ -37,13 +37,15 @@ from wsproto.events import CloseConnection, Event, Message, Ping, TextMessage
 from agentspoonsd.auth import TokenStore, hash_token
 from agentspoonsd.daemon import bind_listener
 from agentspoonsd.deflate import BoundedDeflate, wire_limit
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
 from agentspoonsd.upgrade import UpgradeRequest, negotiate_deflate
-from agentspoonsd.ws import Limits, WebSocketServer
+from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text, new_token
+from server_limits import make_limits
 
 LIMIT = 64 * 1024  # max_message_size of the unit tests (the daemon's default)
 MIB = 1024 * 1024
@@ -513,8 +515,9 @@ async def test_live_bombs_cost_the_daemon_almost_nothing(
 ) -> None:
     """The spec's bomb (256 KiB compressed, 256 MiB inflated) in one frame, the same in 16 KiB
     fragments, and a frame declaring 2^40 bytes, each on its own connection: each gets close
-    1009; the daemon's peak RSS rises by well under 20 MiB (spec: 5 MiB); a bystander gets
-    every update, none late by more than a generous second."""
+    1009; the daemon's peak RSS rises by less than the spec's 5 MiB (measured: 1.2-1.7 MiB;
+    206 MiB before the bound); a bystander gets every update, none late by more than a generous
+    half second."""
     process, token, port = daemon
     assert process.proc is not None
     pid = process.proc.pid
@@ -561,7 +564,7 @@ async def test_live_bombs_cost_the_daemon_almost_nothing(
         f" during the bombs ({len(during)} updates) worst {max(during, default=0) * 1000:.1f} ms"
     )
     assert not bystander.gaps, bystander.gaps
-    assert peak - rss_before < 20 * MIB
+    assert peak - rss_before < 5 * MIB
     refused = [
         e
         for e in process.events
@@ -637,7 +640,7 @@ async def test_in_process_bomb_costs_the_loop_little_time() -> None:
     within the wire bound and inflation is what refuses it): the dispatcher's steps while it is
     read and refused add up to well under the spec's 50 ms (asserted: 250 ms, for a shared CPU)."""
     token = new_token()
-    limits = Limits(
+    limits = make_limits(
         max_connections=10,
         max_backlog_bytes=MIB,
         max_message_size=MIB,

@@ -365,8 +365,10 @@ def test_forecast_matches_the_recursion_and_converges_to_the_unconditional_varia
 
 
 # 1.7e-17: a fit `agentspoonsd simulate --seed 1` made (alpha ~1.7e-17, beta 0), where
-# ``persistence - 1`` rounds to -1 exactly.
-@pytest.mark.parametrize("persistence", [1.0, 1.0 - 1e-7, 1.0 - 1e-12, 0.0, 1.7e-17, 1e-9, 0.5])
+# ``persistence - 1`` rounds to -1 exactly; -1e-17: an estimate a rounding error below zero.
+@pytest.mark.parametrize(
+    "persistence", [1.0, 1.0 - 1e-7, 1.0 - 1e-12, 0.0, 1.7e-17, 1e-9, 0.5, 0.2, -1e-17]
+)
 def test_forecast_matches_the_recursion_at_and_near_the_boundary(persistence: float) -> None:
     alpha = persistence / 4
     beta = persistence - alpha
@@ -389,7 +391,11 @@ def test_forecast_rejects_bad_horizon_and_failed_fit() -> None:
         variance_forecast(fit_garch11([0.001] * 10), 5)
 
 
-@pytest.mark.parametrize("persistence", [0.0, 1.7e-17, 1e-9, 0.5, 0.98, 1.0 - 2e-6, 1.0])
+# -1e-17: an estimate a rounding error below zero (it once stopped the generator); 1.7e-17: one
+# where ``persistence - 1`` rounds to -1 (it stopped `simulate --seed 1`).
+@pytest.mark.parametrize(
+    "persistence", [-1e-17, 0.0, 1.7e-17, 1e-9, 0.2, 0.5, 0.98, 1.0 - 2e-6, 1.0]
+)
 @pytest.mark.parametrize("horizon", [1, 2, 10, 1000])
 def test_cumulative_variance_is_the_sum_of_the_step_forecasts(
     persistence: float, horizon: int
@@ -595,7 +601,7 @@ def test_generator_logs_each_status_under_its_own_event() -> None:
     from agentspoonsd.settings import GeneratorSettings
 
     send, _receive = trio.open_memory_channel(1)
-    generator = Generator(GeneratorSettings(seed=1), send, structlog.get_logger())
+    generator = Generator(GeneratorSettings(seed=1).spec(), send, structlog.get_logger())
     boundary = GarchFit("nonstationary", 1e-8, 0.1, 0.9, 0.0, 500, 9, "on the boundary", 1e-6, 1e-6)
     with capture_logs() as logs:
         generator._install("BTC/USD", boundary)

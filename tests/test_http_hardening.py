@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from agentspoonsd.httppolicy import (
     bearer_matches,
     check_host,
     client_key,
+    format_address,
     normalise_host,
     parse_target,
 )
@@ -461,6 +462,33 @@ async def test_error_logs_per_peer_are_rate_limited_and_summarised(
     assert (summary["client"], summary["count"]) == ("127.0.0.1", 15)
 
 
+async def test_accept_failures_are_logged_once_a_second(listener: trio.SocketListener) -> None:
+    """Out of file descriptors, accept() fails every 0.1 s until one is free: one log line a
+    second with the count (as on the WebSocket port), not ten; served again once they are back."""
+    import resource
+    import socket
+
+    waiting = [socket.socket() for _ in range(5)]  # their descriptors exist before the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with serving(listener) as server:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself used
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+            for sock in waiting:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", server.port))
+            await trio.sleep(2.5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for sock in waiting:
+            sock.close()
+        assert (await (await connect(server)).request("GET", "/healthz")).status == 200
+    failures = server.events("http_accept_failed")
+    assert 2 <= len(failures) <= 3, [e.get("failures") for e in failures]
+    assert sum(e["failures"] for e in failures) >= 15
+    assert all(e["error"] == "EMFILE" for e in failures)
+
+
 # --- the daemon, held by 1,000 half-sent requests -----------------------------------------------
 
 
@@ -482,18 +510,16 @@ def hardened_config(tmp_path: Path, health: str) -> Path:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[tuple[DaemonProcess, int]]:
+async def daemon(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> tuple[DaemonProcess, int]:
     health = f"request_timeout = {REQUEST_TIMEOUT}\nmax_connections_per_ip = {PER_IP}\n"
-    process = DaemonProcess(hardened_config(tmp_path, health))
-    process.start()
-    try:
-        _, http_port = await process.ports()
-        with trio.fail_after(10):
-            while (await http_get(http_port, "/readyz"))[0] != 200:  # noqa: ASYNC110
-                await trio.sleep(0.05)
-        yield process, http_port
-    finally:
-        process.kill()
+    process = daemon_factory(hardened_config(tmp_path, health))
+    _, http_port = await process.ports()
+    with trio.fail_after(10):
+        while (await http_get(http_port, "/readyz"))[0] != 200:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return process, http_port
 
 
 async def until(condition: Callable[[], bool], within: float) -> None:
@@ -597,23 +623,21 @@ async def test_slowloris_from_one_address_leaves_probes_answered(
 # --- config ------------------------------------------------------------------------------------
 
 
-async def test_metrics_token_and_allowed_hosts_in_the_daemon(tmp_path: Path) -> None:
+async def test_metrics_token_and_allowed_hosts_in_the_daemon(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
     digest = hashlib.sha256(METRICS_TOKEN.encode()).hexdigest()
     health = f'metrics_token_sha256 = "{digest}"\nallowed_hosts = ["127.0.0.1", "localhost"]\n'
-    process = DaemonProcess(hardened_config(tmp_path, health))
-    process.start()
-    try:
-        _, port = await process.ports()
-        assert (await http_get(port, "/metrics"))[0] == 401
-        assert (await http_get(port, "/healthz"))[0] == 200  # Host: 127.0.0.1:port
+    process = daemon_factory(hardened_config(tmp_path, health))
+    _, port = await process.ports()
+    assert (await http_get(port, "/metrics"))[0] == 401
+    assert (await http_get(port, "/healthz"))[0] == 200  # Host: 127.0.0.1:port
 
-        auth = f"Authorization: Bearer {METRICS_TOKEN}\r\n"
-        status, authorised = await probe_host(port, "localhost", "/metrics", auth)
-        assert status == 200 and b"agentspoonsd_" in authorised
-        assert (await probe_host(port, "rebind.evil.test", "/metrics", auth))[0] == 421
-        assert (await probe_host(port, "rebind.evil.test"))[0] == 421
-    finally:
-        process.kill()
+    auth = f"Authorization: Bearer {METRICS_TOKEN}\r\n"
+    status, authorised = await probe_host(port, "localhost", "/metrics", auth)
+    assert status == 200 and b"agentspoonsd_" in authorised
+    assert (await probe_host(port, "rebind.evil.test", "/metrics", auth))[0] == 421
+    assert (await probe_host(port, "rebind.evil.test"))[0] == 421
     assert METRICS_TOKEN not in process.log_text
 
 
@@ -658,3 +682,10 @@ def test_health_defaults() -> None:
     assert (health.max_connections, health.max_connections_per_ip) == (512, 64)
     assert (health.request_timeout, health.idle_timeout) == (10.0, 5.0)
     assert health.allowed_hosts is None and health.metrics_token_sha256 is None
+
+
+def test_format_address_brackets_ipv6_and_passes_other_addresses_through() -> None:
+    assert format_address(("127.0.0.1", 8765)) == "127.0.0.1:8765"
+    assert format_address(("::1", 8765, 0, 0)) == "[::1]:8765"  # AF_INET6's 4-tuple
+    assert format_address(("fe80::1%eth0", 80, 0, 2)) == "[fe80::1%eth0]:80"
+    assert format_address("/run/agentspoonsd.sock") == "/run/agentspoonsd.sock"

@@ -29,14 +29,17 @@ from trio_websocket import (
 
 from agentspoonsd.auth import TokenStore, hash_token
 from agentspoonsd.daemon import bind_listener
+from agentspoonsd.frames import encode_text_frame
 from agentspoonsd.history import History
 from agentspoonsd.httppolicy import PublicUrl
-from agentspoonsd.hub import Hub, encode_text_frame
+from agentspoonsd.hub import Hub
 from agentspoonsd.market.bar import Bar
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
-from agentspoonsd.ws import Limits, WebSocketServer
+from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text, http_get, new_token
+from helpers import bearer
+from server_limits import make_limits
 
 TIMEOUT = 10.0
 
@@ -75,7 +78,7 @@ async def test_http_ports_ws_is_the_same_stream_as_the_websocket_port(start: Sta
     token = new_token()
     daemon = start(config_text(tokens={"both": token}))
     ws_port, http_port = await daemon.ports()
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
+    headers = bearer(token)
     async with (
         open_websocket_url(f"ws://127.0.0.1:{ws_port}/", extra_headers=headers) as direct,
         open_websocket_url(f"ws://127.0.0.1:{http_port}/ws?access_token={token}") as same_origin,
@@ -290,7 +293,7 @@ async def test_adopted_connections_are_served_only_while_the_server_accepts() ->
     history = History(("A",), 10, decode_frame=encode_text_frame)
     hub = Hub(("A",), receive, stats, history=history)
     store = TokenStore([TokenSettings(name="t", sha256=hash_token(token))])
-    limits = Limits(
+    limits = make_limits(
         max_connections=10, max_backlog_bytes=65536, max_message_size=4096, handshake_timeout=2.0
     )
     server = WebSocketServer(listener, hub, store, limits, stats, structlog.get_logger())

@@ -478,7 +478,7 @@ def test_the_configured_length_given_explicitly_is_the_default() -> None:
 
 def test_an_equities_calendar_annualises_with_its_trading_hours() -> None:
     settings = GeneratorSettings(trading_days=252, session_hours=6.5, bar_seconds=60)
-    config = pipeline_config(settings)
+    config = pipeline_config(settings.spec())
     assert settings.seconds_per_year == 252 * 6.5 * 3600
     assert config.bars_per_year == pytest.approx(252 * 6.5 * 60, rel=1e-15)  # 98,280
     block = hand_made_block(20, seed=12)
@@ -495,8 +495,8 @@ def test_an_equities_calendar_annualises_with_its_trading_hours() -> None:
             per_bar * math.sqrt(252 * 6.5 * 12), rel=1e-14
         )
     # Crypto's default calendar is unchanged: 365 days of 24 hours, in bars of `interval` (2 s).
-    assert pipeline_config(GeneratorSettings()).bars_per_year == 15_768_000.0
-    assert pipeline_config(GeneratorSettings(bar_seconds=60)).bars_per_year == 525_600.0
+    assert pipeline_config(GeneratorSettings().spec()).bars_per_year == 15_768_000.0
+    assert pipeline_config(GeneratorSettings(bar_seconds=60).spec()).bars_per_year == 525_600.0
 
 
 def test_close_only_bars_null_the_range_estimators_of_their_windows_and_say_why() -> None:

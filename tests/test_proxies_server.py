@@ -14,8 +14,8 @@ import trio
 from structlog.testing import capture_logs
 
 import test_ws
-from agentspoonsd.daemon import RELOADABLE_SERVER_KEYS, limits_from
 from agentspoonsd.proxies import TrustedProxies
+from agentspoonsd.reloading import RELOADABLE_SERVER_KEYS, limits_from
 from agentspoonsd.settings import ConfigError, load_settings
 from daemon_process import DaemonProcess, config_text, new_token
 from test_config_files import check_config

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agentspoonsd import configpaths
 from agentspoonsd import settings as settings_module
 from agentspoonsd.market import annual, models
 from agentspoonsd.settings import (
@@ -498,7 +499,7 @@ def search_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path,
     """The default locations, with /etc/… moved under tmp_path so the host's /etc is not read."""
     local = Path("agentspoonsd.toml")
     system = tmp_path / "etc" / "agentspoonsd.toml"
-    monkeypatch.setattr(settings_module, "DEFAULT_SEARCH_PATHS", (local, system))
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", (local, system))
     return local, system
 
 

@@ -27,6 +27,7 @@ import structlog
 import trio
 import trio.testing
 
+from agentspoonsd import configpaths
 from agentspoonsd import settings as settings_module
 from agentspoonsd.cli import main
 from agentspoonsd.market import annual, models
@@ -91,7 +92,7 @@ async def daemon_bars(settings: GeneratorSettings, count: int) -> list[list[Bar]
     """`count` batches from the real Generator service (warm-up and fits in worker threads),
     its run starting at the wall-clock time START."""
     send, receive = trio.open_memory_channel[list[Bar]](0)
-    generator = Generator(settings, send, structlog.get_logger(), wall_clock=lambda: START)
+    generator = Generator(settings.spec(), send, structlog.get_logger(), wall_clock=lambda: START)
     batches = []
     async with trio.open_nursery() as nursery:
         await nursery.start(generator.run)
@@ -122,7 +123,7 @@ async def test_simulate_writes_what_the_daemon_publishes(
     batches = await daemon_bars(settings, steps)
     for index, symbol in enumerate(settings.symbols):
         published = [update_data(batch[index], k) for k, batch in enumerate(batches, start=1)]
-        written = list(simulate(settings, symbol, steps, START))
+        written = list(simulate(settings.spec(), symbol, steps, START))
         assert [r["seq"] for r in written] == list(range(1, steps + 1))
         assert [list(r) for r in written] == [DATA_KEYS] * steps
         for a, b in zip(published, written, strict=True):
@@ -141,7 +142,7 @@ def test_simulate_closes_bar_k_at_start_plus_k_minus_1_bars() -> None:
         seed=1, warmup_bars=5, bar_seconds=0.25, garch_fit={"enabled": False}
     )
     start = datetime(2024, 2, 28, 23, 59, 59, 999_000, tzinfo=UTC)
-    records = list(simulate(settings, "BTC/USD", 40, start))
+    records = list(simulate(settings.spec(), "BTC/USD", 40, start))
     expected = [iso_utc(start + timedelta(seconds=0.25 * k)) for k in range(40)]
     assert [r["timestamp"] for r in records] == expected
     assert records[-1]["timestamp"] == "2024-02-29T00:00:09.749000Z"  # leap day crossed
@@ -149,14 +150,14 @@ def test_simulate_closes_bar_k_at_start_plus_k_minus_1_bars() -> None:
 
 def test_simulate_output_does_not_depend_on_other_symbols_or_zero_steps() -> None:
     base = {"seed": 4, "warmup_bars": 120, "garch_fit": {"window": 100, "refit_every": 10}}
-    alone = list(simulate(GeneratorSettings(**base), "SOL/USD", 50, START))
+    alone = list(simulate(GeneratorSettings(**base).spec(), "SOL/USD", 50, START))
     crowded = GeneratorSettings(**base, symbols=["BTC/USD", "SOL/USD", "XRP/USD"])
-    assert list(simulate(crowded, "SOL/USD", 50, START)) == alone
-    assert list(simulate(crowded, "SOL/USD", 0, START)) == []
+    assert list(simulate(crowded.spec(), "SOL/USD", 50, START)) == alone
+    assert list(simulate(crowded.spec(), "SOL/USD", 0, START)) == []
     with pytest.raises(ValueError):
-        list(simulate(crowded, "SOL/USD", -1, START))
+        list(simulate(crowded.spec(), "SOL/USD", -1, START))
     with pytest.raises(ValueError):
-        list(simulate(crowded, "SOL/USD", 5, datetime(2025, 1, 1)))
+        list(simulate(crowded.spec(), "SOL/USD", 5, datetime(2025, 1, 1)))
 
 
 # --- the CLI as real subprocesses ----------------------------------------------------------------
@@ -308,7 +309,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.upper().startswith("AGENTSPOONSD_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(settings_module, "DEFAULT_SEARCH_PATHS", ())
+    monkeypatch.setattr(configpaths, "DEFAULT_SEARCH_PATHS", ())
     return tmp_path
 
 
@@ -338,15 +339,15 @@ def test_cli_output_is_simulate_of_the_effective_settings(workdir: Path) -> None
         volatility_window=8,
         garch_fit={"window": 100, "refit_every": 25},
     )
-    assert out.read_bytes() == jsonl(simulate(expected, "ETH/USD", 200, START))
+    assert out.read_bytes() == jsonl(simulate(expected.spec(), "ETH/USD", 200, START))
     # --seed overrides the file's seed; --start moves the timestamps only.
     assert run_cli("--config", str(config), "--seed", "6", "--steps", "20", "-o", str(out)) == 0
     reseeded = expected.model_copy(update={"seed": 6})
-    assert out.read_bytes() == jsonl(simulate(reseeded, "BTC/USD", 20, START))
+    assert out.read_bytes() == jsonl(simulate(reseeded.spec(), "BTC/USD", 20, START))
     start = "2026-06-01T12:00:00+02:00"
     assert run_cli("--config", str(config), "--steps", "20", "--start", start, "-o", str(out)) == 0
     moved = [orjson.loads(line) for line in out.read_bytes().splitlines()]
-    original = list(simulate(expected, "BTC/USD", 20, START))
+    original = list(simulate(expected.spec(), "BTC/USD", 20, START))
     assert [without(r, "timestamp") for r in moved] == [without(r, "timestamp") for r in original]
     assert moved[0]["timestamp"] == "2026-06-01T10:00:00.000000Z"  # the first bar closes at start
 

@@ -56,7 +56,7 @@ def write_csv(
 async def published(settings: GeneratorSettings, count: int) -> tuple[list[Bar], list[dict]]:
     """The first `count` bars the generator publishes, and everything it logged meanwhile."""
     send, receive = trio.open_memory_channel[list[Bar]](count)
-    generator = Generator(settings, send, structlog.get_logger())
+    generator = Generator(settings.spec(), send, structlog.get_logger())
     bars: list[Bar] = []
     with capture_logs() as logs, trio.fail_after(20):
         async with trio.open_nursery() as nursery:

@@ -20,7 +20,7 @@ from .httppolicy import client_key
 from .upgrade import Headers, UpgradeRequest, reject_response
 
 if TYPE_CHECKING:
-    from .connection import Limits
+    from .limits import Limits
 
 __all__ = ["AUTH_WINDOW", "MAX_TRACKED_FAILING_ADDRESSES", "Admission", "Refusal"]
 

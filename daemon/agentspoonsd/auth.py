@@ -17,9 +17,19 @@ from datetime import UTC, datetime
 from enum import Enum
 from urllib.parse import parse_qsl
 
-from .settings import TokenSettings
-
 TOKEN_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpec:
+    """One accepted token, as the config gives it (`settings.TokenSettings.spec()` builds it from
+    an `[[auth.tokens]]` or tokens-file entry, validated there): never the token itself."""
+
+    name: str
+    sha256: str  # lower-case hex digest of the token
+    symbols: tuple[str, ...] = ("*",)  # streams it may receive; "*" = all
+    expires: datetime | None = None  # aware; refused from this instant on
+    max_connections: int | None = None  # connections it may hold at once; None: any
 
 
 class AuthFailure(Enum):
@@ -65,7 +75,7 @@ class TokenStore:
 
     def __init__(
         self,
-        tokens: Iterable[TokenSettings],
+        tokens: Iterable[TokenSpec],
         *,
         enabled: bool = True,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

@@ -10,49 +10,46 @@ stops quietly, without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, tools
 from .auth import hash_token, new_token
-from .settings import (
+from .configpaths import (
     CLIENT_ENV_VARS,
     CONFIG_ENV_VAR,
     DEFAULT_SEARCH_PATHS,
     ENV_PREFIX,
-    EXIT_CONFIG,
     ConfigError,
-    Settings,
     find_config_path,
-    load_settings,
-    redacted,
 )
+from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR, EX_PIPE, EX_SOFTWARE
 
-EXIT_PIPE = (
-    128 + 13
-)  # 128 + SIGPIPE: stdout's reader went away (the shell's status for `yes | head`)
+if TYPE_CHECKING:  # loaded by the commands that read the config, not by --version or --help
+    from .settings import Settings
 
-# The daemon's statuses (daemon.EXIT_*; cli imports no daemon module before `run` starts it, so a
-# test checks that these agree).
 RUN_EXIT_STATUSES = (
-    (0, "stopped by SIGTERM or SIGINT"),
-    (70, "a service exhausted its crash budget"),
-    (71, "a listener could not be bound (the log's listener_bind_failed names the address)"),
-    (73, "the persisted history cannot be read or created"),
-    (EXIT_CONFIG, "the configuration is invalid: nothing was started"),
+    (EX_OK, "stopped by SIGTERM or SIGINT"),
+    (EX_SOFTWARE, "a service exhausted its crash budget"),
+    (EX_OSERR, "a listener could not be bound (the log's listener_bind_failed names the address)"),
+    (EX_CANTCREAT, "the persisted history cannot be read or created"),
+    (EX_CONFIG, "the configuration is invalid: nothing was started"),
 )
 CHECK_EXIT_STATUSES = (
-    (0, "the configuration is valid (printed as JSON)"),
-    (EXIT_CONFIG, "the configuration is invalid: one line per problem on stderr"),
+    (EX_OK, "the configuration is valid (printed as JSON)"),
+    (EX_CONFIG, "the configuration is invalid: one line per problem on stderr"),
 )
 
 
 def config_help(statuses: Sequence[tuple[int, str]]) -> str:
     """The epilog of the commands that read the config: where it is found, the environment
-    variables, the exit statuses. Built from the settings module, so it cannot drift from it."""
+    variables, the exit statuses. Built from `configpaths` and `exits`, so it cannot drift from
+    them."""
     search = [
         "  --config PATH                     (must exist)",
         f"  {'$' + CONFIG_ENV_VAR:<34}(must exist)",
@@ -75,7 +72,7 @@ def config_help(statuses: Sequence[tuple[int, str]]) -> str:
     every = [
         *statuses,
         (2, "a usage error (a bad option)"),
-        (EXIT_PIPE, "stdout was closed before all was written (`| head`): stopped quietly"),
+        (EX_PIPE, "stdout was closed before all was written (`| head`): stopped quietly"),
     ]
     exits = [f"  {status:<4}{meaning}" for status, meaning in sorted(every)]
     return "\n".join(
@@ -178,16 +175,20 @@ def _invalid(exc: ConfigError) -> str:
 
 
 def _settings(config: str | None) -> tuple[Settings, Path | None]:
+    from .settings import load_settings
+
     path = find_config_path(config, os.environ)
     return load_settings(path), path
 
 
 def _check_config(config: str | None) -> int:
+    from .settings import redacted
+
     try:
         settings, path = _settings(config)
     except ConfigError as exc:
         print(f"agentspoonsd: {_invalid(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EX_CONFIG
     print(f"# effective configuration from {path or 'built-in defaults'}", file=sys.stderr)
     print(json.dumps(redacted(settings), indent=2, ensure_ascii=False))
     return 0
@@ -199,11 +200,10 @@ _TOKEN_OPTIONS = {
     "expires": "--expires",
     "max_connections": "--max-connections",
 }
-EX_CANTCREAT = 73  # the tokens file cannot be written
 RELOAD_HINT = "systemctl reload agentspoonsd, or kill -HUP <pid>"
 
 
-def _fail(message: str, status: int = EXIT_CONFIG) -> int:
+def _fail(message: str, status: int = EX_CONFIG) -> int:
     print(f"agentspoonsd: {message}", file=sys.stderr)
     return status
 
@@ -213,6 +213,8 @@ def _tokens_config(
 ) -> tuple[Settings | None, Path | None]:
     """The config a token command works with. With --file and no --config there is none: the file
     is all the command touches."""
+    from .settings import load_settings
+
     if getattr(args, "file", None) is not None and args.config is None:
         return None, None
     path = find_config_path(args.config, os.environ)
@@ -222,7 +224,7 @@ def _tokens_config(
 def _token_new(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .settings import TokenSettings
+    from .settings import TokenSettings, parse_tokens_file
     from .tokenfile import TokenFileError, append_token, check_new, entry_text, scope_warnings
 
     try:
@@ -232,7 +234,7 @@ def _token_new(args: argparse.Namespace) -> int:
             symbols=args.symbols,
             expires=args.expires,
             max_connections=args.max_connections,
-        )
+        ).spec()
         check_new(entry)
     except ValidationError as exc:
         details = "; ".join(
@@ -261,7 +263,7 @@ def _token_new(args: argparse.Namespace) -> int:
             print(f"agentspoonsd: warning: {line}", file=sys.stderr)
 
     token = new_token()
-    entry = entry.model_copy(update={"sha256": hash_token(token)})
+    entry = dataclasses.replace(entry, sha256=hash_token(token))
     if file is None:
         print(f"token: {token}")
         print("# Shown once: give it to the client; only its digest goes in the config.")
@@ -269,7 +271,7 @@ def _token_new(args: argparse.Namespace) -> int:
         print(entry_text(entry, table="auth.tokens"), end="")
         return 0
     try:
-        created = append_token(file, entry, taken=in_config)
+        created = append_token(file, entry, parse=parse_tokens_file, taken=in_config)
     except TokenFileError as exc:
         return _fail(f"token new: {exc}")
     except OSError as exc:
@@ -328,6 +330,7 @@ def _token_list(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
+    from .settings import parse_tokens_file
     from .tokenfile import TokenFileError, remove_token
 
     try:
@@ -347,7 +350,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
             f' and no --file was given; no token "{args.name}" to revoke'
         )
     try:
-        remove_token(file, args.name)
+        remove_token(file, args.name, parse=parse_tokens_file)
     except TokenFileError as exc:
         return _fail(f"token revoke: {exc}")
     except OSError as exc:
@@ -381,16 +384,16 @@ def _simulate(args: argparse.Namespace) -> int:
                 else {"model": args.model}
             )
             changes["overrides"] = overrides
-        generator = type(generator).model_validate({**generator.model_dump(), **changes})
+        spec = type(generator).model_validate({**generator.model_dump(), **changes}).spec()
         start = datetime.fromisoformat(args.start.replace("Z", "+00:00"))
         if start.utcoffset() is None or args.steps < 0:
             raise ValueError("--start needs a UTC offset (e.g. Z) and --steps must be >= 0")
     except (ConfigError, ValueError) as exc:
         print(f"agentspoonsd: simulate: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EX_CONFIG
     tune_gc()  # a few dicts per bar and no cycles: the collector would only cost time
     write = write_csv if args.format == "csv" else write_jsonl
-    records = simulate(generator, symbol, args.steps, start)
+    records = simulate(spec, symbol, args.steps, start)
     if args.output:
         with open(args.output, "wb") as out:
             write(records, out)
@@ -418,12 +421,12 @@ def _run(config: str | None) -> int:
             )
             + "\n"
         )
-        return EXIT_CONFIG
-    # Imported here so `--version`, `token` and `check-config` don't pay for numpy and trio.
+        return EX_CONFIG
+    # Imported here: `--version`, `token` and `check-config` need neither trio nor the daemon.
     import trio
 
     from .banner import program_command
-    from .daemon import EXIT_SOFTWARE, Daemon
+    from .daemon import Daemon
     from .logs import configure_logging
     from .supervisor import CrashBudgetExceeded
 
@@ -436,7 +439,7 @@ def _run(config: str | None) -> int:
     except BaseExceptionGroup as group:
         if group.subgroup(CrashBudgetExceeded) is None:
             raise
-        return EXIT_SOFTWARE
+        return EX_SOFTWARE
 
 
 def tune_gc() -> None:
@@ -456,7 +459,7 @@ def tune_gc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit status. A reader of stdout that went away (`| head -1`) ends
-    any command quietly with EXIT_PIPE, never with a BrokenPipeError traceback."""
+    any command quietly with EX_PIPE, never with a BrokenPipeError traceback."""
     broken_pipe = False
     status = 0
     try:
@@ -470,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         broken_pipe = True
     if broken_pipe:
         _discard_stdout()
-        return EXIT_PIPE
+        return EX_PIPE
     return status
 
 

@@ -17,7 +17,7 @@ tests feed bytes and read the bytes written (tests/test_connection.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,8 +32,8 @@ from .admission import Admission, Refusal
 from .closecodes import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG
 from .deflate import BoundedDeflate
 from .httppolicy import client_key
+from .limits import Limits
 from .logthrottle import LogThrottle
-from .proxies import TrustedProxies
 from .routing import Budget, MessageAssembler, Router
 from .upgrade import HandshakeError, UpgradeParser, UpgradeRequest, accept_response
 
@@ -62,32 +62,6 @@ PING_FRAME = b"\x89\x00"
 # this many times per address and window; the rest are summed up in one `log_suppressed`.
 PEER_LOG_LIMIT = 5
 PEER_LOG_INTERVAL = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The reloadable limits of the WebSocket server (from [server])."""
-
-    max_connections: int
-    max_backlog_bytes: int
-    max_message_size: int
-    handshake_timeout: float
-    ping_interval: float = 20.0
-    idle_timeout: float = 60.0
-    max_client_messages_per_second: int = 20
-    max_client_errors: int = 10  # within routing.ERROR_WINDOW seconds, then close 1008
-    permessage_deflate: bool = True  # accept RFC 7692 compression when a client offers it
-    allowed_origins: frozenset[str] | None = None  # None: any Origin (and requests without one)
-    send_buffer_bytes: int | None = None  # SO_SNDBUF of each client socket; None: the kernel's
-    max_connections_per_ip: int | None = None  # established and handshaking alike
-    # Connections from one address (IPv6: one /64) that have not completed their upgrade yet.
-    max_handshakes_per_ip: int | None = 1024
-    max_auth_failures_per_minute: int = 20  # per IP; past it upgrades get 429 for a while
-    proxies: TrustedProxies = field(default_factory=TrustedProxies)  # who forwards for clients
-    # Everything a peer sends, counted per whole second: frames (pings, pongs, fragments and
-    # empty ones alike) and bytes as received. Past either, the peer is closed 1008.
-    max_client_frames_per_second: int = 1000
-    max_client_bytes_per_second: int = 4 << 20
 
 
 class Log(Protocol):

@@ -1,13 +1,20 @@
 """The daemon: binds the listeners, builds the services, supervises them, handles signals.
 
-Task tree (one root nursery)::
+Task tree (`Daemon.run`: one root nursery; the signals are handled in `run`'s own task)::
 
-    root
-    ├── signals            SIGTERM/SIGINT → drain and exit 0; SIGHUP → reload
-    ├── supervise(hub)     receives bars, numbers, encodes and fans them out
-    ├── supervise(generator)   one bar per symbol per interval
-    ├── supervise(websocket)   accepts, authenticates and serves clients
-    └── supervise(http)        /healthz /readyz /metrics, the dashboard; /ws → websocket
+    run                        SIGTERM/SIGINT → drain, cancel root, exit 0; SIGHUP → a reload
+    └── root
+        ├── supervise(hub)         receives bars, numbers, encodes and fans them out
+        ├── supervise(generator)   one bar per symbol per interval
+        │   (with [broker] kind = "redis": supervise(broker) in place of both, filling the hub
+        │   from Redis and generating while this node holds the lease)
+        ├── supervise(websocket)   accepts, authenticates and serves clients
+        ├── supervise(http)        /healthz /readyz /metrics, the dashboard; /ws → websocket
+        ├── collect_garbage_loop   a full cyclic collection every GC_INTERVAL
+        ├── sdnotify loops         watchdog_loop, status_loop, ready_when (systemd; no-ops
+        │                          without NOTIFY_SOCKET)
+        ├── _expire_tokens         closes the connections of a token past its `expires`
+        └── _serve_reloads         applies one SIGHUP reload at a time, off the signal task
 
 The daemon owns everything the services share (channel, stats, listeners, auth store) and passes
 each service what it needs; services hold no global state.
@@ -29,46 +36,36 @@ from typing import Any
 import trio
 
 from . import __version__, activation, sdnotify
-from .auth import ANONYMOUS, TokenStore, hash_token, new_token
+from .auth import ANONYMOUS, TokenSpec, TokenStore, hash_token, new_token
 from .banner import PROGRAM, start_banner
+from .closecodes import CLOSE_TOKEN_REVOKED
 from .dashboard import PageConfig, load_dashboard
+from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
+from .frames import encode_text_frame
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
-from .httppolicy import WEBSOCKET_PATH, PublicUrl
-from .hub import Hub, encode_text_frame
+from .httppolicy import WEBSOCKET_PATH, PublicUrl, format_address
+from .hub import Hub
 from .logs import LevelGate, get_logger
 from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
-from .proxies import TrustedProxies
-from .settings import EXIT_CONFIG, ConfigError, Settings, TokenSettings, load_settings
+from .reloading import (
+    RELOADABLE,
+    allowed_origins,
+    changes_applied,
+    changes_needing_restart,
+    limits_from,
+)
+from .settings import ConfigError, Settings, load_settings
 from .supervisor import RestartPolicy, supervise
 from .tls import TlsConfigError, server_context
-from .ws import Limits, WebSocketServer
+from .ws import WebSocketServer
 
-EXIT_OK = 0
-EXIT_SOFTWARE = 70  # a service exhausted its crash budget
-EXIT_OSERR = 71  # a listener could not be bound
-EXIT_CANTCREAT = 73  # the persisted history cannot be read or created
-CLOSE_TOKEN_REVOKED = 4001  # docs/PROTOCOL.md: the token was revoked or expired
 TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
 # Seconds a reload may spend reading its files (a hung NFS mount) before it is rejected.
 RELOAD_TIMEOUT = 10.0
 AUTH_DISABLED_DETAIL = "every client is served without a token"
-
-# Settings a SIGHUP applies live; any other change is reported as needing a restart.
-RELOADABLE = {"auth", "log"}
-RELOADABLE_SERVER_KEYS = {
-    "max_connections",
-    "max_backlog_bytes",
-    "max_message_size",
-    "handshake_timeout",
-    "shutdown_timeout",
-    "tls_cert",  # re-read on every reload; switching TLS on or off needs a restart
-    "tls_key",
-    "trusted_proxies",
-    "forwarded_header",
-}
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -86,56 +83,12 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
-    s = settings.server
-    return Limits(
-        max_connections=s.max_connections,
-        max_backlog_bytes=s.max_backlog_bytes,
-        send_buffer_bytes=s.send_buffer_bytes or None,
-        max_message_size=s.max_message_size,
-        handshake_timeout=s.handshake_timeout,
-        ping_interval=s.ping_interval,
-        idle_timeout=s.idle_timeout,
-        max_client_messages_per_second=s.max_client_messages_per_second,
-        max_client_errors=s.max_client_errors,
-        max_client_frames_per_second=s.max_client_frames_per_second,
-        max_client_bytes_per_second=s.max_client_bytes_per_second,
-        permessage_deflate=s.permessage_deflate,
-        allowed_origins=allowed_origins(settings, http_port),
-        max_connections_per_ip=s.max_connections_per_ip,
-        max_handshakes_per_ip=s.max_handshakes_per_ip,
-        max_auth_failures_per_minute=settings.auth.max_failures_per_minute,
-        proxies=TrustedProxies.parse(s.trusted_proxies, s.forwarded_header),
-    )
-
-
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The wss:// context of [server] tls_cert/tls_key, None for ws://. Raises TlsConfigError."""
     s = settings.server
     if s.tls_cert is None or s.tls_key is None:
         return None
     return server_context(s.tls_cert, s.tls_key)
-
-
-def allowed_origins(settings: Settings, http_port: int | None = None) -> frozenset[str] | None:
-    """The Origins a browser may connect from: the configured ones ("*": any, None returned), or
-    by default only the daemon's own dashboard (the HTTP port, by its usual local names, and
-    the origin of `[server] public_url`, where a reverse proxy serves it).
-
-    `http_port`: the port the HTTP listener actually bound (`[health] port = 0`, or a socket
-    systemd passed); the configured one when not given."""
-    configured = settings.server.allowed_origins
-    if configured is not None:
-        if "*" in configured:
-            return None
-        return frozenset(o.lower().rstrip("/") for o in configured)
-    port = settings.health.port if http_port is None else http_port
-    hosts = {settings.health.host, "localhost", "127.0.0.1", "[::1]"} - {"0.0.0.0", "::"}
-    origins = {f"{scheme}://{host}:{port}" for host in hosts for scheme in ("http", "https")}
-    public = settings.server.public_url
-    if public is not None:
-        origins.add(PublicUrl.parse(public).origin)
-    return frozenset(origins)
 
 
 GC_INTERVAL = 600.0  # seconds between full collections of the cyclic garbage collector
@@ -146,10 +99,10 @@ async def collect_garbage_loop(interval: float) -> None:
 
     `cli.tune_gc` raises the collector's thresholds so collections stay off the broadcast path,
     which makes full collections rare. Nothing the daemon makes per connection or per update
-    is left in a reference cycle (tests keep it so: see `hub.release_frame_parser`, which ended
-    the ~4 MB a minute the soak grew by), so this is a safety net for what might still be, not
-    a cleaner the daemon depends on. Each one pauses every client (~35 ms with 5,000 of them);
-    `garbage_collected` (debug) logs how long and what it found.
+    is left in a reference cycle (tests keep it so: see `frames.release_frame_parser`), so this is
+    a safety net for what might still be, not a cleaner the daemon depends on. Each one pauses
+    every client (bench/RESULTS.md, the soak's notes: what a collection costs and why the
+    interval is long); `garbage_collected` (debug) logs how long and what it found.
     """
     while True:
         await trio.sleep(interval)
@@ -166,22 +119,6 @@ def open_history(settings: Settings) -> History:
     h = settings.history
     store = HistoryStore(h.dir, h.size) if h.persist else None
     return History(settings.generator.symbols, h.size, store=store, decode_frame=encode_text_frame)
-
-
-def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
-    """Dotted keys that differ between `old` and `new` but are not applied by a reload."""
-    changed = []
-    for section in Settings.model_fields:
-        if section in RELOADABLE:
-            continue
-        before = getattr(old, section).model_dump()
-        after = getattr(new, section).model_dump()
-        for key in before:
-            if before[key] != after[key] and not (
-                section == "server" and key in RELOADABLE_SERVER_KEYS
-            ):
-                changed.append(f"{section}.{key}")
-    return changed
 
 
 class Daemon:
@@ -205,7 +142,7 @@ class Daemon:
         self._restart_policy = restart_policy
         self._log = get_logger("agentspoonsd.daemon")
         self._notifier = sdnotify.Notifier(None)  # replaced in run() from $NOTIFY_SOCKET
-        self._ephemeral: TokenSettings | None = None
+        self._ephemeral: TokenSpec | None = None
         self._ephemeral_token: str | None = None  # in plain text, for the start banner only
         self._program = tuple(program)
         # (name, expires) of the tokens whose expiry was already acted on.
@@ -220,14 +157,14 @@ class Daemon:
         (their connections, if any, are closed by `_reload`; `_expire_tokens` skips them).
         """
         auth = settings.auth
-        tokens = list(auth.all_tokens)
+        tokens = [token.spec() for token in auth.all_tokens]
         if auth.enabled and not tokens and auth.tokens_file is not None:
             # Tokens are managed in a file: its last one revoked means no one, not a new token.
             self._log.warning("auth_no_tokens", tokens_file=str(auth.tokens_file))
         elif auth.enabled and not tokens:
             if self._ephemeral is None:
                 token = new_token()
-                self._ephemeral = TokenSettings(name="ephemeral", sha256=hash_token(token))
+                self._ephemeral = TokenSpec(name="ephemeral", sha256=hash_token(token))
                 # The one deliberate exception to "no secret in a log": without it a fresh
                 # daemon could not be used. Shown once, by the start banner (daemon_started).
                 self._ephemeral_token = token
@@ -256,12 +193,13 @@ class Daemon:
     def _close_token_connections(
         self, websocket: WebSocketServer, causes: dict[str, str], event: str, reason: str
     ) -> None:
-        """Close the live connections of each token in `causes` (4001) and log `event` per name."""
-        for name in sorted(causes):  # one call per name: the log says how many each had
-            closed = websocket.close_token_connections(
-                {name}, code=CLOSE_TOKEN_REVOKED, reason=reason
-            )
-            self._log.info(event, name=name, cause=causes[name], connections=closed)
+        """Close the live connections of each token in `causes` (4001) and log `event` per name,
+        with how many it had: one pass over the connections, however many names."""
+        closed = websocket.close_token_connections(
+            set(causes), code=CLOSE_TOKEN_REVOKED, reason=reason
+        )
+        for name in sorted(causes):
+            self._log.info(event, name=name, cause=causes[name], connections=closed.get(name, 0))
 
     async def _expire_tokens(self, websocket: WebSocketServer) -> None:
         """Close a token's live connections once it expires (within the check interval).
@@ -292,17 +230,18 @@ class Daemon:
         try:
             return bind_listener(host, port, backlog)
         except OSError as exc:
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self._log.error(
                 "listener_bind_failed",
                 service=service,
-                address=address,
+                address=format_address((host, port)),
                 error=exc.strerror or str(exc),
             )
             return None
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (returns 0) or a crash budget is exhausted (returns 70)."""
+        """Serve until SIGTERM/SIGINT (returns EX_OK). Returns EX_OSERR, EX_CANTCREAT or EX_CONFIG
+        when a listener, the history or the TLS files cannot be set up; a service past its crash
+        budget raises CrashBudgetExceeded out of the nursery (`cli` exits EX_SOFTWARE)."""
         s = self.settings
         log = self._log
         notifier = self._notifier = sdnotify.Notifier.from_environ()
@@ -319,7 +258,7 @@ class Daemon:
             for bound in (ws_sock, http_sock):
                 if bound is not None:
                     bound.close()
-            return EXIT_OSERR
+            return EX_OSERR
         self._http_port = http_sock.getsockname()[1]
         for name in inherited.close_unused():
             log.warning("inherited_socket_unused", fd_name=name)
@@ -331,12 +270,12 @@ class Daemon:
             history = open_history(s)
         except OSError as exc:
             log.error("history_unavailable", dir=str(s.history.dir), error=str(exc))
-            return EXIT_CANTCREAT
+            return EX_CANTCREAT
         try:
             tls = tls_context(s)
         except TlsConfigError as exc:  # the files changed since the config was checked
             log.error("tls_unavailable", key=f"server.{exc.key}", error=exc.message)
-            return EXIT_CONFIG
+            return EX_CONFIG
         hub = Hub(s.generator.symbols, receive, self.stats, history=history)
         broker = None
         if s.broker.kind == "redis":  # imported only then: coredis is not loaded by a single node
@@ -348,7 +287,7 @@ class Daemon:
                 get_logger("agentspoonsd.broker"),
                 generator_log=get_logger("agentspoonsd.generator"),
             )
-        generator = Generator(s.generator, send, get_logger("agentspoonsd.generator"))
+        generator = Generator(s.generator.spec(), send, get_logger("agentspoonsd.generator"))
         # A persisted history's newest bars: the market clock goes on after them, never back.
         generator.continue_clock({symbol: hub.recent(symbol, 1) for symbol in hub.symbols})
         websocket = WebSocketServer(
@@ -423,10 +362,14 @@ class Daemon:
                 log.info(
                     "listener_bound",
                     service="websocket",
-                    address=_address(ws_sock),
+                    address=format_address(ws_sock.getsockname()),
                     scheme="wss" if tls is not None else "ws",
                 )
-                log.info("listener_bound", service="http", address=_address(http_sock))
+                log.info(
+                    "listener_bound",
+                    service="http",
+                    address=format_address(http_sock.getsockname()),
+                )
                 banner = start_banner(
                     s,
                     self.config_path,
@@ -452,8 +395,8 @@ class Daemon:
         ws_sock.close()
         history.close()
         http_sock.close()
-        log.info("daemon_stopped", exit_status=EXIT_OK)
-        return EXIT_OK
+        log.info("daemon_stopped", exit_status=EX_OK)
+        return EX_OK
 
     async def _handle_signals(
         self,
@@ -538,6 +481,7 @@ class Daemon:
         limits = limits_from(new, self._http_port)
         tls, tls_needs_restart = self._reloaded_tls(websocket, new)
         needs_restart = changes_needing_restart(self.settings, new) + tls_needs_restart
+        applied = [k for k in changes_applied(self.settings, new) if k not in tls_needs_restart]
         was_enabled = self.settings.auth.enabled
 
         old_auth = websocket.auth
@@ -558,6 +502,7 @@ class Daemon:
             path=str(self.config_path),
             tokens=len(websocket.auth),
             log_level=new.log.level,
+            applied=applied,
         )
         if was_enabled and not new.auth.enabled:
             self._log.warning("auth_disabled", detail=AUTH_DISABLED_DETAIL, by="reload")
@@ -595,8 +540,3 @@ class Daemon:
         if hub.last_publish is None:
             return None
         return max(0.0, trio.current_time() - hub.last_publish)
-
-
-def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,4 +1,9 @@
-"""The HTTP routes: /healthz, /readyz, /metrics and the dashboard. Pure: state in, response out."""
+"""The HTTP routes: /healthz, /readyz, /metrics and the dashboard.
+
+`readiness` is pure; the handler `make_handler` returns does no I/O (the daemon's state comes
+through `Probes`, asked at request time; a response goes out). `HttpService` serves that handler
+on the daemon's listener (httpserver.py does the I/O).
+"""
 
 from __future__ import annotations
 

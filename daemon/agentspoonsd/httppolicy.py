@@ -10,6 +10,7 @@
   its origin (the browser's `Origin`) and the WebSocket URL under it.
 - `client_key` is the address a per-address limit counts: the IP for IPv4, the /64 for IPv6
   (one host is routinely given a whole /64, so a single address would be no limit at all).
+- `format_address` writes a socket address as every log line of the daemon shows it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "bearer_matches",
     "check_host",
     "client_key",
+    "format_address",
     "normalise_host",
     "parse_target",
 ]
@@ -232,6 +234,15 @@ def client_key(ip: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+def format_address(sockaddr: object) -> str:
+    """A socket address as logs show it: ``host:port``, ``[host]:port`` for IPv6 (RFC 3986
+    §3.2.2); anything but a (host, port, ...) tuple, such as a Unix socket's path, as `str`."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        host, port = str(sockaddr[0]), sockaddr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(sockaddr)
 
 
 class Admission(Enum):

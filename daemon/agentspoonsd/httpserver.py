@@ -1,5 +1,7 @@
 """A small, generic HTTP/1.1 server: h11 for the protocol, a thin Trio loop for the I/O.
 
+The messages themselves (`HttpResponse`, rendering it for h11) are values in `httpmessages`.
+
 It has no routes of its own. The daemon passes a synchronous `Handler` that maps
 `(method, target)` to an `HttpResponse`; this module owns everything else: framing, keep-alive,
 limits, timeouts, error answers and cancellation.
@@ -47,11 +49,10 @@ Logs never contain a query string (where `access_token` lives) nor request heade
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
@@ -59,6 +60,17 @@ import h11
 import trio
 from structlog.typing import FilteringBoundLogger
 
+from .httpmessages import (
+    SERVER_NAME,
+    HttpResponse,
+    content_length,
+    head_size,
+    log_path,
+    protocol_error_reason,
+    render,
+    request_head,
+    status_response,
+)
 from .httppolicy import (
     Admission,
     ConnectionTable,
@@ -66,6 +78,7 @@ from .httppolicy import (
     bearer_matches,
     check_host,
     client_key,
+    format_address,
     parse_target,
 )
 from .logthrottle import LogThrottle
@@ -82,7 +95,6 @@ __all__ = [
     "status_response",
 ]
 
-SERVER_NAME = "agentspoonsd"
 ALLOWED_METHODS = ("GET", "HEAD")
 MAX_HEADER_BYTES = 16 * 1024
 """The largest request head (request line + headers) accepted; past it the answer is 431."""
@@ -98,19 +110,7 @@ _PEER_LOG_INTERVAL = 10.0
 _SATURATION_LOG_INTERVAL = 10.0
 _ACCEPT_RETRY_SECONDS = 0.1
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _FRAMING_HEADERS_B = frozenset({b"content-length", b"transfer-encoding"})
-_NO_BODY_STATUSES = frozenset({204, 304})
-
-
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
-    """What a handler answers. `headers` replace the server's defaults of the same name."""
-
-    status: int
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
 
 
 Handler: TypeAlias = Callable[[str, str], HttpResponse]
@@ -120,77 +120,6 @@ Upgrade: TypeAlias = Callable[[socket.socket, bytes], None]
 """Takes over a connection: its socket (plain TCP, blocking mode unspecified) and the request's
 bytes (`request_head`, then whatever the client sent after it). Synchronous; must not block; owns
 the socket from the call on, whatever happens (it must close it)."""
-
-
-# --- pure helpers: no I/O, no clock except the Date header -----------------------------------
-
-
-def status_response(status: int, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
-    """A plain-text response whose body is the status line's reason phrase, e.g. `Not Found`."""
-    return HttpResponse(status, f"{_reason(status) or status}\n".encode(), headers=headers)
-
-
-def log_path(target: str) -> str:
-    """The part of a request target that may be logged: the path, without any query string."""
-    return target.partition("?")[0]
-
-
-def request_head(
-    method: str, target: str, http_version: str, headers: tuple[tuple[bytes, bytes], ...]
-) -> bytes:
-    """A parsed request's head as HTTP/1.1 bytes again: request line, header lines, blank line.
-
-    h11 keeps no raw bytes; this writes what it parsed (names lower-cased, values as received
-    without surrounding whitespace, in the order received), which any HTTP parser reads back as
-    the same method, target, version and headers.
-    """
-    lines = [f"{method} {target} HTTP/{http_version}".encode("ascii")]
-    lines += [name + b": " + value for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-def _render(response: HttpResponse, *, head: bool, close: bool) -> tuple[h11.Response, bytes]:
-    """The h11 response event and the body bytes to send for `response`.
-
-    Raises (TypeError, ValueError, h11.LocalProtocolError...) when the response cannot be sent:
-    a bad status, a non-ASCII or multi-line header. Callers answer 500 instead.
-    """
-    if not isinstance(response, HttpResponse):
-        raise TypeError(f"handler returned {type(response).__name__}, not HttpResponse")
-    own = [
-        (name, value) for name, value in response.headers if name.lower() not in _FRAMING_HEADERS
-    ]
-    overridden = {name.lower() for name, _ in own}
-    defaults = [
-        ("Content-Type", response.content_type),
-        ("Server", SERVER_NAME),
-        ("Date", formatdate(usegmt=True)),
-        ("Cache-Control", "no-store"),
-    ]
-    headers = [(name, value) for name, value in defaults if name.lower() not in overridden]
-    headers += own
-    body_allowed = response.status not in _NO_BODY_STATUSES
-    if body_allowed:
-        headers.append(("Content-Length", str(len(response.body))))
-    if close:
-        headers.append(("Connection", "close"))
-    event = h11.Response(
-        status_code=response.status, headers=headers, reason=_reason(response.status).encode()
-    )
-    return event, (response.body if body_allowed and not head else b"")
-
-
-def _protocol_error_reason(exc: h11.RemoteProtocolError) -> str:
-    # h11 quotes the offending bytes after a colon ("illegal header line: b'...'"); they may hold a
-    # credential, so only the description before it is logged.
-    return str(exc).partition(":")[0][:100]
 
 
 # --- the Trio layer ---------------------------------------------------------------------------
@@ -312,13 +241,14 @@ async def serve_http(
     )
     table = ConnectionTable(max_connections, max_connections_per_ip, _MAX_REJECTING)
     occupancy = _Occupancy(table, LogThrottle(_PEER_LOG_LIMIT, _PEER_LOG_INTERVAL))
-    log.info("http_listening", address=_address(listener.socket.getsockname()))
+    log.info("http_listening", address=format_address(listener.socket.getsockname()))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_flush_log_summaries, occupancy.throttle, log)
             task_status.started()
+            accept_failures = _AcceptFailures()
             while True:
-                stream = await _accept(listener, log)
+                stream = await _accept(listener, log, accept_failures)
                 key = client_key(_peer_ip(stream))
                 admission = table.admit(key)
                 if admission is not Admission.SERVE:
@@ -342,14 +272,32 @@ async def _flush_log_summaries(throttle: LogThrottle, log: FilteringBoundLogger)
             _log_suppressed(log, key, count, throttle.interval)
 
 
-async def _accept(listener: trio.SocketListener, log: FilteringBoundLogger) -> trio.SocketStream:
+@dataclass
+class _AcceptFailures:
+    """Failed accepts since the last `http_accept_failed` line, and when it was logged."""
+
+    count: int = 0
+    logged_at: float = -math.inf
+
+
+async def _accept(
+    listener: trio.SocketListener, log: FilteringBoundLogger, failures: _AcceptFailures
+) -> trio.SocketStream:
+    """The next connection. Out of descriptors (or memory), accept() is retried every 0.1 s and
+    its failures are logged at most once a second with their count (`failures=`): the listener
+    stays readable and would otherwise log ten lines a second until a connection ends."""
     while True:
         try:
             return await listener.accept()
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
-            log.error("http_accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)))
+            failures.count += 1
+            now = trio.current_time()
+            if now - failures.logged_at >= 1.0:
+                error = errno.errorcode.get(exc.errno, str(exc.errno))
+                log.error("http_accept_failed", error=error, failures=failures.count)
+                failures.count, failures.logged_at = 0, now
             await trio.sleep(_ACCEPT_RETRY_SECONDS)
 
 
@@ -476,7 +424,7 @@ class _Connection:
             status = refusal  # past a cap only a probe (a GET or HEAD) is served
         elif request.method not in ALLOWED_METHODS:
             allow = (("Allow", ", ".join(ALLOWED_METHODS)),)
-            event, body = _render(status_response(405, allow), head=head, close=close)
+            event, body = render(status_response(405, allow), head=head, close=close)
             return event, body, close
         else:
             try:
@@ -487,7 +435,7 @@ class _Connection:
                 status = exc.status
             else:
                 return self._route(request, target.origin, refusal, close)
-        event, body = _render(status_response(status), head=head, close=True)
+        event, body = render(status_response(status), head=head, close=True)
         return event, body, True
 
     def _route(
@@ -497,7 +445,7 @@ class _Connection:
         head = request.method == "HEAD"
         path = urlsplit(origin).path  # the same split the handler's routes use
         if refusal is not None and path not in self._policy.probe_paths:
-            event, body = _render(status_response(refusal), head=head, close=True)
+            event, body = render(status_response(refusal), head=head, close=True)
             return event, body, True
         digest = self._policy.bearer_digests.get(path)
         if digest is not None and not bearer_matches(
@@ -505,7 +453,7 @@ class _Connection:
         ):
             self._log.debug("http_unauthorized", path=path)
             challenge = (("WWW-Authenticate", f'Bearer realm="{SERVER_NAME}"'),)
-            event, body = _render(status_response(401, challenge), head=head, close=close)
+            event, body = render(status_response(401, challenge), head=head, close=close)
             return event, body, close
         event, body = self._call_handler(replace(request, target=origin), close=close)
         return event, body, close
@@ -598,9 +546,9 @@ class _Connection:
             headers=tuple((name, value) for name, value in event.headers),
             ambiguous_framing=names >= _FRAMING_HEADERS_B,
         )
-        if _head_size(event) > MAX_HEADER_BYTES:
+        if head_size(event) > MAX_HEADER_BYTES:
             return replace(request, refusal=431)
-        declared = None if b"transfer-encoding" in names else _content_length(event.headers)
+        declared = None if b"transfer-encoding" in names else content_length(event.headers)
         if declared is not None and declared > MAX_BODY_BYTES:
             return replace(request, refusal=413)
         received = 0
@@ -630,7 +578,7 @@ class _Connection:
     def _call_handler(self, request: _Request, *, close: bool) -> tuple[h11.Response, bytes]:
         head = request.method == "HEAD"
         try:
-            return _render(self._handler(request.method, request.target), head=head, close=close)
+            return render(self._handler(request.method, request.target), head=head, close=close)
         except Exception:
             self._log.error(
                 "http_handler_failed",
@@ -638,7 +586,7 @@ class _Connection:
                 path=log_path(request.target),
                 exc_info=True,
             )
-            return _render(status_response(500), head=head, close=close)
+            return render(status_response(500), head=head, close=close)
 
     async def _send(self, event: h11.Response, body: bytes) -> None:
         """Write one whole response in one send; raises TooSlowError past the timeout."""
@@ -651,7 +599,7 @@ class _Connection:
 
     async def _answer_protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
-        self._log.debug("http_bad_request", status=status, reason=_protocol_error_reason(exc))
+        self._log.debug("http_bad_request", status=status, reason=protocol_error_reason(exc))
         await self._answer_and_close(status)
 
     async def _answer_and_close(self, status: int) -> None:
@@ -659,7 +607,7 @@ class _Connection:
         # h11 lets a server answer from IDLE (nothing parsed) or SEND_RESPONSE (head parsed).
         if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        event, body = _render(status_response(status), head=self._method == "HEAD", close=True)
+        event, body = render(status_response(status), head=self._method == "HEAD", close=True)
         await self._send(event, body)
         await self._linger()
 
@@ -681,22 +629,6 @@ class _Connection:
             self._log.info("http_request_timeout", timeout=self._policy.request_timeout)
 
 
-def _head_size(request: h11.Request) -> int:
-    # h11 enforces max_incomplete_event_size only while a head is incomplete: a larger head that
-    # arrives whole within one read is parsed anyway. Its size is recomputed here (give or take
-    # the whitespace h11 strips) so the limit holds however the bytes were split.
-    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
-    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    # h11 has already rejected malformed or conflicting Content-Length values.
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value)
-    return None
-
-
 def _peer_ip(stream: trio.SocketStream) -> str:
     try:
         return str(stream.socket.getpeername()[0])
@@ -706,13 +638,6 @@ def _peer_ip(stream: trio.SocketStream) -> str:
 
 def _peer(stream: trio.SocketStream) -> str:
     try:
-        return _address(stream.socket.getpeername())
+        return format_address(stream.socket.getpeername())
     except OSError:
         return "unknown"
-
-
-def _address(sockaddr: object) -> str:
-    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-        host, port = sockaddr[0], sockaddr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(sockaddr)

@@ -17,7 +17,7 @@ PID) and the daemon runs in its child. systemd names the main PID in ``WATCHDOG_
 child also accepts its parent's PID there when it is frozen, and the unit needs
 ``NotifyAccess=all`` for the child's datagrams to be accepted.
 
-Usage from the daemon (the full wiring is in ``systemd/README.md``)::
+Usage from the daemon (the unit's side is in ``systemd/README.md``)::
 
     notifier = Notifier.from_environ()
     nursery.start_soon(watchdog_loop, notifier)       # WATCHDOG=1 every WATCHDOG_USEC / 2

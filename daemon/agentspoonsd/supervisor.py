@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .backoff import capped_exponential
 from .metrics import Stats
 
 
@@ -52,7 +53,7 @@ class RestartPolicy:
         if len(self._crashes) > self.max_crashes:
             return None
         self._consecutive = 1 if ran_for >= self.stable_after else self._consecutive + 1
-        return min(self.max_backoff, self.initial_backoff * 2 ** (self._consecutive - 1))
+        return capped_exponential(self._consecutive - 1, self.initial_backoff, self.max_backoff)
 
     @property
     def recent_crashes(self) -> int:

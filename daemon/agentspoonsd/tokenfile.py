@@ -16,14 +16,17 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
-
-from .settings import TokenSettings, TokensFile
+from .auth import TokenSpec
 from .tomlfile import MAX_TOKENS_FILE_BYTES, FileRefused, file_kind, parse_toml
+
+EntriesParser = Callable[[Mapping[str, Any]], Sequence[TokenSpec]]
+"""Validates a parsed tokens file as the daemon would (`settings.parse_tokens_file`): its
+entries, or ValueError ``KEY: PROBLEM``. Passed in, so editing a file needs no config models."""
 
 FILE_MODE = 0o600
 HEADER = """\
@@ -55,7 +58,7 @@ def format_expires(expires: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def entry_text(token: TokenSettings, table: str = "tokens") -> str:
+def entry_text(token: TokenSpec, table: str = "tokens") -> str:
     """The `[[tokens]]` (or `[[auth.tokens]]`) table of `token`, ending with a newline."""
     listed = ", ".join(toml_string(s) for s in token.symbols)
     lines = [
@@ -155,7 +158,7 @@ def _read_all(path: Path, fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(path: Path, raw: bytes) -> tuple[str, list[TokenSettings]]:
+def _parse(path: Path, raw: bytes, parse: EntriesParser) -> tuple[str, list[TokenSpec]]:
     """The file's text and entries; TokenFileError when it is not a valid tokens file."""
     try:
         data = parse_toml(raw)
@@ -163,22 +166,23 @@ def _parse(path: Path, raw: bytes) -> tuple[str, list[TokenSettings]]:
         raise TokenFileError(f"{path}: {exc}; fix it first") from None
     text = raw.decode("utf-8").removeprefix("\ufeff")  # parse_toml decoded it already
     try:
-        return text, list(TokensFile(**data).tokens)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise TokenFileError(f"{path}: {where}: {first['msg']}; fix it first") from None
+        return text, list(parse(data))
+    except ValueError as exc:
+        raise TokenFileError(f"{path}: {exc}; fix it first") from None
 
 
-def append_token(path: Path, token: TokenSettings, *, taken: set[str] | None = None) -> bool:
+def append_token(
+    path: Path, token: TokenSpec, *, parse: EntriesParser, taken: set[str] | None = None
+) -> bool:
     """Append `token`'s entry to the tokens file at `path`, creating it (mode 0600, with a comment
-    header) when missing. Refuses a name already in the file or in `taken`. Returns whether the
-    file was created. Raises TokenFileError (nothing written) or OSError."""
+    header) when missing. Refuses a name already in the file or in `taken`, and a file `parse`
+    refuses. Returns whether the file was created. Raises TokenFileError (nothing written) or
+    OSError."""
     path = path.resolve()  # a symlinked file is edited where it lives
     with _locked(path, create=True) as (fd, created):
         try:
             raw = _read_all(path, fd)
-            text, tokens = _parse(path, raw)
+            text, tokens = _parse(path, raw, parse)
             if any(t.name == token.name for t in tokens) or token.name in (taken or set()):
                 raise TokenFileError(
                     f'a token named "{token.name}" already exists; revoke it first'
@@ -221,7 +225,9 @@ def _entry_spans(lines: list[str]) -> list[tuple[int, int]]:
     ]
 
 
-def _without(path: Path, text: str, name: str, tokens: list[TokenSettings]) -> str:
+def _without(
+    path: Path, text: str, name: str, tokens: list[TokenSpec], parse: EntriesParser
+) -> str:
     lines = text.splitlines(keepends=True)
     remaining = None
     for start, end in _entry_spans(lines):
@@ -235,8 +241,8 @@ def _without(path: Path, text: str, name: str, tokens: list[TokenSettings]) -> s
     expected = [t for t in tokens if t.name != name]
     if remaining is not None:
         try:
-            left = [TokenSettings(**e) for e in parse_toml(remaining.encode()).get("tokens", [])]
-        except (FileRefused, ValidationError, TypeError):
+            left = list(parse(parse_toml(remaining.encode())))
+        except (FileRefused, ValueError, TypeError):
             left = None
         if left == expected:
             return remaining
@@ -246,16 +252,17 @@ def _without(path: Path, text: str, name: str, tokens: list[TokenSettings]) -> s
     )
 
 
-def remove_token(path: Path, name: str) -> TokenSettings:
+def remove_token(path: Path, name: str, *, parse: EntriesParser) -> TokenSpec:
     """Rewrite the tokens file at `path` without the entry called `name` (atomically, mode and
-    owner kept). Returns the removed entry. Raises TokenFileError (nothing changed) or OSError."""
+    owner kept); `parse` validates the file before and after. Returns the removed entry. Raises
+    TokenFileError (nothing changed) or OSError."""
     path = path.resolve()  # the rename replaces the file a symlink points to, not the symlink
     with _locked(path, create=False) as (fd, _):
-        text, tokens = _parse(path, _read_all(path, fd))
+        text, tokens = _parse(path, _read_all(path, fd), parse)
         removed = next((t for t in tokens if t.name == name), None)
         if removed is None:
             raise TokenFileError(f'{path}: no token named "{name}"')
-        remaining = _without(path, text, name, tokens)
+        remaining = _without(path, text, name, tokens, parse)
         st = os.fstat(fd)
         tmp_fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -279,7 +286,7 @@ def remove_token(path: Path, name: str) -> TokenSettings:
         return removed
 
 
-def check_new(token: TokenSettings, now: datetime | None = None) -> None:
+def check_new(token: TokenSpec, now: datetime | None = None) -> None:
     """Refuse a token that would be born expired."""
     if token.expires is not None and token.expires <= (now or datetime.now(UTC)):
         raise TokenFileError(f"--expires {format_expires(token.expires)} is already past")
@@ -288,6 +295,7 @@ def check_new(token: TokenSettings, now: datetime | None = None) -> None:
 __all__ = [
     "FILE_MODE",
     "HEADER",
+    "EntriesParser",
     "TokenFileError",
     "append_token",
     "check_new",

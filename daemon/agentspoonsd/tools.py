@@ -52,28 +52,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import (
-    EXIT_CONFIG,
-    ConfigError,
-    ServerSettings,
-    _key_source,
-    find_config_path,
-    load_settings,
-)
+from .configpaths import ConfigError, find_config_path
+from .exits import EX_CONFIG, EX_NOPERM, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
-if TYPE_CHECKING:  # the client (anyio, wsproto) is imported only when a command runs
+if TYPE_CHECKING:  # the client (anyio, wsproto) and the config models only when a command runs
     from .client import Status, VolatilityClient
+    from .settings import ServerSettings
 
 COMMANDS = ("watch", "probe")
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 TOKEN_ENV = "AGENTSPOONSD_TOKEN"
 URL_ENV = "AGENTSPOONSD_URL"
-
-EX_OK = 0
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
 
 WHERE = f"""\
 Where the daemon is: the first of these that is given.
@@ -148,7 +137,7 @@ def run_command(args: argparse.Namespace) -> int:
         # One line, as a monitoring check's output is read: several problems joined with "; ".
         problems = "; ".join(str(exc).splitlines())
         _note(args.command, f"invalid configuration: {problems}")
-        return EXIT_CONFIG
+        return EX_CONFIG
     try:
         context = _ssl_context(args.cafile)
     except OSError as exc:  # ssl.SSLError is an OSError
@@ -229,13 +218,15 @@ def resolve_target(url: str | None, config: str | None) -> Target:
     from_env = os.environ.get(URL_ENV)
     if from_env:
         return Target(from_env, f"${URL_ENV}")
+    from .settings.loader import key_source, load_settings
+
     path = find_config_path(config, os.environ)
     settings = load_settings(path, read_tokens_file=False, check_tls_files=False)
     source = str(path) if path is not None else "built-in defaults"
     try:
         found = server_url(settings.server)
     except ValueError as exc:
-        raise ConfigError(f"{_key_source('server', 'port', path, os.environ)}: {exc}") from None
+        raise ConfigError(f"{key_source('server', 'port', path, os.environ)}: {exc}") from None
     return Target(found, source, settings.server.tls_cert)
 
 

@@ -35,7 +35,7 @@ import trio
 
 from .admission import Refusal
 from .auth import TokenStore
-from .closecodes import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from .closecodes import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED, CLOSE_TRY_AGAIN_LATER
 from .connection import (
     CLOSE_GRACE,
     RECV_SIZE,
@@ -45,7 +45,9 @@ from .connection import (
     Policy,
     ServerConnection,
 )
-from .hub import Hub, release_frame_parser
+from .frames import release_frame_parser
+from .httppolicy import format_address
+from .hub import Hub
 from .metrics import Stats
 from .outbox import Outbox, TlsOutbox
 from .tls import TlsError, TlsSession
@@ -54,15 +56,15 @@ from .upgrade import reject_response
 __all__ = ["Limits", "Peer", "WebSocketServer"]
 
 # Handshakes run inline at accept, in rounds of about this long, each ended by a checkpoint: a
-# publication waits at most one round behind a reconnect storm. Measured (bench B: 10,000
-# clients connecting during a 10/s broadcast), time to connect them all: rounds of 64 handshakes
-# 2.2 s, of 20 ms 2.1 s, of 40 ms 1.7-1.9 s with the fan-out's p99 still ~50 ms, of 1,024
-# handshakes (~80 ms) 1.6 s but with ticks late enough to be skipped. Short rounds lose because
-# whatever else is ready (the new clients' pongs, above all) gets a turn between rounds.
+# publication waits at most one round behind a reconnect storm. Shorter rounds connect a storm
+# more slowly (whatever else is ready, the new clients' pongs above all, gets a turn between
+# rounds); longer ones delay ticks until they are skipped. The figures behind the choice (bench
+# B, several round lengths): bench/README.md, "Figures behind the daemon's constants".
 ACCEPT_ROUND_SECONDS = 0.04
 DISPATCH_BATCH = 128  # ready sockets handled per dispatcher round
-# TLS handshake steps (key exchange, signature: ~1 ms of CPU each) per dispatcher or accept
-# round: a wss:// reconnect storm must not hold the event loop away from the fan-out for long.
+# TLS handshake steps (key exchange, signature: the costly part of a handshake, bench/micro.py)
+# per dispatcher or accept round: a wss:// reconnect storm must not hold the event loop away
+# from the fan-out for long.
 TLS_HANDSHAKES_PER_ROUND = 16
 REAP_INTERVAL = 0.25  # how often handshake and close deadlines are enforced
 _UNAVAILABLE = Refusal(
@@ -440,7 +442,7 @@ class WebSocketServer:
                     self._accept_failed(exc)
                     await trio.sleep(0.1)
                     break
-                peer = _format_peer(address)
+                peer = format_address(address)
                 if self._admit_connection(sock, peer):
                     self._adopt(sock, peer)
 
@@ -478,7 +480,7 @@ class WebSocketServer:
         (not started, draining) the answer is 503. Takes ownership of `sock` in every case.
         """
         try:
-            peer = _format_peer(sock.getpeername())
+            peer = format_address(sock.getpeername())
         except OSError:  # gone already
             sock.close()
             return
@@ -498,9 +500,8 @@ class WebSocketServer:
         if self.limits.send_buffer_bytes:
             # Bounds what the kernel holds for a client that stops reading; the rest waits in
             # the outbox, under max_backlog_bytes (queued as references to the shared frames).
-            # Measured (bench C, 1,000 of 10,000 clients never reading, stalled clients written
-            # last, see Hub.confirm_reading): the readers' p99 is 65-68 ms with the kernel's
-            # autotuning or 128 KiB, 54-56 ms with 32 KiB.
+            # A smaller buffer also lowers the readers' latency while some clients stall (bench
+            # C: bench/README.md, "Figures behind the daemon's constants").
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes)
         now = trio.current_time()
         client = Peer(sock, peer, self, self.tls if received is None else None, now)
@@ -529,21 +530,24 @@ class WebSocketServer:
             self._poller.unregister(fd)
 
     def close_token_connections(
-        self, names: set[str] | frozenset[str], code: int = 4001, reason: str = "token revoked"
-    ) -> int:
+        self,
+        names: set[str] | frozenset[str],
+        code: int = CLOSE_TOKEN_REVOKED,
+        reason: str = "token revoked",
+    ) -> dict[str, int]:
         """Close every established connection whose token is in `names` (a revocation).
 
-        Each gets a close frame with `code` and a grace, like any server-initiated close; returns
-        how many were closed."""
-        closing = [
-            c
-            for c in self._clients.values()
-            if c.grant is not None and c.grant.name in names and not c.outbox.sealed
-        ]
+        Each gets a close frame with `code` and a grace, like any server-initiated close. One
+        pass over the connections whatever the number of names; returns how many were closed
+        per name (names without a connection are absent)."""
+        closed: dict[str, int] = {}
         now = trio.current_time()
-        for client in closing:
-            client.linger_close(code, reason, "token_revoked", now)
-        return len(closing)
+        for client in list(self._clients.values()):
+            grant = client.grant
+            if grant is not None and grant.name in names and not client.outbox.sealed:
+                client.linger_close(code, reason, "token_revoked", now)
+                closed[grant.name] = closed.get(grant.name, 0) + 1
+        return closed
 
 
 def _send_and_close(sock: socket.socket, answer: bytes) -> None:
@@ -564,10 +568,3 @@ def _recv_now(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b""
-
-
-def _format_peer(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address)

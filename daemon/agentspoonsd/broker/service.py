@@ -29,6 +29,7 @@ from coredis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
+from ..backoff import Backoff
 from ..hub import Hub
 from ..market.bar import Bar
 from ..market.generator import Generator
@@ -109,22 +110,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "no reply in time"
     return f"{type(exc).__name__}: {exc}"
-
-
-class Backoff:
-    """Capped exponential delays between retries; `reset` after a success."""
-
-    def __init__(self, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_MAX) -> None:
-        self._initial, self._cap = initial, cap
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self._initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._cap, delay * 2)
-        return delay
 
 
 def default_node_id() -> str:
@@ -219,7 +204,7 @@ class RedisBroker:
 
     async def _mirror_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Apply every stream entry, in order, to the hub. Never raises for Redis trouble."""
-        backoff = Backoff()
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         started = False
         while True:
             try:
@@ -360,7 +345,7 @@ class RedisBroker:
         tops, recent = await self._read_tops()
         next_seqs = {symbol: next_seq_after(top) for symbol, top in tops.items()}
         send, receive = trio.open_memory_channel[list[Bar]](1)
-        generator = Generator(self._settings.generator, send, self._generator_log)
+        generator = Generator(self._settings.generator.spec(), send, self._generator_log)
         await trio.to_thread.run_sync(generator.continue_from, recent)
         self._log.info(
             "leader_elected",
@@ -403,7 +388,7 @@ class RedisBroker:
         although its reply was lost is recognised, not published twice."""
         published = datetime.now(UTC)
         maxlen = self._settings.history.size
-        backoff = Backoff()
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         uncertain = False  # a previous attempt may have been applied
         while True:
             following = dict(next_seqs)  # each symbol's next seq after this batch

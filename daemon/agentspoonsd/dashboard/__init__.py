@@ -36,8 +36,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from ..httpmessages import HttpResponse
 from ..httppolicy import WEBSOCKET_PATH
-from ..httpserver import HttpResponse
 
 __all__ = [
     "CLIENT_PATH",

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .models import (
+from .params import (
     GarchParams,
     GbmParams,
     GjrGarchParams,

@@ -1112,10 +1112,9 @@ def variance_forecast(fit: GarchFit, horizon: int) -> FloatArray:
     decay = np.power(p, steps)
     if p == 1.0:
         geometric_sum = steps
-    elif p == 0.0:
-        geometric_sum = np.minimum(steps, 1.0)  # sigma2 is omega from the second step on
     elif p < 0.5:
-        # Direct: 1 - p**k >= 1/2 cannot cancel (and log1p(p - 1) fails where p - 1 rounds to -1)
+        # Far from 1 nothing cancels; log1p(p - 1) would not exist at p <= 0 (an estimate a
+        # rounding error below 0 included).
         geometric_sum = (1.0 - decay) / (1.0 - p)
     else:
         # (1 - p**k) / (1 - p) through expm1/log1p: accurate even when p is within 1e-9 of 1
@@ -1130,22 +1129,19 @@ def cumulative_variance(omega: float, persistence: float, variance_1: float, hor
     Closed form of the sum of `variance_forecast`'s terms: with ``p = persistence`` and
     ``G = sum_{k<h} p**k = (1 - p**h) / (1 - p)``, it is ``variance_1 G + omega (h - G) / (1 - p)``
     (``h (h - 1) / 2`` in place of ``(h - G) / (1 - p)`` at ``p = 1``). ``G`` is evaluated through
-    expm1/log1p for ``p >= 1/2`` (directly below, including ``p`` ~1e-17, where ``p - 1`` rounds
-    to -1). ``h - G`` cancels as ``p`` nears 1, which bounds the relative error by about
-    ``eps * omega / ((1 - p) variance_1)``: below 1e-9 for every stationary fit (``p < 1 - 1e-6``,
-    ``variance_1 >= omega``), ~eps in practice (``variance_1`` near ``omega / (1 - p)``). Per-bar
-    units in and out; no validation beyond the horizon (NaN in gives NaN out). Raises ValueError
-    if ``horizon < 1``.
+    expm1/log1p for ``p >= 1/2``, directly below (nothing cancels there, and ``log1p(p - 1)``
+    would not exist where ``p - 1`` rounds to -1 or below). ``h - G`` cancels as ``p`` nears 1,
+    which bounds the relative error by about ``eps * omega / ((1 - p) variance_1)``: below 1e-9
+    for every stationary fit (``p < 1 - 1e-6``, ``variance_1 >= omega``), ~eps in practice
+    (``variance_1`` near ``omega / (1 - p)``). Per-bar units in and out; no validation beyond the
+    horizon (NaN in gives NaN out). Raises ValueError if ``horizon < 1``.
     """
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     h = float(horizon)
     if persistence == 1.0:
         return variance_1 * h + omega * h * (h - 1.0) / 2.0
-    if persistence == 0.0:
-        geometric = 1.0
-    elif persistence < 0.5:
-        # Direct: no cancellation, and log1p(p - 1) fails where p - 1 rounds to -1 (p ~ 1e-17).
+    if persistence < 0.5:  # nothing cancels; log1p(p - 1) would not exist at p <= 0
         geometric = (1.0 - persistence**h) / (1.0 - persistence)
     else:
         geometric = math.expm1(h * math.log1p(persistence - 1.0)) / (persistence - 1.0)

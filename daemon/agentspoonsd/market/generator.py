@@ -25,7 +25,6 @@ import numpy as np
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from ..settings import GeneratorSettings
 from .bar import Bar
 from .block import BarBlock, FloatArray
 from .clock import MarketClock
@@ -35,6 +34,7 @@ from .pipeline import PipelineConfig, SymbolPipeline
 from .records import Record
 from .sources import follow_file, replay_csv
 from .spacing import SpacingTracker
+from .spec import GeneratorSpec
 
 # Bars simulated per model call: large enough to amortise numpy's per-call cost, small enough
 # that a refill (every BLOCK_BARS ticks) costs well under a millisecond per symbol.
@@ -50,13 +50,13 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def pipeline_config(settings: GeneratorSettings) -> PipelineConfig:
-    fit = settings.garch_fit
+def pipeline_config(spec: GeneratorSpec) -> PipelineConfig:
+    fit = spec.garch_fit
     return PipelineConfig(
-        window=settings.volatility_window,
-        ewma_lambda=settings.ewma_lambda,
-        bars_per_year=settings.seconds_per_year / settings.bar_seconds,
-        bar_seconds=settings.bar_seconds,
+        window=spec.volatility_window,
+        ewma_lambda=spec.ewma_lambda,
+        bars_per_year=spec.seconds_per_year / spec.bar_seconds,
+        bar_seconds=spec.bar_seconds,
         fit_enabled=fit.enabled,
         fit_window=fit.window,
         refit_every=fit.refit_every,
@@ -76,14 +76,15 @@ def symbol_seed(seed: int | None, symbol: str) -> np.random.SeedSequence:
     return np.random.SeedSequence(entropy=seed, spawn_key=tuple(symbol.encode()))
 
 
-def build_model(settings: GeneratorSettings, symbol: str) -> Model:
+def build_model(spec: GeneratorSpec, symbol: str) -> Model:
+    one = spec.symbol(symbol)
     return make_model(
-        settings.model_for(symbol),
-        settings.params_for(symbol),
-        seed=symbol_seed(settings.seed, symbol),
-        initial_price=settings.initial_price_for(symbol),
-        volume=settings.volume_for(symbol),
-        substeps=settings.substeps,
+        one.model,
+        one.params,
+        seed=symbol_seed(spec.seed, symbol),
+        initial_price=one.initial_price,
+        volume=one.volume,
+        substeps=spec.substeps,
     )
 
 
@@ -126,7 +127,7 @@ class Generator:
 
     def __init__(
         self,
-        settings: GeneratorSettings,
+        spec: GeneratorSpec,
         send_channel: trio.MemorySendChannel[list[Bar]],
         log: FilteringBoundLogger,
         *,
@@ -135,16 +136,16 @@ class Generator:
         """`wall_clock` (timezone-aware datetimes) is read once per synthetic run, for the origin
         of its market clock; the schedule itself runs on Trio's clock, so tests can drive it
         with a MockClock."""
-        self._settings = settings
+        self._spec = spec
         self._send = send_channel
         self._log = log
         self._wall_clock = wall_clock
-        self._symbols = tuple(settings.symbols)
-        config = pipeline_config(settings)
+        self._symbols = tuple(spec.symbols)
+        config = pipeline_config(spec)
         self._pipelines = {s: SymbolPipeline(s, config) for s in self._symbols}
         self._models: dict[str, Model] = {}
-        if settings.source == "synthetic":
-            self._models = {s: build_model(settings, s) for s in self._symbols}
+        if spec.source == "synthetic":
+            self._models = {s: build_model(spec, s) for s in self._symbols}
         self._warmed_up = False
         # A batch whose send was interrupted (cancelled or failed). It is sent first on the next
         # run, so consumers never see a gap in the price series.
@@ -153,7 +154,7 @@ class Generator:
         self._spacings: dict[str, SpacingTracker] = {}  # file and replay: each symbol's time base
         self._unknown_symbols: set[str] = set()
         self._continued: set[str] = set()  # symbols carried on from published updates
-        self._clock = MarketClock(settings.bar_seconds)
+        self._clock = MarketClock(spec.bar_seconds)
         self._running = False
 
     @property
@@ -173,16 +174,16 @@ class Generator:
         with nothing published, start as they would without it. The market clock continues
         after the newest published bar (`continue_clock`).
         """
-        config = pipeline_config(self._settings)
+        config = pipeline_config(self._spec)
         self.continue_clock(published)
         for symbol, updates in published.items():
             if symbol not in self._pipelines or not updates:
                 continue
             last = updates[-1]
-            if self._settings.source == "file":
+            if self._spec.source == "file":
                 self._watermarks[symbol] = datetime.fromisoformat(last["timestamp"])
                 continue
-            if self._settings.source != "synthetic":
+            if self._spec.source != "synthetic":
                 continue
             pipeline = SymbolPipeline(symbol, config)
             self._pipelines[symbol] = pipeline
@@ -191,13 +192,14 @@ class Generator:
                 window = pipeline.advance()
                 if window is not None:
                     self._install(symbol, fit_garch11(window, previous=pipeline.last_fit))
+            one = self._spec.symbol(symbol)
             self._models[symbol] = make_model(
-                self._settings.model_for(symbol),
-                self._settings.params_for(symbol),
-                seed=continuation_seed(self._settings.seed, symbol, int(last["seq"])),
+                one.model,
+                one.params,
+                seed=continuation_seed(self._spec.seed, symbol, int(last["seq"])),
                 initial_price=float(last["close"]),
-                volume=self._settings.volume_for(symbol),
-                substeps=self._settings.substeps,
+                volume=one.volume,
+                substeps=self._spec.substeps,
             )
             self._continued.add(symbol)
         self._unsent = None
@@ -226,7 +228,7 @@ class Generator:
             raise RuntimeError("Generator.run() is already running on this object")
         self._running = True
         try:
-            if self._settings.source == "synthetic":
+            if self._spec.source == "synthetic":
                 await self._run_synthetic(task_status)
             else:
                 await self._run_external(task_status)
@@ -246,12 +248,12 @@ class Generator:
         its origin (`wall_clock()` at the start, or one bar after the newest published close if
         that is later) + n × bar_seconds; skipped ticks take no market time.
         """
-        settings = self._settings
+        spec = self._spec
         if not self._warmed_up:
             # The first update then already carries full estimator windows and a GARCH fit.
-            await trio.to_thread.run_sync(self._warm_up, settings.warmup_bars)
+            await trio.to_thread.run_sync(self._warm_up, spec.warmup_bars)
             self._warmed_up = True
-        interval = settings.interval
+        interval = spec.interval
         start = trio.current_time()
         origin = self._clock.start_run(self._timestamp())
         task_status.started()
@@ -260,10 +262,10 @@ class Generator:
             source="synthetic",
             symbols=list(self._symbols),
             interval=interval,
-            bar_seconds=settings.bar_seconds,
+            bar_seconds=spec.bar_seconds,
             clock_origin=origin.isoformat(),
-            model=settings.model,
-            seed=settings.seed,
+            model=spec.model,
+            seed=spec.seed,
         )
         tick = 0
         skipped = 0
@@ -278,7 +280,7 @@ class Generator:
                 self._log.warning(
                     "generator_ticks_skipped",
                     count=count,
-                    clock_lag_s=round(skipped * settings.bar_seconds, 6),
+                    clock_lag_s=round(skipped * spec.bar_seconds, 6),
                 )
                 tick = due - MAX_CATCH_UP_TICKS
             await self._emit(bars_per_symbol=due - tick + 1)
@@ -362,7 +364,7 @@ class Generator:
         A replay that reaches its end (``loop = false``) leaves the service idle, not finished:
         the supervisor treats a returning service as a crash.
         """
-        settings = self._settings
+        spec = self._spec
         if self._unsent is not None:
             await self._send.send(self._unsent)
             self._unsent = None
@@ -371,37 +373,37 @@ class Generator:
         # cancellation. A buffer would drop the records it holds when run() is cancelled.
         records_in, records_out = trio.open_memory_channel[Record](0)
         async with trio.open_nursery() as nursery:
-            if settings.source == "file":
+            if spec.source == "file":
                 source = partial(
                     follow_file,
-                    settings.file.path,
+                    spec.file.path,
                     send=records_in,
                     log=self._log,
                     default_symbol=self._symbols[0],
-                    file_format=settings.file.format,
-                    poll_interval=settings.file.poll_interval,
+                    file_format=spec.file.format,
+                    poll_interval=spec.file.poll_interval,
                     published=self._watermarks,
                 )
             else:
                 source = partial(
                     replay_csv,
-                    settings.replay.path,
+                    spec.replay.path,
                     send=records_in,
                     log=self._log,
                     default_symbol=self._symbols[0],
-                    speed=settings.replay.speed,
-                    loop=settings.replay.loop,
+                    speed=spec.replay.speed,
+                    loop=spec.replay.loop,
                 )
             await nursery.start(_closing_when_done, source, records_in)
             task_status.started()
-            self._log.info("generator_started", source=settings.source, symbols=list(self._symbols))
+            self._log.info("generator_started", source=spec.source, symbols=list(self._symbols))
             async for record in records_out:
                 bar = await self._bar_of(record)
                 if bar is not None:
                     self._unsent = [bar]
                     await self._send.send(self._unsent)
                     self._unsent = None
-            self._log.info("generator_source_finished", source=settings.source)
+            self._log.info("generator_source_finished", source=spec.source)
             await trio.sleep_forever()
 
     async def _bar_of(self, record: Record) -> Bar | None:
@@ -416,11 +418,11 @@ class Generator:
         with trio.CancelScope(shield=True):  # as in _next_batch: advanced means published
             tracker = self._spacings.get(record.symbol)
             if tracker is None:
-                tracker = SpacingTracker(self._settings.bar_seconds)
+                tracker = SpacingTracker(self._spec.bar_seconds)
                 self._spacings[record.symbol] = tracker
             spacing = tracker.observe(record.timestamp)
             # An unset bar_seconds is the tick interval, which says nothing of a file's bars.
-            if spacing.mismatch and "bar_seconds" in self._settings.model_fields_set:
+            if spacing.mismatch and self._spec.bar_seconds_set:
                 self._log.warning(
                     "source_spacing_mismatch",
                     symbol=record.symbol,

@@ -19,12 +19,12 @@ from typing import IO, Any, Literal
 import numpy as np
 import orjson
 
-from ..settings import GeneratorSettings
 from .clock import bar_step
 from .estimators import ESTIMATOR_NAMES
 from .garch_fit import fit_garch11
 from .generator import build_model, pipeline_config
 from .pipeline import SymbolPipeline
+from .spec import GeneratorSpec
 
 # Bars per model call: larger than the daemon's block (nothing waits on it here); the output does
 # not depend on it (models and estimators are exactly block-size invariant).
@@ -50,7 +50,7 @@ CSV_COLUMNS = (
 
 
 def simulate(
-    settings: GeneratorSettings, symbol: str, steps: int, start: datetime
+    spec: GeneratorSpec, symbol: str, steps: int, start: datetime
 ) -> Iterator[dict[str, Any]]:
     """Yield the `data` object of updates 1..steps of `symbol`, as the daemon would publish them
     after its warm-up. `start` must be timezone-aware."""
@@ -58,11 +58,11 @@ def simulate(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if start.utcoffset() is None:
         raise ValueError("start must be timezone-aware")
-    model = build_model(settings, symbol)
-    pipeline = SymbolPipeline(symbol, pipeline_config(settings))
+    model = build_model(spec, symbol)
+    pipeline = SymbolPipeline(symbol, pipeline_config(spec))
     origin = np.datetime64(start.astimezone(UTC).replace(tzinfo=None), "us")
-    bar_us = np.timedelta64(bar_step(settings.bar_seconds) // timedelta(microseconds=1), "us")
-    warmup = settings.warmup_bars
+    bar_us = np.timedelta64(bar_step(spec.bar_seconds) // timedelta(microseconds=1), "us")
+    warmup = spec.warmup_bars
     total = warmup + steps
     done = 0
     while done < total:
