@@ -122,8 +122,8 @@ class GarchTracker:
         # Per fit, so a bar costs two multiply-adds: σ²_{t+h} = c_h + d_h σ²_{t+1} and
         # Σ_{k=1..h} σ²_{t+k} = c_cum + d_cum σ²_{t+1} (see `_forecast_coefficients`).
         self._coefficients = (math.nan, math.nan, math.nan, math.nan)
-        # status, message, horizon, omega, alpha, beta, persistence of `forecast`
-        self._constants: tuple[Any, ...] = ()
+        # `forecast`'s dict for the last good fit, the per-bar values left None
+        self._template: dict[str, Any] = {}
 
     @property
     def last_fit(self) -> GarchFit | None:
@@ -160,15 +160,18 @@ class GarchTracker:
             self._coefficients = _forecast_coefficients(fit, self._config.horizon)
         good = self._fit
         if good is not None:  # what `forecast` repeats every bar until the next fit
-            self._constants = (
-                fit.status,
-                fit.message or None,
-                self._config.horizon,
-                good.omega,
-                good.alpha,
-                good.beta,
-                good.alpha + good.beta,
-            )
+            self._template = {
+                "status": fit.status,
+                "message": fit.message or None,
+                "horizon": self._config.horizon,
+                "omega": good.omega,
+                "alpha": good.alpha,
+                "beta": good.beta,
+                "persistence": good.alpha + good.beta,
+                **dict.fromkeys(_FORECAST_VALUES[4:10]),  # variance_1 .. volatility_cum_h
+                "fit_bars": good.n_obs,
+                "bars_since_fit": None,
+            }
 
     def forecast(self) -> dict[str, Any]:
         """``data.garch_forecast`` for the current bar; always the same keys, in the same order.
@@ -187,24 +190,17 @@ class GarchTracker:
         c_h, d_h, c_cum, d_cum = self._coefficients
         vh = c_h + d_h * v1
         cumulative = c_cum + d_cum * v1
-        status, message, horizon, omega, alpha, beta, persistence = self._constants
-        return {
-            "status": status,
-            "message": message,
-            "horizon": horizon,
-            "omega": omega,
-            "alpha": alpha,
-            "beta": beta,
-            "persistence": persistence,
-            "variance_1": v1,
-            "variance_h": vh,
-            "volatility_1": math.sqrt(v1),
-            "volatility_h": math.sqrt(vh),
-            "variance_cum_h": cumulative,
-            "volatility_cum_h": math.sqrt(cumulative),
-            "fit_bars": fit.n_obs,
-            "bars_since_fit": self._bars_since_fit,
-        }
+        # A copy of the fit's template (its keys in order) with the bar's values: cheaper than
+        # building the 15 entries.
+        forecast = self._template.copy()
+        forecast["variance_1"] = v1
+        forecast["variance_h"] = vh
+        forecast["volatility_1"] = math.sqrt(v1)
+        forecast["volatility_h"] = math.sqrt(vh)
+        forecast["variance_cum_h"] = cumulative
+        forecast["volatility_cum_h"] = math.sqrt(cumulative)
+        forecast["bars_since_fit"] = self._bars_since_fit
+        return forecast
 
     def _header(self) -> dict[str, Any]:
         attempt = self._last_attempt
