@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from arch import arch_model
 
-from agentspoonsd.market import garch_fit
+from agentspoonsd.market import garch_likelihood, garch_newton
 from agentspoonsd.market.garch_fit import (
     GarchFit,
     cumulative_variance,
@@ -268,7 +268,7 @@ def test_quick_path_finds_the_corner_alpha_zero_beta_one(
     assert fit.method == "newton" and fit.status == "nonstationary"
     assert fit.alpha == 0.0 and fit.beta == 1.0
     with monkeypatch.context() as patch:
-        patch.setattr(garch_fit, "_NEWTON_MAX_ITERATIONS", 0)  # the full optimiser alone
+        patch.setattr(garch_newton, "_NEWTON_MAX_ITERATIONS", 0)  # the full optimiser alone
         full = fit_garch11(returns)
     assert full.method == "slsqp"
     assert fit.loglik >= full.loglik - 1e-9
@@ -284,23 +284,23 @@ def test_short_memory_derivatives_match_the_long_ones_and_finite_differences() -
     rng = np.random.default_rng(5)
     r = rng.standard_normal(500) * (1.0 + 0.5 * np.sin(np.arange(500) / 30.0))
     x = r * r / np.mean(r * r)
-    b = garch_fit._arch_backcast(x)
+    b = garch_likelihood.arch_backcast(x)
     xlag = np.concatenate(([b], x[:-1]))
     for beta in (0.45, 0.6, 0.9):  # both formulations are valid here
-        long = garch_fit._newton_terms(np.array((0.3, 0.1, beta)), x, xlag, b, True)
-        short = garch_fit._short_memory_terms(0.3, 0.1, beta, x, xlag, b, True)
+        long = garch_likelihood.newton_terms(np.array((0.3, 0.1, beta)), x, xlag, b, True)
+        short = garch_likelihood.short_memory_terms(0.3, 0.1, beta, x, xlag, b, True)
         assert short[0] == pytest.approx(long[0], rel=1e-14)
         for got, want in zip(short[1:], long[1:], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
     for beta in (0.0, 0.2):  # beta = 0: one-sided differences in beta
         params = np.array((0.5, 0.2, beta))
-        value, grad, hess, _ = garch_fit._short_memory_terms(*params, x, xlag, b, True)
+        value, grad, hess, _ = garch_likelihood.short_memory_terms(*params, x, xlag, b, True)
         assert grad is not None and hess is not None
         eps = 1e-6
         for i in range(3):
             up = params.copy()
             up[i] += eps
-            v_up, g_up, _, _ = garch_fit._short_memory_terms(*up, x, xlag, b, True)
+            v_up, g_up, _, _ = garch_likelihood.short_memory_terms(*up, x, xlag, b, True)
             assert (v_up - value) / eps == pytest.approx(grad[i], abs=2e-6)
             np.testing.assert_allclose((g_up - grad) / eps, hess[:, i], atol=2e-5)
 
@@ -326,7 +326,7 @@ def test_slsqp_takes_over_where_the_quick_path_gives_up(
 ) -> None:
     # One Newton iteration is too few from a cold start: the quick path gives up and nlopt's
     # SLSQP finds the optimum from the same start.
-    monkeypatch.setattr(garch_fit, "_NEWTON_MAX_ITERATIONS", 1)
+    monkeypatch.setattr(garch_newton, "_NEWTON_MAX_ITERATIONS", 1)
     returns = simulate_garch(500, 1e-6, 0.3, 0.0, seed=seed, innovations="normal")
     fit = fit_garch11(returns)
     assert fit.status == "ok" and fit.method == "slsqp"
