@@ -89,7 +89,7 @@ def grid_values(
         # every block (numpy's cumsum is a sequential loop, 2-3x slower here), plus the running
         # totals of the blocks before.
         blocks = (q_inverse * padded[0]).reshape(rows, m // _GRID_BLOCK, _GRID_BLOCK) @ grid.upper
-        blocks[:, 1:, :] += np.cumsum(blocks[:, :-1, -1], axis=1)[:, :, None]
+        blocks[:, 1:, :] += blocks[:, :-1, -1].cumsum(axis=1)[:, :, None]
         s2 = blocks.reshape(rows, m)
         s2 *= alpha_q
         s2 += target * omega_a
