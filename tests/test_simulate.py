@@ -35,7 +35,7 @@ from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.estimators import ESTIMATOR_NAMES
 from agentspoonsd.market.generator import Generator, symbol_seed
 from agentspoonsd.market.records import parse_replay_csv
-from agentspoonsd.market.simulate import simulate
+from agentspoonsd.market.simulate import simulate, write_jsonl
 from agentspoonsd.protocol import iso_utc, update_data
 from agentspoonsd.settings import GeneratorSettings
 
@@ -419,3 +419,23 @@ def test_cli_bad_arguments_exit_78_with_a_message(
     assert captured.out == ""
     assert captured.err.startswith("agentspoonsd: simulate: ")
     assert message in captured.err, captured.err
+
+
+def test_write_jsonl_is_one_orjson_dumps_per_record_in_any_batch() -> None:
+    """The batched serialisation splits one array at the records' boundaries: its bytes are
+    those of a call per record, across batch edges (600 records: 3 batches of 256, a partial
+    one), with the separator's text inside a string, and for records of another shape (the
+    fallback: their first key is not ``timestamp``)."""
+    spec = GeneratorSettings(
+        seed=3, warmup_bars=5, garch_fit={"window": 100, "refit_every": 50}
+    ).spec()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    records = list(simulate(spec, "BTC/USD", 600, start))
+    records[7] = {**records[7], "symbol": 'X},{"timestamp":"Y'}
+    others = [{"seq": i, "nested": [{"timestamp": i}, {"timestamp": i + 1}]} for i in range(300)]
+    for batch in (records, others, records[:1], []):
+        out = io.BytesIO()
+        assert write_jsonl(iter(batch), out) == len(batch)
+        expected = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in batch)
+        assert out.getvalue() == expected
+        assert out.getvalue().count(b"\n") == len(batch)

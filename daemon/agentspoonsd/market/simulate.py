@@ -81,17 +81,38 @@ def simulate(
 
 
 def write_jsonl(records: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
-    """One JSON object per line; returns the count."""
+    """One JSON object per line (orjson's compact form, keys in order); returns the count."""
     count = 0
-    lines: list[bytes] = []
+    batch: list[dict[str, Any]] = []
     for record in records:
-        lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-        if len(lines) >= 4096:
-            out.write(b"".join(lines))
-            count += len(lines)
-            lines.clear()
-    out.write(b"".join(lines))
-    return count + len(lines)
+        batch.append(record)
+        if len(batch) >= _JSONL_BATCH:
+            out.write(_json_lines(batch))
+            count += len(batch)
+            batch.clear()
+    out.write(_json_lines(batch))
+    return count + len(batch)
+
+
+_JSONL_BATCH = 256  # records per orjson call (larger batches measured slower: more live dicts)
+_RECORD_SEPARATOR = b'},{"timestamp":'
+
+
+def _json_lines(batch: list[dict[str, Any]]) -> bytes:
+    """``batch`` as JSON Lines, byte for byte what one ``orjson.dumps`` per record gives.
+
+    One call for the whole batch (about twice as fast as a call per record): the array
+    ``[{...},{...}]`` becomes lines by splitting at ``},{"timestamp":``, which occurs only
+    between two records whose first key is ``timestamp`` (as the updates' data is): inside a
+    string orjson writes the quote as ``\\"``. Where the lines do not come out one per record
+    (records of another shape), each record is serialised on its own.
+    """
+    if not batch:
+        return b""
+    body = orjson.dumps(batch)[1:-1].replace(_RECORD_SEPARATOR, b'}\n{"timestamp":')
+    if body.count(b"\n") == len(batch) - 1:
+        return body + b"\n"
+    return b"".join([orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in batch])
 
 
 def write_csv(records: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
