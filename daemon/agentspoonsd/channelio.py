@@ -1,0 +1,109 @@
+"""The Trio side of the master ↔ worker channel: one end of it, and the socket handoff.
+
+`ChannelEnd` writes through an `outbox.Outbox` (the clients' own write path: never blocks, a
+bounded backlog, a drain task only while behind) and reads whole messages (`channel`). The
+handoff is a second, SOCK_SEQPACKET socketpair per worker on which the master passes a
+connection it accepted (the HTTP port's `/ws`) with the bytes it already read: one datagram,
+the bytes as data, the descriptor as SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+from .channel import ChannelParser, Message
+from .outbox import Outbox, Spawn
+
+RECV_BYTES = 1 << 20
+HANDOFF_MAX_BYTES = 1 << 17  # an upgrade request's head; the HTTP server reads at most 64 KiB
+
+
+class ChannelEnd:
+    """One end of a channel socket. `send` never blocks; `receive` returns None at EOF."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        spawn: Spawn,
+        *,
+        max_bytes: int,
+        on_overflow: Callable[[], None],
+        on_failure: Callable[[], None],
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.outbox = Outbox(
+            sock, max_bytes=max_bytes, spawn=spawn, on_overflow=on_overflow, on_failure=on_failure
+        )
+        self._parser = ChannelParser()
+        self._ready: deque[Message] = deque()
+
+    def send(self, message: bytes) -> None:
+        """Write one encoded message (under the backlog cap)."""
+        self.outbox.write(message)
+
+    def send_many(self, messages: list[bytes]) -> None:
+        """Write messages back to back, exempt from the cap while queued (a history snapshot)."""
+        self.outbox.write_reply(messages)
+
+    async def receive(self) -> Message | None:
+        """The next message; None once the peer closed its end (or the socket failed). Raises
+        `channel.ChannelError` on bytes that are no message."""
+        while not self._ready:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return None
+            if not data:
+                return None
+            self._ready.extend(self._parser.feed(data))
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        self.outbox.detach()
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+def hand_over(handoff: socket.socket, sock: socket.socket, received: bytes) -> bool:
+    """Pass `sock` and the bytes already read from it to the worker at the other end of
+    `handoff`; False when the worker cannot take it now (its queue is full, it is gone). The
+    caller still owns (and closes) its copy of `sock` either way."""
+    fds = array.array("i", [sock.fileno()])
+    try:
+        handoff.sendmsg([received], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    except OSError:
+        return False
+    return True
+
+
+async def take_over(handoff: socket.socket) -> tuple[socket.socket, bytes] | None:
+    """The next connection passed on `handoff` with its bytes read so far; None at EOF."""
+    space = socket.CMSG_SPACE(array.array("i").itemsize)
+    while True:
+        await trio.lowlevel.wait_readable(handoff)
+        try:
+            data, ancillary, _, _ = handoff.recvmsg(
+                HANDOFF_MAX_BYTES, space, socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            continue
+        except OSError:
+            return None
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not fds:
+            if not data:
+                return None
+            continue  # bytes without a socket: nothing to serve
+        return socket.socket(fileno=fds[0]), data

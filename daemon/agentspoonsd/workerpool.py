@@ -1,0 +1,419 @@
+"""The master's fan-out workers (``[server] workers`` > 1): start, feed, supervise, drain them.
+
+`WorkerPool` stands where the `ws.WebSocketServer` stands in a single-process daemon, with the
+same surface for the daemon (`auth`, `limits`, `tls`, `listening`, `client_count`, `drain`,
+`close_token_connections`, `adopt_upgrade`): the daemon's reload, expiry, shutdown and HTTP
+code is the same for both. Behind it:
+
+- N worker processes (`worker`), each the same executable re-executed (``agentspoonsd _worker``;
+  a frozen binary runs itself), sharing the WebSocket listener the master bound or systemd
+  passed: the kernel gives each connection to one worker, and a worker that restarts finds the
+  connections queued meanwhile;
+- one channel per worker (`channel`): at start the worker's config and the master's history,
+  then every update as the master's hub encoded it (`Hub.tap`): one message per symbol's batch,
+  built once and written to every worker;
+- supervision: a worker that exits or stops reporting for WORKER_SILENT_AFTER seconds is killed
+  and started again (capped backoff, `supervisor.RestartPolicy`; past its crash budget the pool
+  raises CrashBudgetExceeded); its clients reconnect to the others and resume without a gap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import channel
+from .auth import TokenStore
+from .channelio import ChannelEnd, hand_over
+from .closecodes import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED
+from .connection import Limits, Log
+from .fleet import RoundRobin, StatsBook, WorkerConfig, worker_config
+from .history import Entry
+from .hub import Hub, deflated_frame
+from .metrics import Stats
+from .settings import Settings
+from .supervisor import CrashBudgetExceeded, RestartPolicy
+from .ws import _UNAVAILABLE, _send_and_close
+
+WORKER_SILENT_AFTER = 10.0  # seconds without a message before a worker counts as wedged
+CHANNEL_MAX_BYTES = 64 << 20  # a worker this far behind the stream is restarted
+# Not passed to workers: systemd's notifications are the master's alone.
+_MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def worker_command(index: int, listen_fd: int, channel_fd: int, handoff_fd: int) -> list[str]:
+    """The command line of worker `index`: this executable again (a frozen binary is its own
+    interpreter), with the hidden `_worker` command."""
+    frozen = getattr(sys, "frozen", False)
+    program = [sys.executable] if frozen else [sys.executable, "-m", "agentspoonsd"]
+    return [
+        *program,
+        "_worker",
+        f"--index={index}",
+        f"--listen-fd={listen_fd}",
+        f"--channel-fd={channel_fd}",
+        f"--handoff-fd={handoff_fd}",
+    ]
+
+
+@dataclass
+class Slot:
+    """One worker position: the process in it now (a restart reuses the slot)."""
+
+    index: int
+    process: trio.Process | None = None
+    link: ChannelEnd | None = None
+    handoff: socket.socket | None = None
+    ready: bool = False
+
+
+class WorkerPool:
+    """N fan-out worker processes behind the daemon's WebSocket listener (see the module)."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        hub: Hub,
+        auth: TokenStore,
+        limits: Limits,
+        stats: Stats,
+        log: Log,
+        *,
+        count: int,
+        settings: Callable[[], Settings],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._listener = listener
+        self._hub = hub
+        self._auth = auth
+        self._limits = limits
+        self._tls = tls
+        self._stats = stats
+        self._log = log
+        self._settings = settings
+        self.count = count
+        self.slots = [Slot(i) for i in range(count)]
+        self._live: list[Slot] = []  # slots whose worker has the history: updates go to them
+        self._book = StatsBook()
+        self._round_robin = RoundRobin()
+        self._draining = False
+        self._nursery: trio.Nursery | None = None
+        self._pending_closes: list[tuple[frozenset[str], int, str]] = []
+        self._config_dirty = False
+        self._flush_scheduled = False
+        s = settings().server
+        self._tls_files = _tls_files(s.tls_cert, s.tls_key) if tls is not None else None
+        hub.tap = self._forward
+
+    # The daemon's view, as of a WebSocketServer.
+
+    @property
+    def auth(self) -> TokenStore:
+        return self._auth
+
+    @auth.setter
+    def auth(self, auth: TokenStore) -> None:
+        self._auth = auth
+        self._changed()
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        self._limits = limits
+        self._changed()
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return self._tls
+
+    @tls.setter
+    def tls(self, tls: ssl.SSLContext | None) -> None:
+        self._tls = tls
+        self._changed()
+
+    @property
+    def listening(self) -> bool:
+        """True while every worker is up and accepting (what /readyz and READY=1 wait for)."""
+        return not self._draining and all(slot.ready for slot in self.slots)
+
+    @property
+    def client_count(self) -> int:
+        return sum(self._book.clients.values())
+
+    def subscriber_count(self) -> int:
+        return self._book.subscriber_count()
+
+    def close_token_connections(
+        self,
+        names: set[str] | frozenset[str],
+        code: int = CLOSE_TOKEN_REVOKED,
+        reason: str = "token revoked",
+    ) -> None:
+        """Have every worker close the connections of the tokens in `names`, after any config
+        change made just before (the same order as a single process). Returns None: each worker
+        logs its own count (`token_connections_closed`)."""
+        if names:
+            self._pending_closes.append((frozenset(names), code, reason))
+            self._schedule_flush()
+
+    def adopt_upgrade(self, sock: socket.socket, received: bytes) -> None:
+        """Pass a connection the HTTP port read a `/ws` request from to a ready worker (in
+        turn), which serves it as its own; 503 when none can take it. Takes `sock`."""
+        chosen = self._round_robin.pick([s.index for s in self._live if s.ready])
+        slot = None if chosen is None or self._draining else self.slots[chosen]
+        if slot is None or slot.handoff is None or not hand_over(slot.handoff, sock, received):
+            self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
+            self._book.merge_into(self._stats)
+            _send_and_close(sock, _UNAVAILABLE.response())
+            return
+        sock.close()
+
+    async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
+        """Stop accepting (the master's copy of the listener closes) and have every worker close
+        its clients (1001) and exit; return once all have. The caller bounds the wait."""
+        self._draining = True
+        trio.lowlevel.notify_closing(self._listener)
+        self._listener.close()
+        timeout = self._settings().server.shutdown_timeout
+        # The workers' deadline ends before the master's, which then still has time to exit.
+        message = channel.encode("drain", timeout=max(timeout - 1.0, timeout * 0.6), code=code)
+        for slot in self._live:
+            assert slot.link is not None
+            slot.link.send(message)
+        for slot in self.slots:  # no restart while draining: each slot's last process
+            if slot.process is not None:
+                await slot.process.wait()
+
+    def collector(self) -> Collector:
+        """Per-worker series for /metrics."""
+        return _WorkerCollector(self)
+
+    # The workers.
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every worker and keep each running until cancelled or drained. Reports started
+        at once: readiness (`listening`) follows the workers."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for slot in self.slots:
+                    nursery.start_soon(self._keep_running, slot)
+                task_status.started()
+                # Drained, every worker gone: stay (not a service that exited) until cancelled.
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def _keep_running(self, slot: Slot) -> None:
+        policy = RestartPolicy()
+        while not self._draining:
+            began = trio.current_time()
+            await self._run_once(slot)
+            if self._draining:
+                return
+            now = trio.current_time()
+            delay = policy.on_crash(now, now - began)
+            if delay is None:
+                name = f"worker {slot.index}"
+                raise CrashBudgetExceeded(name, policy.recent_crashes, policy.window)
+            self._stats.service_restarts["worker"] += 1
+            self._log.warning("worker_restarting", worker=slot.index, delay_s=round(delay, 3))
+            await trio.sleep(delay)
+
+    async def _run_once(self, slot: Slot) -> None:
+        """Start the worker of `slot`, feed it, and return once it has exited."""
+        assert self._nursery is not None
+        parent_link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent_handoff, child_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds = (self._listener.fileno(), child_link.fileno(), child_handoff.fileno())
+        env = {k: v for k, v in os.environ.items() if k not in _MASTER_ONLY_ENV}
+        try:
+            process = await trio.lowlevel.open_process(
+                worker_command(slot.index, *fds), pass_fds=fds, stdin=subprocess.DEVNULL, env=env
+            )
+        except BaseException:
+            parent_link.close()
+            parent_handoff.close()
+            raise
+        finally:
+            child_link.close()
+            child_handoff.close()
+        parent_handoff.setblocking(False)
+        link = ChannelEnd(
+            parent_link,
+            self._nursery.start_soon,
+            max_bytes=CHANNEL_MAX_BYTES,
+            on_overflow=lambda: self._lagging(slot),
+            on_failure=lambda: None,
+        )
+        slot.process, slot.link, slot.handoff = process, link, parent_handoff
+        # Synchronous from here to `_live`: no update can fall between the snapshot and the
+        # stream that follows it.
+        link.send(channel.encode("config", [self._config().dump()]))
+        link.send_many(self._snapshot())
+        link.send(channel.encode("start"))
+        self._live.append(slot)
+        self._log.info("worker_started", worker=slot.index, pid=process.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, slot, link, process)
+                await process.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._live.remove(slot)
+            slot.ready = False
+            link.close()
+            parent_handoff.close()
+            slot.link = slot.handoff = None
+            self._book.retire(slot.index)
+            self._book.merge_into(self._stats)
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+        level = "info" if self._draining and process.returncode == 0 else "warning"
+        getattr(self._log, level)(
+            "worker_exited", worker=slot.index, pid=process.pid, status=process.returncode
+        )
+
+    async def _listen(self, slot: Slot, link: ChannelEnd, process: trio.Process) -> None:
+        """The worker's messages, until EOF; a worker silent too long, or speaking nonsense, is
+        killed (the caller's `process.wait()` then returns)."""
+        while True:
+            message = None
+            with trio.move_on_after(WORKER_SILENT_AFTER) as silent:
+                try:
+                    message = await link.receive()
+                except channel.ChannelError as exc:
+                    self._log.error("worker_channel_error", worker=slot.index, error=str(exc))
+                    process.kill()
+                    return
+            if silent.cancelled_caught:
+                self._log.error(
+                    "worker_unresponsive", worker=slot.index, silent_s=WORKER_SILENT_AFTER
+                )
+                process.kill()
+                return
+            if message is None:
+                return
+            if message.kind == "ready":
+                slot.ready = True
+                self._log.info("worker_ready", worker=slot.index, pid=process.pid)
+            elif message.kind == "stats":
+                header = message.header
+                self._book.report(slot.index, header["stats"], int(header["subscribers"]))
+                self._book.merge_into(self._stats)
+
+    def _lagging(self, slot: Slot) -> None:
+        """A worker's channel backlog passed CHANNEL_MAX_BYTES: it cannot keep up; restart it
+        (its clients resume on the others) rather than hold the stream for it."""
+        self._log.error("worker_lagging", worker=slot.index, queued_bytes=CHANNEL_MAX_BYTES)
+        if slot.process is not None and slot.process.returncode is None:
+            slot.process.kill()
+
+    def _snapshot(self) -> list[bytes]:
+        """One `history` message per symbol: the retained frames, oldest first."""
+        messages = []
+        for symbol in self._hub.symbols:
+            ring = self._hub.history[symbol]
+            entries = ring.last(len(ring))
+            first = entries[0].seq if entries else ring.next_seq
+            frames = [e.frame for e in entries]
+            messages.append(channel.encode("history", frames, s=symbol, q=first))
+        return messages
+
+    def _forward(self, symbol: str, updates: list[tuple[bytes, Entry]]) -> None:
+        """`Hub.tap`: one message for the batch, encoded once, written to every worker."""
+        if not self._live:
+            return
+        entries = [entry for _, entry in updates]
+        deflated = [deflated_frame(e) for e in entries] if self._limits.permessage_deflate else []
+        frames = [e.frame for e in entries]
+        message = channel.encode_update(symbol, entries[0].seq, frames, deflated)
+        for slot in self._live:
+            slot.link.send(message)  # type: ignore[union-attr]
+
+    def _config(self) -> WorkerConfig:
+        s = self._settings()
+        if self._tls is not None and s.server.tls_cert is not None:
+            self._tls_files = _tls_files(s.server.tls_cert, s.server.tls_key)
+        return worker_config(
+            self._auth.specs(),
+            self._auth.enabled,
+            self._limits,
+            self._tls_files if self._tls is not None else None,
+            s.log.level,
+            self.count,
+            log_format=s.log.format,
+            symbols=self._hub.symbols,
+            history_size=s.history.size,
+        )
+
+    def _changed(self) -> None:
+        self._config_dirty = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Send what changed once the current step is over: a reload sets the store, the limits
+        and TLS one after another (and the daemon its settings after them), then closes the
+        revoked tokens; the workers get one `config` and then the closes, in that order."""
+        if self._flush_scheduled or self._nursery is None:
+            return
+        self._flush_scheduled = True
+        self._nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        self._flush_scheduled = False
+        messages = []
+        if self._config_dirty:
+            self._config_dirty = False
+            messages.append(channel.encode("config", [self._config().dump()]))
+        for names, code, reason in self._pending_closes:
+            messages.append(
+                channel.encode("close_tokens", names=sorted(names), code=code, reason=reason)
+            )
+        self._pending_closes.clear()
+        for slot in self._live:
+            for message in messages:
+                slot.link.send(message)  # type: ignore[union-attr]
+
+
+def _tls_files(cert: Any, key: Any) -> tuple[str, str] | None:
+    return None if cert is None or key is None else (str(cert), str(key))
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._pool
+        yield GaugeMetricFamily(
+            "agentspoonsd_workers", "Fan-out worker processes configured.", value=pool.count
+        )
+        yield GaugeMetricFamily(
+            "agentspoonsd_workers_ready",
+            "Fan-out workers up and accepting (below agentspoonsd_workers: /readyz is 503).",
+            value=sum(1 for slot in pool.slots if slot.ready),
+        )
+        clients = GaugeMetricFamily(
+            "agentspoonsd_worker_clients",
+            "WebSocket clients connected, per worker.",
+            labels=["worker"],
+        )
+        for slot in pool.slots:
+            clients.add_metric([str(slot.index)], pool._book.clients.get(slot.index, 0))
+        yield clients
