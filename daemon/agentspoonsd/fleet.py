@@ -150,7 +150,7 @@ class StatsBook:
     def merge_into(self, stats: Stats) -> None:
         """Set the worker counters of `stats` (the master's) to the sum over all workers ever."""
         total = Stats()
-        _add(total, dataclasses.asdict(self._retired))
+        _add(total, report_fields(self._retired))
         for report in self.current.values():
             _add(total, report)
         for name in WORKER_COUNTERS:
