@@ -150,6 +150,10 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume(daemon_factor
                 seen += await updates(ws, 1)
     restarted = await daemon.wait_for("worker_exited", worker=1)
     assert restarted["status"] == -signal.SIGKILL
+    # Not ready while it is down (its restart takes the time of a process start).
+    status, _, body = await http_get(http_port, "/readyz")
+    assert status == 503, body
+    assert "1 of 2 workers not serving (worker 1)" in json.loads(body)["reasons"]
     await daemon.wait_for("worker_restarting", worker=1)
     resume = f"{url}?resume={quote('BTC/USD:' + str(seen[-1][1]), safe='')}"
     async with open_websocket_url(resume) as ws:
@@ -227,3 +231,20 @@ def _alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by the init process) counts as ended.
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_the_http_ports_ws_is_handed_to_the_workers_in_turn(daemon_factory) -> None:
+    token = new_token()
+    daemon = daemon_factory(workers_config(tokens={"dashboard": token}))
+    _, http_port, _ = await started(daemon)
+    url = f"ws://127.0.0.1:{http_port}/ws?access_token={token}"
+    served_by = []
+    for _ in range(2):
+        async with open_websocket_url(url) as ws:
+            seen = await updates(ws, 2)
+            served_by.append(worker_of(daemon, ws.local.port))
+        assert_in_order(seen)
+    assert sorted(served_by) == [0, 1]  # type: ignore[type-var]
+    # Refused as on the WebSocket port: by the worker, with the same answer.
+    status, _, _ = await http_get(http_port, "/ws")
+    assert status == 426

@@ -320,6 +320,9 @@ class Daemon:
             last_update_age=lambda: self._age(hub),
             interval=lambda: self.settings.generator.interval,
             broker_problem=lambda: broker.problem if broker is not None else None,
+            workers_problem=lambda: (
+                websocket.problem() if isinstance(websocket, WorkerPool) else None
+            ),
         )
         registry = make_registry(
             self.stats,

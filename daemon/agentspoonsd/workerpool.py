@@ -149,6 +149,14 @@ class WorkerPool:
         """True while every worker is up and accepting (what /readyz and READY=1 wait for)."""
         return not self._draining and all(slot.ready for slot in self.slots)
 
+    def problem(self) -> str | None:
+        """Why not every worker serves (a /readyz reason), or None."""
+        down = [slot.index for slot in self.slots if not slot.ready]
+        if not down or self._draining:
+            return None
+        listed = ", ".join(map(str, down))
+        return f"{len(down)} of {self.count} workers not serving (worker {listed})"
+
     @property
     def client_count(self) -> int:
         return sum(self._book.clients.values())
