@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
+import socket
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -248,3 +251,18 @@ async def test_the_http_ports_ws_is_handed_to_the_workers_in_turn(daemon_factory
     # Refused as on the WebSocket port: by the worker, with the same answer.
     status, _, _ = await http_get(http_port, "/ws")
     assert status == 426
+
+
+async def test_systemd_hears_ready_only_once_every_worker_serves(daemon_factory) -> None:
+    name = f"agentspoonsd-workers-{os.getpid()}-{secrets.token_hex(4)}"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        await sock.bind("\0" + name)
+        daemon = daemon_factory(
+            workers_config(auth_enabled=False), env={"NOTIFY_SOCKET": "@" + name}
+        )
+        with trio.fail_after(20):
+            while (await sock.recv(4096)).split(b"\n")[0] != b"READY=1":
+                pass
+        heard = datetime.now(UTC)
+    ready = [await daemon.wait_for("worker_ready", worker=index) for index in (0, 1)]
+    assert all(datetime.fromisoformat(e["timestamp"]) <= heard for e in ready)
