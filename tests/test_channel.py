@@ -12,7 +12,7 @@ import trio
 
 from agentspoonsd import channel
 from agentspoonsd.channel import ChannelError, ChannelParser, encode, encode_update, update_parts
-from agentspoonsd.channelio import hand_over, take_over
+from agentspoonsd.channelio import ACCEPTED, UPGRADE, hand_over, take_over
 
 
 def test_a_message_round_trips_with_its_parts_as_given() -> None:
@@ -78,12 +78,16 @@ async def test_a_connection_is_handed_over_with_the_bytes_already_read() -> None
     worker.setblocking(False)
     client, served = socket.socketpair()
     with master, worker, client, served:
-        assert hand_over(master, served, b"GET /ws HTTP/1.1\r\n\r\n")
+        assert hand_over(master, served, ACCEPTED)
+        assert hand_over(master, served, UPGRADE, b"GET /ws HTTP/1.1\r\n\r\n")
+        first = await take_over(worker)
+        assert first is not None and first[1:] == (ACCEPTED, b"")
+        first[0].close()
         taken = await take_over(worker)
         assert taken is not None
-        sock, received = taken
+        sock, kind, received = taken
         with sock:
-            assert received == b"GET /ws HTTP/1.1\r\n\r\n"
+            assert (kind, received) == (UPGRADE, b"GET /ws HTTP/1.1\r\n\r\n")
             sock.send(b"answer")  # the worker's copy writes to the same connection
             assert client.recv(10) == b"answer"
         master.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agentspoonsd.auth import TokenSpec, TokenStore
 from agentspoonsd.fleet import (
-    RoundRobin,
+    Placement,
     StatsBook,
     WorkerConfig,
     report_fields,
@@ -92,9 +92,18 @@ def test_labelled_counters_add_up_by_label() -> None:
     assert stats.rejected_upgrades == {"unavailable": 1}
 
 
-def test_handed_over_connections_go_to_ready_workers_in_turn() -> None:
-    turn = RoundRobin()
-    assert [turn.pick([0, 1, 2]) for _ in range(4)] == [0, 1, 2, 0]
-    assert turn.pick([2]) == 2
-    assert turn.pick([0, 2]) == 0
-    assert turn.pick([]) is None
+def test_a_connection_goes_to_the_ready_worker_with_the_fewest_clients() -> None:
+    placement = Placement()
+    placement.reported(0, 10)
+    placement.reported(1, 7)
+    picks = []
+    for _ in range(6):  # a burst between two reports: counted as handed
+        chosen = placement.pick([0, 1])
+        assert chosen is not None
+        placement.handed(chosen)
+        picks.append(chosen)
+    assert picks == [1, 1, 1, 0, 1, 0]  # 7 → 10 first, then in turn (ties: the lowest)
+    placement.forget(1)  # restarted empty: it takes the new ones until it catches up
+    assert [placement.pick([0, 1]) for _ in range(2)] == [1, 1]
+    assert placement.pick([0]) == 0
+    assert placement.pick([]) is None

@@ -2,14 +2,15 @@
 
 `ChannelEnd` writes through an `outbox.Outbox` (the clients' own write path: never blocks, a
 bounded backlog, a drain task only while behind) and reads whole messages (`channel`). The
-handoff is a second, SOCK_SEQPACKET socketpair per worker on which the master passes a
-connection it accepted (the HTTP port's `/ws`) with the bytes it already read: one datagram,
-the bytes as data, the descriptor as SCM_RIGHTS.
+handoff is a second, SOCK_SEQPACKET socketpair per worker on which the master passes each
+connection it accepted: one datagram per connection, a tag (and for the HTTP port's `/ws` the
+request already read) as data, the descriptor as SCM_RIGHTS.
 """
 
 from __future__ import annotations
 
 import array
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import trio
 from .channel import ChannelParser, Message
 from .outbox import Outbox, Spawn
 
-RECV_BYTES = 1 << 20
+RECV_BYTES = 1 << 18  # also bounds the updates a worker behind takes in one batch
 HANDOFF_MAX_BYTES = 1 << 17  # an upgrade request's head; the HTTP server reads at most 64 KiB
 
 
@@ -67,26 +68,42 @@ class ChannelEnd:
             self._ready.extend(self._parser.feed(data))
         return self._ready.popleft()
 
+    async def receive_all(self) -> list[Message] | None:
+        """Every message received so far, at least one (waiting for it); None at EOF."""
+        first = await self.receive()
+        if first is None:
+            return None
+        batch = [first, *self._ready]
+        self._ready.clear()
+        return batch
+
     def close(self) -> None:
         self.outbox.detach()
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
 
 
-def hand_over(handoff: socket.socket, sock: socket.socket, received: bytes) -> bool:
-    """Pass `sock` and the bytes already read from it to the worker at the other end of
-    `handoff`; False when the worker cannot take it now (its queue is full, it is gone). The
-    caller still owns (and closes) its copy of `sock` either way."""
+ACCEPTED = b"A"  # a connection the master accepted: nothing read yet, TLS as the port has it
+UPGRADE = b"U"  # the HTTP port's /ws: the request follows the tag, already read (always plain)
+
+
+def hand_over(
+    handoff: socket.socket, sock: socket.socket, kind: bytes, received: bytes = b""
+) -> bool:
+    """Pass `sock` (ACCEPTED, or an UPGRADE with the bytes already read from it) to the worker at
+    the other end of `handoff`; False when the worker cannot take it now (its queue is full, it
+    is gone). The caller still owns (and closes) its copy of `sock` either way."""
     fds = array.array("i", [sock.fileno()])
     try:
-        handoff.sendmsg([received], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        handoff.sendmsg([kind + received], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
     except OSError:
         return False
     return True
 
 
-async def take_over(handoff: socket.socket) -> tuple[socket.socket, bytes] | None:
-    """The next connection passed on `handoff` with its bytes read so far; None at EOF."""
+async def take_over(handoff: socket.socket) -> tuple[socket.socket, bytes, bytes] | None:
+    """The next connection passed on `handoff`: (socket, kind, bytes read so far); None at
+    EOF."""
     space = socket.CMSG_SPACE(array.array("i").itemsize)
     while True:
         await trio.lowlevel.wait_readable(handoff)
@@ -106,4 +123,6 @@ async def take_over(handoff: socket.socket) -> tuple[socket.socket, bytes] | Non
             if not data:
                 return None
             continue  # bytes without a socket: nothing to serve
-        return socket.socket(fileno=fds[0]), data
+        for extra in fds[1:]:  # one socket per datagram; anything else is not ours to keep
+            os.close(extra)
+        return socket.socket(fileno=fds[0]), data[:1], data[1:]

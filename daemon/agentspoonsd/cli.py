@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     tools.add_commands(commands)
     # Hidden (no help): how a master with `[server] workers` > 1 starts each worker process.
     worker = commands.add_parser("_worker")
-    for option in ("--index", "--listen-fd", "--channel-fd", "--handoff-fd"):
+    for option in ("--index", "--channel-fd", "--handoff-fd"):
         worker.add_argument(option, type=int, required=True)
     return parser
 
@@ -512,7 +512,7 @@ def _worker(args: argparse.Namespace) -> int:
     from .worker import run_worker
 
     tune_gc()
-    return run_worker(args.index, args.listen_fd, args.channel_fd, args.handoff_fd)
+    return run_worker(args.index, args.channel_fd, args.handoff_fd)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
   configured value by at most workers - 1);
 - the counters the workers report, summed into the master's `Stats` for /metrics and systemd's
   STATUS= line, with what workers that died had counted kept (counters never go backwards);
-- which worker gets a connection the HTTP port hands over (`/ws`).
+- which worker gets each connection the master accepts (`Placement`).
 """
 
 from __future__ import annotations
@@ -180,17 +180,35 @@ def _add(total: Stats, report: dict[str, Any]) -> None:
         counter.update({str(k): int(v) for k, v in (report.get(name) or {}).items()})
 
 
-class RoundRobin:
-    """Picks the next of the ready workers in turn (the HTTP port's `/ws` connections)."""
+class Placement:
+    """Which worker gets the next connection: the ready one with the fewest clients, counting
+    those handed to it since its last report (reports come once a second; a burst of
+    connections in between is spread by what was handed). Ties go to the lowest slot.
+
+    Counting, not turns: a worker that restarts empty takes the new connections until it has
+    as many as the others, instead of staying behind for good.
+    """
 
     def __init__(self) -> None:
-        self._last = -1
+        self._reported: dict[int, int] = {}
+        self._handed: dict[int, int] = {}
 
-    def pick(self, ready: list[int]) -> int | None:
-        """The slot after the last one picked among `ready` (sorted here); None when empty."""
-        if not ready:
-            return None
-        ordered = sorted(ready)
-        chosen = next((slot for slot in ordered if slot > self._last), ordered[0])
-        self._last = chosen
-        return chosen
+    def reported(self, slot: int, clients: int) -> None:
+        self._reported[slot] = clients
+        self._handed[slot] = 0
+
+    def handed(self, slot: int) -> None:
+        self._handed[slot] = self._handed.get(slot, 0) + 1
+
+    def forget(self, slot: int) -> None:
+        """The worker in `slot` ended: its replacement starts from nothing."""
+        self._reported.pop(slot, None)
+        self._handed.pop(slot, None)
+
+    def pick(self, ready: Iterable[int]) -> int | None:
+        """The slot to hand the next connection to, among `ready`; None when empty."""
+        return min(
+            ready,
+            key=lambda slot: (self._reported.get(slot, 0) + self._handed.get(slot, 0), slot),
+            default=None,
+        )

@@ -1,9 +1,9 @@
-"""A fan-out worker process (``[server] workers`` > 1): serves clients on the shared listener.
+"""A fan-out worker process (``[server] workers`` > 1): serves the clients its master gives it.
 
-Started by the master (`workerpool`) as ``agentspoonsd _worker`` with three inherited
-descriptors: the WebSocket listener (shared by every worker: the kernel hands each accepted
-connection to one of them), its channel and its handoff socket. Everything it knows comes over
-the channel, in order:
+Started by the master (`workerpool`) as ``agentspoonsd _worker`` with two inherited
+descriptors: its channel and its handoff socket, on which the master passes each connection it
+accepted for this worker (`channelio.hand_over`). Everything it knows comes over the channel,
+in order:
 
 1. `config` (`fleet.WorkerConfig`): tokens, limits (its share), TLS files, log settings;
 2. `history`, one per symbol: the master's retained frames, so `history`, `resume` and `reset`
@@ -58,11 +58,8 @@ def _tls(config: WorkerConfig) -> ssl.SSLContext | None:
 class Worker:
     """One worker process's state; `run` serves until drained."""
 
-    def __init__(
-        self, index: int, listener: socket.socket, link: socket.socket, handoff: socket.socket
-    ) -> None:
+    def __init__(self, index: int, link: socket.socket, handoff: socket.socket) -> None:
         self.index = index
-        self._listener = listener
         self._link_sock = link
         self._handoff = handoff
         self.stats = Stats()
@@ -90,7 +87,7 @@ class Worker:
             _, unused = trio.open_memory_channel[list[Bar]](0)
             hub = Hub(list(config.symbols), unused, self.stats, history=history)
             websocket = WebSocketServer(
-                self._listener,
+                None,  # the master accepts, and hands each connection over
                 hub,
                 TokenStore(config.tokens, enabled=config.auth_enabled),
                 config.limits,
@@ -157,22 +154,31 @@ class Worker:
     async def _follow(
         self, link: channelio.ChannelEnd, hub: Hub, websocket: WebSocketServer
     ) -> float | None:
-        """Apply the master's messages until `drain` (its timeout) or EOF (None)."""
+        """Apply the master's messages until `drain` (its timeout) or EOF (None).
+
+        Messages are taken in batches of what has arrived, and one symbol's consecutive updates
+        of a batch are published together: a worker that fell behind catches up with several
+        updates per client write, as the single process's hub does, and checkpoints between
+        batches (never a whole backlog without one).
+        """
         while True:
-            message = await link.receive()
-            if message is None:
+            batch = await link.receive_all()
+            if batch is None:
                 self._log.warning("worker_master_gone")
                 return None
-            kind = message.kind
-            if kind == "update":
-                frames, deflated = channel.update_parts(message)
-                hub.publish_frames(message.header["s"], int(message.header["q"]), frames, deflated)
-            elif kind == "config":
-                self._apply(websocket, WorkerConfig.load(message.parts[0]))
-            elif kind == "close_tokens":
-                self._close_tokens(websocket, message.header)
-            elif kind == "drain":
-                return float(message.header.get("timeout", DEFAULT_DRAIN_TIMEOUT))
+            pending: dict[str, Batch] = {}
+            for message in batch:
+                if message.kind == "update":
+                    _gather(hub, pending, message)
+                    continue
+                _publish(hub, pending)  # what came before it, first
+                if message.kind == "config":
+                    self._apply(websocket, WorkerConfig.load(message.parts[0]))
+                elif message.kind == "close_tokens":
+                    self._close_tokens(websocket, message.header)
+                elif message.kind == "drain":
+                    return float(message.header.get("timeout", DEFAULT_DRAIN_TIMEOUT))
+            _publish(hub, pending)
 
     def _apply(self, websocket: WebSocketServer, config: WorkerConfig) -> None:
         """A reload the master applied: the new store first (a revoked token can no longer
@@ -217,21 +223,48 @@ class Worker:
         )
 
     async def _handoff_loop(self, websocket: WebSocketServer) -> None:
-        """Serve the connections the master hands over (its HTTP port's `/ws`)."""
+        """Serve the connections the master hands over: accepted on the WebSocket port, or
+        read from its HTTP port's `/ws`."""
         while True:
             taken = await channelio.take_over(self._handoff)
             if taken is None:
                 return
-            websocket.adopt_upgrade(*taken)
+            sock, kind, received = taken
+            if kind == channelio.UPGRADE:
+                websocket.adopt_upgrade(sock, received)
+            else:
+                websocket.adopt_accepted(sock)
 
 
-def run_worker(index: int, listen_fd: int, channel_fd: int, handoff_fd: int) -> int:
+Batch = tuple[int, list[bytes], list[bytes | None]]  # first seq, frames, compressed frames
+
+
+def _gather(hub: Hub, pending: dict[str, Batch], message: channel.Message) -> None:
+    """Add an `update` message to its symbol's batch, or publish that batch first when the
+    update does not follow it (a discontinuity: `Hub.publish_frames` restarts the ring)."""
+    symbol, seq = message.header["s"], int(message.header["q"])
+    frames, deflated = channel.update_parts(message)
+    batch = pending.get(symbol)
+    if batch is not None and batch[0] + len(batch[1]) == seq:
+        batch[1].extend(frames)
+        batch[2].extend(deflated)
+        return
+    if batch is not None:
+        hub.publish_frames(symbol, *batch)
+    pending[symbol] = (seq, list(frames), list(deflated))
+
+
+def _publish(hub: Hub, pending: dict[str, Batch]) -> None:
+    for symbol, batch in pending.items():
+        hub.publish_frames(symbol, *batch)
+    pending.clear()
+
+
+def run_worker(index: int, channel_fd: int, handoff_fd: int) -> int:
     """The `_worker` command: serve as worker `index` on the inherited descriptors."""
-    listener = socket.socket(fileno=listen_fd)
-    listener.setblocking(False)
     link = socket.socket(fileno=channel_fd)
     handoff = socket.socket(fileno=handoff_fd)
     handoff.setblocking(False)
     structlog.contextvars.bind_contextvars(worker=index)
-    worker = Worker(index, listener, link, handoff)
+    worker = Worker(index, link, handoff)
     return trio.run(worker.run)

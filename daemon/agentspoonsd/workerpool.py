@@ -24,6 +24,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,16 +35,17 @@ from prometheus_client.registry import Collector
 
 from . import channel
 from .auth import TokenStore
-from .channelio import ChannelEnd, hand_over
+from .channelio import ACCEPTED, UPGRADE, ChannelEnd, hand_over
 from .closecodes import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED
 from .connection import Limits, Log
-from .fleet import RoundRobin, StatsBook, WorkerConfig, worker_config
+from .fleet import Placement, StatsBook, WorkerConfig, worker_config
 from .history import Entry
+from .httppolicy import format_address
 from .hub import Hub, deflated_frame
 from .metrics import Stats
 from .settings import Settings
 from .supervisor import CrashBudgetExceeded, RestartPolicy
-from .ws import _UNAVAILABLE, _send_and_close
+from .ws import _UNAVAILABLE, ACCEPT_ROUND_SECONDS, _send_and_close
 
 WORKER_SILENT_AFTER = 10.0  # seconds without a message before a worker counts as wedged
 CHANNEL_MAX_BYTES = 64 << 20  # a worker this far behind the stream is restarted
@@ -51,7 +53,7 @@ CHANNEL_MAX_BYTES = 64 << 20  # a worker this far behind the stream is restarted
 _MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
-def worker_command(index: int, listen_fd: int, channel_fd: int, handoff_fd: int) -> list[str]:
+def worker_command(index: int, channel_fd: int, handoff_fd: int) -> list[str]:
     """The command line of worker `index`: this executable again (a frozen binary is its own
     interpreter), with the hidden `_worker` command."""
     frozen = getattr(sys, "frozen", False)
@@ -60,7 +62,6 @@ def worker_command(index: int, listen_fd: int, channel_fd: int, handoff_fd: int)
         *program,
         "_worker",
         f"--index={index}",
-        f"--listen-fd={listen_fd}",
         f"--channel-fd={channel_fd}",
         f"--handoff-fd={handoff_fd}",
     ]
@@ -105,9 +106,11 @@ class WorkerPool:
         self.slots = [Slot(i) for i in range(count)]
         self._live: list[Slot] = []  # slots whose worker has the history: updates go to them
         self._book = StatsBook()
-        self._round_robin = RoundRobin()
+        self._placement = Placement()
+        self._accept_errors = 0
         self._draining = False
         self._nursery: trio.Nursery | None = None
+        self._accepting: trio.CancelScope | None = None
         self._pending_closes: list[tuple[frozenset[str], int, str]] = []
         self._config_dirty = False
         self._flush_scheduled = False
@@ -178,21 +181,16 @@ class WorkerPool:
             self._schedule_flush()
 
     def adopt_upgrade(self, sock: socket.socket, received: bytes) -> None:
-        """Pass a connection the HTTP port read a `/ws` request from to a ready worker (in
-        turn), which serves it as its own; 503 when none can take it. Takes `sock`."""
-        chosen = self._round_robin.pick([s.index for s in self._live if s.ready])
-        slot = None if chosen is None or self._draining else self.slots[chosen]
-        if slot is None or slot.handoff is None or not hand_over(slot.handoff, sock, received):
-            self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
-            self._book.merge_into(self._stats)
-            _send_and_close(sock, _UNAVAILABLE.response())
-            return
-        sock.close()
+        """Pass a connection the HTTP port read a `/ws` request from to a worker, as an accepted
+        one (`_dispatch`); the worker serves it as its own. Takes `sock`."""
+        self._dispatch(sock, UPGRADE, received)
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Stop accepting (the master's copy of the listener closes) and have every worker close
         its clients (1001) and exit; return once all have. The caller bounds the wait."""
         self._draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
         trio.lowlevel.notify_closing(self._listener)
         self._listener.close()
         timeout = self._settings().server.shutdown_timeout
@@ -219,11 +217,70 @@ class WorkerPool:
                 self._nursery = nursery
                 for slot in self.slots:
                     nursery.start_soon(self._keep_running, slot)
+                self._accepting = trio.CancelScope()
+                nursery.start_soon(self._accept_loop, self._accepting)
                 task_status.started()
                 # Drained, every worker gone: stay (not a service that exited) until cancelled.
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+
+    async def _accept_loop(self, scope: trio.CancelScope) -> None:
+        """Accept on the WebSocket port and hand each connection to a worker, until drained.
+
+        In rounds, as the single process accepts, each ended by a checkpoint. While no worker
+        is ready nothing is accepted: connections wait in the kernel's queue (`listen_backlog`)
+        for one, rather than being refused.
+        """
+        with scope:
+            listener = self._listener
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                if not any(slot.ready for slot in self._live):
+                    await trio.sleep(0.05)
+                    continue
+                round_ends = time.perf_counter() + ACCEPT_ROUND_SECONDS
+                while time.perf_counter() < round_ends:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:  # EMFILE and friends: back off, keep serving
+                        self._accept_failed(exc)
+                        await trio.sleep(0.1)
+                        break
+                    self._dispatch(sock, ACCEPTED)
+                await trio.lowlevel.checkpoint()
+
+    def _dispatch(self, sock: socket.socket, kind: bytes, received: bytes = b"") -> None:
+        """Hand `sock` to the ready worker with the fewest clients (`fleet.Placement`), or the
+        next one when that one's queue is full; 503 when none can take it. Takes `sock`."""
+        tried: set[int] = set()
+        while True:
+            ready = [s.index for s in self._live if s.ready and s.index not in tried]
+            chosen = None if self._draining else self._placement.pick(ready)
+            if chosen is None:
+                self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
+                self._book.merge_into(self._stats)
+                _send_and_close(sock, _UNAVAILABLE.response())
+                return
+            handoff = self.slots[chosen].handoff
+            if handoff is not None and hand_over(handoff, sock, kind, received):
+                self._placement.handed(chosen)
+                sock.close()  # the worker has its own copy
+                return
+            tried.add(chosen)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log a failed accept() at most once a second (out of descriptors, it repeats)."""
+        self._accept_errors += 1
+        if self._accept_errors == 1 or self._accept_errors % 100 == 0:
+            self._log.warning(
+                "accept_failed",
+                error=str(exc),
+                failures=self._accept_errors,
+                address=format_address(self._listener.getsockname()),
+            )
 
     async def _keep_running(self, slot: Slot) -> None:
         policy = RestartPolicy()
@@ -246,7 +303,7 @@ class WorkerPool:
         assert self._nursery is not None
         parent_link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent_handoff, child_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = (self._listener.fileno(), child_link.fileno(), child_handoff.fileno())
+        fds = (child_link.fileno(), child_handoff.fileno())
         env = {k: v for k, v in os.environ.items() if k not in _MASTER_ONLY_ENV}
         try:
             process = await trio.lowlevel.open_process(
@@ -287,6 +344,7 @@ class WorkerPool:
             parent_handoff.close()
             slot.link = slot.handoff = None
             self._book.retire(slot.index)
+            self._placement.forget(slot.index)
             self._book.merge_into(self._stats)
             if process.returncode is None:
                 process.kill()
@@ -323,6 +381,7 @@ class WorkerPool:
             elif message.kind == "stats":
                 header = message.header
                 self._book.report(slot.index, header["stats"], int(header["subscribers"]))
+                self._placement.reported(slot.index, self._book.clients[slot.index])
                 self._book.merge_into(self._stats)
 
     def _lagging(self, slot: Slot) -> None:

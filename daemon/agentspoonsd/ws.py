@@ -266,6 +266,9 @@ class WebSocketServer:
     outbox's drain task, which exists while that client lags, and one per closing client
     waiting for its last bytes to leave.
 
+    Without a `listener` (a fan-out worker: its master accepts) it accepts nothing itself and
+    serves the connections given to `adopt_accepted` and `adopt_upgrade`.
+
     `auth`, `limits` and `tls` (the SSLContext of wss://, None for ws://) are replaced wholesale
     on reload; each new connection reads the current ones and established connections are left
     alone (a TLS connection keeps the certificate it was served).
@@ -273,7 +276,7 @@ class WebSocketServer:
 
     def __init__(
         self,
-        listener: socket.socket,
+        listener: socket.socket | None,
         hub: Hub,
         auth: TokenStore,
         limits: Limits,
@@ -415,8 +418,9 @@ class WebSocketServer:
         self.listening = False
         # Final: close the listening socket so new connections are refused at once instead of
         # waiting in the kernel's accept queue for a server that is going away.
-        trio.lowlevel.notify_closing(self._listener)
-        self._listener.close()
+        if self._listener is not None:
+            trio.lowlevel.notify_closing(self._listener)
+            self._listener.close()
         for client in list(self._clients.values()):
             if client.conn is None:
                 client.abort("shutdown")  # mid-handshake: nothing to close politely
@@ -425,8 +429,11 @@ class WebSocketServer:
         await self._idle.wait()
 
     async def _accept_loop(self) -> None:
+        listener = self._listener
+        if listener is None:  # connections come from `adopt_accepted`
+            await trio.sleep_forever()
         while True:
-            await trio.lowlevel.wait_readable(self._listener)
+            await trio.lowlevel.wait_readable(listener)
             # Accept in rounds so a reconnect storm is taken in quickly, yet each round ends
             # with a checkpoint and the fan-out keeps its turn.
             self.tls_handshakes = 0
@@ -435,7 +442,7 @@ class WebSocketServer:
                 if self.tls_handshakes >= TLS_HANDSHAKES_PER_ROUND:
                     break
                 try:
-                    sock, address = self._listener.accept()
+                    sock, address = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
@@ -467,6 +474,22 @@ class WebSocketServer:
         self.policy.refused_at_accept(peer, refusal, trio.current_time())
         _send_and_close(sock, refusal.response())
         return False
+
+    def adopt_accepted(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted (the master of fan-out workers) exactly
+        as one accepted here: admitted, then TLS when this server has it, the handshake and the
+        rest. 503 while not accepting (not started, draining). Takes ownership of `sock`."""
+        try:
+            peer = format_address(sock.getpeername())
+        except OSError:  # gone already
+            sock.close()
+            return
+        if self._nursery is None or not self.listening:
+            self.policy.stats.rejected_upgrades[_UNAVAILABLE.reason] += 1
+            _send_and_close(sock, _UNAVAILABLE.response())
+            return
+        if self._admit_connection(sock, peer):
+            self._adopt(sock, peer)
 
     def adopt_upgrade(self, sock: socket.socket, received: bytes) -> None:
         """Serve a connection another server accepted and read a request from (the HTTP port's
