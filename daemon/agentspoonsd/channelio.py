@@ -101,28 +101,41 @@ def hand_over(
     return True
 
 
-async def take_over(handoff: socket.socket) -> tuple[socket.socket, bytes, bytes] | None:
-    """The next connection passed on `handoff`: (socket, kind, bytes read so far); None at
-    EOF."""
+Taken = tuple[socket.socket, bytes, bytes]  # the connection, its kind, the bytes read so far
+
+
+def take_now(handoff: socket.socket) -> Taken | bool:
+    """The next connection passed on `handoff`, without waiting: True when none is there yet,
+    False at EOF (the master's end closed)."""
     space = socket.CMSG_SPACE(array.array("i").itemsize)
     while True:
-        await trio.lowlevel.wait_readable(handoff)
         try:
             data, ancillary, _, _ = handoff.recvmsg(
                 HANDOFF_MAX_BYTES, space, socket.MSG_CMSG_CLOEXEC
             )
         except BlockingIOError:
-            continue
+            return True
         except OSError:
-            return None
+            return False
         fds = array.array("i")
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not fds:
             if not data:
-                return None
+                return False
             continue  # bytes without a socket: nothing to serve
         for extra in fds[1:]:  # one socket per datagram; anything else is not ours to keep
             os.close(extra)
         return socket.socket(fileno=fds[0]), data[:1], data[1:]
+
+
+async def take_over(handoff: socket.socket) -> Taken | None:
+    """The next connection passed on `handoff`, waiting for it; None at EOF."""
+    while True:
+        await trio.lowlevel.wait_readable(handoff)
+        taken = take_now(handoff)
+        if taken is False:
+            return None
+        if taken is not True:
+            return taken  # type: ignore[return-value]

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import orjson
@@ -41,7 +42,7 @@ from .logs import LevelGate, configure_logging, get_logger
 from .market.bar import Bar
 from .metrics import Stats
 from .tls import server_context
-from .ws import WebSocketServer
+from .ws import ACCEPT_ROUND_SECONDS, WebSocketServer
 
 REPORT_INTERVAL = 1.0  # seconds between two `stats` reports (the master's liveness check too)
 CHANNEL_MAX_BYTES = 1 << 20  # reports are small: a worker never lags behind its master
@@ -224,16 +225,27 @@ class Worker:
 
     async def _handoff_loop(self, websocket: WebSocketServer) -> None:
         """Serve the connections the master hands over: accepted on the WebSocket port, or
-        read from its HTTP port's `/ws`."""
+        read from its HTTP port's `/ws`.
+
+        In rounds, as a single process accepts (`ws.ACCEPT_ROUND_SECONDS` of handshakes, then a
+        checkpoint): one connection per turn of the event loop would take a storm of 10,000 in
+        at the pace of the broadcasts.
+        """
         while True:
-            taken = await channelio.take_over(self._handoff)
-            if taken is None:
-                return
-            sock, kind, received = taken
-            if kind == channelio.UPGRADE:
-                websocket.adopt_upgrade(sock, received)
-            else:
-                websocket.adopt_accepted(sock)
+            await trio.lowlevel.wait_readable(self._handoff)
+            round_ends = time.perf_counter() + ACCEPT_ROUND_SECONDS
+            while time.perf_counter() < round_ends:
+                taken = channelio.take_now(self._handoff)
+                if taken is False:
+                    return
+                if taken is True:
+                    break
+                sock, kind, received = taken  # type: ignore[misc]
+                if kind == channelio.UPGRADE:
+                    websocket.adopt_upgrade(sock, received)
+                else:
+                    websocket.adopt_accepted(sock)
+            await trio.lowlevel.checkpoint()
 
 
 Batch = tuple[int, list[bytes], list[bytes | None]]  # first seq, frames, compressed frames

@@ -6,9 +6,12 @@ same surface for the daemon (`auth`, `limits`, `tls`, `listening`, `client_count
 code is the same for both. Behind it:
 
 - N worker processes (`worker`), each the same executable re-executed (``agentspoonsd _worker``;
-  a frozen binary runs itself), sharing the WebSocket listener the master bound or systemd
-  passed: the kernel gives each connection to one worker, and a worker that restarts finds the
-  connections queued meanwhile;
+  a frozen binary runs itself);
+- the accept loop: the master accepts on the WebSocket listener it bound or systemd passed and
+  hands each connection to the ready worker with the fewest clients (`fleet.Placement`, SCM_RIGHTS
+  on the worker's handoff socket). Measured, a listener shared by the workers was uneven (the
+  idle one took most of a storm); and while no worker is ready, connections wait in the
+  kernel's queue;
 - one channel per worker (`channel`): at start the worker's config and the master's history,
   then every update as the master's hub encoded it (`Hub.tap`): one message per symbol's batch,
   built once and written to every worker;
@@ -182,8 +185,10 @@ class WorkerPool:
 
     def adopt_upgrade(self, sock: socket.socket, received: bytes) -> None:
         """Pass a connection the HTTP port read a `/ws` request from to a worker, as an accepted
-        one (`_dispatch`); the worker serves it as its own. Takes `sock`."""
-        self._dispatch(sock, UPGRADE, received)
+        one (`_hand`; 503 when none can take it now); the worker serves it as its own. Takes
+        `sock`."""
+        if not self._hand(sock, UPGRADE, received):
+            self._refuse(sock)
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Stop accepting (the master's copy of the listener closes) and have every worker close
@@ -249,27 +254,42 @@ class WorkerPool:
                         self._accept_failed(exc)
                         await trio.sleep(0.1)
                         break
-                    self._dispatch(sock, ACCEPTED)
+                    await self._place(sock)
                 await trio.lowlevel.checkpoint()
 
-    def _dispatch(self, sock: socket.socket, kind: bytes, received: bytes = b"") -> None:
+    async def _place(self, sock: socket.socket) -> None:
+        """Hand an accepted connection to a worker, waiting while every ready worker's handoff
+        queue is full (a storm: the rest wait in the kernel's accept queue meanwhile). Refused
+        (503) only when no worker is ready."""
+        while not self._hand(sock, ACCEPTED):
+            ready = [s for s in self._live if s.ready and s.handoff is not None]
+            if not ready or self._draining:
+                self._refuse(sock)
+                return
+            with trio.move_on_after(0.1):
+                await trio.lowlevel.wait_writable(ready[0].handoff)  # type: ignore[arg-type]
+
+    def _hand(self, sock: socket.socket, kind: bytes, received: bytes = b"") -> bool:
         """Hand `sock` to the ready worker with the fewest clients (`fleet.Placement`), or the
-        next one when that one's queue is full; 503 when none can take it. Takes `sock`."""
+        next one when that one's queue is full, and close the master's copy; False (`sock`
+        untouched) when none can take it now."""
         tried: set[int] = set()
         while True:
             ready = [s.index for s in self._live if s.ready and s.index not in tried]
             chosen = None if self._draining else self._placement.pick(ready)
             if chosen is None:
-                self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
-                self._book.merge_into(self._stats)
-                _send_and_close(sock, _UNAVAILABLE.response())
-                return
+                return False
             handoff = self.slots[chosen].handoff
             if handoff is not None and hand_over(handoff, sock, kind, received):
                 self._placement.handed(chosen)
                 sock.close()  # the worker has its own copy
-                return
+                return True
             tried.add(chosen)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
+        self._book.merge_into(self._stats)
+        _send_and_close(sock, _UNAVAILABLE.response())
 
     def _accept_failed(self, exc: OSError) -> None:
         """Log a failed accept() at most once a second (out of descriptors, it repeats)."""
