@@ -5,8 +5,8 @@ same surface for the daemon (`auth`, `limits`, `tls`, `listening`, `client_count
 `close_token_connections`, `adopt_upgrade`): the daemon's reload, expiry, shutdown and HTTP
 code is the same for both. Behind it:
 
-- N worker processes (`worker`), each the same executable re-executed (``agentspoonsd _worker``;
-  a frozen binary runs itself);
+- N worker slots (`workerslot`), each running a worker process (`worker`): the same executable
+  re-executed, started again when it ends;
 - the accept loop: the master accepts on the WebSocket listener it bound or systemd passed and
   hands each connection to the ready worker with the fewest clients (`fleet.Placement`, SCM_RIGHTS
   on the worker's handoff socket). Measured, a listener shared by the workers was uneven (the
@@ -15,21 +15,16 @@ code is the same for both. Behind it:
 - one channel per worker (`channel`): at start the worker's config and the master's history,
   then every update as the master's hub encoded it (`Hub.tap`): one message per symbol's batch,
   built once and written to every worker;
-- supervision: a worker that exits or stops reporting for WORKER_SILENT_AFTER seconds is killed
-  and started again (capped backoff, `supervisor.RestartPolicy`; past its crash budget the pool
-  raises CrashBudgetExceeded); its clients reconnect to the others and resume without a gap.
+- the workers' counters summed into the daemon's `Stats` (`fleet.StatsBook`), and the reloads
+  passed on: one `config` message, then the closes of revoked tokens.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -38,47 +33,16 @@ from prometheus_client.registry import Collector
 
 from . import channel
 from .auth import TokenStore
-from .channelio import ACCEPTED, UPGRADE, ChannelEnd, hand_over
+from .channelio import ACCEPTED, UPGRADE, hand_over
 from .closecodes import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED
 from .connection import Limits, Log
 from .fleet import Placement, StatsBook, WorkerConfig, worker_config
 from .history import Entry
-from .httppolicy import format_address
 from .hub import Hub, deflated_frame
 from .metrics import Stats
 from .settings import Settings
-from .supervisor import CrashBudgetExceeded, RestartPolicy
-from .ws import _UNAVAILABLE, ACCEPT_ROUND_SECONDS, _send_and_close
-
-WORKER_SILENT_AFTER = 10.0  # seconds without a message before a worker counts as wedged
-CHANNEL_MAX_BYTES = 64 << 20  # a worker this far behind the stream is restarted
-# Not passed to workers: systemd's notifications are the master's alone.
-_MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-
-
-def worker_command(index: int, channel_fd: int, handoff_fd: int) -> list[str]:
-    """The command line of worker `index`: this executable again (a frozen binary is its own
-    interpreter), with the hidden `_worker` command."""
-    frozen = getattr(sys, "frozen", False)
-    program = [sys.executable] if frozen else [sys.executable, "-m", "agentspoonsd"]
-    return [
-        *program,
-        "_worker",
-        f"--index={index}",
-        f"--channel-fd={channel_fd}",
-        f"--handoff-fd={handoff_fd}",
-    ]
-
-
-@dataclass
-class Slot:
-    """One worker position: the process in it now (a restart reuses the slot)."""
-
-    index: int
-    process: trio.Process | None = None
-    link: ChannelEnd | None = None
-    handoff: socket.socket | None = None
-    ready: bool = False
+from .workerslot import WorkerSlot
+from .ws import _UNAVAILABLE, ACCEPT_ROUND_SECONDS, AcceptFailures, _send_and_close
 
 
 class WorkerPool:
@@ -102,16 +66,17 @@ class WorkerPool:
         self._auth = auth
         self._limits = limits
         self._tls = tls
-        self._stats = stats
-        self._log = log
+        self.stats = stats
+        self.log = log
         self._settings = settings
         self.count = count
-        self.slots = [Slot(i) for i in range(count)]
-        self._live: list[Slot] = []  # slots whose worker has the history: updates go to them
+        self.slots = [WorkerSlot(i) for i in range(count)]
+        # The slots whose worker has the history: updates go to them.
+        self._live: list[WorkerSlot] = []
         self._book = StatsBook()
         self._placement = Placement()
-        self._accept_errors = 0
-        self._draining = False
+        self._accept_failures = AcceptFailures(log)
+        self.draining = False
         self._nursery: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
         self._pending_closes: list[tuple[frozenset[str], int, str]] = []
@@ -153,12 +118,12 @@ class WorkerPool:
     @property
     def listening(self) -> bool:
         """True while every worker is up and accepting (what /readyz and READY=1 wait for)."""
-        return not self._draining and all(slot.ready for slot in self.slots)
+        return not self.draining and all(slot.ready for slot in self.slots)
 
     def problem(self) -> str | None:
         """Why not every worker serves (a /readyz reason), or None."""
         down = [slot.index for slot in self.slots if not slot.ready]
-        if not down or self._draining:
+        if not down or self.draining:
             return None
         listed = ", ".join(map(str, down))
         return f"{len(down)} of {self.count} workers not serving (worker {listed})"
@@ -193,7 +158,7 @@ class WorkerPool:
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Stop accepting (the master's copy of the listener closes) and have every worker close
         its clients (1001) and exit; return once all have. The caller bounds the wait."""
-        self._draining = True
+        self.draining = True
         if self._accepting is not None:
             self._accepting.cancel()
         trio.lowlevel.notify_closing(self._listener)
@@ -221,7 +186,7 @@ class WorkerPool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for slot in self.slots:
-                    nursery.start_soon(self._keep_running, slot)
+                    nursery.start_soon(slot.keep_running, self)
                 self._accepting = trio.CancelScope()
                 nursery.start_soon(self._accept_loop, self._accepting)
                 task_status.started()
@@ -251,7 +216,7 @@ class WorkerPool:
                     except BlockingIOError:
                         break
                     except OSError as exc:  # EMFILE and friends: back off, keep serving
-                        self._accept_failed(exc)
+                        self._accept_failures.failed(exc, trio.current_time())
                         await trio.sleep(0.1)
                         break
                     await self._place(sock)
@@ -263,7 +228,7 @@ class WorkerPool:
         (503) only when no worker is ready."""
         while not self._hand(sock, ACCEPTED):
             ready = [s for s in self._live if s.ready and s.handoff is not None]
-            if not ready or self._draining:
+            if not ready or self.draining:
                 self._refuse(sock)
                 return
             with trio.move_on_after(0.1):
@@ -276,7 +241,7 @@ class WorkerPool:
         tried: set[int] = set()
         while True:
             ready = [s.index for s in self._live if s.ready and s.index not in tried]
-            chosen = None if self._draining else self._placement.pick(ready)
+            chosen = None if self.draining else self._placement.pick(ready)
             if chosen is None:
                 return False
             handoff = self.slots[chosen].handoff
@@ -288,128 +253,31 @@ class WorkerPool:
 
     def _refuse(self, sock: socket.socket) -> None:
         self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
-        self._book.merge_into(self._stats)
+        self._book.merge_into(self.stats)
         _send_and_close(sock, _UNAVAILABLE.response())
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log a failed accept() at most once a second (out of descriptors, it repeats)."""
-        self._accept_errors += 1
-        if self._accept_errors == 1 or self._accept_errors % 100 == 0:
-            self._log.warning(
-                "accept_failed",
-                error=str(exc),
-                failures=self._accept_errors,
-                address=format_address(self._listener.getsockname()),
-            )
+    # The slots' view (`workerslot.Master`).
 
-    async def _keep_running(self, slot: Slot) -> None:
-        policy = RestartPolicy()
-        while not self._draining:
-            began = trio.current_time()
-            await self._run_once(slot)
-            if self._draining:
-                return
-            now = trio.current_time()
-            delay = policy.on_crash(now, now - began)
-            if delay is None:
-                name = f"worker {slot.index}"
-                raise CrashBudgetExceeded(name, policy.recent_crashes, policy.window)
-            self._stats.service_restarts["worker"] += 1
-            self._log.warning("worker_restarting", worker=slot.index, delay_s=round(delay, 3))
-            await trio.sleep(delay)
+    def start_messages(self) -> list[bytes]:
+        return [
+            channel.encode("config", [self._config().dump()]),
+            *self._snapshot(),
+            channel.encode("start"),
+        ]
 
-    async def _run_once(self, slot: Slot) -> None:
-        """Start the worker of `slot`, feed it, and return once it has exited."""
-        assert self._nursery is not None
-        parent_link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        parent_handoff, child_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = (child_link.fileno(), child_handoff.fileno())
-        env = {k: v for k, v in os.environ.items() if k not in _MASTER_ONLY_ENV}
-        try:
-            process = await trio.lowlevel.open_process(
-                worker_command(slot.index, *fds), pass_fds=fds, stdin=subprocess.DEVNULL, env=env
-            )
-        except BaseException:
-            parent_link.close()
-            parent_handoff.close()
-            raise
-        finally:
-            child_link.close()
-            child_handoff.close()
-        parent_handoff.setblocking(False)
-        link = ChannelEnd(
-            parent_link,
-            self._nursery.start_soon,
-            max_bytes=CHANNEL_MAX_BYTES,
-            on_overflow=lambda: self._lagging(slot),
-            on_failure=lambda: None,
-        )
-        slot.process, slot.link, slot.handoff = process, link, parent_handoff
-        # Synchronous from here to `_live`: no update can fall between the snapshot and the
-        # stream that follows it.
-        link.send(channel.encode("config", [self._config().dump()]))
-        link.send_many(self._snapshot())
-        link.send(channel.encode("start"))
+    def joined(self, slot: WorkerSlot) -> None:
         self._live.append(slot)
-        self._log.info("worker_started", worker=slot.index, pid=process.pid)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._listen, slot, link, process)
-                await process.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._live.remove(slot)
-            slot.ready = False
-            link.close()
-            parent_handoff.close()
-            slot.link = slot.handoff = None
-            self._book.retire(slot.index)
-            self._placement.forget(slot.index)
-            self._book.merge_into(self._stats)
-            if process.returncode is None:
-                process.kill()
-                with trio.CancelScope(shield=True):
-                    await process.wait()
-        level = "info" if self._draining and process.returncode == 0 else "warning"
-        getattr(self._log, level)(
-            "worker_exited", worker=slot.index, pid=process.pid, status=process.returncode
-        )
 
-    async def _listen(self, slot: Slot, link: ChannelEnd, process: trio.Process) -> None:
-        """The worker's messages, until EOF; a worker silent too long, or speaking nonsense, is
-        killed (the caller's `process.wait()` then returns)."""
-        while True:
-            message = None
-            with trio.move_on_after(WORKER_SILENT_AFTER) as silent:
-                try:
-                    message = await link.receive()
-                except channel.ChannelError as exc:
-                    self._log.error("worker_channel_error", worker=slot.index, error=str(exc))
-                    process.kill()
-                    return
-            if silent.cancelled_caught:
-                self._log.error(
-                    "worker_unresponsive", worker=slot.index, silent_s=WORKER_SILENT_AFTER
-                )
-                process.kill()
-                return
-            if message is None:
-                return
-            if message.kind == "ready":
-                slot.ready = True
-                self._log.info("worker_ready", worker=slot.index, pid=process.pid)
-            elif message.kind == "stats":
-                header = message.header
-                self._book.report(slot.index, header["stats"], int(header["subscribers"]))
-                self._placement.reported(slot.index, self._book.clients[slot.index])
-                self._book.merge_into(self._stats)
+    def left(self, slot: WorkerSlot) -> None:
+        self._live.remove(slot)
+        self._book.retire(slot.index)
+        self._placement.forget(slot.index)
+        self._book.merge_into(self.stats)
 
-    def _lagging(self, slot: Slot) -> None:
-        """A worker's channel backlog passed CHANNEL_MAX_BYTES: it cannot keep up; restart it
-        (its clients resume on the others) rather than hold the stream for it."""
-        self._log.error("worker_lagging", worker=slot.index, queued_bytes=CHANNEL_MAX_BYTES)
-        if slot.process is not None and slot.process.returncode is None:
-            slot.process.kill()
+    def reported(self, slot: WorkerSlot, header: dict[str, Any]) -> None:
+        self._book.report(slot.index, header["stats"], int(header["subscribers"]))
+        self._placement.reported(slot.index, self._book.clients[slot.index])
+        self._book.merge_into(self.stats)
 
     def _snapshot(self) -> list[bytes]:
         """One `history` message per symbol: the retained frames, oldest first."""
