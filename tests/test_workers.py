@@ -7,12 +7,14 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import trio
+import trustme
 from trio_websocket import ConnectionClosed, connect_websocket_url, open_websocket_url
 
 from daemon_process import DaemonProcess, config_text, http_get, new_token, token_block
@@ -266,3 +268,22 @@ async def test_systemd_hears_ready_only_once_every_worker_serves(daemon_factory)
         heard = datetime.now(UTC)
     ready = [await daemon.wait_for("worker_ready", worker=index) for index in (0, 1)]
     assert all(datetime.fromisoformat(e["timestamp"]) <= heard for e in ready)
+
+
+async def test_wss_is_served_by_every_worker(daemon_factory, tmp_path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    files = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+    daemon = daemon_factory(workers_config(auth_enabled=False).replace(WORKERS, WORKERS + files, 1))
+    ws_port, _, _ = await started(daemon)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    url = f"wss://127.0.0.1:{ws_port}/"
+    async with trio.open_nursery() as nursery:
+        for wanted in (0, 1):
+            ws = await connect_to_worker(nursery, daemon, url, wanted, ssl_context=context)
+            assert_in_order(await updates(ws, 2))
+            await ws.aclose()
