@@ -94,8 +94,8 @@ def test_labelled_counters_add_up_by_label() -> None:
 
 def test_a_connection_goes_to_the_ready_worker_with_the_fewest_clients() -> None:
     placement = Placement()
-    placement.reported(0, 10)
-    placement.reported(1, 7)
+    placement.reported(0, 10, taken=0)
+    placement.reported(1, 7, taken=0)
     picks = []
     for _ in range(6):  # a burst between two reports: counted as handed
         chosen = placement.pick([0, 1])
@@ -103,6 +103,10 @@ def test_a_connection_goes_to_the_ready_worker_with_the_fewest_clients() -> None
         placement.handed(chosen)
         picks.append(chosen)
     assert picks == [1, 1, 1, 0, 1, 0]  # 7 → 10 first, then in turn (ties: the lowest)
+    # A report that counts only some of what was handed (the rest still queued for the
+    # worker) keeps counting the rest: worker 1 took 2 of its 4, and has 9 clients.
+    placement.reported(1, 9, taken=2)
+    assert placement.load(1) == 11 and placement.load(0) == 12
     placement.forget(1)  # restarted empty: it takes the new ones until it catches up
     assert [placement.pick([0, 1]) for _ in range(2)] == [1, 1]
     assert placement.pick([0]) == 0

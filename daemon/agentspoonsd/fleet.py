@@ -182,33 +182,36 @@ def _add(total: Stats, report: dict[str, Any]) -> None:
 
 class Placement:
     """Which worker gets the next connection: the ready one with the fewest clients, counting
-    those handed to it since its last report (reports come once a second; a burst of
-    connections in between is spread by what was handed). Ties go to the lowest slot.
+    those handed to it that it has not taken yet (a worker reports its clients and how many
+    connections it has taken, once a second; a storm in between is spread by what was handed).
+    Ties go to the lowest slot.
 
     Counting, not turns: a worker that restarts empty takes the new connections until it has
     as many as the others, instead of staying behind for good.
     """
 
     def __init__(self) -> None:
-        self._reported: dict[int, int] = {}
-        self._handed: dict[int, int] = {}
+        self._clients: dict[int, int] = {}  # as last reported
+        self._taken: dict[int, int] = {}  # handed connections taken, as last reported
+        self._handed: dict[int, int] = {}  # handed to the current worker, in all
 
-    def reported(self, slot: int, clients: int) -> None:
-        self._reported[slot] = clients
-        self._handed[slot] = 0
+    def reported(self, slot: int, clients: int, taken: int) -> None:
+        self._clients[slot] = clients
+        self._taken[slot] = taken
 
     def handed(self, slot: int) -> None:
         self._handed[slot] = self._handed.get(slot, 0) + 1
 
     def forget(self, slot: int) -> None:
         """The worker in `slot` ended: its replacement starts from nothing."""
-        self._reported.pop(slot, None)
-        self._handed.pop(slot, None)
+        for table in (self._clients, self._taken, self._handed):
+            table.pop(slot, None)
+
+    def load(self, slot: int) -> int:
+        """The clients of `slot`'s worker, those still on their way to it included."""
+        queued = self._handed.get(slot, 0) - self._taken.get(slot, 0)
+        return self._clients.get(slot, 0) + max(0, queued)
 
     def pick(self, ready: Iterable[int]) -> int | None:
         """The slot to hand the next connection to, among `ready`; None when empty."""
-        return min(
-            ready,
-            key=lambda slot: (self._reported.get(slot, 0) + self._handed.get(slot, 0), slot),
-            default=None,
-        )
+        return min(ready, key=lambda slot: (self.load(slot), slot), default=None)

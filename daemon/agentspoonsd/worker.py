@@ -64,6 +64,7 @@ class Worker:
         self._link_sock = link
         self._handoff = handoff
         self.stats = Stats()
+        self.taken = 0  # connections taken from the handoff socket (the master's placement)
         self._gate: LevelGate | None = None
         self._log = get_logger("agentspoonsd.worker")
 
@@ -220,6 +221,7 @@ class Worker:
                 "stats",
                 stats=report_fields(self.stats),
                 subscribers=hub.subscriber_count(),
+                taken=self.taken,
             )
         )
 
@@ -241,6 +243,7 @@ class Worker:
                 if taken is True:
                     break
                 sock, kind, received = taken  # type: ignore[misc]
+                self.taken += 1
                 if kind == channelio.UPGRADE:
                     websocket.adopt_upgrade(sock, received)
                 else:

@@ -276,7 +276,8 @@ class WorkerPool:
 
     def reported(self, slot: WorkerSlot, header: dict[str, Any]) -> None:
         self._book.report(slot.index, header["stats"], int(header["subscribers"]))
-        self._placement.reported(slot.index, self._book.clients[slot.index])
+        taken = int(header.get("taken", 0))
+        self._placement.reported(slot.index, self._book.clients[slot.index], taken)
         self._book.merge_into(self.stats)
 
     def _snapshot(self) -> list[bytes]:
