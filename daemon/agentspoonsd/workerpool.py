@@ -36,7 +36,7 @@ from .auth import TokenStore
 from .channelio import ACCEPTED, UPGRADE, hand_over
 from .closecodes import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED
 from .connection import Limits, Log
-from .fleet import Placement, StatsBook, WorkerConfig, worker_config
+from .fleet import Placement, StatsBook, WorkerConfig, share, worker_config
 from .history import Entry
 from .hub import Hub, deflated_frame
 from .metrics import Stats
@@ -152,7 +152,7 @@ class WorkerPool:
         """Pass a connection the HTTP port read a `/ws` request from to a worker, as an accepted
         one (`_hand`; 503 when none can take it now); the worker serves it as its own. Takes
         `sock`."""
-        if not self._hand(sock, UPGRADE, received):
+        if self._hand(sock, UPGRADE, received) is not None:
             self._refuse(sock)
 
     async def drain(self, code: int = CLOSE_GOING_AWAY) -> None:
@@ -223,33 +223,37 @@ class WorkerPool:
                 await trio.lowlevel.checkpoint()
 
     async def _place(self, sock: socket.socket) -> None:
-        """Hand an accepted connection to a worker, waiting while every ready worker's handoff
-        queue is full (a storm: the rest wait in the kernel's accept queue meanwhile). Refused
-        (503) only when no worker is ready."""
-        while not self._hand(sock, ACCEPTED):
-            ready = [s for s in self._live if s.ready and s.handoff is not None]
-            if not ready or self.draining:
+        """Hand an accepted connection to a worker, waiting while the workers with room have
+        their handoff queue full (a storm: the rest wait in the kernel's accept queue
+        meanwhile). Refused (503) only when no worker is ready."""
+        while True:
+            chosen = self._hand(sock, ACCEPTED)
+            if chosen is None:
+                return
+            if chosen < 0 or self.draining:
                 self._refuse(sock)
                 return
-            with trio.move_on_after(0.1):
-                await trio.lowlevel.wait_writable(ready[0].handoff)  # type: ignore[arg-type]
+            with trio.move_on_after(0.1):  # then place it afresh: the loads may have changed
+                await trio.lowlevel.wait_writable(self.slots[chosen].handoff)  # type: ignore[arg-type]
 
-    def _hand(self, sock: socket.socket, kind: bytes, received: bytes = b"") -> bool:
-        """Hand `sock` to the ready worker with the fewest clients (`fleet.Placement`), or the
-        next one when that one's queue is full, and close the master's copy; False (`sock`
-        untouched) when none can take it now."""
-        tried: set[int] = set()
-        while True:
-            ready = [s.index for s in self._live if s.ready and s.index not in tried]
-            chosen = None if self.draining else self._placement.pick(ready)
-            if chosen is None:
-                return False
+    def _hand(self, sock: socket.socket, kind: bytes, received: bytes = b"") -> int | None:
+        """Hand `sock` to the ready worker with the fewest clients (`fleet.Placement`) and close
+        the master's copy: None once handed. When that worker's queue is full, the next with
+        fewer clients than its share of `max_connections` (`fleet.share`) takes it; when none
+        can, `sock` is left as it is and the first choice is returned (-1: no worker ready)."""
+        ready = [s.index for s in self._live if s.ready and not self.draining]
+        first = self._placement.pick(ready)
+        if first is None:
+            return -1
+        room = share(self._limits.max_connections, self.count) or 0
+        candidates = [first, *(i for i in ready if i != first and self._placement.load(i) < room)]
+        for chosen in candidates:
             handoff = self.slots[chosen].handoff
             if handoff is not None and hand_over(handoff, sock, kind, received):
                 self._placement.handed(chosen)
                 sock.close()  # the worker has its own copy
-                return True
-            tried.add(chosen)
+                return None
+        return first
 
     def _refuse(self, sock: socket.socket) -> None:
         self._book.count_own("rejected_upgrades", _UNAVAILABLE.reason)
