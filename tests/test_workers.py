@@ -18,6 +18,7 @@ import trustme
 from trio_websocket import ConnectionClosed, connect_websocket_url, open_websocket_url
 
 from daemon_process import DaemonProcess, config_text, http_get, new_token, token_block
+from redis_server import RedisServer
 
 WORKERS = "[server]\nworkers = 2\n"
 
@@ -287,3 +288,24 @@ async def test_wss_is_served_by_every_worker(daemon_factory, tmp_path) -> None:
             ws = await connect_to_worker(nursery, daemon, url, wanted, ssl_context=context)
             assert_in_order(await updates(ws, 2))
             await ws.aclose()
+
+
+async def test_a_redis_node_feeds_its_workers_from_the_stream(daemon_factory, tmp_path) -> None:
+    # The master mirrors the Redis streams (and generates while elected); its workers get the
+    # same bytes as its own hub would send.
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        broker = f'\n[broker]\nkind = "redis"\nurl = "{redis.url}"\nlease = 1.0\nprefix = "w"\n'
+        daemon = daemon_factory(
+            workers_config(auth_enabled=False, symbols=("BTC/USD",), extra=broker)
+        )
+        ws_port, _, _ = await started(daemon)
+        url = f"ws://127.0.0.1:{ws_port}/"
+        async with trio.open_nursery() as nursery:
+            for wanted in (0, 1):
+                ws = await connect_to_worker(nursery, daemon, url, wanted)
+                assert_in_order(await updates(ws, 3))
+                await ws.aclose()
+    finally:
+        redis.stop()
