@@ -372,10 +372,12 @@ async def test_frozen_daemon_runs_its_workers_from_the_same_binary(
     daemon.start()
     ws_port, _ = await daemon.ports()
     ready = [await daemon.wait_for("worker_ready", within=30, worker=i) for i in (0, 1)]
-    # Each worker descends from the master (through its own bootloader, the binary run again).
+    # Each worker descends from the master (through its own bootloader, the binary run again),
+    # and runs from the bundle the first bootloader unpacked: one directory in TMPDIR.
     [master] = daemon.children()
     for event in ready:
         assert master in ancestors(event["pid"])
+    assert [name[:4] for name in entries(runtime_dir)] == ["_MEI"]
     url = f"ws://127.0.0.1:{ws_port}/"
     served_by: set[int] = set()
     async with trio.open_nursery() as nursery:
@@ -399,6 +401,7 @@ async def test_frozen_daemon_runs_its_workers_from_the_same_binary(
                     await ws.get_message()
             assert closed.value.reason.code == 1001
     assert await daemon.wait_exit(5) == 0
+    assert entries(runtime_dir) == []  # removed when the bootloader ended
 
 
 def ancestors(pid: int) -> list[int]:

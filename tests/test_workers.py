@@ -239,18 +239,20 @@ def _alive(pid: int) -> bool:
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def test_the_http_ports_ws_is_handed_to_the_workers_in_turn(daemon_factory) -> None:
+async def test_the_http_ports_ws_is_handed_to_the_least_busy_worker(daemon_factory) -> None:
     token = new_token()
     daemon = daemon_factory(workers_config(tokens={"dashboard": token}))
     _, http_port, _ = await started(daemon)
     url = f"ws://127.0.0.1:{http_port}/ws?access_token={token}"
-    served_by = []
-    for _ in range(2):
-        async with open_websocket_url(url) as ws:
-            seen = await updates(ws, 2)
-            served_by.append(worker_of(daemon, ws.local.port))
-        assert_in_order(seen)
-    assert sorted(served_by) == [0, 1]  # type: ignore[type-var]
+    async with trio.open_nursery() as nursery:
+        first = await connect_websocket_url(nursery, url)
+        second = await connect_websocket_url(nursery, url)  # while the first is served
+        for ws in (first, second):
+            assert_in_order(await updates(ws, 2))
+        served_by = {worker_of(daemon, ws.local.port) for ws in (first, second)}
+        assert served_by == {0, 1}
+        for ws in (first, second):
+            await ws.aclose()
     # Refused as on the WebSocket port: by the worker, with the same answer.
     status, _, _ = await http_get(http_port, "/ws")
     assert status == 426
