@@ -233,8 +233,16 @@ class WorkerPool:
             if chosen < 0 or self.draining:
                 self._refuse(sock)
                 return
-            with trio.move_on_after(0.1):  # then place it afresh: the loads may have changed
-                await trio.lowlevel.wait_writable(self.slots[chosen].handoff)  # type: ignore[arg-type]
+            handoff = self.slots[chosen].handoff
+            assert handoff is not None
+            try:
+                with trio.move_on_after(0.1):  # then placed afresh: the loads may have changed
+                    await trio.lowlevel.wait_writable(handoff)
+            except (trio.ClosedResourceError, OSError):
+                continue  # that worker ended meanwhile: placed afresh
+            except BaseException:  # cancelled (drained): the connection is not served
+                sock.close()
+                raise
 
     def _hand(self, sock: socket.socket, kind: bytes, received: bytes = b"") -> int | None:
         """Hand `sock` to the ready worker with the fewest clients (`fleet.Placement`) and close

@@ -131,6 +131,7 @@ class WorkerSlot:
                 self.ready = False
                 master.left(self)
                 link.close()
+                trio.lowlevel.notify_closing(parent_handoff)  # wakes a master waiting to hand
                 parent_handoff.close()
                 self.link = self.handoff = None
                 if process.returncode is None:
