@@ -186,7 +186,8 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume(daemon_factor
 async def test_a_revoked_token_is_cut_on_every_worker(daemon_factory) -> None:
     kept, revoked = new_token(), new_token()
     daemon = daemon_factory(workers_config(tokens={"kept": kept, "revoked": revoked}))
-    ws_port, _, _ = await started(daemon)
+    ws_port, _, pids = await started(daemon)
+    os.kill(pids[0], signal.SIGHUP)  # `pkill -HUP agentspoonsd` reaches workers too: ignored
     url = f"ws://127.0.0.1:{ws_port}/"
     async with trio.open_nursery() as nursery:
         opened = [
@@ -203,6 +204,7 @@ async def test_a_revoked_token_is_cut_on_every_worker(daemon_factory) -> None:
         await keeper.aclose()
     cut = [e for e in daemon.events if e.get("event") == "token_connections_closed"]
     assert {e["worker"] for e in cut if e["connections"] == 1} == {0, 1}
+    assert not [e for e in daemon.events if e.get("event") == "worker_exited"]
 
 
 async def test_sigterm_closes_every_client_with_1001_and_exits_0(daemon_factory) -> None:

@@ -103,15 +103,14 @@ class Worker:
             nursery.start_soon(self._report_loop, link, hub, websocket)
             nursery.start_soon(self._handoff_loop, websocket)
             timeout = DEFAULT_DRAIN_TIMEOUT
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as waiting:
                     done = trio.Event()
 
                     async def until_signal() -> None:
-                        async for signum in signals:
-                            if signum != signal.SIGHUP:  # the master's to handle
-                                done.set()
-                                return
+                        async for _ in signals:
+                            done.set()
+                            return
 
                     async def until_drain() -> None:
                         nonlocal timeout
@@ -280,6 +279,9 @@ def run_worker(index: int, channel_fd: int, handoff_fd: int) -> int:
     link = socket.socket(fileno=channel_fd)
     handoff = socket.socket(fileno=handoff_fd)
     handoff.setblocking(False)
+    # SIGHUP is the master's (a reload it passes on); `pkill -HUP agentspoonsd` must not end a
+    # worker, at any point of its life (before its event loop runs too).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     structlog.contextvars.bind_contextvars(worker=index)
     worker = Worker(index, link, handoff)
     return trio.run(worker.run)
