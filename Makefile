@@ -35,9 +35,11 @@ run: $(VENV)/.installed
 		exec $(BIN)/agentspoonsd run --config '$(CONFIG)'
 endif
 
+# mypy reads its settings (strict, the pydantic plugin, the files: daemon/) from pyproject.toml.
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/mypy
 
 # pytest exits 5 when it collects nothing: make treats that as the failure it is. Most tests
 # wait on processes and sockets, so they run on $(TEST_WORKERS) workers (pytest-xdist, a test
@@ -72,7 +74,7 @@ screenshots: $(VENV)/.installed-test
 	$(BIN)/python build/screenshots.py docs
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache daemon/*.egg-info bench/.build bench/.runs
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache daemon/*.egg-info bench/.build bench/.runs
 
 # --- Shipping: one frozen executable, its installation, the config's JSON Schema ---------------
 .PHONY: binary install uninstall schema

@@ -52,18 +52,31 @@ def no_process_outlives_the_tests(tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """`start(config_text, env=None)`: the real daemon as a subprocess on that config (written
-    under the test's tmp_path); every daemon started is killed when the test ends."""
+    """`start(config, env=None, *, environ=None)`: the real daemon as a subprocess; every daemon
+    started is killed when the test ends.
+
+    `config` is the config's text (written under the test's tmp_path) or the path of one already
+    written. `env` is added to this process's environment; `environ`, when given, replaces it.
+    """
     from daemon_process import DaemonProcess
 
     started: list[DaemonProcess] = []
 
-    def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        path = tmp_path / f"agentspoonsd-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path, env)
+    def start(
+        config: str | Path,
+        env: dict[str, str] | None = None,
+        *,
+        environ: dict[str, str] | None = None,
+    ) -> DaemonProcess:
+        if isinstance(config, str):
+            path = tmp_path / f"agentspoonsd-{len(started)}.toml"
+            path.write_text(config)
+            config = path
+        process = DaemonProcess(config, env)
+        if environ is not None:
+            process.env = {**environ, **(env or {})}
+        started.append(process)  # before start: killed even if starting it fails half-way
         process.start()
-        started.append(process)
         return process
 
     yield start

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,12 +22,6 @@ def ensure_redis() -> str:
     found = shutil.which("redis-server")
     assert found is not None
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

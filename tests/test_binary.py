@@ -36,6 +36,7 @@ from trio_websocket import (
 
 from agentspoonsd import __version__
 from daemon_process import DaemonProcess, config_text, http_get, new_token
+from helpers import bearer
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "dist" / "agentspoonsd"
@@ -125,10 +126,6 @@ def running_pids() -> set[int]:
 
 def entries(path: Path) -> list[str]:
     return sorted(os.listdir(path))
-
-
-def bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"Authorization", f"Bearer {token}".encode())]
 
 
 # --- the executable itself -----------------------------------------------------------------------
@@ -326,7 +323,9 @@ async def test_frozen_daemon_notifies_systemd_from_its_child(
         daemon.signal(signal.SIGTERM)
         await until("STOPPING", "1")
         assert await daemon.wait_exit(6) == 0
-    assert ready_after < 5.0  # the issue's target is 1.5 s on this machine; printed above
+    # Printed above; `make bench` (bench/ship.py) measures it on an idle machine, where the
+    # target is 1.5 s. 5 s here leaves room for the other tests' load.
+    assert ready_after < 5.0
 
 
 async def test_frozen_daemon_adopts_a_socket_passed_by_systemd(

@@ -45,18 +45,15 @@ from agentspoonsd.market.bar import Bar
 from agentspoonsd.market.generator import Generator
 from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import GeneratorSettings, Settings
-from redis_server import RedisServer, free_port
+from helpers import bar, free_port
+from redis_server import RedisServer
 
 SYMBOL = "BTC/USD"
 NOW = datetime(2026, 11, 26, 2, 0, 0, tzinfo=UTC)
 
 
-def bar(close: float = 100.0, symbol: str = SYMBOL) -> Bar:
-    return Bar(symbol, NOW, close, close + 1, close - 1, close, 2.0, 0.001, 0.01)
-
-
 def payload(seq: int, close: float = 100.0, symbol: str = SYMBOL) -> bytes:
-    return protocol.encode(protocol.update_message(bar(close, symbol), seq, NOW))
+    return protocol.encode(protocol.update_message(bar(symbol, close, NOW), seq, NOW))
 
 
 # --- entries ----------------------------------------------------------------------------------

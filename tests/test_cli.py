@@ -21,6 +21,7 @@ import pytest
 from agentspoonsd import __version__
 from agentspoonsd.cli import main
 from agentspoonsd.settings import TokenSettings
+from helpers import free_port
 
 EX_CONFIG = 78
 DIGEST = hashlib.sha256(b"the-dashboard-token").hexdigest()
@@ -41,12 +42,6 @@ class Runs:
 
     def __getitem__(self, name: str) -> Result:
         return self.results[name]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:

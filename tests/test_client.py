@@ -6,7 +6,6 @@ import functools
 import inspect
 import logging
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,8 @@ from agentspoonsd.client import (
     connect_sync,
     open_client,
 )
-from daemon_process import DaemonProcess, config_text, new_token
+from daemon_process import DaemonProcess, config_text, http_get, new_token
+from helpers import free_port
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.4, "close_timeout": 2.0}
 
@@ -226,8 +226,8 @@ async def test_slow_consumer_backpressure_and_a_request_meanwhile(
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
     async with open_client(url, token, buffer_size=2, **FAST) as client:
-        await anyio.sleep(0.5)  # ~20 updates published
-        assert client.buffered == 2  # then the client stopped reading
+        await published(daemon, 10)  # more than the client buffers
+        assert client.buffered == 2  # so the client stopped reading
         with anyio.fail_after(3):  # a reply is due: the client reads past its full buffer for it
             assert len(await client.fetch_history(3, "ETH/USD")) == 3
         got = [await client.__anext__() for _ in range(30)]
@@ -264,8 +264,9 @@ async def test_cancelling_the_iteration_closes_cleanly(
     with anyio.move_on_after(10) as outer:
         async with anyio.create_task_group() as nursery:
             await client.connect(nursery)
-            nursery.start_soon(client.listen, lambda data: None)
-            await anyio.sleep(0.2)
+            listening = anyio.Event()
+            nursery.start_soon(client.listen, lambda data: listening.set())
+            await listening.wait()  # an update has come through the callback
             nursery.cancel_scope.cancel()
             cancelled_at = anyio.current_time()
     assert not outer.cancelled_caught and anyio.current_time() - cancelled_at < 1.0
@@ -403,6 +404,27 @@ async def collect(
             resets.append(reset)
 
 
+async def published(daemon: DaemonProcess, count: int) -> None:
+    """Return once `daemon` has broadcast `count` more updates than when called (its
+    agentspoonsd_updates_published_total, polled)."""
+    _, http_port = await daemon.ports()
+
+    async def total() -> float:
+        status, _, body = await http_get(http_port, "/metrics")
+        assert status == 200, body
+        (line,) = [
+            line
+            for line in body.decode().splitlines()
+            if line.startswith("agentspoonsd_updates_published_total ")
+        ]
+        return float(line.split()[1])
+
+    start = await total()
+    with anyio.fail_after(10):
+        while await total() < start + count:  # noqa: ASYNC110 (a counter over HTTP: polled)
+            await anyio.sleep(0.02)
+
+
 async def restart(
     daemon_factory: Factory, text: str, port: int, old: DaemonProcess
 ) -> DaemonProcess:
@@ -436,7 +458,7 @@ async def test_kill_and_restart(
             await collect(client, updates, resets, lambda: len(updates) >= 10)
             second = await restart(daemon_factory, text, port, first)
             before = len(updates)
-            await anyio.sleep(0.3)  # the new daemon publishes while the client reconnects
+            await published(second, 4)  # the new daemon publishes while the client reconnects
             await collect(
                 client,
                 updates,
@@ -555,7 +577,7 @@ async def test_missed_updates_are_replayed_after_a_drop_and_a_restart(
                     gate.cut()
                     if restart_daemon:
                         daemon = await restart(daemon_factory, text, port, daemon)
-                    await anyio.sleep(0.5)  # ~10 updates per symbol published meanwhile
+                    await published(daemon, 6)  # three per symbol published meanwhile
                     gate.reopen()
                     connections = client.connections
                     while client.connections == connections:  # until the client is back
@@ -636,12 +658,6 @@ async def test_the_daemons_pings_are_answered(backend: str, daemon_factory: Fact
     assert event["reason"] == "close_1000"  # ended by the client, not the idle timeout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @on_both_loops
 async def test_first_failed_connect_says_why_then_raises(
     backend: str, daemon_factory: Factory, caplog: pytest.LogCaptureFixture
@@ -696,12 +712,19 @@ async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
     token = new_token()
     port = free_port()
     statuses: list[Status] = []
+    failed_thrice = anyio.Event()
+
+    def on_status(status: Status) -> None:
+        statuses.append(status)
+        if [s.kind for s in statuses].count("connect_failed") == 3:
+            failed_thrice.set()
+
     got: list[dict[str, Any]] = []
     with anyio.fail_after(20):
         async with anyio.create_task_group() as group:
 
             async def start_later() -> None:
-                await anyio.sleep(1.5)  # well past the default backoff's first attempts
+                await failed_thrice.wait()  # the client has kept trying, with its backoff
                 daemon_factory(
                     config_text(tokens={"t": token}, interval=0.05),
                     env={"AGENTSPOONSD_SERVER__PORT": str(port)},
@@ -712,11 +735,11 @@ async def test_connect_timeout_none_keeps_trying_until_the_daemon_comes(
                 f"ws://127.0.0.1:{port}/",
                 token,
                 connect_timeout=None,
-                on_status=statuses.append,
+                on_status=on_status,
                 **FAST,
             ) as client:
                 got = [await client.__anext__() for _ in range(3)]
-    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 2
+    assert len(got) == 3 and [s.kind for s in statuses].count("connect_failed") >= 3
 
 
 @on_both_loops

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,21 +52,15 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def start_node(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Any]:
-    started: list[DaemonProcess] = []
+async def start_node(daemon_factory: Callable[..., DaemonProcess], redis: RedisServer) -> Any:
+    """`start()`: one more node on the shared Redis (conftest.py's daemon_factory stops them)."""
 
     async def start() -> tuple[DaemonProcess, int, int]:
-        path = tmp_path / f"node-{len(started)}.toml"
-        path.write_text(cluster_config(redis.url))
-        node = DaemonProcess(path)
-        node.start()
-        started.append(node)
+        node = daemon_factory(cluster_config(redis.url))
         ws_port, http_port = await node.ports()
         return node, ws_port, http_port
 
-    yield start
-    for node in started:
-        node.kill()
+    return start
 
 
 class Client:
@@ -217,7 +211,8 @@ async def test_redis_outage_keeps_clients_and_recovers(start_node, redis: RedisS
             metrics = (await http_get(http_port, "/metrics"))[2].decode()
             assert "agentspoonsd_broker_connected 0.0" in metrics
             assert "agentspoonsd_broker_disconnects_total 1.0" in metrics
-        await trio.sleep(3 * LEASE)  # the leader's lease runs out meanwhile
+        # The outage outlasts the leader's lease: it stops leading.
+        await nodes[0][0].wait_for("leader_lost", within=5, reason="expired")
         seen = [client.seqs[-1] for client in clients]
         for client in clients:  # still connected, still answered
             assert client.ws is not None

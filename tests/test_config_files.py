@@ -190,7 +190,7 @@ def test_shipped_config_shows_every_key_of_the_settings_models() -> None:
     # ([[auth.tokens]], generator.overrides): the file is the defaults, and uncommenting a line
     # sets a key.
     unset = {key for key in keys if _unset_by_default(key)}
-    # The one exception: the default symbols' own prices and volatilities (issue 18).
+    # The one exception: the default symbols' own prices and volatilities.
     assert active == keys - unset | {"generator.overrides"}
     assert {"server.allowed_origins", "auth.tokens.name", "generator.seed"} <= unset
 

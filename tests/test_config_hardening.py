@@ -1,4 +1,4 @@
-"""Bad config and tokens files at start, in check-config and on SIGHUP (issue 15, item 2).
+"""Bad config and tokens files at start, in check-config and on SIGHUP.
 
 Every class of bad file is a one-line config error naming the file (and the key that named it),
 exit 78 at start and in `check-config`, `config_reload_rejected` on SIGHUP with the old settings
@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +39,7 @@ from agentspoonsd.tomlfile import (
     read_bounded,
 )
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import bearer
 
 AS_ROOT = os.geteuid() == 0
 # 4,000 parts: refused by the key check; tomllib alone would take ~65 MB for it (and tens of GB
@@ -107,13 +108,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def files(tmp_path: Path, token: str = "t0") -> tuple[Path, Path]:
-    """A valid config (with a tokens file) and its tokens file, the latter holding `token`."""
+def files(tmp_path: Path, token: str = "t0", interval: float = 0.2) -> tuple[Path, Path]:
+    """A valid config (with a tokens file, ticking every `interval` seconds) and its tokens
+    file, the latter holding `token`."""
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(entry("first", token))
     tokens.chmod(0o600)
     config = tmp_path / "agentspoonsd.toml"
-    config.write_text(config_text(extra=f'tokens_file = "{tokens}"\n'))
+    config.write_text(config_text(interval=interval, extra=f'tokens_file = "{tokens}"\n'))
     return config, tokens
 
 
@@ -281,19 +283,7 @@ def test_token_new_refuses_to_grow_the_file_past_its_limit(tmp_path: Path) -> No
 # --- the daemon: at start, and on SIGHUP -------------------------------------------------------
 
 
-@pytest.fixture
-async def daemon_factory() -> AsyncIterator[Callable[[Path], DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def start(config: Path) -> DaemonProcess:
-        process = DaemonProcess(config)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 @pytest.mark.parametrize(
@@ -337,11 +327,12 @@ async def test_sighup_with_any_bad_file_keeps_the_old_settings_and_the_stream(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
     token, second = new_token(), new_token()
-    config, tokens = files(tmp_path, token)
+    # Fast ticks: each case below waits for the next update.
+    config, tokens = files(tmp_path, token, interval=0.05)
     good = {config: config.read_bytes(), tokens: tokens.read_bytes()}
     daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
+    headers = bearer(token)
     cases = [
         (path, name)
         for path in (config, tokens)

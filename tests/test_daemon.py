@@ -10,22 +10,12 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from daemon_process import config_text, http_get, new_token, token_block
+from helpers import bearer, next_update
 
 SHUTDOWN_TIMEOUT = 3.0  # config_text's server.shutdown_timeout
 
 
 # daemon_factory: conftest.py
-
-
-def bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"Authorization", f"Bearer {token}".encode())]
-
-
-async def next_update(ws: object) -> dict[str, object]:
-    while True:
-        message = json.loads(await ws.get_message())  # type: ignore[attr-defined]
-        if message["type"] == "volatility_update":
-            return message
 
 
 async def test_stream_health_metrics_and_sigterm(daemon_factory) -> None:

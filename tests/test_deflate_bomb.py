@@ -1,4 +1,4 @@
-"""permessage-deflate bombs: inflation is bounded by `server.max_message_size` (issue 15, item 3).
+"""permessage-deflate bombs: inflation is bounded by `server.max_message_size`.
 
 Two halves. The bounded extension (`agentspoonsd.deflate.BoundedDeflate`, as `negotiate_deflate`
 agrees it) driven through wsproto's real `Connection`, without sockets: bombs in one frame,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,25 +125,19 @@ def documented_status(path: Path, what: str) -> set[int]:
 
 
 async def test_a_plain_http_request_to_the_websocket_port_gets_the_documented_answer(
-    tmp_path: Path,
+    daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
-    config = tmp_path / "agentspoonsd.toml"
-    config.write_text(config_text(interval=1.0))
-    daemon = DaemonProcess(config)
-    daemon.start()
-    try:
-        ws_port, _ = await daemon.ports()
+    daemon = daemon_factory(config_text(interval=1.0))
+    ws_port, _ = await daemon.ports()
 
-        def get() -> tuple[int, Any]:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ws_port}/", timeout=10) as r:
-                    return r.status, r.headers
-            except urllib.error.HTTPError as err:
-                return err.code, err.headers
+    def get() -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ws_port}/", timeout=10) as r:
+                return r.status, r.headers
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers
 
-        status, headers = await trio.to_thread.run_sync(get)
-    finally:
-        daemon.kill()
+    status, headers = await trio.to_thread.run_sync(get)
     assert status == 426
     assert headers["Upgrade"].lower() == "websocket"
     for doc in (README, PROTOCOL):

@@ -55,8 +55,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from agentspoonsd.settings import AuthSettings
 from daemon_process import DaemonProcess, http_get, new_token, token_block
+from helpers import bearer
 
 SYMBOLS = ("BTC/USD", "ETH/USD")
 INTERVAL = 0.05
@@ -82,11 +82,9 @@ def fuzz_settings(examples: int) -> settings:
 def daemon_config(token: str) -> str:
     """Fast ticks, generous per-client limits (the fuzz connections should get far), auth on."""
     symbols = ", ".join(json.dumps(s) for s in SYMBOLS)
-    auth_extra = ""
-    # Item 4 of the security issue adds a per-address auth-failure limit (429 past it): the
-    # fuzzer fails authentication on purpose, from 127.0.0.1, thousands of times.
-    if "max_failures_per_minute" in AuthSettings.model_fields:
-        auth_extra = "max_failures_per_minute = 1000000\n"
+    # auth.max_failures_per_minute answers 429 past it, per address: the fuzzer fails
+    # authentication on purpose, from 127.0.0.1, thousands of times.
+    auth_extra = "max_failures_per_minute = 1000000\n"
     return (
         '[server]\nhost = "127.0.0.1"\nport = 0\nshutdown_timeout = 3.0\n'
         "handshake_timeout = 2.0\n"
@@ -139,7 +137,7 @@ class Witness:
         self._trio_token = trio.lowlevel.current_trio_token()
         with trio.CancelScope() as self._scope:
             try:
-                headers = [(b"Authorization", f"Bearer {self.token}".encode())]
+                headers = bearer(self.token)
                 async with open_websocket_url(self.url, extra_headers=headers) as ws:
                     greeting = json.loads(await ws.get_message())
                     if greeting.get("type") != "connected":
@@ -1031,7 +1029,7 @@ async def test_fuzz_json_messages(live: Live, data: st.DataObject) -> None:
         size = len(message.encode("utf-8") if isinstance(message, str) else message)
         assume(size <= MAX_MESSAGE_SIZE)
     url = f"ws://127.0.0.1:{live.ws_port}/?symbols="
-    headers = [(b"Authorization", f"Bearer {live.token}".encode())]
+    headers = bearer(live.token)
     replies: list[dict[str, Any]] = []
     with trio.fail_after(REPLY_TIMEOUT * 2):
         async with open_websocket_url(url, extra_headers=headers, max_message_size=1 << 24) as ws:
@@ -1090,7 +1088,7 @@ async def test_unsplittable_targets_and_odd_resume_seqs_harm_no_one(
     process = launch(tmp_path, token)
     try:
         ws_port, _ = await process.ports()
-        headers = [(b"Authorization", f"Bearer {token}".encode())]
+        headers = bearer(token)
         async with open_websocket_url(f"ws://127.0.0.1:{ws_port}/", extra_headers=headers) as ws:
             assert json.loads(await ws.get_message())["type"] == "connected"
             stream = await open_raw(ws_port)

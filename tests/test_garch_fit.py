@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from arch import arch_model
 
+from agentspoonsd.market import garch_fit
 from agentspoonsd.market.garch_fit import (
     GarchFit,
     cumulative_variance,
@@ -256,8 +257,76 @@ def test_quick_path_finds_optima_on_the_bounds(
 
 
 @pytest.mark.parametrize("seed", [0, 2])
-def test_optimum_outside_the_quick_region_falls_back_to_slsqp(seed: int) -> None:
-    # ARCH(1) data: the optimum has beta ~ 0, where the quick path's beta**-t would overflow.
+def test_quick_path_finds_the_corner_alpha_zero_beta_one(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variance growing linearly over the window: the optimum is the corner alpha = 0,
+    beta = 1 (sigma2_t = b + omega (t + 1)), where both bounds bind; Newton holds both exactly."""
+    rng = np.random.default_rng(seed)
+    returns = 1e-3 * np.sqrt(1.0 + np.arange(500) / 40.0) * rng.standard_normal(500)
+    fit = fit_garch11(returns)
+    assert fit.method == "newton" and fit.status == "nonstationary"
+    assert fit.alpha == 0.0 and fit.beta == 1.0
+    with monkeypatch.context() as patch:
+        patch.setattr(garch_fit, "_NEWTON_MAX_ITERATIONS", 0)  # the full optimiser alone
+        full = fit_garch11(returns)
+    assert full.method == "slsqp"
+    assert fit.loglik >= full.loglik - 1e-9
+    tight = fit_arch(returns, tight=True)
+    # arch's SLSQP ends up to ~2e-9 outside alpha + beta <= 1, worth ~1e-6 of log-likelihood.
+    assert fit.loglik - len(returns) * math.log(tight.scale) == pytest.approx(
+        tight.loglikelihood, abs=1e-5
+    )
+    assert tight.params.to_numpy()[1] < 1e-8
+
+
+def test_short_memory_derivatives_match_the_long_ones_and_finite_differences() -> None:
+    rng = np.random.default_rng(5)
+    r = rng.standard_normal(500) * (1.0 + 0.5 * np.sin(np.arange(500) / 30.0))
+    x = r * r / np.mean(r * r)
+    b = garch_fit._arch_backcast(x)
+    xlag = np.concatenate(([b], x[:-1]))
+    for beta in (0.45, 0.6, 0.9):  # both formulations are valid here
+        long = garch_fit._newton_terms(np.array((0.3, 0.1, beta)), x, xlag, b, True)
+        short = garch_fit._short_memory_terms(0.3, 0.1, beta, x, xlag, b, True)
+        assert short[0] == pytest.approx(long[0], rel=1e-14)
+        for got, want in zip(short[1:], long[1:], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+    for beta in (0.0, 0.2):  # beta = 0: one-sided differences in beta
+        params = np.array((0.5, 0.2, beta))
+        value, grad, hess, _ = garch_fit._short_memory_terms(*params, x, xlag, b, True)
+        assert grad is not None and hess is not None
+        eps = 1e-6
+        for i in range(3):
+            up = params.copy()
+            up[i] += eps
+            v_up, g_up, _, _ = garch_fit._short_memory_terms(*up, x, xlag, b, True)
+            assert (v_up - value) / eps == pytest.approx(grad[i], abs=2e-6)
+            np.testing.assert_allclose((g_up - grad) / eps, hess[:, i], atol=2e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_optimum_at_beta_zero_takes_the_quick_path(seed: int) -> None:
+    # ARCH(1) data: the optimum has beta ~ 0, where beta**-t would overflow; the quick path's
+    # short-memory derivatives (`_short_memory_terms`) and the bound beta >= 0 handle it.
+    returns = simulate_garch(500, 1e-6, 0.3, 0.0, seed=seed, innovations="normal")
+    fit = fit_garch11(returns)
+    assert fit.status == "ok" and fit.method == "newton"
+    assert fit.beta < 1e-6
+    tight = fit_arch(returns, tight=True)
+    ours = fit.loglik - len(returns) * math.log(tight.scale)
+    assert ours == pytest.approx(tight.loglikelihood, rel=1e-10)
+    assert ours >= tight.loglikelihood - 1e-6
+    assert fit.alpha == pytest.approx(tight.params.to_numpy()[1], abs=5e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_slsqp_takes_over_where_the_quick_path_gives_up(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One Newton iteration is too few from a cold start: the quick path gives up and nlopt's
+    # SLSQP finds the optimum from the same start.
+    monkeypatch.setattr(garch_fit, "_NEWTON_MAX_ITERATIONS", 1)
     returns = simulate_garch(500, 1e-6, 0.3, 0.0, seed=seed, innovations="normal")
     fit = fit_garch11(returns)
     assert fit.status == "ok" and fit.method == "slsqp"
@@ -295,7 +364,11 @@ def test_forecast_matches_the_recursion_and_converges_to_the_unconditional_varia
     assert fit.unconditional_variance == pytest.approx(uncond, rel=1e-15)
 
 
-@pytest.mark.parametrize("persistence", [1.0, 1.0 - 1e-7, 1.0 - 1e-12, 0.0, 0.5, 0.2, -1e-17])
+# 1.7e-17: a fit `agentspoonsd simulate --seed 1` made (alpha ~1.7e-17, beta 0), where
+# ``persistence - 1`` rounds to -1 exactly; -1e-17: an estimate a rounding error below zero.
+@pytest.mark.parametrize(
+    "persistence", [1.0, 1.0 - 1e-7, 1.0 - 1e-12, 0.0, 1.7e-17, 1e-9, 0.5, 0.2, -1e-17]
+)
 def test_forecast_matches_the_recursion_at_and_near_the_boundary(persistence: float) -> None:
     alpha = persistence / 4
     beta = persistence - alpha
@@ -318,8 +391,11 @@ def test_forecast_rejects_bad_horizon_and_failed_fit() -> None:
         variance_forecast(fit_garch11([0.001] * 10), 5)
 
 
-# -1e-17: an estimate a rounding error below zero (it once stopped the generator).
-@pytest.mark.parametrize("persistence", [-1e-17, 0.0, 0.2, 0.5, 0.98, 1.0 - 2e-6, 1.0])
+# -1e-17: an estimate a rounding error below zero (it once stopped the generator); 1.7e-17: one
+# where ``persistence - 1`` rounds to -1 (it stopped `simulate --seed 1`).
+@pytest.mark.parametrize(
+    "persistence", [-1e-17, 0.0, 1.7e-17, 1e-9, 0.2, 0.5, 0.98, 1.0 - 2e-6, 1.0]
+)
 @pytest.mark.parametrize("horizon", [1, 2, 10, 1000])
 def test_cumulative_variance_is_the_sum_of_the_step_forecasts(
     persistence: float, horizon: int

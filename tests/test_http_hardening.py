@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -510,18 +510,16 @@ def hardened_config(tmp_path: Path, health: str) -> Path:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[tuple[DaemonProcess, int]]:
+async def daemon(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> tuple[DaemonProcess, int]:
     health = f"request_timeout = {REQUEST_TIMEOUT}\nmax_connections_per_ip = {PER_IP}\n"
-    process = DaemonProcess(hardened_config(tmp_path, health))
-    process.start()
-    try:
-        _, http_port = await process.ports()
-        with trio.fail_after(10):
-            while (await http_get(http_port, "/readyz"))[0] != 200:  # noqa: ASYNC110
-                await trio.sleep(0.05)
-        yield process, http_port
-    finally:
-        process.kill()
+    process = daemon_factory(hardened_config(tmp_path, health))
+    _, http_port = await process.ports()
+    with trio.fail_after(10):
+        while (await http_get(http_port, "/readyz"))[0] != 200:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return process, http_port
 
 
 async def until(condition: Callable[[], bool], within: float) -> None:
@@ -625,23 +623,21 @@ async def test_slowloris_from_one_address_leaves_probes_answered(
 # --- config ------------------------------------------------------------------------------------
 
 
-async def test_metrics_token_and_allowed_hosts_in_the_daemon(tmp_path: Path) -> None:
+async def test_metrics_token_and_allowed_hosts_in_the_daemon(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
     digest = hashlib.sha256(METRICS_TOKEN.encode()).hexdigest()
     health = f'metrics_token_sha256 = "{digest}"\nallowed_hosts = ["127.0.0.1", "localhost"]\n'
-    process = DaemonProcess(hardened_config(tmp_path, health))
-    process.start()
-    try:
-        _, port = await process.ports()
-        assert (await http_get(port, "/metrics"))[0] == 401
-        assert (await http_get(port, "/healthz"))[0] == 200  # Host: 127.0.0.1:port
+    process = daemon_factory(hardened_config(tmp_path, health))
+    _, port = await process.ports()
+    assert (await http_get(port, "/metrics"))[0] == 401
+    assert (await http_get(port, "/healthz"))[0] == 200  # Host: 127.0.0.1:port
 
-        auth = f"Authorization: Bearer {METRICS_TOKEN}\r\n"
-        status, authorised = await probe_host(port, "localhost", "/metrics", auth)
-        assert status == 200 and b"agentspoonsd_" in authorised
-        assert (await probe_host(port, "rebind.evil.test", "/metrics", auth))[0] == 421
-        assert (await probe_host(port, "rebind.evil.test"))[0] == 421
-    finally:
-        process.kill()
+    auth = f"Authorization: Bearer {METRICS_TOKEN}\r\n"
+    status, authorised = await probe_host(port, "localhost", "/metrics", auth)
+    assert status == 200 and b"agentspoonsd_" in authorised
+    assert (await probe_host(port, "rebind.evil.test", "/metrics", auth))[0] == 421
+    assert (await probe_host(port, "rebind.evil.test"))[0] == 421
     assert METRICS_TOKEN not in process.log_text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 import orjson
@@ -9,6 +10,7 @@ import pytest
 import trio
 from wsproto.frame_protocol import FrameDecoder
 
+import helpers
 from agentspoonsd import protocol
 from agentspoonsd.frames import encode_deflate_frame, encode_text_frame, frame_payload
 from agentspoonsd.history import History
@@ -33,8 +35,7 @@ class Collector:
         self.frames.append(frame)
 
 
-def bar(symbol: str, close: float = 100.0) -> Bar:
-    return Bar(symbol, NOW, close, close + 1, close - 1, close, 2.0, 0.001, 0.01)
+bar = functools.partial(helpers.bar, at=NOW)
 
 
 def make_hub(stats: Stats | None = None) -> tuple[Hub, trio.MemorySendChannel[list[Bar]]]:

@@ -27,7 +27,7 @@ RULE_TESTS = MONITORING / "alerts.test.yml"
 SCRAPE_CONFIG = MONITORING / "prometheus.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 
-# The alerts issue 17 asks for, by what they watch.
+# The alerts docs/MONITORING.md lists, by what they watch.
 REQUIRED_ALERTS = {
     "AgentspoonsdDown",
     "AgentspoonsdNotReady",
@@ -178,7 +178,7 @@ def alerts() -> dict[str, dict[str, Any]]:
 
 
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
-    """Each alert of the issue exists, and each alert in the rules has a promtool case where it
+    """Each required alert exists, and each alert in the rules has a promtool case where it
     fires and one where it stays quiet (a rule without both is not tested)."""
     assert set(alerts()) >= REQUIRED_ALERTS
     cases = [

@@ -38,6 +38,7 @@ from agentspoonsd.metrics import Stats
 from agentspoonsd.settings import TokenSettings
 from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text, http_get, new_token
+from helpers import bearer
 from server_limits import make_limits
 
 TIMEOUT = 10.0
@@ -77,7 +78,7 @@ async def test_http_ports_ws_is_the_same_stream_as_the_websocket_port(start: Sta
     token = new_token()
     daemon = start(config_text(tokens={"both": token}))
     ws_port, http_port = await daemon.ports()
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
+    headers = bearer(token)
     async with (
         open_websocket_url(f"ws://127.0.0.1:{ws_port}/", extra_headers=headers) as direct,
         open_websocket_url(f"ws://127.0.0.1:{http_port}/ws?access_token={token}") as same_origin,

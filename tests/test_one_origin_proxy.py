@@ -24,6 +24,7 @@ import trustme
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX = Path("/usr/sbin/nginx")
@@ -38,12 +39,6 @@ def documented(language: str) -> str:
     blocks = re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
     assert len(blocks) == 1, f"the One origin section has one {language} example"
     return blocks[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def replace_once(text: str, old: str, new: str) -> str:

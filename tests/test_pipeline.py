@@ -24,6 +24,7 @@ from agentspoonsd.market.estimators import ESTIMATOR_NAMES, RANGE_ESTIMATORS
 from agentspoonsd.market.garch_fit import GarchFit, fit_garch11, variance_forecast
 from agentspoonsd.market.generator import pipeline_config
 from agentspoonsd.market.pipeline import (
+    _RECORD_CHUNK,
     GarchTracker,
     PipelineConfig,
     SymbolPipeline,
@@ -515,6 +516,53 @@ def test_close_only_bars_null_the_range_estimators_of_their_windows_and_say_why(
                     assert a[part][name] == b[part][name], (i, part, name)
             assert a[part]["window"] == b[part]["window"]
         assert a["volatility"] == b["volatility"]
+
+
+def test_data_of_long_blocks_with_marks_is_update_data_of_bar() -> None:
+    """`data` builds the dicts of a chunk of bars at once (`_RECORD_CHUNK`, 64): blocks of many
+    chunks, whose first bars are the series' first (NaN estimators), with close-only bars and
+    session gaps on both sides of chunk boundaries, give the same updates as `bar`, and the same
+    as bar-by-bar feeding."""
+    assert 256 % _RECORD_CHUNK == 0 and 4 * _RECORD_CHUNK < 600
+    config = PipelineConfig(window=5, bars_per_year=1000.0, fit_window=100, refit_every=37)
+    block = hand_made_block(700, seed=21)
+    close_only = np.zeros(700, dtype=np.bool_)
+    close_only[[0, 255, 256, 300, 699]] = True
+    gaps: list[float | None] = [None] * 700
+    for i in (1, 256, 511, 512):
+        gaps[i] = 63_060.0
+    pipeline = SymbolPipeline("X", config)
+    chunked = []
+    for begin, size in ((0, 600), (600, 100)):
+        part = slice(begin, begin + size)
+        pipeline.feed(
+            BarBlock(*(field[part] for field in block)),
+            gap_seconds=gaps[part],
+            close_only=close_only[part],
+        )
+        while pipeline.pending:
+            window = pipeline.advance()
+            if window is not None:
+                pipeline.install(fit_garch11(window, previous=pipeline.last_fit))
+            seq = len(chunked) + 1
+            data = pipeline.data(iso_utc(EPOCH), seq)
+            assert orjson.dumps(data) == orjson.dumps(update_data(pipeline.bar(EPOCH), seq))
+            chunked.append(orjson.dumps(data))
+    reference = SymbolPipeline("X", config)
+    for i in range(700):
+        reference.feed(
+            BarBlock(*(field[i : i + 1] for field in block)),
+            gap_seconds=[gaps[i]],
+            close_only=close_only[i : i + 1],
+        )
+        window = reference.advance()
+        if window is not None:
+            reference.install(fit_garch11(window, previous=reference.last_fit))
+        assert orjson.dumps(reference.data(iso_utc(EPOCH), i + 1)) == chunked[i], i
+    first = orjson.loads(chunked[0])
+    assert first["returns"] is None and first["estimators"]["ewma"] is None
+    assert orjson.loads(chunked[256])["estimators_quality"] == {"range": "close_only"}
+    assert orjson.loads(chunked[512])["gap_seconds"] == 63_060.0
 
 
 def test_a_session_gap_is_marked_and_read_in_session_by_close_to_close_and_the_fit() -> None:

@@ -1,4 +1,4 @@
-"""The synthetic bars' high and low make the range estimators unbiased (issue 18, item 3).
+"""The synthetic bars' high and low make the range estimators unbiased.
 
 Parkinson, Garman–Klass, Rogers–Satchell and Yang–Zhang assume the high and low of a continuous
 path. The models drive the real estimators (`RollingEstimators`, annualised as the pipeline

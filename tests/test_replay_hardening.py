@@ -1,4 +1,4 @@
-"""Replays a client asked for never get it cut as a slow consumer (issue 15, items 8 and 9).
+"""Replays a client asked for never get it cut as a slow consumer.
 
 The real daemon as a subprocess, a persisted history of `HISTORY` realistic updates (~1 KB
 each, far more than the backlog cap of `BACKLOG` bytes), and a client with a tiny receive
@@ -37,6 +37,7 @@ from agentspoonsd import protocol
 from agentspoonsd.history import HistoryStore
 from agentspoonsd.market.bar import Bar
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import bearer
 
 SYMBOL = "BTC/USD"
 HISTORY = 1000
@@ -117,7 +118,7 @@ class Bystander:
         self.ended: str | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        headers = [(b"Authorization", f"Bearer {self.live.token}".encode())]
+        headers = bearer(self.live.token)
         url = f"ws://127.0.0.1:{self.live.port}/?symbols={SYMBOL}"
         try:
             async with open_websocket_url(url, extra_headers=headers) as ws:

@@ -35,6 +35,7 @@ from referencing.jsonschema import DRAFT7
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from daemon_process import DaemonProcess, config_text, new_token, token_block
+from helpers import bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "docs" / "asyncapi.yaml"
@@ -538,10 +539,6 @@ class Session:
         await self.ws.send_message(text)
 
 
-def _bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"Authorization", f"Bearer {token}".encode())]
-
-
 def _symbols_query(*symbols: str) -> str:
     return "?symbols=" + ",".join(quote(s, safe="") for s in symbols)
 
@@ -551,7 +548,7 @@ async def _connect(
     spec: Spec, live: Live, token: str, query: str = ""
 ) -> AsyncIterator[tuple[Session, dict[str, Any]]]:
     """A session and its `connected` message."""
-    async with open_websocket_url(live.url(query), extra_headers=_bearer(token)) as ws:
+    async with open_websocket_url(live.url(query), extra_headers=bearer(token)) as ws:
         session = Session(ws, spec, live)
         connected = await session.recv()
         assert connected["type"] == "connected", "the first message is always `connected`"

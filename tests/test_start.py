@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -163,21 +163,13 @@ def read_url(url: str) -> bytes:
 
 
 @pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., DaemonProcess]]:
-    started: list[DaemonProcess] = []
+def daemon_factory(daemon_factory: Callable[..., DaemonProcess]) -> Callable[..., DaemonProcess]:
+    """conftest.py's, each daemon on `clean_env` plus the `env` given."""
 
     def start(text: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        path = tmp_path / f"daemon-{len(started)}.toml"
-        path.write_text(text)
-        process = DaemonProcess(path, env=env)
-        process.env = clean_env(**(env or {}))
-        process.start()
-        started.append(process)
-        return process
+        return daemon_factory(text, environ=clean_env(**(env or {})))
 
-    yield start
-    for process in started:
-        process.kill()
+    return start
 
 
 async def test_banner_urls_and_watch_command_work_with_the_ephemeral_token(

@@ -8,85 +8,23 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-import structlog
 import trio
 import trio.lowlevel
-import trustme
 from trio_websocket import ConnectionRejected, open_websocket_url
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from agentspoonsd.auth import TokenStore, hash_token, new_token
-from agentspoonsd.daemon import bind_listener
-from agentspoonsd.frames import encode_text_frame
-from agentspoonsd.history import History
-from agentspoonsd.hub import Hub
-from agentspoonsd.market.bar import Bar
-from agentspoonsd.metrics import Stats
-from agentspoonsd.settings import ConfigError, TokenSettings, load_settings
+from agentspoonsd.auth import new_token
+from agentspoonsd.settings import ConfigError, load_settings
 from agentspoonsd.tls import TlsConfigError, TlsError, TlsSession, server_context
-from agentspoonsd.ws import WebSocketServer
 from daemon_process import DaemonProcess, config_text
-from server_limits import make_limits
-
-SYMBOLS = ["BTC/USD", "ETH/USD"]
-TOKEN = new_token()
-
-
-def bar(symbol: str = "BTC/USD", price: float = 100.0) -> Bar:
-    return Bar(symbol, datetime.now(UTC), price, price + 1, price - 1, price, 1.0, 0.0, 0.01)
-
-
-async def until_update(ws) -> dict:
-    while True:
-        message = json.loads(await ws.get_message())
-        if message["type"] == "volatility_update":
-            return message
-
+from helpers import TOKEN, Pki, Running, make_pki, next_update, serving, write_pki
 
 # --- certificates ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Pki:
-    """A CA and a server certificate for 127.0.0.1/localhost, written as PEM files."""
-
-    ca: trustme.CA
-    leaf: trustme.LeafCert
-    cert_file: Path
-    key_file: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        return context
-
-    @property
-    def der(self) -> bytes:
-        return ssl.PEM_cert_to_DER_cert(self.leaf.cert_chain_pems[0].bytes().decode())
-
-
-def make_pki(directory: Path) -> Pki:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    write_pki(leaf, cert_file, key_file)
-    return Pki(ca, leaf, cert_file, key_file)
-
-
-def write_pki(leaf: trustme.LeafCert, cert_file: Path, key_file: Path) -> None:
-    cert_file.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
-    key_file.write_bytes(leaf.private_key_pem.bytes())
 
 
 @pytest.fixture
@@ -330,86 +268,17 @@ def test_settings_check_the_files_and_resolve_them_next_to_the_config(
 # --- the server over TLS, in-process --------------------------------------------------------------
 
 
-@dataclass
-class Running:
-    server: WebSocketServer
-    hub: Hub
-    stats: Stats
-    port: int
-    pki: Pki
-
-    @property
-    def url(self) -> str:
-        return f"wss://127.0.0.1:{self.port}/?access_token={TOKEN}"
-
-    def connect(self, context: ssl.SSLContext | None = None):
-        return open_websocket_url(self.url, context or self.pki.client_context())
-
-    def publish(self, count: int = 1, price: float = 100.0) -> None:
-        for _ in range(count):
-            self.hub.publish([bar("BTC/USD", price)])
-
-
 @pytest.fixture
 async def running(request: pytest.FixtureRequest, pki: Pki) -> AsyncIterator[Running]:
-    limits = make_limits(
-        **{
-            "max_connections": 100,
-            "max_backlog_bytes": 64 * 1024,
-            "max_message_size": 4096,
-            "handshake_timeout": 1.0,
-            "max_client_messages_per_second": 1000,
-            **getattr(request, "param", {}),
-        }
-    )
-    listener = bind_listener("127.0.0.1", 0, 128)
-    stats = Stats()
-    _, receive = trio.open_memory_channel[list[Bar]](1)
-    history = History(SYMBOLS, 1000, decode_frame=encode_text_frame, start_seq=1)
-    hub = Hub(SYMBOLS, receive, stats, history=history)
-    store = TokenStore([TokenSettings(name="test", sha256=hash_token(TOKEN))])
-    server = WebSocketServer(
-        listener,
-        hub,
-        store,
-        limits,
-        stats,
-        structlog.get_logger(),
-        tls=server_context(pki.cert_file, pki.key_file),
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        yield Running(server, hub, stats, listener.getsockname()[1], pki)
-        nursery.cancel_scope.cancel()
-    listener.close()
+    async with serving(pki, **getattr(request, "param", {})) as server:
+        yield server
 
 
-async def open_tls_stream(
-    port: int, context: ssl.SSLContext, *, rcvbuf: int | None = None
-) -> trio.SSLStream[trio.SocketStream]:
-    sock = trio.socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SSLStream(trio.SocketStream(sock), context, server_hostname="127.0.0.1")
-    await stream.do_handshake()
-    return stream
-
-
-async def test_wss_client_receives_every_update(running: Running) -> None:
-    async with running.connect() as a, running.connect() as b:
-        for ws in (a, b):
-            hello = json.loads(await ws.get_message())
-            assert hello["type"] == "connected" and hello["symbols"] == SYMBOLS
-        for i in range(50):
-            running.publish(price=100.0 + i)
-            await trio.lowlevel.checkpoint()
-        for ws in (a, b):
-            seqs = [(await until_update(ws))["data"]["seq"] for _ in range(50)]
-            assert seqs == list(range(1, 51))
-        await a.send_message('{"type": "ping"}')
-        assert json.loads(await a.get_message())["type"] == "pong"
-        await a.ping(b"x")  # a WebSocket ping, answered through the encrypted write path
+async def open_tls_stream(port: int, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(stream, context, server_hostname="127.0.0.1")
+    await tls.do_handshake()
+    return tls
 
 
 async def test_tls_1_1_client_is_refused(running: Running) -> None:
@@ -441,10 +310,11 @@ async def test_plain_ws_to_the_tls_port_fails_cleanly_and_alone(running: Running
                 pass
         await stream.aclose()
         running.publish()
-        assert (await until_update(good))["data"]["seq"] == 1
+        assert (await next_update(good))["data"]["seq"] == 1
     assert running.stats.rejected_upgrades["tls_handshake"] == 2
 
 
+@pytest.mark.parametrize("running", [{"handshake_timeout": 0.2}], indirect=True)
 async def test_handshake_timeout_covers_a_stalled_tls_handshake(running: Running) -> None:
     hello = MemoryClient(running.pki.client_context()).hello()
     stalled = await trio.open_tcp_stream("127.0.0.1", running.port)
@@ -452,7 +322,7 @@ async def test_handshake_timeout_covers_a_stalled_tls_handshake(running: Running
     # And one that completes TLS but never sends its upgrade request.
     silent = await open_tls_stream(running.port, running.pki.client_context())
     with trio.fail_after(3):
-        assert await stalled.receive_some() == b""  # closed by the server after 1 s
+        assert await stalled.receive_some() == b""  # closed by the server after 0.2 s
         while await silent.receive_some():  # session tickets, then close_notify: a clean EOF
             pass
     await stalled.aclose()
@@ -461,69 +331,7 @@ async def test_handshake_timeout_covers_a_stalled_tls_handshake(running: Running
     assert running.server.client_count == 0
 
 
-async def open_raw_wss_client(
-    running: Running, rcvbuf: int
-) -> tuple[trio.SSLStream[trio.SocketStream], WSConnection]:
-    stream = await open_tls_stream(running.port, running.pki.client_context(), rcvbuf=rcvbuf)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="localhost", target=f"/?access_token={TOKEN}")))
-    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-        ws.receive_data(await stream.receive_some(4096))
-    return stream, ws
-
-
-async def read_to_close(
-    stream: trio.SSLStream[trio.SocketStream], ws: WSConnection
-) -> tuple[list[dict], int]:
-    """Every message until the close frame, parsed strictly; returns messages and close code."""
-    messages: list[dict] = []
-    parts: list[str] = []
-    while True:
-        data = await stream.receive_some(65536)
-        ws.receive_data(data or None)
-        for event in ws.events():
-            if isinstance(event, TextMessage):
-                parts.append(event.data)
-                if event.message_finished:
-                    messages.append(json.loads("".join(parts)))
-                    parts.clear()
-            elif isinstance(event, CloseConnection):
-                return messages, event.code
-        assert data, "connection ended without a close frame"
-
-
-async def test_never_reading_tls_client_is_cut_at_its_cap_alone(running: Running) -> None:
-    good_seqs: list[int] = []
-    slow_stream, slow_ws = await open_raw_wss_client(running, rcvbuf=4096)
-    async with running.connect() as good:
-        await good.get_message()
-
-        async def read_good() -> None:
-            while True:
-                good_seqs.append((await until_update(good))["data"]["seq"])
-
-        published = 0
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_good)
-            # Paced so the reading client keeps up; the never-reading one fills its buffers.
-            while not running.stats.backlog_overflows and published < 100_000:
-                for _ in range(10):
-                    running.publish(price=1e300)
-                    published += 1
-                await trio.sleep(0.001)
-            # The slow client, reading at last, decrypts a well-formed stream closed with 1013.
-            with trio.fail_after(5):
-                messages, code = await read_to_close(slow_stream, slow_ws)
-            assert code == 1013
-            seqs = [m["data"]["seq"] for m in messages if m["type"] == "volatility_update"]
-            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < published
-            with trio.fail_after(10):
-                while running.server.client_count > 1 or len(good_seqs) < published:  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        assert running.stats.disconnects["backlog_overflow"] == 1
-        assert good_seqs == list(range(1, published + 1))
-    await slow_stream.aclose()
+# Twins of test_ws.py's tests run over TLS there too (its `BOTH`).
 
 
 async def test_a_new_context_serves_new_connections_only(running: Running, tmp_path: Path) -> None:
@@ -538,7 +346,7 @@ async def test_a_new_context_serves_new_connections_only(running: Running, tmp_p
         assert stream.getpeercert(binary_form=True) == new.der
         await stream.aclose()
         running.publish()
-        assert (await until_update(established))["data"]["seq"] == 1
+        assert (await next_update(established))["data"]["seq"] == 1
 
 
 # --- the daemon: config errors and SIGHUP ---------------------------------------------------------
@@ -551,42 +359,30 @@ def tls_config(cert: Path | None, key: Path | None, token: str) -> str:
     return config_text(tokens={"t": token}).replace("[server]\n", "[server]\n" + lines, 1)
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
-def start_daemon(daemons: list[DaemonProcess], path: Path, text: str) -> DaemonProcess:
-    path.write_text(text)
-    process = DaemonProcess(path)
-    process.start()
-    daemons.append(process)
-    return process
+# daemon_factory: conftest.py
 
 
 @pytest.mark.parametrize("which", ["only_cert", "missing_key_file"])
 async def test_daemon_refuses_to_start_on_a_bad_tls_config(
-    daemons: list[DaemonProcess], pki: Pki, tmp_path: Path, which: str
+    daemon_factory: Callable[..., DaemonProcess], pki: Pki, tmp_path: Path, which: str
 ) -> None:
     token = new_token()
     if which == "only_cert":
         text, key = tls_config(pki.cert_file, None, token), "server.tls_key"
     else:
         text, key = tls_config(pki.cert_file, tmp_path / "nope.key", token), "server.tls_key"
-    daemon = start_daemon(daemons, tmp_path / "agentspoonsd.toml", text)
+    daemon = daemon_factory(text)
     assert await daemon.wait_exit() == 78
     assert f"{key}:" in daemon.log_text
 
 
 async def test_sighup_reloads_the_certificate(
-    daemons: list[DaemonProcess], pki: Pki, tmp_path: Path
+    daemon_factory: Callable[..., DaemonProcess], pki: Pki, tmp_path: Path
 ) -> None:
     token = new_token()
     config = tmp_path / "agentspoonsd.toml"
-    daemon = start_daemon(daemons, config, tls_config(pki.cert_file, pki.key_file, token))
+    config.write_text(tls_config(pki.cert_file, pki.key_file, token))
+    daemon = daemon_factory(config)
     bound = await daemon.wait_for("listener_bound", service="websocket")
     assert bound["scheme"] == "wss"
     port, _ = await daemon.ports()
@@ -616,7 +412,7 @@ async def test_sighup_reloads_the_certificate(
         await stream.aclose()
 
         # The connection from before both reloads is still served.
-        update = await until_update(established)
+        update = await next_update(established)
         assert update["type"] == "volatility_update"
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from agentspoonsd.settings import (
 )
 from agentspoonsd.tokenfile import TokenFileError, append_token, entry_text, remove_token
 from daemon_process import DaemonProcess, config_text, new_token, token_block
+from helpers import bearer, next_update
 
 DIGEST_A = hashlib.sha256(b"token-a").hexdigest()
 DIGEST_B = hashlib.sha256(b"token-b").hexdigest()
@@ -707,17 +708,6 @@ def printed_token(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout.splitlines()[0].removeprefix("token: ")
 
 
-def bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"Authorization", f"Bearer {token}".encode())]
-
-
-async def next_update(ws: Any) -> dict[str, Any]:
-    while True:
-        message = json.loads(await ws.get_message())
-        if message["type"] == "volatility_update":
-            return message
-
-
 async def closed_with(ws: Any, within: float) -> tuple[int, str]:
     with trio.fail_after(within), pytest.raises(ConnectionClosed) as closed:
         while True:
@@ -725,16 +715,11 @@ async def closed_with(ws: Any, within: float) -> tuple[int, str]:
     return closed.value.reason.code, closed.value.reason.reason
 
 
-@pytest.fixture
-async def daemon_proc(tmp_path: Path) -> AsyncIterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for process in started:
-        process.kill()
+# daemon_factory: conftest.py
 
 
 async def test_revoke_and_sighup_close_that_tokens_connections_only(
-    tmp_path: Path, daemon_proc: list[DaemonProcess]
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
     tokens_file = tmp_path / "tokens.toml"
     config = tmp_path / "agentspoonsd.toml"
@@ -746,9 +731,7 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
     assert stat.S_IMODE(tokens_file.stat().st_mode) == 0o600
     tokens_file.chmod(0o640)  # the daemon must say so
 
-    daemon = DaemonProcess(config)
-    daemon.start()
-    daemon_proc.append(daemon)
+    daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()
     warning = await daemon.wait_for("tokens_file_permissions")
     assert warning["mode"] == "0640" and warning["path"] == str(tokens_file)
@@ -766,29 +749,32 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
         result = cli("token", "revoke", "revoked", "--config", str(config), cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "systemctl reload agentspoonsd" in result.stdout
-        # Long enough for the CLI calls and the reload below on a loaded machine (2.5 s was not).
-        expires = datetime.now(UTC) + timedelta(seconds=6)
+        # Long enough for `token new`, the reload and a connection on a loaded machine; the
+        # checks of the revocation below run while it counts down.
+        expires = datetime.now(UTC) + timedelta(seconds=4)
         short = printed_token(
             cli("token", "new", "short", "--expires", expires.isoformat(), cwd=tmp_path)
         )  # found through the search order: ./agentspoonsd.toml
-        listed = cli("token", "list", "--config", str(config), cwd=tmp_path)
-        assert listed.returncode == 0, listed.stderr
-        assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "kept", "short"]
         daemon.signal(signal.SIGHUP)
-
-        assert await closed_with(ws_revoked, 5) == (4001, "token revoked")
-        event = await daemon.wait_for("token_revoked", name="revoked")
-        assert event["connections"] == 1 and event["cause"] == "removed"
         await daemon.wait_for("config_reloaded", tokens=2)
-        assert (await next_update(ws_kept))["type"] == "volatility_update"  # untouched
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with open_websocket_url(url, extra_headers=bearer(revoked)):
-                pass
-        assert rejected.value.status_code == 401
 
-        # `short` expires while connected: closed at expiry (4001), then refused as invalid.
         async with open_websocket_url(url, extra_headers=bearer(short)) as ws_short:
             assert json.loads(await ws_short.get_message())["token"] == "short"
+
+            assert await closed_with(ws_revoked, 5) == (4001, "token revoked")
+            event = await daemon.wait_for("token_revoked", name="revoked")
+            assert event["connections"] == 1 and event["cause"] == "removed"
+            assert (await next_update(ws_kept))["type"] == "volatility_update"  # untouched
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with open_websocket_url(url, extra_headers=bearer(revoked)):
+                    pass
+            assert rejected.value.status_code == 401
+            listed = cli("token", "list", "--config", str(config), cwd=tmp_path)
+            assert listed.returncode == 0, listed.stderr
+            names = [line.split()[0] for line in listed.stdout.splitlines()]
+            assert names == ["NAME", "kept", "short"]
+
+            # `short` expires while connected: closed at expiry (4001), then refused as invalid.
             assert await closed_with(ws_short, 10) == (4001, "token expired")
         assert datetime.now(UTC) >= expires
         event = await daemon.wait_for("token_expired", name="short")
@@ -807,13 +793,11 @@ async def test_revoke_and_sighup_close_that_tokens_connections_only(
 
 
 async def test_a_reload_that_switches_auth_on_closes_the_anonymous_connections(
-    tmp_path: Path, daemon_proc: list[DaemonProcess]
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
     config = tmp_path / "agentspoonsd.toml"
     config.write_text(config_text(auth_enabled=False))
-    daemon = DaemonProcess(config)
-    daemon.start()
-    daemon_proc.append(daemon)
+    daemon = daemon_factory(config)
     ws_port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{ws_port}/"
     token = new_token()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import trio
 
 from agentspoonsd.tools import HEADER, table_line
 from daemon_process import DaemonProcess, config_text, new_token
+from helpers import free_port
 
 Factory = Callable[..., DaemonProcess]
 
@@ -36,13 +36,6 @@ async def run_tool(*args: str, token: str | None = None) -> tuple[int, str, str]
             tool_argv(*args), env=env, capture_stdout=True, capture_stderr=True, check=False
         )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_table_line_formats_and_tolerates_nulls() -> None:
@@ -78,7 +71,12 @@ async def test_watch_json_and_table(daemon_factory: Factory) -> None:
     port, _ = await daemon.ports()
     url = f"ws://127.0.0.1:{port}/"
 
-    code, out, err = await run_tool("watch", url, "--json", "--count", "6", token=token)
+    as_json, as_table, refused = await run_tools(
+        (("watch", url, "--json", "--count", "6"), token),
+        (("watch", "--symbol", "ETH/USD", url, "--count", "3", "--token", token), None),
+        (("watch", url, "--count", "1"), new_token()),
+    )
+    code, out, err = as_json
     assert code == 0, err
     updates = [json.loads(line) for line in out.splitlines()]
     assert len(updates) == 6 and {u["symbol"] for u in updates} == {"BTC/USD", "ETH/USD"}
@@ -87,15 +85,13 @@ async def test_watch_json_and_table(daemon_factory: Factory) -> None:
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert "connected to" in err
 
-    code, out, err = await run_tool(
-        "watch", "--symbol", "ETH/USD", url, "--count", "3", "--token", token
-    )
+    code, out, err = as_table
     assert code == 0, err
     header, *rows = out.splitlines()
     assert header == HEADER and len(rows) == 3
     assert all(row.split()[0] == "ETH/USD" and row.split()[5].endswith("%") for row in rows)
 
-    code, out, err = await run_tool("watch", url, "--count", "1", token=new_token())
+    code, out, err = refused
     assert code == 77 and out == "" and "401" in err
 
 
@@ -120,53 +116,68 @@ async def test_watch_stops_cleanly_on_sigint(daemon_factory: Factory) -> None:
     assert (await daemon.wait_for("client_disconnected"))["reason"] == "close_1000"
 
 
+async def run_tools(*calls: tuple[tuple[str, ...], str | None]) -> list[tuple[int, str, str]]:
+    """`run_tool(*args, token=token)` for each `(args, token)`, all at once (they are separate
+    processes waiting on the network): the results in the order of the calls."""
+    results: list[tuple[int, str, str]] = [(-1, "", "")] * len(calls)
+
+    async def one(index: int, args: tuple[str, ...], token: str | None) -> None:
+        results[index] = await run_tool(*args, token=token)
+
+    async with trio.open_nursery() as nursery:
+        for index, (args, token) in enumerate(calls):
+            nursery.start_soon(one, index, args, token)
+    return results
+
+
 async def test_probe_exit_statuses(daemon_factory: Factory) -> None:
     token = new_token()
     fast = daemon_factory(config_text(tokens={"t": token}, interval=0.05))
     slow = daemon_factory(config_text(tokens={"t": token}, interval=60.0))
     fast_port, _ = await fast.ports()
     slow_port, _ = await slow.ports()
-
-    code, out, err = await run_tool("probe", f"ws://127.0.0.1:{fast_port}/", token=token)
-    assert code == 0, err
-    words = dict(word.split("=") for word in out.split()[2:])
-    assert out.startswith("ok ") and out.split()[1] in ("BTC/USD", "ETH/USD")
-    assert int(words["seq"]) > 0 and 0 <= float(words["latency_ms"]) < 5000
-
     refused = f"ws://127.0.0.1:{free_port()}/"
-    code, out, err = await run_tool("probe", refused, "--timeout", "3", token=token)
-    assert (code, out) == (69, "") and err == f"probe: connection refused: {refused}\n"
-
-    code, _, err = await run_tool("probe", f"ws://127.0.0.1:{fast_port}/", "--token", "wrong")
-    assert code == 77 and "refused the token (401)" in err and err.count("\n") == 1
-
-    # Connected, but no update within the timeout (the slow daemon's next tick is a minute off).
-    code, _, err = await run_tool(
-        "probe", f"ws://127.0.0.1:{slow_port}/", "--timeout", "0.5", token=token
-    )
-    assert code == 75 and "waiting for an update" in err
-
     # A listener that never answers the handshake.
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     silent_port = listeners[0].socket.getsockname()[1]
+    held: list[trio.SocketStream] = []
+
+    async def hold() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+
     async with trio.open_nursery() as nursery:
-        held: list[trio.SocketStream] = []
-
-        async def hold() -> None:
-            while True:
-                held.append(await listeners[0].accept())
-
         nursery.start_soon(hold)
-        code, _, err = await run_tool(
-            "probe", f"ws://127.0.0.1:{silent_port}/", "--timeout", "0.5", token=token
+        ok, no_listener, wrong_token, no_update, silent, not_ws = await run_tools(
+            (("probe", f"ws://127.0.0.1:{fast_port}/"), token),
+            (("probe", refused, "--timeout", "3"), token),
+            (("probe", f"ws://127.0.0.1:{fast_port}/", "--token", "wrong"), None),
+            # Connected, but no update within the timeout (the slow daemon ticks once a minute);
+            # 2 s: a connection slower than the timeout on a loaded machine would say
+            # "waiting for connecting" instead. The other probes run meanwhile.
+            (("probe", f"ws://127.0.0.1:{slow_port}/", "--timeout", "2"), token),
+            (("probe", f"ws://127.0.0.1:{silent_port}/", "--timeout", "0.5"), token),
+            (("probe", "http://127.0.0.1/"), token),
         )
         nursery.cancel_scope.cancel()
     for stream in held:
         await stream.aclose()
     await listeners[0].aclose()
-    assert code == 75 and "timed out" in err
 
-    code, _, err = await run_tool("probe", "http://127.0.0.1/", token=token)
+    code, out, err = ok
+    assert code == 0, err
+    words = dict(word.split("=") for word in out.split()[2:])
+    assert out.startswith("ok ") and out.split()[1] in ("BTC/USD", "ETH/USD")
+    assert int(words["seq"]) > 0 and 0 <= float(words["latency_ms"]) < 5000
+    code, out, err = no_listener
+    assert (code, out) == (69, "") and err == f"probe: connection refused: {refused}\n"
+    code, _, err = wrong_token
+    assert code == 77 and "refused the token (401)" in err and err.count("\n") == 1
+    code, _, err = no_update
+    assert code == 75 and "waiting for an update" in err
+    code, _, err = silent
+    assert code == 75 and "timed out" in err
+    code, _, err = not_ws
     assert code == 64 and "ws://" in err
 
 
@@ -185,7 +196,10 @@ async def test_probe_over_wss_with_cafile(daemon_factory: Factory, tmp_path: Pat
     port, _ = await daemon.ports()
     url = f"wss://127.0.0.1:{port}/"
 
-    code, out, err = await run_tool("probe", url, "--cafile", str(ca_file), token=token)
+    trusted, untrusted = await run_tools(
+        (("probe", url, "--cafile", str(ca_file)), token), (("probe", url, "--timeout", "3"), token)
+    )
+    code, out, err = trusted
     assert code == 0 and out.startswith("ok "), err
-    code, _, err = await run_tool("probe", url, "--timeout", "3", token=token)
+    code, _, err = untrusted
     assert code == 69 and "CERTIFICATE_VERIFY_FAILED" in err, err  # not trusted by the system

@@ -16,6 +16,7 @@ import struct
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from trio_websocket import open_websocket_url
 
 import test_ws
@@ -416,9 +417,12 @@ async def test_handshakes_count_against_max_connections_and_per_address(
     assert await status_from(running.port, "127.0.0.3") == 101
 
 
-async def test_accept_failures_are_logged_once_a_second(running: Running) -> None:
+async def test_accept_failures_are_logged_once_a_second(
+    running: Running, autojump_clock: trio.testing.MockClock
+) -> None:
     """Out of file descriptors, accept() fails every 0.1 s until one is free: one log line a
-    second, with the count; with descriptors back, connections are served at once."""
+    second, with the count; with descriptors back, connections are served at once. The server
+    backs off and throttles on Trio's clock: the 2.5 s pass at once."""
     import resource
 
     from structlog.testing import capture_logs

@@ -24,10 +24,13 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterable, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .logs import get_logger
 from .sdnotify import own_pids
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 SD_LISTEN_FDS_START = 3
 ENV_PID, ENV_FDS, ENV_NAMES = "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"
@@ -93,7 +96,7 @@ def inherited_sockets(
     *,
     unset: bool = True,
     pids: Iterable[int] | None = None,
-    log: Any = None,
+    log: FilteringBoundLogger | None = None,
 ) -> InheritedSockets:
     """Adopt the listening sockets systemd passed to this process (none outside activation).
 

@@ -172,7 +172,7 @@ def presented_token(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str 
                 return credentials.strip()
             return None
     # Not urlsplit: it raises on some targets (e.g. "//[x"), and only the query matters here.
-    for key, value in parse_qsl(target.partition("?")[2].partition("#")[0]):
+    for key, query_value in parse_qsl(target.partition("?")[2].partition("#")[0]):
         if key == "access_token":
-            return value
+            return query_value
     return None

@@ -138,4 +138,4 @@ async def take_over(handoff: socket.socket) -> Taken | None:
         if taken is False:
             return None
         if taken is not True:
-            return taken  # type: ignore[return-value]
+            return taken

@@ -380,8 +380,9 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.seed is not None:
             changes["seed"] = args.seed
         if args.model is not None:
-            overrides = dict(generator.overrides)
-            override = overrides.get(symbol)
+            # Validated below, with the rest: a new symbol's override may be a plain table.
+            overrides: dict[str, object] = dict(generator.overrides)
+            override = generator.overrides.get(symbol)
             overrides[symbol] = (
                 override.model_copy(update={"model": args.model})
                 if override
@@ -426,7 +427,7 @@ def _run(config: str | None) -> int:
             + "\n"
         )
         return EX_CONFIG
-    # Imported here so `--version`, `token` and `check-config` don't pay for numpy and trio.
+    # Imported here: `--version`, `token` and `check-config` need neither trio nor the daemon.
     import trio
 
     from .banner import program_command

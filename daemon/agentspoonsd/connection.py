@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import protocol
@@ -67,9 +67,9 @@ PEER_LOG_INTERVAL = 10.0
 class Log(Protocol):
     """The structured logger (structlog's bound logger): an event name and its fields."""
 
-    def debug(self, event: str, **fields: Any) -> Any: ...
-    def info(self, event: str, **fields: Any) -> Any: ...
-    def warning(self, event: str, **fields: Any) -> Any: ...
+    def debug(self, event: str, **fields: Any) -> object: ...
+    def info(self, event: str, **fields: Any) -> object: ...
+    def warning(self, event: str, **fields: Any) -> object: ...
 
 
 class Transport(Protocol):
@@ -366,7 +366,7 @@ class ServerConnection:
         for event in conn.events():
             if self.finished or not self.within_budget(now, 1, 0):
                 return None
-            if isinstance(event, Message):
+            if isinstance(event, (TextMessage, BytesMessage)):
                 if conn.state is ConnectionState.OPEN:
                     self.policy.router.on_message(self, event, now)
             elif isinstance(event, Ping):
@@ -472,7 +472,7 @@ class ServerConnection:
         if self.conn is not None and self.conn.state is ConnectionState.OPEN:
             self.send_reply([self.conn.send(TextMessage(protocol.encode(message).decode()))])
 
-    def send_event(self, event: Any) -> None:
+    def send_event(self, event: Event) -> None:
         """Send a wsproto event (pong, close reply) if the connection's state still allows it."""
         if self.conn is None:
             return

@@ -1,13 +1,20 @@
 """The daemon: binds the listeners, builds the services, supervises them, handles signals.
 
-Task tree (one root nursery)::
+Task tree (`Daemon.run`: one root nursery; the signals are handled in `run`'s own task)::
 
-    root
-    ├── signals            SIGTERM/SIGINT → drain and exit 0; SIGHUP → reload
-    ├── supervise(hub)     receives bars, numbers, encodes and fans them out
-    ├── supervise(generator)   one bar per symbol per interval
-    ├── supervise(websocket)   accepts, authenticates and serves clients
-    └── supervise(http)        /healthz /readyz /metrics, the dashboard; /ws → websocket
+    run                        SIGTERM/SIGINT → drain, cancel root, exit 0; SIGHUP → a reload
+    └── root
+        ├── supervise(hub)         receives bars, numbers, encodes and fans them out
+        ├── supervise(generator)   one bar per symbol per interval
+        │   (with [broker] kind = "redis": supervise(broker) in place of both, filling the hub
+        │   from Redis and generating while this node holds the lease)
+        ├── supervise(websocket)   accepts, authenticates and serves clients
+        ├── supervise(http)        /healthz /readyz /metrics, the dashboard; /ws → websocket
+        ├── collect_garbage_loop   a full cyclic collection every GC_INTERVAL
+        ├── sdnotify loops         watchdog_loop, status_loop, ready_when (systemd; no-ops
+        │                          without NOTIFY_SOCKET)
+        ├── _expire_tokens         closes the connections of a token past its `expires`
+        └── _serve_reloads         applies one SIGHUP reload at a time, off the signal task
 
 The daemon owns everything the services share (channel, stats, listeners, auth store) and passes
 each service what it needs; services hold no global state.
@@ -21,10 +28,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -52,7 +58,7 @@ from .reloading import (
     limits_from,
 )
 from .settings import ConfigError, Settings, load_settings
-from .supervisor import RestartPolicy, supervise
+from .supervisor import RestartPolicy, Service, supervise
 from .tls import TlsConfigError, server_context
 from .workerpool import WorkerPool
 from .ws import WebSocketServer
@@ -97,10 +103,10 @@ async def collect_garbage_loop(interval: float) -> None:
 
     `cli.tune_gc` raises the collector's thresholds so collections stay off the broadcast path,
     which makes full collections rare. Nothing the daemon makes per connection or per update
-    is left in a reference cycle (tests keep it so: see `frames.release_frame_parser`, which ended
-    the ~4 MB a minute the soak grew by), so this is a safety net for what might still be, not
-    a cleaner the daemon depends on. Each one pauses every client (~35 ms with 5,000 of them);
-    `garbage_collected` (debug) logs how long and what it found.
+    is left in a reference cycle (tests keep it so: see `frames.release_frame_parser`), so this is
+    a safety net for what might still be, not a cleaner the daemon depends on. Each one pauses
+    every client (bench/RESULTS.md, the soak's notes: what a collection costs and why the
+    interval is long); `garbage_collected` (debug) logs how long and what it found.
     """
     while True:
         await trio.sleep(interval)
@@ -361,7 +367,7 @@ class Daemon:
             # One origin: the HTTP port's /ws is the WebSocket server's, not a copy of it.
             upgrades={"/" + WEBSOCKET_PATH: websocket.adopt_upgrade},
         )
-        services: list[tuple[str, Any]] = [("hub", hub), ("generator", generator)]
+        services: list[tuple[str, Service]] = [("hub", hub), ("generator", generator)]
         if broker is not None:  # it fills the hub from Redis, and generates while elected
             services = [("broker", broker)]
         services += [("websocket", websocket), ("http", http)]
@@ -429,7 +435,7 @@ class Daemon:
 
     async def _handle_signals(
         self,
-        signals: Any,
+        signals: AsyncIterator[int],
         websocket: Serving,
         reload_requests: trio.MemorySendChannel[None],
     ) -> None:

@@ -53,8 +53,21 @@ class BoundedDeflate(PerMessageDeflate):
     the chunk that crosses the bound (the frame header, for the wire bound).
     """
 
-    def __init__(self, max_message_size: int, **parameters: bool | int | None) -> None:
-        super().__init__(**parameters)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        max_message_size: int,
+        *,
+        client_no_context_takeover: bool = False,
+        client_max_window_bits: int | None = None,
+        server_no_context_takeover: bool = False,
+        server_max_window_bits: int | None = None,
+    ) -> None:
+        super().__init__(
+            client_no_context_takeover=client_no_context_takeover,
+            client_max_window_bits=client_max_window_bits,
+            server_no_context_takeover=server_no_context_takeover,
+            server_max_window_bits=server_max_window_bits,
+        )
         self.max_message_size = max_message_size
         self._wire_limit = wire_limit(max_message_size)
         self._in_control = False  # the current frame is a control frame (never compressed)

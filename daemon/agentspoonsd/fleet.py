@@ -18,7 +18,7 @@ import pickle
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from .auth import TokenSpec
 from .limits import Limits
@@ -47,6 +47,12 @@ def worker_count(setting: int | str, cpus: int | None = None) -> int:
     return int(setting)
 
 
+@overload
+def share(total: int, workers: int) -> int: ...
+@overload
+def share(total: None, workers: int) -> None: ...
+@overload
+def share(total: int | None, workers: int) -> int | None: ...
 def share(total: int | None, workers: int) -> int | None:
     """One worker's share of a limit over `workers` (rounded up, at least 1); None: no limit."""
     if total is None:

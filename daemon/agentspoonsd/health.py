@@ -1,10 +1,15 @@
-"""The HTTP routes: /healthz, /readyz, /metrics and the dashboard. Pure: state in, response out."""
+"""The HTTP routes: /healthz, /readyz, /metrics and the dashboard.
+
+`readiness` is pure; the handler `make_handler` returns does no I/O (the daemon's state comes
+through `Probes`, asked at request time; a response goes out). `HttpService` serves that handler
+on the daemon's listener (httpserver.py does the I/O).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -14,6 +19,9 @@ from prometheus_client import CollectorRegistry
 from . import metrics
 from .dashboard import Dashboard
 from .httpserver import Handler, HttpResponse, Upgrade, serve_http
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 from .settings import HealthSettings
 
 JSON = "application/json"
@@ -105,7 +113,7 @@ class HttpService:
         self,
         listener: trio.SocketListener,
         handler: Handler,
-        log: Any,
+        log: FilteringBoundLogger,
         settings: HealthSettings | None = None,
         upgrades: dict[str, Upgrade] | None = None,
     ) -> None:

@@ -6,6 +6,7 @@ the handlers (`health`, `dashboard`) build `HttpResponse`s.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -119,7 +120,7 @@ def head_size(request: h11.Request) -> int:
     return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
 
 
-def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     """The declared Content-Length of a request h11 parsed; None without one."""
     # h11 has already rejected malformed or conflicting Content-Length values.
     for name, value in headers:

@@ -566,7 +566,7 @@ class _Connection:
     async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self._conn.next_event()
-            if event is not h11.NEED_DATA:
+            if isinstance(event, h11.Event) or event is h11.PAUSED:  # i.e. not NEED_DATA
                 return event
             # b"" (end of stream) is how h11 learns that the peer closed.
             data = await self._stream.receive_some(_RECEIVE_SIZE)

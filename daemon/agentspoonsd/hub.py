@@ -199,10 +199,13 @@ class Hub:
         if deflaters:
             # Compressed once per update, for every compressing client, and kept with the entry:
             # a replay to such a client reuses it.
+            parts: list[bytes] = []
             for payload, entry in updates:
-                if entry.deflated is None:  # a worker's were compressed by its master
-                    entry.deflated = encode_deflate_frame(payload)
-            compressed = b"".join(entry.deflated for _, entry in updates)  # type: ignore[misc]
+                deflated = entry.deflated
+                if deflated is None:  # a worker's were compressed by its master
+                    entry.deflated = deflated = encode_deflate_frame(payload)
+                parts.append(deflated)
+            compressed = b"".join(parts)
             for send_frame in reversed(tuple(deflaters.values())):
                 send_frame(compressed)
             stats.messages_sent += len(deflaters) * len(updates)

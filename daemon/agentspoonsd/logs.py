@@ -20,7 +20,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import IO, Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import orjson
 import structlog
@@ -62,8 +62,10 @@ def resolve_format(fmt: str, *, tty: bool) -> Literal["json", "console"]:
     Raises ValueError for anything but the values of `FORMATS`."""
     if fmt == "auto":
         return "console" if tty else "json"
-    if fmt == "json" or fmt == "console":
-        return fmt
+    if fmt == "json":
+        return "json"
+    if fmt == "console":
+        return "console"
     raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
@@ -95,7 +97,7 @@ def _redact(mapping: MutableMapping[str, Any]) -> None:
         mapping[key] = _redact_field(key, value)
 
 
-def _redact_field(key: Any, value: Any) -> Any:
+def _redact_field(key: object, value: object) -> object:
     if isinstance(key, str) and key.lower() in SECRET_KEYS:
         return REDACTED
     if isinstance(value, Disclosed):
@@ -143,7 +145,7 @@ def _encode(logger: WrappedLogger, method: str, line: str) -> bytes:
     return line.encode("utf-8", "replace")
 
 
-def _is_tty(stream: IO[bytes]) -> bool:
+def _is_tty(stream: BinaryIO) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
@@ -153,7 +155,7 @@ def _is_tty(stream: IO[bytes]) -> bool:
 def configure_logging(
     level: str,
     fmt: str,
-    stream: IO[bytes] | None = None,
+    stream: BinaryIO | None = None,
     *,
     environ: Mapping[str, str] = os.environ,
 ) -> LevelGate:
@@ -166,6 +168,8 @@ def configure_logging(
     out = stream if stream is not None else sys.stdout.buffer
     tty = _is_tty(out)
     gate = LevelGate(level)
+    # Any: structlog types a processor as taking the event dict, and _encode takes the line
+    # the renderer before it made.
     shared: list[Any] = [
         gate,
         structlog.contextvars.merge_contextvars,
@@ -195,4 +199,6 @@ def configure_logging(
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger whose events carry ``logger=name``."""
-    return structlog.get_logger().bind(logger=name)
+    # configure_logging's wrapper class (structlog types get_logger's result as Any).
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+    return logger.bind(logger=name)

@@ -147,7 +147,7 @@ def unsubscribed_message(symbols: list[str]) -> dict[str, Any]:
 
 def history_message(
     symbol: str,
-    updates: list[Any],
+    updates: Sequence[dict[str, Any] | orjson.Fragment],
     *,
     more: bool = False,
     before_seq: int | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from wsproto.events import BytesMessage, Message, TextMessage
+from wsproto.events import BytesMessage, TextMessage
 
 from . import protocol
 from .closecodes import CLOSE_POLICY, CLOSE_TOO_BIG
@@ -115,7 +115,9 @@ class Router:
         for symbol, seq in resume:
             hub.resume(conn, symbol, seq)
 
-    def on_message(self, conn: ServerConnection, event: Message, now: float) -> None:
+    def on_message(
+        self, conn: ServerConnection, event: TextMessage | BytesMessage, now: float
+    ) -> None:
         """Take one data frame of an open connection: a request once its text is whole."""
         if conn.assembler is None:  # most clients never send anything: allocate on first use
             conn.assembler = MessageAssembler(self._policy.limits.max_message_size)
@@ -294,7 +296,7 @@ class MessageAssembler:
         self._parts: list[str] = []
         self.too_large = False
 
-    def feed(self, event: Message) -> str | None:
+    def feed(self, event: TextMessage | BytesMessage) -> str | None:
         """The whole text once its last fragment arrives; None before, and for binary."""
         self._size += len(event.data)
         if self._size > self._max_size:

@@ -17,7 +17,7 @@ PID) and the daemon runs in its child. systemd names the main PID in ``WATCHDOG_
 child also accepts its parent's PID there when it is frozen, and the unit needs
 ``NotifyAccess=all`` for the child's datagrams to be accepted.
 
-Usage from the daemon (the full wiring is in ``systemd/README.md``)::
+Usage from the daemon (the unit's side is in ``systemd/README.md``)::
 
     notifier = Notifier.from_environ()
     nursery.start_soon(watchdog_loop, notifier)       # WATCHDOG=1 every WATCHDOG_USEC / 2
@@ -36,11 +36,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
 
 from .logs import get_logger
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
@@ -155,7 +158,10 @@ class Notifier:
     """
 
     def __init__(
-        self, address: bytes | None, watchdog_timeout: float | None = None, log: Any = None
+        self,
+        address: bytes | None,
+        watchdog_timeout: float | None = None,
+        log: FilteringBoundLogger | None = None,
     ) -> None:
         self.address = address
         #: Seconds systemd waits for a WATCHDOG=1 before it kills the service; None: no watchdog.
@@ -166,7 +172,9 @@ class Notifier:
         self.pets = PetLog(watchdog_timeout)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None, log: Any = None) -> Notifier:
+    def from_environ(
+        cls, environ: Mapping[str, str] | None = None, log: FilteringBoundLogger | None = None
+    ) -> Notifier:
         """A notifier for ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` of `environ` (os.environ)."""
         env = os.environ if environ is None else environ
         raw = env.get(ENV_SOCKET)

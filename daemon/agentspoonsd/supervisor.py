@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
 from .backoff import capped_exponential
 from .metrics import Stats
@@ -67,7 +68,7 @@ class _StartedOnce:
         self._task_status = task_status
         self.done = False
 
-    def started(self, value: Any = None) -> None:
+    def started(self, value: None = None) -> None:
         if not self.done:
             self.done = True
             self._task_status.started(value)
@@ -78,7 +79,7 @@ async def supervise(
     service: Service,
     policy: RestartPolicy,
     stats: Stats,
-    log: Any,
+    log: FilteringBoundLogger,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -92,7 +93,7 @@ async def supervise(
     while True:
         began = trio.current_time()
         try:
-            await service.run(task_status=started)  # type: ignore[arg-type]
+            await service.run(task_status=started)
             log.error("service_exited", service=name)
         except Exception:
             log.exception("service_crashed", service=name)

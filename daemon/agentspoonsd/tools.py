@@ -76,7 +76,7 @@ Where the daemon is: the first of these that is given.
 The token: --token, else ${TOKEN_ENV} (which keeps it out of shell history and ps)."""
 
 
-def add_commands(subparsers: Any) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``watch`` and ``probe`` on an argparse subparsers object (``dest="command"``)."""
     token_help = f"bearer token (default: ${TOKEN_ENV})"
     cafile_help = "wss://: trust this CA (PEM) instead of the system's"
@@ -318,17 +318,17 @@ def table_line(data: dict[str, Any]) -> str:
     )
 
 
-def _number(value: Any, digits: int) -> str:
+def _number(value: object, digits: int) -> str:
     return "-" if not isinstance(value, int | float) else f"{value:.{digits}f}"
 
 
-def _price(value: Any) -> str:
+def _price(value: object) -> str:
     if not isinstance(value, int | float):
         return "-"
     return f"{value:,.2f}" if abs(value) >= 1 else f"{value:.6g}"
 
 
-def _percent(value: Any) -> str:
+def _percent(value: object) -> str:
     return "-" if not isinstance(value, int | float) else f"{value * 100:.2f}%"
 
 

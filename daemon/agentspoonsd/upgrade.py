@@ -1,9 +1,10 @@
 """The WebSocket opening handshake (RFC 6455 §4.2), sans-IO: request bytes in, a verdict out.
 
 The request head is parsed by httptools (llhttp, in C): a reconnect storm of thousands of upgrades
-is the one time HTTP parsing is on the daemon's critical path, and llhttp does in about 3 µs what a
-pure-Python parser does in about 50. What RFC 6455 asks of the request is checked here; the
-`Sec-WebSocket-Accept` token comes from wsproto, which also takes over the connection afterwards.
+is the one time HTTP parsing is on the daemon's critical path, and a pure-Python parser (h11) takes
+several times as long per request (bench/micro.py). What RFC 6455 asks of the request is checked
+here; the `Sec-WebSocket-Accept` token comes from wsproto, which also takes over the connection
+afterwards.
 
 Guarantees: `UpgradeParser.feed` either returns None (need more bytes), returns a complete,
 validated `UpgradeRequest`, or raises `HandshakeError` carrying the HTTP status to answer with.

@@ -241,7 +241,7 @@ class Worker:
                     return
                 if taken is True:
                     break
-                sock, kind, received = taken  # type: ignore[misc]
+                sock, kind, received = taken
                 self.taken += 1
                 if kind == channelio.UPGRADE:
                     websocket.adopt_upgrade(sock, received)

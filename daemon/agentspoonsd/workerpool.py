@@ -273,7 +273,7 @@ class WorkerPool:
     def start_messages(self) -> list[bytes]:
         return [
             channel.encode("config", [self._config().dump()]),
-            *self._snapshot(),
+            *history_messages(self._hub),
             channel.encode("start"),
         ]
 
@@ -292,27 +292,12 @@ class WorkerPool:
         self._placement.reported(slot.index, self._book.clients[slot.index], taken)
         self._book.merge_into(self.stats)
 
-    def _snapshot(self) -> list[bytes]:
-        """One `history` message per symbol: the retained frames, oldest first."""
-        messages = []
-        for symbol in self._hub.symbols:
-            ring = self._hub.history[symbol]
-            entries = ring.last(len(ring))
-            first = entries[0].seq if entries else ring.next_seq
-            frames = [e.frame for e in entries]
-            messages.append(channel.encode("history", frames, s=symbol, q=first))
-        return messages
-
     def _forward(self, symbol: str, updates: list[tuple[bytes, Entry]]) -> None:
         """`Hub.tap`: one message for the batch, encoded once, written to every worker."""
-        if not self._live:
-            return
-        entries = [entry for _, entry in updates]
-        deflated = [deflated_frame(e) for e in entries] if self._limits.permessage_deflate else []
-        frames = [e.frame for e in entries]
-        message = channel.encode_update(symbol, entries[0].seq, frames, deflated)
-        for slot in self._live:
-            slot.link.send(message)  # type: ignore[union-attr]
+        if self._live:
+            message = update_message(symbol, updates, deflate=self._limits.permessage_deflate)
+            for slot in self._live:
+                slot.link.send(message)  # type: ignore[union-attr]
 
     def _config(self) -> WorkerConfig:
         s = self._settings()
@@ -357,6 +342,25 @@ class WorkerPool:
         for slot in self._live:
             for message in messages:
                 slot.link.send(message)  # type: ignore[union-attr]
+
+
+def history_messages(hub: Hub) -> list[bytes]:
+    """One `history` message per symbol: the hub's retained frames, oldest first."""
+    messages = []
+    for symbol in hub.symbols:
+        ring = hub.history[symbol]
+        entries = ring.last(len(ring))
+        first = entries[0].seq if entries else ring.next_seq
+        messages.append(channel.encode("history", [e.frame for e in entries], s=symbol, q=first))
+    return messages
+
+
+def update_message(symbol: str, updates: list[tuple[bytes, Entry]], *, deflate: bool) -> bytes:
+    """The `update` message of one symbol's batch as the hub recorded it, with the compressed
+    frames (made once, kept with the entries) when clients may negotiate permessage-deflate."""
+    entries = [entry for _, entry in updates]
+    deflated = [deflated_frame(e) for e in entries] if deflate else []
+    return channel.encode_update(symbol, entries[0].seq, [e.frame for e in entries], deflated)
 
 
 def _tls_files(cert: Any, key: Any) -> tuple[str, str] | None:

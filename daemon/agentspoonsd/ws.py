@@ -26,9 +26,9 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TypeVarTuple, cast
 
 import orjson
 import trio
@@ -55,16 +55,18 @@ from .upgrade import reject_response
 
 __all__ = ["Limits", "Peer", "WebSocketServer"]
 
+_Args = TypeVarTuple("_Args")  # a spawned function's arguments
+
 # Handshakes run inline at accept, in rounds of about this long, each ended by a checkpoint: a
-# publication waits at most one round behind a reconnect storm. Measured (bench B: 10,000
-# clients connecting during a 10/s broadcast), time to connect them all: rounds of 64 handshakes
-# 2.2 s, of 20 ms 2.1 s, of 40 ms 1.7-1.9 s with the fan-out's p99 still ~50 ms, of 1,024
-# handshakes (~80 ms) 1.6 s but with ticks late enough to be skipped. Short rounds lose because
-# whatever else is ready (the new clients' pongs, above all) gets a turn between rounds.
+# publication waits at most one round behind a reconnect storm. Shorter rounds connect a storm
+# more slowly (whatever else is ready, the new clients' pongs above all, gets a turn between
+# rounds); longer ones delay ticks until they are skipped. The figures behind the choice (bench
+# B, several round lengths): bench/README.md, "Figures behind the daemon's constants".
 ACCEPT_ROUND_SECONDS = 0.04
 DISPATCH_BATCH = 128  # ready sockets handled per dispatcher round
-# TLS handshake steps (key exchange, signature: ~1 ms of CPU each) per dispatcher or accept
-# round: a wss:// reconnect storm must not hold the event loop away from the fan-out for long.
+# TLS handshake steps (key exchange, signature: the costly part of a handshake, bench/micro.py)
+# per dispatcher or accept round: a wss:// reconnect storm must not hold the event loop away
+# from the fan-out for long.
 TLS_HANDSHAKES_PER_ROUND = 16
 REAP_INTERVAL = 0.25  # how often handshake and close deadlines are enforced
 _UNAVAILABLE = Refusal(
@@ -336,7 +338,7 @@ class WebSocketServer:
     def client_count(self) -> int:
         return len(self._clients)
 
-    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+    def spawn(self, fn: Callable[[*_Args], Awaitable[object]], *args: *_Args) -> None:
         """Start a task for a connection (an outbox's drain, a close waiting for it)."""
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
@@ -524,9 +526,8 @@ class WebSocketServer:
         if self.limits.send_buffer_bytes:
             # Bounds what the kernel holds for a client that stops reading; the rest waits in
             # the outbox, under max_backlog_bytes (queued as references to the shared frames).
-            # Measured (bench C, 1,000 of 10,000 clients never reading, stalled clients written
-            # last, see Hub.confirm_reading): the readers' p99 is 65-68 ms with the kernel's
-            # autotuning or 128 KiB, 54-56 ms with 32 KiB.
+            # A smaller buffer also lowers the readers' latency while some clients stall (bench
+            # C: bench/README.md, "Figures behind the daemon's constants").
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes)
         now = trio.current_time()
         client = Peer(sock, peer, self, self.tls if received is None else None, now)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -101,7 +102,7 @@ class ClientCore:
             self._ws.send(Request(host=host, target=target, extra_headers=list(headers)))
         )
         self._max_message = max_message
-        self._parts: list[str | bytes] = []
+        self._parts: list[str | bytes | bytearray] = []
         self._size = 0
         self._too_big = False
         self._refusal: tuple[int, tuple[tuple[bytes, bytes], ...]] | None = None
@@ -205,6 +206,8 @@ class ClientCore:
         if self._too_big:
             self._too_big = False
             return None
+        # A message's frames all have its first frame's type (wsproto rejects a continuation of
+        # the other kind, RFC 6455 5.4), so the parts are all str or all bytes.
         if isinstance(event, TextMessage):
-            return Message("".join(parts))  # type: ignore[arg-type]
-        return Message(b"".join(parts))  # type: ignore[arg-type]
+            return Message("".join(cast("list[str]", parts)))
+        return Message(b"".join(cast("list[bytes | bytearray]", parts)))

@@ -64,13 +64,19 @@ call `disconnect` (or use ``async with``) to close cleanly.
 
 Importing this module loads neither numpy, pydantic nor the daemon: only anyio, wsproto, orjson.
 
-Inside: `errors` (what it raises), `tracker` (pure: reconnect delays, the stream tracker),
-`link` (one WebSocket connection over anyio), `stream` (`VolatilityClient`), `facades`
-(`WebSocketDashboardClient`, `SyncClient`).
+Inside, sans-IO parts that decide and anyio parts that carry it out (as h11/wsproto do):
+`config` (the options, checked), `tracker` (reconnect delays; seqs and the resume URL),
+`session` (what each message of a connection means: deliver, drop, resync, settle a reply),
+`retry` (when to try again, when to give up), `buffer` (what the consumer gets), `paging`
+(history pages); `link` (one WebSocket connection over anyio), `dial` (one connect attempt),
+`connection_task` (the connection loop), `lifetime` (where that task runs and how it ends),
+`stream` (`VolatilityClient`, the facade), `facades` (`WebSocketDashboardClient`,
+`SyncClient`), `errors` (what it raises).
 """
 
 from __future__ import annotations
 
+from .config import DEFAULT_URL
 from .errors import (
     AuthenticationError,
     ClientClosed,
@@ -82,7 +88,7 @@ from .errors import (
     StreamReset,
 )
 from .facades import SyncClient, WebSocketDashboardClient, connect_sync
-from .link import DEFAULT_URL, Status
+from .link import Status
 from .stream import VolatilityClient, open_client
 from .tracker import StreamTracker, Update, Verdict, backoff_delay
 

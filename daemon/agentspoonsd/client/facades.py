@@ -15,16 +15,25 @@ from collections.abc import (
     Mapping,
 )
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .config import DEFAULT_URL
 from .errors import ClientClosed, ServerError, StreamReset
-from .link import DEFAULT_URL, ORIGINAL_DEFAULT_URL, TOKEN_ENV, URL_ENV
+from .link import ORIGINAL_DEFAULT_URL, TOKEN_ENV, URL_ENV
 from .stream import VolatilityClient
 from .tracker import Update
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from anyio.from_thread import BlockingPortal
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 _log = logging.getLogger("agentspoonsd.client")
 
@@ -141,17 +150,17 @@ class SyncClient:
         if token is None:
             token = os.environ.get(TOKEN_ENV) or None
         self.client = VolatilityClient(url, token, symbols, **options)
-        self._portal_cm: Any = None
-        self._portal: Any = None
-        self._client_cm: Any = None
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._client_cm: AbstractContextManager[VolatilityClient] | None = None
 
     def __enter__(self) -> SyncClient:
         from anyio.from_thread import start_blocking_portal
 
         self._portal_cm = start_blocking_portal("asyncio")
-        self._portal = self._portal_cm.__enter__()
+        self._portal = portal = self._portal_cm.__enter__()
         try:
-            self._client_cm = self._portal.wrap_async_context_manager(self.client)
+            self._client_cm = portal.wrap_async_context_manager(self.client)
             self._client_cm.__enter__()
         except BaseException:
             portal_cm, self._portal_cm, self._portal = self._portal_cm, None, None
@@ -179,7 +188,7 @@ class SyncClient:
             if portal_cm is not None:
                 portal_cm.__exit__(None, None, None)
 
-    def _call(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    def _call(self, func: Callable[[*_Args], Awaitable[_T]], *args: *_Args) -> _T:
         if self._portal is None:
             raise RuntimeError("not connected: use `with connect_sync(...) as client`")
         return self._portal.call(func, *args)
@@ -189,7 +198,7 @@ class SyncClient:
 
     def __next__(self) -> dict[str, Any]:
         try:
-            return self._call(self.client.__anext__)  # type: ignore[no-any-return]
+            return self._call(self.client.__anext__)
         except StopAsyncIteration:
             raise StopIteration from None
 
@@ -200,7 +209,7 @@ class SyncClient:
             with anyio.fail_after(timeout):
                 return await self.client.receive()
 
-        return self._call(receive)  # type: ignore[no-any-return]
+        return self._call(receive)
 
     def latest(self, symbol: str | None = None) -> dict[str, Any] | None:
         """The newest update received (of `symbol`), or None; no waiting."""
@@ -214,11 +223,11 @@ class SyncClient:
         self, limit: int | None = None, symbol: str | None = None
     ) -> list[dict[str, Any]]:
         """The daemon's retained history; see `VolatilityClient.fetch_history`."""
-        return self._call(self.client.fetch_history, limit, symbol)  # type: ignore[no-any-return]
+        return self._call(self.client.fetch_history, limit, symbol)
 
     def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send a request and return its reply; see `VolatilityClient.request`."""
-        return self._call(self.client.request, message)  # type: ignore[no-any-return]
+        return self._call(self.client.request, message)
 
 
 def connect_sync(

@@ -9,10 +9,11 @@ from collections import deque
 from collections.abc import (
     Awaitable,
     Callable,
+    Coroutine,
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -23,18 +24,19 @@ import orjson
 from ..wscore import ABNORMAL, ClientCore, Closed
 from ..wscore import Event as WsEvent
 from .errors import ConnectFailed, StreamReset
+from .session import Session
+
+if TYPE_CHECKING:
+    import asyncio  # the client imports it only where it runs on asyncio
 
 _log = logging.getLogger("agentspoonsd.client")
 
 
-DEFAULT_URL = "ws://127.0.0.1:8765/"
 ORIGINAL_DEFAULT_URL = "ws://localhost:8765"  # WebSocketDashboardClient's, as it always was
 URL_ENV = "AGENTSPOONSD_URL"
 TOKEN_ENV = "AGENTSPOONSD_TOKEN"
 
-_log = logging.getLogger("agentspoonsd.client")
 MAX_MESSAGE = 64 * 1024 * 1024  # a `history` reply of 1000 updates is about 1.2 MB
-STEP_TIMEOUT = 10.0  # one connect attempt, one send, when connect_timeout is None
 
 # Server close codes after which reconnecting cannot help (the token is no longer valid).
 FATAL_CLOSE_CODES = {4001: "the token was revoked"}
@@ -42,15 +44,6 @@ FATAL_CLOSE_CODES = {4001: "the token was revoked"}
 FATAL_STATUSES = {
     401: "the daemon refused the token (401)",
     403: "the daemon refused the connection (403: origin not allowed)",
-}
-# The reply each request type gets (docs/PROTOCOL.md, "Replies"); an `error` may come instead,
-# and is the only reply to anything else (unknown_type, invalid_message).
-REPLY_TYPES = {
-    "ping": "pong",
-    "subscribe": "subscribed",
-    "unsubscribe": "unsubscribed",
-    "history": "history",
-    "resume": "subscribed",  # then the replay, delivered as updates (no gap, no duplicate)
 }
 
 
@@ -74,18 +67,6 @@ class Status:
     ]
     message: str
     detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Pending:
-    """A request waiting for its reply; replies come in request order (one per request)."""
-
-    expected: str
-    internal: bool = False  # the client's own (barrier ping, subscribe "*"): not the user's
-    waited: bool = True  # False for `send()`: nobody awaits the reply
-    done: anyio.Event = field(default_factory=anyio.Event)
-    reply: dict[str, Any] | None = None
-    lost: bool = False  # the connection ended first
 
 
 class Link:
@@ -152,18 +133,17 @@ class Link:
 
 @dataclass(slots=True)
 class Connection:
+    """An established connection: its link, its protocol state, and the reader's flags."""
+
     link: Link
-    info: dict[str, Any]
-    pending: deque[Pending] = field(default_factory=deque)
-    barrier: bool = True  # until the first pong: errors are about the connect URL
+    session: Session
     blocked: bool = False  # the reader waits for buffer space
-    delivered: bool = False
     pong: anyio.Event | None = None  # the keepalive's ping awaits it
 
-
-@dataclass(frozen=True, slots=True)
-class ResetItem:
-    error: StreamReset
+    @property
+    def info(self) -> dict[str, Any]:
+        """The daemon's ``connected`` message, its ``symbols`` kept current."""
+        return self.session.info
 
 
 class Signal:
@@ -190,14 +170,15 @@ class Resync(Exception):
 class TaskStarter(Protocol):
     """A Trio nursery or an anyio task group."""
 
-    def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> Any: ...
+    # Coroutine functions only: what anyio's task groups take (Trio's nurseries take more).
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], /, *args: Any) -> Any: ...
 
 
 UpdateCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 ResetCallback = Callable[[StreamReset], Awaitable[None] | None]
 
 
-def spawn_detached(run: Callable[[], Awaitable[None]]) -> Any:
+def spawn_detached(run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None] | None:
     """Run `run` as a task of the running loop itself, outside any nursery: an asyncio task
     (returned: the caller keeps a reference), or a Trio system task (cancelled when the run
     ends; it must not raise, and `_run` never does)."""
@@ -210,7 +191,7 @@ def spawn_detached(run: Callable[[], Awaitable[None]]) -> Any:
 
         trio.lowlevel.spawn_system_task(run)
         return None
-    return loop.create_task(run())  # type: ignore[arg-type]
+    return loop.create_task(run())
 
 
 def parse_message(raw: str | bytes) -> dict[str, Any] | None:

@@ -31,13 +31,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 from ..httpmessages import HttpResponse
 from ..httppolicy import WEBSOCKET_PATH
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 __all__ = [
     "CLIENT_PATH",
@@ -246,7 +249,7 @@ def read_static(root: Traversable | None = None) -> dict[str, bytes]:
     return {name: entry.read_bytes() for name, entry in _walk(base, "")}
 
 
-def load_dashboard(config: PageConfig, log: Any) -> Dashboard | None:
+def load_dashboard(config: PageConfig, log: FilteringBoundLogger) -> Dashboard | None:
     """The dashboard, or None (logged as `dashboard_unavailable`) when its files are missing:
     a broken installation must not stop the stream, only the page."""
     try:

@@ -33,7 +33,7 @@ series unchanged. With ``P = seconds_per_year / bar_seconds`` bars per year:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,7 @@ class BarTime:
 
     def persistence(self, half_life: float) -> float:
         """The per-bar factor by which a shock decays when it halves in `half_life` seconds."""
-        return 0.5 ** (self.bar_seconds / half_life)
+        return math.pow(0.5, self.bar_seconds / half_life)
 
 
 def _positive(key: str, value: float) -> None:
@@ -217,7 +217,7 @@ def heston_params(
     )
 
 
-_CONVERTERS: dict[ModelKind, Any] = {
+_CONVERTERS: dict[ModelKind, Callable[..., ModelParams]] = {
     "gbm": gbm_params,
     "garch": garch_params,
     "gjr_garch": gjr_garch_params,
@@ -232,4 +232,4 @@ def per_bar_params(kind: ModelKind, yearly: Mapping[str, Any], t: BarTime) -> Mo
     Raises YearlyParamError naming the yearly key when no valid per-bar model results, and
     ValueError (naming the per-bar parameter) for a rule the yearly keys cannot break alone.
     """
-    return _CONVERTERS[kind](t, **yearly)  # type: ignore[no-any-return]
+    return _CONVERTERS[kind](t, **yearly)

@@ -109,6 +109,25 @@ class EstimatorBlock(NamedTuple):
     range_missing: BoolArray
     """True where the row's window holds a close-only bar (the range-based ones are NaN)."""
 
+    @classmethod
+    def from_rows(
+        cls, rows: FloatArray, window: IntArray, range_missing: BoolArray
+    ) -> EstimatorBlock:
+        """The block whose float fields are the rows of `rows` (views, not copies): the
+        estimators in `ESTIMATOR_NAMES` order, then the returns (``_RETURNS_ROW + 1`` rows)."""
+        close_to_close, ewma, parkinson, garman_klass, rogers_satchell, yang_zhang, returns = rows
+        return cls(
+            close_to_close,
+            ewma,
+            parkinson,
+            garman_klass,
+            rogers_satchell,
+            yang_zhang,
+            returns,
+            window,
+            range_missing,
+        )
+
 
 class RollingEstimators:
     """Rolling volatility estimators of one symbol, fed block by block.
@@ -194,7 +213,7 @@ class RollingEstimators:
         if n_valid <= 0:
             if n_bars:
                 self._last_close = float(close[-1])
-            return EstimatorBlock(*result, window=window_counts, range_missing=range_missing)
+            return EstimatorBlock.from_rows(result, window_counts, range_missing)
 
         width = self.window
         prices = np.empty((5, n_valid), dtype=np.float64)
@@ -267,7 +286,7 @@ class RollingEstimators:
         self._history = quantities[:, -(width - 1) :].copy()
         self._seen = min(self._seen + n_valid, width)
         self._last_close = float(prices[4, -1])
-        return EstimatorBlock(*result, window=window_counts, range_missing=range_missing)
+        return EstimatorBlock.from_rows(result, window_counts, range_missing)
 
     def _close_only_windows(
         self, flags: BoolArray | None, counts: IntArray | int, n_valid: int

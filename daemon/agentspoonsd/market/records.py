@@ -253,7 +253,11 @@ def parse_csv_row(row: Mapping[str | None, object], *, default_symbol: str) -> R
     return Record(
         symbol=values.get("symbol") or default_symbol,
         timestamp=timestamp,
-        **numbers,
+        open=numbers["open"],
+        high=numbers["high"],
+        low=numbers["low"],
+        close=numbers["close"],
+        volume=numbers["volume"],
     )
 
 

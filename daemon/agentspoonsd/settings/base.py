@@ -19,6 +19,7 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads `port = true` as 1; in a config file that is a mistake.
+        # The ignore: field_name is None only for model validators, never for this "*" one.
         annotation = cls.model_fields[info.field_name].annotation  # type: ignore[index]
         if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
             raise ValueError("must be a number, not a boolean")

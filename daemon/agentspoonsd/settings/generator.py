@@ -242,6 +242,11 @@ class ReplaySourceSettings(_MarketSection):
     loop: bool = Field(True, description="Start over at the end (timestamps keep increasing).")
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    """The JSON schema of a key whose unset value is derived (shown without a default)."""
+    schema.pop("default", None)
+
+
 class GeneratorSettings(_MarketSection):
     """[generator]: where bars come from, and the analytics computed on them."""
 
@@ -255,11 +260,11 @@ class GeneratorSettings(_MarketSection):
     model: ModelKind = Field("garch", description="Simulation model of every symbol.")
     seed: int | None = Field(None, ge=0, description="Fixed seed: the same stream on every start.")
     initial_price: float = Field(50000.0, gt=0, description="Starting price of every symbol.")
-    bar_seconds: float = Field(
+    bar_seconds: float = Field(  # None: replaced by interval in the validator below
         None,
         ge=1e-6,
         validate_default=True,
-        json_schema_extra=lambda schema: schema.pop("default", None),  # not null: interval
+        json_schema_extra=_no_default,  # not null: interval
         description=(
             "Market seconds one bar covers: bars are this far apart in data.timestamp, and the"
             " yearly model parameters and the annualisation use it. Unset: interval (real time);"

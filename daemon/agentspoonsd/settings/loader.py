@@ -291,6 +291,7 @@ def _suggest_key(loc: Sequence[str | int], root: type[BaseModel] | None = None) 
         return close
     if root is not None:
         return None
+    # The ignore: every field of Settings is a table (a model class), never None.
     elsewhere = [
         f"{section}.{name}"
         for section, field in Settings.model_fields.items()
