@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -141,12 +142,15 @@ def ensure_bench_venv() -> str | None:
 # ---------------------------------------------------------------- the servers
 
 
-def daemon_command(scenario: Scenario, workdir: Path, digest: str) -> list[str]:
+def daemon_command(scenario: Scenario, workdir: Path, digest: str, workers: int = 1) -> list[str]:
+    """The daemon on a config for `scenario`; `workers` > 1: a master and that many fan-out
+    worker processes (`[server] workers`)."""
     config = workdir / "agentspoonsd.toml"
     config.write_text(
         f"""[server]
 host = "127.0.0.1"
 port = 0
+workers = {workers}
 max_connections = {scenario.clients + 1000}
 # every client comes from 127.0.0.1: a storm of them is many handshakes from one address
 max_handshakes_per_ip = {scenario.clients + 1000}
@@ -219,19 +223,42 @@ def websockets_command(scenario: Scenario, workdir: Path, digest: str) -> list[s
 CommandFn = Callable[[Scenario, Path, str], list[str]]
 SERVERS: dict[str, CommandFn] = {
     "agentspoonsd": daemon_command,
+    # The same daemon as a master and two fan-out workers: compare with the line above (not
+    # part of the default run: --servers agentspoonsd,agentspoonsd-2w; bench/README.md).
+    "agentspoonsd-2w": functools.partial(daemon_command, workers=2),
     "node-ws": node_command,
     "python-websockets": websockets_command,
 }
 
 
+DEFAULT_SERVERS = ("agentspoonsd", "node-ws", "python-websockets")
+
+
 # ---------------------------------------------------------------- process sampling
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (a daemon's worker processes), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    children.append(int(entry.name))
+    return [pid, *children]
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of `pid`, from /proc (fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of every thread of `pid` and of its children, from /proc (fields 14 and
+    15): over 100 % of one core when a daemon's workers use several."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{member}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def listen_overflows() -> int:
@@ -248,11 +275,14 @@ def listen_overflows() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """VmRSS of `pid` and its children (a daemon's workers), MB."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total
 
 
 def kernel_memory_mb() -> tuple[float, float]:
@@ -733,7 +763,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 clients, 10 s")
     parser.add_argument("--scenarios", default="ABCDE", type=lambda v: list(v.replace(",", "")))
-    parser.add_argument("--servers", default=",".join(SERVERS), type=lambda v: v.split(","))
+    parser.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        type=lambda v: v.split(","),
+        help=f"of {', '.join(SERVERS)} (default {','.join(DEFAULT_SERVERS)})",
+    )
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=20.0, help="updates/s in A and C")
     parser.add_argument("--storm-rate", type=float, default=10.0, help="updates/s in B")

@@ -27,7 +27,12 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    connect_websocket_url,
+    open_websocket_url,
+)
 
 from agentspoonsd import __version__
 from daemon_process import DaemonProcess, config_text, http_get, new_token
@@ -351,3 +356,58 @@ async def test_frozen_daemon_adopts_a_socket_passed_by_systemd(
             assert json.loads(await ws.get_message())["type"] == "connected"
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit(6) == 0
+
+
+async def test_frozen_daemon_runs_its_workers_from_the_same_binary(
+    frozen: Path, frozen_daemons: list[FrozenDaemon], tmp_path: Path, runtime_dir: Path
+) -> None:
+    """`[server] workers = 2`: the frozen master re-executes the binary for each worker, under
+    the unit's sandbox; both serve, and SIGTERM to MAINPID drains them all (1001, exit 0)."""
+    config = tmp_path / "agentspoonsd.toml"
+    text = config_text(auth_enabled=False, symbols=("BTC/USD",))
+    config.write_text(text.replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    daemon = FrozenDaemon(frozen, config, runtime_dir)
+    frozen_daemons.append(daemon)
+    daemon.start()
+    ws_port, _ = await daemon.ports()
+    ready = [await daemon.wait_for("worker_ready", within=30, worker=i) for i in (0, 1)]
+    # Each worker descends from the master (through its own bootloader, the binary run again),
+    # and runs from the bundle the first bootloader unpacked: one directory in TMPDIR.
+    [master] = daemon.children()
+    for event in ready:
+        assert master in ancestors(event["pid"])
+    assert [name[:4] for name in entries(runtime_dir)] == ["_MEI"]
+    url = f"ws://127.0.0.1:{ws_port}/"
+    served_by: set[int] = set()
+    async with trio.open_nursery() as nursery:
+        clients = []
+        for _ in range(30):
+            if served_by == {0, 1}:
+                break
+            ws = await connect_websocket_url(nursery, url)
+            assert json.loads(await ws.get_message())["type"] == "connected"
+            await trio.sleep(0.05)
+            peer = f"127.0.0.1:{ws.local.port}"
+            for event in daemon.events:
+                if event.get("event") == "client_connected" and event.get("peer") == peer:
+                    served_by.add(event["worker"])
+            clients.append(ws)
+        assert served_by == {0, 1}
+        daemon.signal(signal.SIGTERM)
+        for ws in clients:
+            with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason.code == 1001
+    assert await daemon.wait_exit(5) == 0
+    assert entries(runtime_dir) == []  # removed when the bootloader ended
+
+
+def ancestors(pid: int) -> list[int]:
+    """The parent, grandparent, … of `pid`, up to init."""
+    chain = []
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as stat:
+            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain

@@ -326,3 +326,36 @@ async def test_a_finished_subscriber_is_never_added_again() -> None:
     hub.resume(failing, "BTC/USD", 0)
     assert hub.subscriber_count() == 0
     assert hub.subscriptions(failing) == []
+
+
+async def test_a_worker_hub_writes_its_masters_frames_as_they_are() -> None:
+    # The master's hub encodes and compresses once; its tap sees the very entries recorded.
+    master, _ = make_hub()
+    tapped: list[tuple[str, list[bytes], list[bytes]]] = []
+    master.tap = lambda symbol, updates: tapped.append(
+        (
+            symbol,
+            [entry.frame for _, entry in updates],
+            [encode_deflate_frame(payload) for payload, _ in updates],
+        )
+    )
+    master.publish([bar("BTC/USD", 100.0), bar("BTC/USD", 101.0), bar("ETH/USD")])
+    assert [(symbol, len(frames)) for symbol, frames, _ in tapped] == [
+        ("BTC/USD", 2),
+        ("ETH/USD", 1),
+    ]
+    worker, _ = make_hub()
+    plain, compressing = Collector(), Collector()
+    compressing.deflate = True
+    worker.subscribe(plain, ["BTC/USD"])
+    worker.subscribe(compressing, ["BTC/USD"])
+    symbol, frames, deflated = tapped[0]
+    worker.publish_frames(symbol, 1, frames, list(deflated))
+    assert plain.frames == [b"".join(frames)]  # one write for the batch, the master's bytes
+    assert compressing.frames == [b"".join(deflated)]
+    assert [e.seq for e in worker.history["BTC/USD"].last(5)] == [1, 2]
+    assert worker.recent("BTC/USD", 1)[0]["close"] == 101.0
+    # Compressed frames not sent are made on first need; a seq ahead restarts the ring.
+    worker.publish_frames("BTC/USD", 9, [frames[0]], [None])
+    assert compressing.frames[-1] == encode_deflate_frame(frame_payload(frames[0]))
+    assert [e.seq for e in worker.history["BTC/USD"].last(5)] == [9]

@@ -35,6 +35,7 @@ OTHER_VALUE: dict[str, dict[str, Any]] = {
         "send_buffer_bytes": 4096,
         "max_message_size": 1024,
         "listen_backlog": 8,
+        "workers": 3,
         "ping_interval": 5.0,
         "idle_timeout": 7.0,
         "max_client_messages_per_second": 3,

@@ -119,6 +119,14 @@ class TokenStore:
         entry = self._by_name.get(name)
         return entry[1] if entry else None
 
+    def specs(self) -> list[TokenSpec]:
+        """The tokens as configured (digests, never the tokens themselves), in order: what a
+        worker process builds the same store from (`workerconfig`)."""
+        return [
+            TokenSpec(g.name, digest.hex(), tuple(sorted(g.symbols)), g.expires, g.max_connections)
+            for digest, g in self._entries
+        ]
+
     def expired(self, now: datetime) -> dict[str, datetime]:
         """The tokens refused at `now` because of their `expires`, with that instant."""
         return {

@@ -163,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     tools.add_commands(commands)
+    # Hidden (no help): how a master with `[server] workers` > 1 starts each worker process.
+    worker = commands.add_parser("_worker")
+    for option in ("--index", "--channel-fd", "--handoff-fd"):
+        worker.add_argument(option, type=int, required=True)
     return parser
 
 
@@ -499,7 +503,17 @@ def _command(argv: Sequence[str] | None) -> int:
         return _simulate(args)
     if args.command in tools.COMMANDS:
         return tools.run_command(args)
+    if args.command == "_worker":
+        return _worker(args)
     return _run(args.config)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """A fan-out worker, started by its master (`workerpool`) on inherited descriptors."""
+    from .worker import run_worker
+
+    tune_gc()
+    return run_worker(args.index, args.channel_fd, args.handoff_fd)
 
 
 if __name__ == "__main__":

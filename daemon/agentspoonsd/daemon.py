@@ -40,6 +40,7 @@ from .banner import PROGRAM, start_banner
 from .closecodes import CLOSE_TOKEN_REVOKED
 from .dashboard import PageConfig, load_dashboard
 from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
+from .fleet import worker_count
 from .frames import encode_text_frame
 from .health import HttpService, Probes, make_handler, readiness
 from .history import History, HistoryStore
@@ -59,8 +60,12 @@ from .reloading import (
 from .settings import ConfigError, Settings, load_settings
 from .supervisor import RestartPolicy, Service, supervise
 from .tls import TlsConfigError, server_context
+from .workerpool import WorkerPool
 from .ws import WebSocketServer
 
+# What serves the clients: this process's WebSocketServer, or (workers > 1) the pool of worker
+# processes, which offers the daemon the same surface.
+Serving = WebSocketServer | WorkerPool
 TOKEN_EXPIRY_CHECK_INTERVAL = 1.0  # seconds: how late past `expires` a connection may live
 # Seconds a reload may spend reading its files (a hung NFS mount) before it is rejected.
 RELOAD_TIMEOUT = 10.0
@@ -190,7 +195,7 @@ class Daemon:
         return store
 
     def _close_token_connections(
-        self, websocket: WebSocketServer, causes: dict[str, str], event: str, reason: str
+        self, websocket: Serving, causes: dict[str, str], event: str, reason: str
     ) -> None:
         """Close the live connections of each token in `causes` (4001) and log `event` per name,
         with how many it had: one pass over the connections, however many names."""
@@ -198,9 +203,11 @@ class Daemon:
             set(causes), code=CLOSE_TOKEN_REVOKED, reason=reason
         )
         for name in sorted(causes):
-            self._log.info(event, name=name, cause=causes[name], connections=closed.get(name, 0))
+            # With workers, each counts (and logs) its own: token_connections_closed.
+            count = None if closed is None else closed.get(name, 0)
+            self._log.info(event, name=name, cause=causes[name], connections=count)
 
-    async def _expire_tokens(self, websocket: WebSocketServer) -> None:
+    async def _expire_tokens(self, websocket: Serving) -> None:
         """Close a token's live connections once it expires (within the check interval).
 
         An expired token is refused at the upgrade by the store; this task is for connections
@@ -289,30 +296,54 @@ class Daemon:
         generator = Generator(s.generator.spec(), send, get_logger("agentspoonsd.generator"))
         # A persisted history's newest bars: the market clock goes on after them, never back.
         generator.continue_clock({symbol: hub.recent(symbol, 1) for symbol in hub.symbols})
-        websocket = WebSocketServer(
-            ws_sock,
-            hub,
-            self.token_store(s),
-            limits_from(s, self._http_port),
-            self.stats,
-            get_logger("agentspoonsd.ws"),
-            tls=tls,
-        )
+        websocket: Serving
+        workers = worker_count(s.server.workers)
+        if workers > 1:  # a master: the pool's worker processes serve the clients
+            websocket = WorkerPool(
+                ws_sock,
+                hub,
+                self.token_store(s),
+                limits_from(s, self._http_port),
+                self.stats,
+                get_logger("agentspoonsd.workers"),
+                count=workers,
+                settings=lambda: self.settings,
+                tls=tls,
+            )
+        else:
+            websocket = WebSocketServer(
+                ws_sock,
+                hub,
+                self.token_store(s),
+                limits_from(s, self._http_port),
+                self.stats,
+                get_logger("agentspoonsd.ws"),
+                tls=tls,
+            )
         http_listener = trio.SocketListener(trio.socket.from_stdlib_socket(http_sock))
         probes = Probes(
             ws_listening=lambda: websocket.listening,
             last_update_age=lambda: self._age(hub),
             interval=lambda: self.settings.generator.interval,
             broker_problem=lambda: broker.problem if broker is not None else None,
+            workers_problem=lambda: (
+                websocket.problem() if isinstance(websocket, WorkerPool) else None
+            ),
         )
         registry = make_registry(
             self.stats,
             lambda: self._age(hub),
-            hub.subscriber_count,
+            (
+                websocket.subscriber_count
+                if isinstance(websocket, WorkerPool)
+                else hub.subscriber_count
+            ),
             ready=lambda: readiness(probes)[0],
             interval=probes.interval,
             watchdog=notifier.pets,
         )
+        if isinstance(websocket, WorkerPool):
+            registry.register(websocket.collector())
         if broker is not None:
             from .broker.metrics import BrokerCollector
 
@@ -356,7 +387,12 @@ class Daemon:
                 root.start_soon(collect_garbage_loop, GC_INTERVAL)
                 root.start_soon(sdnotify.watchdog_loop, notifier)
                 root.start_soon(sdnotify.status_loop, notifier, self.stats)
-                root.start_soon(sdnotify.ready_when, notifier, lambda: hub.last_publish is not None)
+                # With workers: once every worker listens too (a WebSocketServer already does).
+                root.start_soon(
+                    sdnotify.ready_when,
+                    notifier,
+                    lambda: hub.last_publish is not None and websocket.listening,
+                )
                 root.start_soon(self._expire_tokens, websocket)
                 log.info(
                     "listener_bound",
@@ -400,7 +436,7 @@ class Daemon:
     async def _handle_signals(
         self,
         signals: AsyncIterator[int],
-        websocket: WebSocketServer,
+        websocket: Serving,
         reload_requests: trio.MemorySendChannel[None],
     ) -> None:
         """Return when asked to stop, after closing every client (bounded by shutdown_timeout).
@@ -429,7 +465,7 @@ class Daemon:
             return
 
     async def _serve_reloads(
-        self, requests: trio.MemoryReceiveChannel[None], websocket: WebSocketServer
+        self, requests: trio.MemoryReceiveChannel[None], websocket: Serving
     ) -> None:
         """Run the requested reloads one at a time, until cancelled (at shutdown)."""
         async for _ in requests:
@@ -437,7 +473,7 @@ class Daemon:
 
     async def reload(
         self,
-        websocket: WebSocketServer,
+        websocket: Serving,
         load: Callable[[Path | None], Settings] = load_settings,
     ) -> None:
         """Re-read the config, the tokens file and the TLS files, then apply them.
@@ -467,7 +503,7 @@ class Daemon:
         finally:
             self._notifier.ready()
 
-    def _apply(self, websocket: WebSocketServer, new: Settings) -> None:
+    def _apply(self, websocket: Serving, new: Settings) -> None:
         """Apply re-read settings: tokens, limits, TLS files and log level.
 
         Everything is built before anything is changed, so a failure while building leaves the
@@ -515,7 +551,7 @@ class Daemon:
         self._close_token_connections(websocket, revoked, "token_revoked", "token revoked")
 
     def _reloaded_tls(
-        self, websocket: WebSocketServer, new: Settings
+        self, websocket: Serving, new: Settings
     ) -> tuple[ssl.SSLContext | None, list[str]]:
         """The context new connections get after the reload, and the keys needing a restart.
 

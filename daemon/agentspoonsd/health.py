@@ -38,6 +38,7 @@ class Probes:
     last_update_age: Callable[[], float | None]
     interval: Callable[[], float]
     broker_problem: Callable[[], str | None] = lambda: None  # the redis broker's, if any
+    workers_problem: Callable[[], str | None] = lambda: None  # workers down, if any
 
 
 def readiness(probes: Probes) -> tuple[bool, list[str]]:
@@ -45,6 +46,9 @@ def readiness(probes: Probes) -> tuple[bool, list[str]]:
     reasons = []
     if not probes.ws_listening():
         reasons.append("websocket listener is not accepting")
+    workers = probes.workers_problem()
+    if workers is not None:
+        reasons.append(workers)
     broker = probes.broker_problem()
     if broker is not None:
         reasons.append(broker)

@@ -93,6 +93,9 @@ class Hub:
         self._memberships: dict[Subscriber, set[str]] = {}
         self.last_update: dict[str, dict[str, object]] = {}
         self.last_publish: float | None = None  # trio.current_time() of the newest broadcast
+        # Called with each symbol's batch of (payload, entry) once its subscribers were written
+        # to: the master of fan-out workers sends the same entries to every worker (`workers`).
+        self.tap: Callable[[str, list[tuple[bytes, Entry]]], None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Broadcast every batch of bars the generator sends, until cancelled.
@@ -140,10 +143,41 @@ class Hub:
         self._send(symbol, [(payload, entry)])
         self.last_publish = trio.current_time()
 
-    def _record(self, symbol: str, seq: int, payload: bytes, message: dict[str, Any]) -> Entry:
-        """Keep the update in the history (before anyone sees it); its entry."""
+    def publish_frames(
+        self, symbol: str, first_seq: int, frames: list[bytes], deflated: list[bytes | None]
+    ) -> None:
+        """Record and broadcast updates numbered and encoded elsewhere, frames included (a fan-out
+        worker: its master encoded and compressed them once for every worker). No checkpoint.
+
+        `frames` are consecutive seqs from `first_seq`, `deflated` their compressed frames (None
+        where not sent: made on first need). A seq other than the next one restarts the ring
+        there, as in `publish_encoded`. The frames are written to subscribers as they are.
+        """
+        if first_seq != self.history.next_seq(symbol):
+            self.history.restart(symbol, first_seq)
+        updates = []
+        for offset, (frame, compressed) in enumerate(zip(frames, deflated, strict=True)):
+            payload = frame_payload(frame)
+            message = orjson.loads(payload)
+            entry = self._record(symbol, first_seq + offset, payload, message, frame)
+            entry.deflated = compressed
+            updates.append((payload, entry))
+        if updates:
+            self._send(symbol, updates)
+            self.last_publish = trio.current_time()
+
+    def _record(
+        self,
+        symbol: str,
+        seq: int,
+        payload: bytes,
+        message: dict[str, Any],
+        frame: bytes | None = None,
+    ) -> Entry:
+        """Keep the update in the history (before anyone sees it); its entry. `frame`: the
+        update's frame when already encoded."""
         entry = self.history.record(
-            symbol, seq, payload, encode_text_frame(payload), message["data"]
+            symbol, seq, payload, frame or encode_text_frame(payload), message["data"]
         )
         self.last_update[symbol] = message
         self._stats.updates_published += 1
@@ -167,13 +201,17 @@ class Hub:
             # a replay to such a client reuses it.
             parts: list[bytes] = []
             for payload, entry in updates:
-                entry.deflated = deflated = encode_deflate_frame(payload)
+                deflated = entry.deflated
+                if deflated is None:  # a worker's were compressed by its master
+                    entry.deflated = deflated = encode_deflate_frame(payload)
                 parts.append(deflated)
             compressed = b"".join(parts)
             for send_frame in reversed(tuple(deflaters.values())):
                 send_frame(compressed)
             stats.messages_sent += len(deflaters) * len(updates)
             stats.bytes_sent += len(compressed) * len(deflaters)
+        if self.tap is not None:
+            self.tap(symbol, updates)
 
     def _table(
         self, subscriber: Subscriber

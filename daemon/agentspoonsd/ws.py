@@ -257,8 +257,27 @@ class Peer(ServerConnection):
         self.abort("socket_error")
 
 
+class AcceptFailures:
+    """Failed accept() calls, logged at most once a second with how many failed since the last
+    line: out of file descriptors, a listener stays readable and fails ten times a second until
+    a connection ends."""
+
+    def __init__(self, log: Log) -> None:
+        self._log = log
+        self._count = 0  # failures not logged yet
+        self._logged = -1.0
+
+    def failed(self, exc: OSError, now: float) -> None:
+        self._count += 1
+        if now - self._logged >= 1.0:
+            self._log.warning("accept_failed", error=str(exc), failures=self._count)
+            self._logged = now
+            self._count = 0
+
+
 class WebSocketServer:
-    """Serves WebSocket clients on a listening socket the daemon bound.
+    """Serves WebSocket clients on a listening socket the daemon bound (without one, a fan-out
+    worker's, those its master hands over: `adopt_accepted`, `adopt_upgrade`).
 
     Connections are served without a task each: every client socket is registered once in one
     level-triggered epoll set, and a single dispatcher task waits for that set to become readable
@@ -275,7 +294,7 @@ class WebSocketServer:
 
     def __init__(
         self,
-        listener: socket.socket,
+        listener: socket.socket | None,
         hub: Hub,
         auth: TokenStore,
         limits: Limits,
@@ -293,8 +312,7 @@ class WebSocketServer:
         self._clients: dict[int, Peer] = {}  # by file descriptor
         self._poller: select.epoll | None = None
         self._nursery: trio.Nursery | None = None
-        self._accept_errors = 0  # accept() failures not logged yet (logged once a second)
-        self._accept_error_logged = -1.0
+        self._accept_failures = AcceptFailures(log)
         self._accepting: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
@@ -417,8 +435,9 @@ class WebSocketServer:
         self.listening = False
         # Final: close the listening socket so new connections are refused at once instead of
         # waiting in the kernel's accept queue for a server that is going away.
-        trio.lowlevel.notify_closing(self._listener)
-        self._listener.close()
+        if self._listener is not None:
+            trio.lowlevel.notify_closing(self._listener)
+            self._listener.close()
         for client in list(self._clients.values()):
             if client.conn is None:
                 client.abort("shutdown")  # mid-handshake: nothing to close politely
@@ -427,8 +446,10 @@ class WebSocketServer:
         await self._idle.wait()
 
     async def _accept_loop(self) -> None:
+        if (listener := self._listener) is None:  # a worker's: connections are handed over
+            await trio.sleep_forever()
         while True:
-            await trio.lowlevel.wait_readable(self._listener)
+            await trio.lowlevel.wait_readable(listener)
             # Accept in rounds so a reconnect storm is taken in quickly, yet each round ends
             # with a checkpoint and the fan-out keeps its turn.
             self.tls_handshakes = 0
@@ -437,27 +458,16 @@ class WebSocketServer:
                 if self.tls_handshakes >= TLS_HANDSHAKES_PER_ROUND:
                     break
                 try:
-                    sock, address = self._listener.accept()
+                    sock, address = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    self._accept_failed(exc)
+                    self._accept_failures.failed(exc, trio.current_time())
                     await trio.sleep(0.1)
                     break
                 peer = format_address(address)
                 if self._admit_connection(sock, peer):
                     self._adopt(sock, peer)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log a failed accept() at most once a second, with how many failed since the last
-        line: out of file descriptors, the listener stays readable and fails ten times a
-        second until a connection ends."""
-        self._accept_errors += 1
-        now = trio.current_time()
-        if now - self._accept_error_logged >= 1.0:
-            self._log.warning("accept_failed", error=str(exc), failures=self._accept_errors)
-            self._accept_error_logged = now
-            self._accept_errors = 0
 
     def _admit_connection(self, sock: socket.socket, peer: str) -> bool:
         """Whether a connection just accepted may start its handshake (`Admission.at_accept`);
@@ -470,6 +480,14 @@ class WebSocketServer:
         _send_and_close(sock, refusal.response())
         return False
 
+    def adopt_accepted(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted (the master of fan-out workers) as one
+        accepted here: admitted, then TLS when this server has it, the handshake and the rest.
+        503 while not accepting (not started, draining). Takes ownership of `sock`."""
+        peer = self._adoptable(sock)
+        if peer is not None and self._admit_connection(sock, peer):
+            self._adopt(sock, peer)
+
     def adopt_upgrade(self, sock: socket.socket, received: bytes) -> None:
         """Serve a connection another server accepted and read a request from (the HTTP port's
         `/ws`: see `httpserver.Upgrade`) as if it had been accepted here with `received` read.
@@ -481,17 +499,23 @@ class WebSocketServer:
         request that arrived in clear has no TLS to continue. While the server is not accepting
         (not started, draining) the answer is 503. Takes ownership of `sock` in every case.
         """
+        peer = self._adoptable(sock)
+        if peer is not None and self._admit_connection(sock, peer):
+            self._adopt(sock, peer, received)
+
+    def _adoptable(self, sock: socket.socket) -> str | None:
+        """The peer of a connection handed over, or None once it is closed (gone already, or
+        answered 503 while this server is not accepting)."""
         try:
             peer = format_address(sock.getpeername())
         except OSError:  # gone already
             sock.close()
-            return
+            return None
         if self._nursery is None or not self.listening:
             self.policy.stats.rejected_upgrades[_UNAVAILABLE.reason] += 1
             _send_and_close(sock, _UNAVAILABLE.response())
-            return
-        if self._admit_connection(sock, peer):
-            self._adopt(sock, peer, received)
+            return None
+        return peer
 
     def _adopt(self, sock: socket.socket, peer: str, received: bytes | None = None) -> None:
         """Start serving an admitted connection; `received`: the bytes of its request already

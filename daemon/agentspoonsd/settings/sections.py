@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -71,6 +71,23 @@ class ServerSettings(_Section):
         ge=1,
         description="Accept queue of the listening socket; Linux caps it at net.core.somaxconn.",
     )
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description=(
+            "Fan-out worker processes sharing the port: 1 is one process; N > 1 runs a master"
+            " (generator, history, HTTP) and N workers serving the clients, each update encoded"
+            ' once; "auto": one per usable core. max_connections, max_connections_per_ip and'
+            " each token's max_connections are split evenly across the workers. Needs a restart."
+        ),
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `workers = true` is a mistake, not 1
+            raise ValueError('must be a number or "auto", not a boolean')
+        return value
+
     ping_interval: float = Field(
         20.0, gt=0, le=3600, description="Seconds between WebSocket pings to every client."
     )
