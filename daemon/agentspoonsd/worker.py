@@ -197,8 +197,10 @@ class Worker:
         self._log.info("worker_config_applied", tokens=len(websocket.auth))
 
     def _close_tokens(self, websocket: WebSocketServer, header: dict[str, object]) -> None:
-        names = {str(n) for n in header.get("names", [])}  # type: ignore[attr-defined]
-        code = int(header.get("code", CLOSE_TOKEN_REVOKED))  # type: ignore[call-overload]
+        listed = header.get("names", [])
+        names = {str(n) for n in listed} if isinstance(listed, list) else set()
+        code_value = header.get("code", CLOSE_TOKEN_REVOKED)
+        code = code_value if isinstance(code_value, int) else CLOSE_TOKEN_REVOKED
         reason = str(header.get("reason", "token revoked"))
         closed = websocket.close_token_connections(names, code=code, reason=reason)
         for name in sorted(names):
