@@ -25,7 +25,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from agentspoonsd import daemon as daemon_module
+from agentspoonsd import reloader
 from agentspoonsd.auth import hash_token
 from agentspoonsd.daemon import Daemon
 from agentspoonsd.logs import configure_logging
@@ -376,7 +376,7 @@ def in_process(tmp_path: Path) -> tuple[Daemon, SimpleNamespace, io.BytesIO]:
     stream = io.BytesIO()
     daemon = Daemon(load_settings(config), config, configure_logging("debug", "json", stream))
     websocket = SimpleNamespace(tls=None, limits=None, close_token_connections=lambda *a, **k: {})
-    websocket.auth = daemon.token_store(daemon.settings)
+    websocket.auth = daemon.tokens.store(daemon.settings)
     return daemon, websocket, stream
 
 
@@ -391,7 +391,7 @@ async def test_an_unexpected_error_in_a_reload_is_logged_and_contained(tmp_path:
     def broken(path: Path | None) -> Any:
         raise RuntimeError("a defect")
 
-    await daemon.reload(websocket, broken)  # type: ignore[arg-type]
+    await daemon.reloader.reload(websocket, broken)  # type: ignore[arg-type]
     (failed,) = [e for e in events(stream) if e["event"] == "reload_failed"]
     assert failed["level"] == "error" and "RuntimeError: a defect" in failed["exception"]
     assert (daemon.settings, websocket.auth) == before
@@ -401,7 +401,7 @@ async def test_an_unexpected_error_in_a_reload_is_logged_and_contained(tmp_path:
 async def test_a_reload_whose_read_hangs_is_abandoned_and_rejected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(daemon_module, "RELOAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(reloader, "RELOAD_TIMEOUT", 0.3)
     daemon, websocket, stream = in_process(tmp_path)
     before = websocket.auth
     release = threading.Event()
@@ -421,7 +421,7 @@ async def test_a_reload_whose_read_hangs_is_abandoned_and_rejected(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tick)
-        await daemon.reload(websocket, hanging)  # type: ignore[arg-type]
+        await daemon.reloader.reload(websocket, hanging)  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
     release.set()
     assert trio.current_time() - started < 2.0 and ticks >= 10
@@ -434,7 +434,7 @@ async def test_the_reload_loop_applies_requests_and_stops_when_cancelled(tmp_pat
     send, receive = trio.open_memory_channel[None](1)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon._serve_reloads, receive, websocket)
+            nursery.start_soon(daemon.reloader.serve, receive, websocket)
             await send.send(None)
             while not any(e["event"] == "config_reloaded" for e in events(stream)):  # noqa: ASYNC110
                 await trio.sleep(0.02)

@@ -429,9 +429,9 @@ def test_reload_swaps_the_context_and_reports_switching_tls(pki: Pki, tmp_path: 
     daemon = Daemon(load_settings(config), config, LevelGate("info"))
     first = server_context(pki.cert_file, pki.key_file)
     websocket = SimpleNamespace(tls=first)
-    swapped, needs_restart = daemon._reloaded_tls(websocket, load_settings(config))  # type: ignore[arg-type]
+    swapped, needs_restart = daemon.reloader.reloaded_tls(websocket, load_settings(config))  # type: ignore[arg-type]
     assert needs_restart == [] and swapped is not first  # re-read, even at the same paths
     websocket.tls = swapped
     plain = load_settings(write_config(tmp_path / "plain.toml", "port = 0\n"))
-    kept, needs_restart = daemon._reloaded_tls(websocket, plain)  # type: ignore[arg-type]
+    kept, needs_restart = daemon.reloader.reloaded_tls(websocket, plain)  # type: ignore[arg-type]
     assert needs_restart == ["server.tls_cert", "server.tls_key"] and kept is swapped

@@ -23,8 +23,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from agentspoonsd import daemon as daemon_module
-from agentspoonsd import tokenfile
+from agentspoonsd import tokenfile, tokenkeeper
 from agentspoonsd.auth import AuthFailure, Grant, TokenSpec, TokenStore, hash_token
 from agentspoonsd.daemon import Daemon
 from agentspoonsd.logs import configure_logging
@@ -423,7 +422,7 @@ def test_token_store_warns_about_a_readable_tokens_file(tmp_path: Path) -> None:
     path = write(tmp_path / "c.toml", f'[auth]\ntokens_file = "{tokens}"\n')
     settings = load_settings(path)
     daemon = Daemon(settings, path, configure_logging("debug", "json", stream := io.BytesIO()))
-    store = daemon.token_store(settings)
+    store = daemon.tokens.store(settings)
     assert len(store) == 1 and store.grant("b") is not None
     (event,) = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert event["event"] == "tokens_file_permissions" and event["level"] == "warning"
@@ -432,7 +431,7 @@ def test_token_store_warns_about_a_readable_tokens_file(tmp_path: Path) -> None:
     tokens.chmod(0o600)
     stream.truncate(0)
     stream.seek(0)
-    daemon.token_store(load_settings(path))
+    daemon.tokens.store(load_settings(path))
     assert stream.getvalue() == b""  # 0600: nothing to say
 
 
@@ -441,7 +440,7 @@ def test_token_store_with_only_file_tokens_makes_no_ephemeral_token(tmp_path: Pa
     path = write(tmp_path / "c.toml", f'[auth]\ntokens_file = "{tokens}"\n')
     stream = io.BytesIO()
     daemon = Daemon(load_settings(path), path, configure_logging("debug", "json", stream))
-    daemon.token_store(daemon.settings)
+    daemon.tokens.store(daemon.settings)
     assert b"auth_ephemeral_token" not in stream.getvalue()
 
 
@@ -450,7 +449,7 @@ def test_an_empty_tokens_file_means_no_one_not_an_ephemeral_token(tmp_path: Path
     path = write(tmp_path / "c.toml", f'[auth]\ntokens_file = "{tokens}"\n')
     stream = io.BytesIO()
     daemon = Daemon(load_settings(path), path, configure_logging("debug", "json", stream))
-    store = daemon.token_store(daemon.settings)
+    store = daemon.tokens.store(daemon.settings)
     assert len(store) == 0 and store.authenticate("anything") is AuthFailure.INVALID
     (event,) = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert event["event"] == "auth_no_tokens" and event["tokens_file"] == str(tokens)
@@ -467,7 +466,7 @@ def reload_setup(tmp_path: Path) -> tuple[Daemon, FakeServer, Path, io.BytesIO]:
     stream = io.BytesIO()
     daemon = Daemon(load_settings(path), path, configure_logging("debug", "json", stream))
     server = FakeServer({"gone": 2, "rotated": 1, "kept": 5})
-    server.auth = daemon.token_store(daemon.settings)
+    server.auth = daemon.tokens.store(daemon.settings)
     return daemon, server, tokens, stream
 
 
@@ -480,7 +479,7 @@ async def test_reload_closes_the_connections_of_revoked_tokens(tmp_path: Path) -
         + block("kept", DIGEST_C, "tokens")
         + block("added", hash_token("x"), "tokens"),
     )
-    await daemon.reload(server)  # type: ignore[arg-type]
+    await daemon.reloader.reload(server)  # type: ignore[arg-type]
     assert server.auth.grant("added") is not None and server.auth.grant("gone") is None
     assert server.closed == [({"gone", "rotated"}, 4001, "token revoked")]  # one pass
     assert server.open == {"kept": 5}
@@ -503,7 +502,7 @@ async def test_reload_revokes_a_token_that_is_now_expired(tmp_path: Path) -> Non
         + block("rotated", DIGEST_B, "tokens")
         + block("kept", DIGEST_C, "tokens", f"expires = {past}"),
     )
-    await daemon.reload(server)  # type: ignore[arg-type]
+    await daemon.reloader.reload(server)  # type: ignore[arg-type]
     assert server.closed == [({"kept"}, 4001, "token revoked")]
     events = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert {"event": "tokens_expired", "names": ["kept"]}.items() <= next(
@@ -517,7 +516,7 @@ async def test_rejected_reload_revokes_nothing(tmp_path: Path) -> None:
     daemon, server, tokens, stream = reload_setup(tmp_path)
     before = server.auth
     tokens.unlink()  # a missing tokens file is an error: the running tokens stay
-    await daemon.reload(server)  # type: ignore[arg-type]
+    await daemon.reloader.reload(server)  # type: ignore[arg-type]
     assert server.auth is before and server.closed == []
     assert b"config_reload_rejected" in stream.getvalue()
 
@@ -525,7 +524,7 @@ async def test_rejected_reload_revokes_nothing(tmp_path: Path) -> None:
 async def test_live_connections_are_closed_when_their_token_expires(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(daemon_module, "TOKEN_EXPIRY_CHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(tokenkeeper, "TOKEN_EXPIRY_CHECK_INTERVAL", 0.02)
     soon = datetime.now(UTC) + timedelta(seconds=0.3)
     tokens = write(
         tmp_path / "tokens.toml",
@@ -537,12 +536,12 @@ async def test_live_connections_are_closed_when_their_token_expires(
     stream = io.BytesIO()
     daemon = Daemon(load_settings(path), path, configure_logging("debug", "json", stream))
     server = FakeServer({"short": 3, "long": 1, "old": 0})
-    server.auth = daemon.token_store(daemon.settings)
+    server.auth = daemon.tokens.store(daemon.settings)
     with trio.move_on_after(0.15):
-        await daemon._expire_tokens(server)  # type: ignore[arg-type]
+        await daemon.tokens.expire_loop(server)  # type: ignore[arg-type]
     assert server.closed == []  # "old" was expired at start: nothing of it to close
     with trio.move_on_after(0.6):
-        await daemon._expire_tokens(server)  # type: ignore[arg-type]
+        await daemon.tokens.expire_loop(server)  # type: ignore[arg-type]
     assert server.closed == [({"short"}, 4001, "token expired")]  # once, not at every check
     events = [json.loads(x) for x in stream.getvalue().splitlines()]
     (expired,) = [e for e in events if e["event"] == "token_expired"]
