@@ -417,6 +417,16 @@ class FakeServer:
         return {n: self.open.pop(n) for n in names if n in self.open}
 
 
+def test_an_expiry_is_due_once_and_again_when_a_reload_moves_it() -> None:
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    later = at + timedelta(hours=1)
+    expired = {"a": at, "b": at}
+    assert tokenkeeper.due_expiries(expired, set()) == expired
+    assert tokenkeeper.due_expiries(expired, {("a", at)}) == {"b": at}
+    assert tokenkeeper.due_expiries({"a": later}, {("a", at)}) == {"a": later}
+    assert tokenkeeper.due_expiries({}, {("a", at)}) == {}
+
+
 def test_token_store_warns_about_a_readable_tokens_file(tmp_path: Path) -> None:
     tokens = write(tmp_path / "tokens.toml", block("b", DIGEST_B, "tokens"), mode=0o640)
     path = write(tmp_path / "c.toml", f'[auth]\ntokens_file = "{tokens}"\n')
