@@ -365,8 +365,8 @@ def _moments_small(
 ) -> None:
     """Fill rows ``start:stop`` of the outputs by accumulating over a ``(6, rows, W)`` view."""
     item = quantities.itemsize
-    # The view sliding_window_view would build, made directly: that helper costs ~15 µs of Python
-    # overhead, a quarter of the budget of a 1-bar update.
+    # The view sliding_window_view would build, made directly: that helper's Python overhead is
+    # a large share of a 1-bar update (bench/README.md, "Figures behind the daemon's constants").
     windows = np.ndarray(
         (_N_QUANTITIES, stop - start, width),
         dtype=np.float64,

@@ -52,8 +52,8 @@ assert ESTIMATOR_NAMES == (
 )
 
 # Bars whose `data` dicts `SymbolPipeline.data` builds at once: enough to amortise the call, few
-# enough that the garbage collector's young generations stay small (`simulate`, garch, fit off,
-# us per bar: 4.3 at 64 or 128 bars, 4.7 at 256, 5.9 at 1024).
+# enough that the garbage collector's young generations stay small (bench/README.md, "Figures
+# behind the daemon's constants").
 _RECORD_CHUNK = 64
 
 # Fewer returns than this make a fit mostly noise (and usually a boundary solution).

@@ -94,7 +94,7 @@ def write_jsonl(records: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
     return count + len(batch)
 
 
-_JSONL_BATCH = 256  # records per orjson call (larger batches measured slower: more live dicts)
+_JSONL_BATCH = 256  # records per orjson call (bench/README.md: larger ones were slower)
 _RECORD_SEPARATOR = b'},{"timestamp":'
 
 
