@@ -818,3 +818,27 @@ def test_overrides_apply_to_their_symbol_only(tmp_path: Path) -> None:
     assert generator.params_for("ETH/USD") == annual.per_bar_params("heston", shared, bar)
     assert generator.initial_price_for("ETH/USD") == 3000.0
     assert generator.volume_for("ETH/USD") == models.VolumeParams(scale=4.0)
+
+
+@pytest.mark.parametrize("value", ["0", "true", '"many"', "-2", "1.5"])
+def test_a_bad_worker_count_is_a_config_error_naming_the_key(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[server]\nworkers = {value}\n")
+    (line,) = config_error(path).splitlines()
+    assert line.startswith(f"{path}: server.workers: ") and "(at line 2, column 1)" in line
+
+
+@pytest.mark.parametrize("value", ["1", '"auto"'])
+def test_a_worker_count_or_auto_is_accepted(tmp_path: Path, value: str) -> None:
+    assert load_settings(write(tmp_path, f"[server]\nworkers = {value}\n")).server.workers in (
+        1,
+        "auto",
+    )
+
+
+def test_a_worker_count_from_the_environment_is_read_as_a_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTSPOONSD_SERVER__WORKERS", "2")
+    assert load_settings(write(tmp_path, "")).server.workers == 2
+    monkeypatch.setenv("AGENTSPOONSD_SERVER__WORKERS", "0")
+    assert "server.workers" in config_error(write(tmp_path, ""))

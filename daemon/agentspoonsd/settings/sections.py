@@ -83,10 +83,16 @@ class ServerSettings(_Section):
 
     @field_validator("workers", mode="before")
     @classmethod
-    def _workers_not_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # `workers = true` is a mistake, not 1
-            raise ValueError('must be a number or "auto", not a boolean')
-        return value
+    def _whole_number_or_auto(cls, value: Any) -> Any:
+        # One message for every wrong value (the union would give one per branch, in pydantic's
+        # own words); `workers = true` is a mistake, not 1.
+        if isinstance(value, str) and value.isdigit():  # from the environment: text
+            value = int(value)
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError('must be a whole number >= 1 or "auto"')
 
     ping_interval: float = Field(
         20.0, gt=0, le=3600, description="Seconds between WebSocket pings to every client."
