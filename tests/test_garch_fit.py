@@ -23,6 +23,7 @@ from agentspoonsd.market.garch_fit import (
     next_variance,
     variance_forecast,
 )
+from agentspoonsd.market.garch_grid import grid_values, starting_grid
 
 # Per-bar parameters of the recovery test: unconditional variance 1e-6 (vol 0.1 % per bar),
 # persistence 0.98, like a liquid crypto pair at 1-minute bars.
@@ -301,8 +302,76 @@ def test_short_memory_derivatives_match_the_long_ones_and_finite_differences() -
             up = params.copy()
             up[i] += eps
             v_up, g_up, _, _ = garch_likelihood.short_memory_terms(*up, x, xlag, b, True)
+            assert g_up is not None
             assert (v_up - value) / eps == pytest.approx(grad[i], abs=2e-6)
-            np.testing.assert_allclose((g_up - grad) / eps, hess[:, i], atol=2e-5)
+            np.testing.assert_allclose(
+                (np.array(g_up) - grad) / eps, np.array(hess)[:, i], atol=2e-5
+            )
+
+
+def _scaled_squares(seed: int, n: int = 500) -> tuple[np.ndarray, np.ndarray, float]:
+    """``x`` (squared returns with mean 1), ``xlag`` and the backcast, as `fit_garch11` makes."""
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal(n) * (1.0 + 0.5 * np.sin(np.arange(n) / 30.0))
+    x = r * r / np.mean(r * r)
+    b = garch_likelihood.arch_backcast(x)
+    return x, np.concatenate(([b], x[:-1])), b
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.99, 0.999999, 1.0])
+def test_long_memory_terms_match_the_recursion_and_finite_differences(beta: float) -> None:
+    """`newton_terms`' closed forms (one running sum and one matrix product) against the
+    textbook recursion for the value and central differences of it for the gradient and of
+    the gradient for the Hessian, up to the corner beta = 1."""
+    x, xlag, b = _scaled_squares(11)
+    params = np.array((0.05, 0.04 if beta < 1.0 else 0.0, beta))
+
+    def textbook(p: np.ndarray) -> float:
+        s2 = np.empty_like(x)
+        prev_x, prev_s2 = b, b
+        for t in range(x.shape[0]):
+            s2[t] = p[0] + p[1] * prev_x + p[2] * prev_s2
+            prev_x, prev_s2 = x[t], s2[t]
+        return float(0.5 * (math.log(2 * math.pi) + np.mean(np.log(s2) + x / s2)))
+
+    value, grad, hess, fisher = garch_likelihood.newton_terms(params, x, xlag, b, True)
+    assert grad is not None and hess is not None and fisher is not None
+    assert value == pytest.approx(textbook(params), rel=1e-13)
+    assert garch_likelihood.newton_terms(params, x, xlag, b, False)[0] == pytest.approx(
+        value, rel=1e-14
+    )
+    for i in range(3):
+        eps = 1e-5 * max(abs(params[i]), 1e-2)
+        up, down = params.copy(), params.copy()
+        up[i] += eps
+        down[i] -= eps
+        assert (textbook(up) - textbook(down)) / (2 * eps) == pytest.approx(
+            grad[i], rel=1e-6, abs=1e-9
+        )
+        g_up = garch_likelihood.newton_terms(up, x, xlag, b, True)[1]
+        g_down = garch_likelihood.newton_terms(down, x, xlag, b, True)[1]
+        assert g_up is not None and g_down is not None
+        np.testing.assert_allclose(
+            (np.array(g_up) - g_down) / (2 * eps), np.array(hess)[:, i], rtol=1e-5, atol=1e-8
+        )
+    np.testing.assert_allclose(hess, np.array(hess).T, rtol=1e-9, atol=1e-12)
+    assert np.all(np.linalg.eigvalsh(np.array(fisher)) >= -1e-12)  # positive semi-definite
+
+
+@pytest.mark.parametrize("n", [500, 1500])
+def test_the_starting_grid_values_are_the_likelihood_at_each_point(n: int) -> None:
+    """`grid_values` (block sums for windows up to ~535 returns, the row-wise filter above)
+    equals `negloglik` at each of arch's 16 starting points, with omega scaled by the target."""
+    x, xlag, b = _scaled_squares(4, n)
+    target = float(x.mean())
+    grid = starting_grid(n)
+    assert (grid.single is not None) == (n == 500)
+    values = grid_values(grid, target, x, xlag, b)
+    for point, value in zip(grid.params, values, strict=True):
+        scaled = point * np.array((target, 1.0, 1.0))
+        assert value == pytest.approx(
+            garch_likelihood.negloglik(scaled, None, x, xlag, b), rel=1e-13
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 2])

@@ -425,7 +425,8 @@ def test_write_jsonl_is_one_orjson_dumps_per_record_in_any_batch() -> None:
     """The batched serialisation splits one array at the records' boundaries: its bytes are
     those of a call per record, across batch edges (600 records: 3 batches of 256, a partial
     one), with the separator's text inside a string, and for records of another shape (the
-    fallback: their first key is not ``timestamp``)."""
+    fallback: their first key is not ``timestamp``, or an array of objects inside a record
+    holds the separator)."""
     spec = GeneratorSettings(
         seed=3, warmup_bars=5, garch_fit={"window": 100, "refit_every": 50}
     ).spec()
@@ -433,7 +434,12 @@ def test_write_jsonl_is_one_orjson_dumps_per_record_in_any_batch() -> None:
     records = list(simulate(spec, "BTC/USD", 600, start))
     records[7] = {**records[7], "symbol": 'X},{"timestamp":"Y'}
     others = [{"seq": i, "nested": [{"timestamp": i}, {"timestamp": i + 1}]} for i in range(300)]
-    for batch in (records, others, records[:1], []):
+    # One boundary without the separator, one separator inside a record: the count matches.
+    compensating = [
+        {"timestamp": 1, "nested": [{"timestamp": 2}, {"timestamp": 3}]},
+        {"seq": 4},
+    ]
+    for batch in (records, others, compensating, records[:1], []):
         out = io.BytesIO()
         assert write_jsonl(iter(batch), out) == len(batch)
         expected = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in batch)

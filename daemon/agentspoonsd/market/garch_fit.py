@@ -55,6 +55,8 @@ from .garch_likelihood import LOG_2PI, FloatArray, arch_backcast, negloglik, new
 from .garch_newton import feasible, newton
 from .garch_slsqp import slsqp
 
+_sum = np.add.reduce  # ndarray.sum without its Python wrapper
+
 __all__ = [
     "DEFAULT_MAX_EVALUATIONS",
     "MIN_OBSERVATIONS",
@@ -229,7 +231,7 @@ def fit_garch11(
         return _failed(n, message, evaluations)
     s2 = variances(params, x, xlag, backcast)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        value = 0.5 * (LOG_2PI + (float(np.log(s2).sum()) + float((x / s2).sum())) / n)
+        value = 0.5 * (LOG_2PI + (float(_sum(np.log(s2))) + float(_sum(x / s2))) / n)
     if not (math.isfinite(value) and np.isfinite(params).all()):
         return _failed(n, "optimiser returned a non-finite likelihood", evaluations)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -72,8 +73,43 @@ def variances(params: FloatArray, x: FloatArray, xlag: FloatArray, backcast: flo
     and the filter's initial value ``b`` adds ``beta * b``: exactly arch's start.
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
-    q = filter_powers(beta, x.shape[0])
+    n = x.shape[0]
+    if beta > 0.0 and (n - 1) * math.log(beta) >= LOG_MIN_POWER:
+        return _long_memory_variances(omega, alpha, beta, xlag, backcast)
+    q = filter_powers(beta, n)
     return geometric_filter(omega + alpha * xlag, beta, np.asarray(backcast), q)
+
+
+def _powers(beta: float, n: int) -> tuple[FloatArray, FloatArray]:
+    """``(beta**t, A_t)`` for ``t < n``, ``A_t = sum_{j<=t} beta**j``; ``beta**(n-1) >= 1e-200``.
+
+    ``A_t = (1 - beta**(t+1)) / (1 - beta)`` through expm1: accurate for beta near 1 too; at the
+    corner beta = 1 ("nonstationary" with alpha = 0) it is ``t + 1``.
+    """
+    tables = index_tables(n)
+    log_beta = math.log(beta)
+    scaled = tables.t_next * log_beta
+    q = np.exp(scaled[0], out=scaled[0])
+    if beta == 1.0:
+        return q, tables.tail[0].copy()
+    a = np.expm1(scaled[1], out=scaled[1])
+    a *= 1.0 / math.expm1(log_beta)
+    return q, a
+
+
+def _long_memory_variances(
+    omega: float, alpha: float, beta: float, xlag: FloatArray, b: float
+) -> FloatArray:
+    """`variances` as ``omega A_t + beta**t (alpha cumsum(xlag / beta**t) + b beta)`` (see
+    `newton_terms`), for ``beta**(n-1) >= 1e-200``: a few numpy calls, no block loop."""
+    q, a = _powers(beta, xlag.shape[0])
+    s2 = (xlag / q).cumsum()
+    s2 *= alpha
+    s2 += b * beta
+    s2 *= q
+    a *= omega
+    s2 += a
+    return s2
 
 
 def negloglik(
@@ -129,28 +165,54 @@ def _backcast_weights(tau: int) -> FloatArray:
     return w
 
 
+class IndexTables(NamedTuple):
+    """Read-only tables of ``t = 0..n-1`` for `newton_terms`, each row a function of ``t``."""
+
+    t: FloatArray
+    """``t`` (n,)."""
+    t_next: FloatArray
+    """``[t, t + 1]`` (2, n): the exponents of ``beta**t`` and ``A_t``."""
+    moments: FloatArray
+    """``[t, t²]`` (2, n): the rows of ``T_1`` and ``T_2`` from ``T_0``'s."""
+    moments_reversed: FloatArray
+    """``[t², t]`` (2, n): the rows of ``S_2`` and ``S_1`` from ``beta**t``."""
+    tail: FloatArray
+    """``[t + 1, t (t + 1)]`` (2, n): the backcast term's first and second beta-derivatives."""
+    curvature: FloatArray
+    """``[t² - t, 2t - 1]`` (2, n): the weights of ``T_0`` and ``T_1`` in ``d2B/dbeta2``."""
+
+
 @lru_cache(maxsize=8)
-def index_tables(n: int) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Read-only tables of ``t = 0..n-1`` for `newton_terms`: ``t``, the weights
-    ``[1, t, t² - t, 2t - 1, t + 1, t (t + 1)]`` as rows (6, n) and ``[t, t²]`` (2, n)."""
+def index_tables(n: int) -> IndexTables:
     t = np.arange(n, dtype=np.float64)
-    weights = np.stack((np.ones(n), t, t * t - t, 2.0 * t - 1.0, t + 1.0, t * (t + 1.0)))
-    moments = np.stack((t, t * t))
-    for table in (t, weights, moments):
+    tables = IndexTables(
+        t,
+        np.stack((t, t + 1.0)),
+        np.stack((t, t * t)),
+        np.stack((t * t, t)),
+        np.stack((t + 1.0, t * (t + 1.0))),
+        np.stack((t * t - t, 2.0 * t - 1.0)),
+    )
+    for table in tables:
         table.setflags(write=False)
-    return t, weights, moments
+    return tables
+
+
+Terms = tuple[float, list[float] | None, list[list[float]] | None, list[list[float]] | None]
+"""``(value, grad, hess, fisher)`` of `newton_terms`: plain floats, for the 3-vector arithmetic
+of `garch_newton` (cheaper as lists than as arrays)."""
 
 
 def newton_terms(
     params: FloatArray | list[float], x: FloatArray, xlag: FloatArray, b: float, hessian: bool
-) -> tuple[float, FloatArray | None, FloatArray | None, FloatArray | None]:
-    """Mean negative log-likelihood and, with ``hessian``, its gradient and Hessian (3, 3).
+) -> Terms:
+    """Mean negative log-likelihood and, with ``hessian``, its gradient and Hessian (3 × 3).
 
-    Returns ``(value, grad, hess, fisher)``; without ``hessian`` the last three are None.
-    ``fisher`` is the Gauss-Newton part of the Hessian with ``x / s2`` replaced by its
-    expectation 1 (Fisher scoring's matrix, positive semi-definite). ``0 <= beta <= 1``;
-    where ``beta**(n-1) < 1e-200`` (beta below ~0.4 at n = 500, where ``1 / beta**t`` would
-    overflow) `short_memory_terms` computes the same quantities.
+    Returns ``(value, grad, hess, fisher)`` as plain floats and lists; without ``hessian`` the
+    last three are None. ``fisher`` is the Gauss-Newton part of the Hessian with ``x / s2``
+    replaced by its expectation 1 (Fisher scoring's matrix, positive semi-definite).
+    ``0 <= beta <= 1``; where ``beta**(n-1) < 1e-200`` (beta below ~0.4 at n = 500, where
+    ``1 / beta**t`` would overflow) `short_memory_terms` computes the same quantities.
 
     For a fixed backcast ``b`` the variance is linear in omega and alpha:
     ``s2_t = omega A_t + alpha B_t + b beta**(t+1)`` with ``A_t = sum_{j<=t} beta**j`` (closed
@@ -161,91 +223,74 @@ def newton_terms(
     ``d2A/dbeta2 = (S_2 - S_1) / beta²``, ``dB/dbeta = beta**t (t T_0 - T_1) / beta`` and
     ``d2B/dbeta2 = beta**t ((t² - t) T_0 - (2t - 1) T_1 + T_2) / beta²``. The differences
     cancel up to a factor ~t / (1 - beta) (~1e3 at n = 500): the gradient stays accurate to
-    ~1e-13 relative, the Hessian (which only steers the steps) to ~1e-10. Every sum over t that
-    the gradient and the second-derivative terms need is a matrix product with the tables.
+    ~1e-13 relative, the Hessian (which only steers the steps) to ~1e-10.
+
+    Every sum over t is an entry of ONE matrix product ``weights @ rows.T`` (12 × 12): at
+    n = 500 numpy's per-call cost dominates, not the flops, so the rows are built in place in
+    two arrays and a few unused entries cost less than more calls.
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     n = x.shape[0]
     if beta <= 0.0 or (n - 1) * math.log(beta) < LOG_MIN_POWER:
         return short_memory_terms(omega, alpha, beta, x, xlag, b, hessian)
-    t, weights, moments = index_tables(n)
-    log_beta = math.log(beta)
-    scaled_t = t * log_beta
-    q = np.exp(scaled_t)
-    # d: the first derivatives of s2 (rows omega, alpha, beta); d[0] is A, d[1] is B.
-    d = np.empty((3, n))
-    a = d[0]
-    # A_t = (1 - beta**(t+1)) / (1 - beta), through expm1: accurate for beta near 1 too.
-    if beta == 1.0:  # the corner alpha = 0, beta = 1 ("nonstationary"): A_t = t + 1
-        a[:] = weights[4]
-    else:
-        scaled_t += log_beta
-        np.expm1(scaled_t, out=a)
-        a *= 1.0 / math.expm1(log_beta)
-    # In-place operations throughout: at n = 500 numpy's per-call cost dominates, not the flops.
     if not hessian:
-        s2 = (xlag / q).cumsum()
-        s2 *= alpha
-        s2 += b * beta
-        s2 *= q
-        s2 += omega * a
+        s2 = _long_memory_variances(omega, alpha, beta, xlag, b)
         value = 0.5 * (LOG_2PI + (float(_sum(np.log(s2))) + float(_sum(x / s2))) / n)
         return value, None, None, None
-    z = np.empty((5, n))
-    np.multiply(moments, q, out=z[:2])  # q t, q t²
-    np.divide(xlag, q, out=z[2])
-    np.multiply(moments, z[2], out=z[3:])  # xlag t / q, xlag t² / q
-    sums = z.cumsum(axis=1)  # rows S_1, S_2, T_0, T_1, T_2
-    np.multiply(sums[2], q, out=d[1])
-    s2 = sums[2] * alpha
-    s2 += b * beta
-    s2 *= q
-    s2 += omega * a
+    tables = index_tables(n)
+    q, a = _powers(beta, n)
+    # rows: 0 A, 1 B, 2 q = beta**t, 3 ds2/dbeta, 4-8 T_0, T_1, T_2, S_2, S_1,
+    # 9 q (t T_0 - T_1) = beta dB/dbeta, 10 (t + 1) q, 11 t (t + 1) q
+    rows = np.empty((12, n))
+    rows[0] = a
+    rows[2] = q
+    np.divide(xlag, q, out=rows[4])
+    np.multiply(tables.moments, rows[4], out=rows[5:7])
+    np.multiply(tables.moments_reversed, q, out=rows[7:9])
+    np.add.accumulate(rows[4:9], axis=1, out=rows[4:9])
+    np.multiply(rows[4], q, out=rows[1])
+    db = rows[9]
+    np.multiply(tables.t, rows[4], out=db)
+    db -= rows[5]
+    db *= q
+    np.multiply(tables.tail, q, out=rows[10:12])
+    # ds2/dbeta = omega S_1 / beta + alpha q (t T_0 - T_1) / beta + b (t + 1) q
+    np.dot((omega / beta, alpha / beta, b), rows[8:11], out=rows[3])
+    s2 = np.dot((omega, alpha, b * beta), rows[0:3])
     inv = 1.0 / s2
     ratio = x * inv
     value = 0.5 * (LOG_2PI + (float(_sum(np.log(s2))) + float(_sum(ratio))) / n)
-    w = 1.0 - ratio  # d value / d s2_t, times n / 0.5
+    # weights: 0-3 c rows 0-3, 4-7 c ratio rows 0-3 (c = inv² / (2n): the Gauss-Newton
+    # terms), 8 w = d value / d s2_t, 9-10 w q (t² - t), w q (2t - 1), 11 w q
+    weights = np.empty((12, n))
+    c = inv * inv
+    c *= 0.5 / n
+    np.multiply(rows[0:4], c, out=weights[0:4])
+    np.multiply(weights[0:4], ratio, out=weights[4:8])
+    w = weights[8]
+    np.subtract(1.0, ratio, out=w)
     w *= inv
     w *= 0.5 / n
-    # The sums over t with w: sw = (w.S_1, w.S_2), tw[i, k] = (w q weights_i).T_k,
-    # ew = sum(w q (t + 1)), sum(w q t (t + 1)).
-    weighted = weights * (w * q)
-    sw0, sw1 = (sums[:2] @ w).tolist()
-    tw = (weighted @ sums[2:].T).tolist()
-    ew0, ew1 = _sum(weighted[4:], axis=1).tolist()
-    a_b = sw0 / beta  # w.dA/dbeta
-    b_b = (tw[1][0] - tw[0][1]) / beta  # w.dB/dbeta
-    s2_b = omega * a_b + alpha * b_b + b * ew0  # w.ds2/dbeta (the backcast term: b (t+1) q)
-    s2_bb = (
-        omega * (sw1 - sw0) / beta + alpha * (tw[2][0] - tw[3][1] + tw[0][2]) / beta + b * ew1
-    ) / beta  # w.d2s2/dbeta2
-    grad = np.array((float(w @ a), tw[0][0], s2_b))
-    # ds2/dbeta = omega S_1 / beta + alpha q (t T_0 - T_1) / beta + b (t + 1) q
-    tmp = t * sums[2]
-    tmp -= sums[3]
-    tmp *= alpha / beta
-    tmp += b * weights[4]
-    tmp *= q
-    np.multiply(sums[0], omega / beta, out=d[2])
-    d[2] += tmp
-    # The Gauss-Newton part of the Hessian; the second derivatives of s2 add w.d2s2 where they
-    # are non-zero (s2 is linear in omega and alpha: beta-omega = w.dA/dbeta, beta-alpha =
-    # w.dB/dbeta and beta-beta).
-    c = np.empty((2, n))
-    np.multiply(inv, inv, out=c[0])
-    c[0] *= 0.5 / n
-    ratio *= 2.0
-    ratio -= 1.0
-    np.multiply(c[0], ratio, out=c[1])
-    # One product for the Fisher matrix (rows 0-2) and the Hessian's (3-5).
-    both = (c[:, None, :] * d).reshape(6, n) @ d.T
-    fisher = both[:3]
-    hess = both[3:]
-    hess[0, 2] += a_b
-    hess[2, 0] += a_b
-    hess[1, 2] += b_b
-    hess[2, 1] += b_b
-    hess[2, 2] += s2_bb
+    np.multiply(w, q, out=weights[11])
+    np.multiply(tables.curvature, weights[11], out=weights[9:11])
+    m = (weights @ rows.T).tolist()
+    mw = m[8]
+    grad = [mw[0], mw[1], mw[3]]
+    # The second derivatives of s2 add w.d2s2 where they are non-zero (s2 is linear in omega
+    # and alpha: beta-omega = w.dA/dbeta, beta-alpha = w.dB/dbeta and beta-beta).
+    a_b = mw[8] / beta
+    b_b = mw[9] / beta
+    s2_bb = (omega * (mw[7] - mw[8]) + alpha * (m[9][4] - m[10][5] + m[11][6])) / (
+        beta * beta
+    ) + b * mw[11] / beta
+    # The derivative rows are 0, 1 and 3: sum c (2 ratio - 1) d_i d_j = 2 (c ratio) - c.
+    fisher = [[m[i][j] for j in (0, 1, 3)] for i in (0, 1, 3)]
+    hess = [[2.0 * m[4 + i][j] - m[i][j] for j in (0, 1, 3)] for i in (0, 1, 3)]
+    hess[0][2] += a_b
+    hess[2][0] += a_b
+    hess[1][2] += b_b
+    hess[2][1] += b_b
+    hess[2][2] += s2_bb
     return value, grad, hess, fisher
 
 
@@ -260,7 +305,7 @@ def short_memory_terms(
     xlag: FloatArray,
     b: float,
     hessian: bool,
-) -> tuple[float, FloatArray | None, FloatArray | None, FloatArray | None]:
+) -> Terms:
     """`newton_terms` for a short memory (``beta`` up to ~0.4 at n = 500, down to 0).
 
     ``B_t = sum_j beta**j xlag_{t-j}`` and ``A_t = sum_j beta**j`` with their first two
@@ -291,7 +336,7 @@ def short_memory_terms(
     )
     # windows[k, t, i] is lag lags - 1 - i of row k at t, the weights' row i.
     sums = windows @ weights  # (2, n, 3): [B, dB, d2B] and [A, dA, d2A] (column 0 alone: V)
-    t = index_tables(n)[0]
+    t = index_tables(n).t
     q = np.power(beta, t)  # beta**t
     s2 = omega * sums[1, :, 0] + alpha * sums[0, :, 0] + (b * beta) * q
     inv = 1.0 / s2
@@ -324,4 +369,4 @@ def short_memory_terms(
     hess[1, 2] += b_b
     hess[2, 1] += b_b
     hess[2, 2] += float(w @ d_bb)
-    return value, grad, hess, fisher
+    return value, grad.tolist(), hess.tolist(), fisher.tolist()

@@ -319,8 +319,7 @@ def newton(
     )
     for _ in range(_NEWTON_MAX_ITERATIONS):
         assert grad is not None and hess is not None and fisher is not None
-        g = grad.tolist()
-        h = hess.tolist()
+        g, h = grad, hess
         # The exact Hessian's model: its KKT point on the guessed face (positive definite
         # there), else its minimum over every face when it is positive definite everywhere;
         # where that is no descent (a non-convex model), Fisher scoring's.
@@ -331,7 +330,7 @@ def newton(
             decrement = -(g[0] * d[0] + g[1] * d[1] + g[2] * d[2])
             exact = decrement >= 0.0
         if not exact:
-            found = _qp_step(fisher.tolist(), g, params, bounds[0], working, True)
+            found = _qp_step(fisher, g, params, bounds[0], working, True)
             if found is None:
                 return None, evaluations
             d = found[0]
