@@ -196,9 +196,10 @@ def fit_garch11(
             if warm[1] + warm[2] > 1.0:  # the constraint may be marginally violated by rounding
                 warm[1:] /= warm[1] + warm[2]
 
-    # The quick path: Newton from the previous optimum (the window moved by a few bars, so the
-    # optimum moved a little); then, if it gave up, the full path: the best of arch's grid and
-    # the warm start, by Newton and else by SLSQP.
+    # The start: the better of arch's grid and the warm start. Newton from there; SLSQP from
+    # the same start where Newton gives up. Newton from the warm start alone is no shortcut:
+    # on `simulate --seed 1`'s refits (the window moves by a fifth) it took 7.5 evaluations on
+    # average against 6.2 this way, and ended at a lower likelihood in 9 % of them.
     grid = starting_grid(n)
     values = grid_values(grid, target, x, xlag, backcast)
     # np.nanargmin's choice (the first smallest value, NaN skipped; 0 when none is finite)
