@@ -64,6 +64,7 @@ struct options {
     const char *port;
     const char *token;
     const char *path;
+    const char *source;      /* local address to connect from (its own ephemeral ports); NULL: any */
     int clients;
     double duration;
     double warmup;
@@ -124,6 +125,8 @@ static struct stats st;
 static int epfd;
 static struct sockaddr_storage addr;
 static socklen_t addrlen;
+static struct sockaddr_storage source_addr;  /* --source, port 0 */
+static socklen_t source_addrlen;             /* 0: no --source */
 static char *request;
 static size_t request_len;
 static unsigned char rbuf[RBUF_SIZE];
@@ -592,6 +595,17 @@ static void start_connect(struct conn *c)
         return;
     }
     c->fd = fd;
+    if (source_addrlen) {
+        /* The port is chosen at connect(), per destination: bind() alone would reserve one. */
+        int on = 1;
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &on, sizeof on);
+        if (bind(fd, (struct sockaddr *)&source_addr, source_addrlen) < 0) {
+            note_error("bind", errno);
+            count_failure(c, &st.connect_failed);
+            finish(c, ST_DONE);
+            return;
+        }
+    }
     if (connect(fd, (struct sockaddr *)&addr, addrlen) < 0 && errno != EINPROGRESS) {
         note_error("connect", errno);
         count_failure(c, &st.connect_failed);
@@ -755,6 +769,16 @@ static void resolve(void)
     memcpy(&addr, res->ai_addr, res->ai_addrlen);
     addrlen = res->ai_addrlen;
     freeaddrinfo(res);
+    if (opt.source) {
+        hints.ai_family = addr.ss_family;
+        hints.ai_flags = AI_NUMERICHOST;
+        rc = getaddrinfo(opt.source, "0", &hints, &res);
+        if (rc)
+            die("--source %s: %s", opt.source, gai_strerror(rc));
+        memcpy(&source_addr, res->ai_addr, res->ai_addrlen);
+        source_addrlen = res->ai_addrlen;
+        freeaddrinfo(res);
+    }
 }
 
 static void build_request(void)
@@ -975,7 +999,7 @@ static void print_report(double connect_s, double window_s, const double cpu_win
 
 static void usage(void)
 {
-    fputs("usage: loadclient --port P [--host H] [--clients N] [--token T] [--path /]\n"
+    fputs("usage: loadclient --port P [--host H] [--source A] [--clients N] [--token T] [--path /]\n"
           "       [--duration S] [--warmup S] [--connect-rate R] [--connect-timeout S]\n"
           "       [--nonreading-fraction F] [--deflate] [--churn-rate R] [--churn-pool N]\n",
           stderr);
@@ -994,6 +1018,7 @@ static void parse_options(int argc, char **argv)
         {"deflate", no_argument, 0, 'z'},
         {"churn-rate", required_argument, 0, 'c'},
         {"churn-pool", required_argument, 0, 'C'},
+        {"source", required_argument, 0, 's'},
         {0, 0, 0, 0},
     };
     opt = (struct options){.host = "127.0.0.1", .port = NULL, .token = "", .path = "/",
@@ -1015,6 +1040,7 @@ static void parse_options(int argc, char **argv)
         case 'f': opt.nonreading_fraction = atof(optarg); break;
         case 'c': opt.churn_rate = atof(optarg); break;
         case 'C': opt.churn_pool = atoi(optarg); break;
+        case 's': opt.source = optarg; break;
         default: usage();
         }
     }
