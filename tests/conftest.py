@@ -52,11 +52,12 @@ def no_process_outlives_the_tests(tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """`start(config, env=None, *, environ=None)`: the real daemon as a subprocess; every daemon
-    started is killed when the test ends.
+    """`start(config, env=None, *, environ=None, prefix=())`: the real daemon as a subprocess;
+    every daemon started is killed when the test ends.
 
     `config` is the config's text (written under the test's tmp_path) or the path of one already
     written. `env` is added to this process's environment; `environ`, when given, replaces it.
+    `prefix`: a command that execs the daemon (e.g. ``prlimit --nofile=300:300``).
     """
     from daemon_process import DaemonProcess
 
@@ -67,12 +68,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         env: dict[str, str] | None = None,
         *,
         environ: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> DaemonProcess:
         if isinstance(config, str):
             path = tmp_path / f"agentspoonsd-{len(started)}.toml"
             path.write_text(config)
             config = path
-        process = DaemonProcess(config, env)
+        process = DaemonProcess(config, env, prefix)
         if environ is not None:
             process.env = {**environ, **(env or {})}
         started.append(process)  # before start: killed even if starting it fails half-way

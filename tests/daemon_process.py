@@ -51,8 +51,11 @@ def config_text(
 class DaemonProcess:
     """`agentspoonsd run --config PATH` in a subprocess; stdout parsed as JSON log events."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_path: Path, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.config_path = config_path
+        self.prefix = prefix  # a command that execs the daemon, e.g. prlimit
         self.env = {**os.environ, **(env or {})}
         self.events: list[dict[str, Any]] = []
         self.raw_lines: list[str] = []
@@ -61,7 +64,10 @@ class DaemonProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentspoonsd", "run", "--config", str(self.config_path)],
+            [
+                *self.prefix,
+                *(sys.executable, "-m", "agentspoonsd", "run", "--config", str(self.config_path)),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=self.env,

@@ -40,6 +40,7 @@ from structlog.typing import FilteringBoundLogger
 from . import __version__, activation, sdnotify
 from .banner import PROGRAM, start_banner
 from .dashboard import PageConfig, load_dashboard
+from .descriptors import raise_soft_limit
 from .exits import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_OSERR
 from .fleet import worker_count
 from .frames import encode_text_frame
@@ -52,7 +53,7 @@ from .market.bar import Bar
 from .market.generator import Generator
 from .metrics import Stats, make_registry
 from .reloader import AUTH_DISABLED_DETAIL, Reloader, tls_context
-from .reloading import allowed_origins, limits_from
+from .reloading import allowed_origins
 from .settings import Settings
 from .supervisor import RestartPolicy, Service, supervise
 from .tls import TlsConfigError
@@ -192,14 +193,13 @@ class Daemon:
         """What serves the clients on `ws_sock`: this process (workers = 1), or a pool of worker
         processes; either has the first token store and the limits of the running settings."""
         s = self.settings
-        http_port = self.reloader.http_port
         workers = worker_count(s.server.workers)
         if workers > 1:  # a master: the pool's worker processes serve the clients
             return WorkerPool(
                 ws_sock,
                 hub,
                 self.tokens.store(s),
-                limits_from(s, http_port),
+                self.reloader.limits(s),
                 self.stats,
                 get_logger("agentspoonsd.workers"),
                 count=workers,
@@ -210,7 +210,7 @@ class Daemon:
             ws_sock,
             hub,
             self.tokens.store(s),
-            limits_from(s, http_port),
+            self.reloader.limits(s),
             self.stats,
             get_logger("agentspoonsd.ws"),
             tls=tls,
@@ -348,6 +348,9 @@ class Daemon:
         s = self.settings
         log = self._log
         notifier = self.reloader.notifier = sdnotify.Notifier.from_environ()
+        # Before any socket: the workers started later inherit it too.
+        self.reloader.descriptor_limit = raise_soft_limit()
+        log.info("descriptor_limit", limit=self.reloader.descriptor_limit)
         listeners = self._listeners()
         if listeners is None:
             return EX_OSERR

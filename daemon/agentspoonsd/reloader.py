@@ -16,6 +16,9 @@ from structlog.typing import FilteringBoundLogger
 
 from . import sdnotify
 from .auth import ANONYMOUS
+from .descriptors import connection_capacity
+from .fleet import worker_count
+from .limits import Limits
 from .logs import LevelGate
 from .metrics import Stats
 from .reloading import RELOADABLE, changes_applied, changes_needing_restart, limits_from
@@ -52,11 +55,34 @@ class Reloader:
         self.settings = settings
         self.config_path = config_path
         self.http_port: int | None = None  # the HTTP listener's bound port, once bound
+        # Per process, set at start (`descriptors.raise_soft_limit`); None: unlimited.
+        self.descriptor_limit: int | None = None
         self.notifier = sdnotify.Notifier(None)  # replaced by the daemon from $NOTIFY_SOCKET
         self._tokens = tokens
         self._stats = stats
         self._level_gate = level_gate
         self._log = log
+
+    def limits(self, settings: Settings) -> Limits:
+        """The WebSocket server's limits under `settings` (`limits_from`), ``max_connections``
+        capped at what this process's descriptor limit lets the running workers hold
+        (`descriptors.connection_capacity`; logged as `max_connections_capped` when it does)."""
+        workers = worker_count(self.settings.server.workers)  # a change needs a restart
+        capacity = connection_capacity(
+            self.descriptor_limit, workers, settings.health.max_connections
+        )
+        limits = limits_from(settings, self.http_port, capacity)
+        configured = settings.server.max_connections
+        if limits.max_connections < configured:
+            self._log.warning(
+                "max_connections_capped",
+                key="server.max_connections",
+                configured=configured,
+                capped=limits.max_connections,
+                descriptor_limit=self.descriptor_limit,
+                workers=workers,
+            )
+        return limits
 
     async def serve(self, requests: trio.MemoryReceiveChannel[None], websocket: Serving) -> None:
         """Run the requested reloads one at a time, until cancelled (at shutdown)."""
@@ -105,7 +131,7 @@ class Reloader:
         it was off.
         """
         store = self._tokens.store(new)
-        limits = limits_from(new, self.http_port)
+        limits = self.limits(new)
         tls, tls_needs_restart = self.reloaded_tls(websocket, new)
         needs_restart = changes_needing_restart(self.settings, new) + tls_needs_restart
         applied = [k for k in changes_applied(self.settings, new) if k not in tls_needs_restart]

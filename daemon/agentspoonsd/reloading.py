@@ -48,12 +48,20 @@ RELOADABLE_SERVER_KEYS: frozenset[str] = frozenset(
 """The `[server]` keys a reload applies (the others need a restart)."""
 
 
-def limits_from(settings: Settings, http_port: int | None = None) -> Limits:
+def limits_from(
+    settings: Settings, http_port: int | None = None, capacity: int | None = None
+) -> Limits:
     """The WebSocket server's limits under `settings`: the one place a `Limits` is built, and
-    the only source of its values (`Limits` has no defaults; the settings models do)."""
+    the only source of its values (`Limits` has no defaults; the settings models do).
+
+    `capacity`: the most clients the descriptor limit lets the daemon hold
+    (`descriptors.connection_capacity`); ``max_connections`` is the configured value or that,
+    whichever is lower. None: no cap."""
     s = settings.server
     return Limits(
-        max_connections=s.max_connections,
+        max_connections=(
+            s.max_connections if capacity is None else min(s.max_connections, capacity)
+        ),
         max_backlog_bytes=s.max_backlog_bytes,
         send_buffer_bytes=s.send_buffer_bytes or None,
         max_message_size=s.max_message_size,

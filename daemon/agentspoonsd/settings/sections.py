@@ -40,7 +40,14 @@ class ServerSettings(_Section):
     host: str = Field("0.0.0.0", description="Address the WebSocket listener binds.")
     port: int = Field(8765, ge=0, le=65535, description="WebSocket port (0 picks a free one).")
     max_connections: int = Field(
-        20000, ge=1, description="Connections served at once; upgrades past it get HTTP 503."
+        20000,
+        ge=1,
+        description=(
+            "Connections served at once; upgrades past it get HTTP 503. At most what the"
+            " descriptor limit (LimitNOFILE) holds: one descriptor per client, less 64 and"
+            " [health] max_connections for a single process; the lower value is used and"
+            " logged as max_connections_capped."
+        ),
     )
     shutdown_timeout: float = Field(
         5.0, gt=0, description="Seconds to close every client (code 1001) and exit on SIGTERM."
