@@ -1,25 +1,38 @@
-"""Many clients across fan-out workers: how many one daemon holds with `[server] workers = N`.
+"""Many clients across fan-out workers: how many one daemon holds, and how fast it serves them.
 
 Starts the daemon with `[server] workers = --workers` and every process of it, and of the load,
 under a descriptor limit of --nofile (20,000: one process alone could not hold the total), then
 --loads load clients of --clients connections each, every one from its own loopback source
 address (127.0.0.2, 127.0.0.3, ...: one address pair has about 28,000 ephemeral ports), all at
-once, at a low update rate (--interval). When every load client has reported its connect phase,
-it reads `/metrics` (clients connected, per worker) and each daemon process's open descriptors;
-then the load clients measure deliveries, loss and latency over their window.
+once, at an update every --interval seconds. When every load client has reported its connect
+phase, it reads `/metrics` (clients connected, per worker) and each daemon process's open
+descriptors; then the load clients measure deliveries, loss and latency over their window,
+while this samples the daemon's CPU (every process of it) over the same window.
 
-Prints a table and appends it, dated, to bench/RESULTS.md (unless --no-save). Not part of
-`make bench`: at the defaults (8 workers, 10 × 10,000 clients) it holds 100,000 connections,
-about 3 GB of memory across the processes, for a minute or two. Run as root it raises
+Two uses:
+- on any machine, how many clients the workers hold (the defaults: 8 workers, 10 × 10,000
+  clients at an update a second, about 3 GB of memory for a minute or two);
+- on a machine with cores to spare, how fast they serve them: `--pin` puts the daemon on the
+  first --daemon-cores cores and the load clients on the others, one per core (e.g. 8 workers,
+  8 × 10,000 clients, `--interval 0.08`: 1,000,000 deliveries/s offered). `--binary` runs a
+  frozen executable and `--loadclient` a load client built elsewhere, so only this file, the
+  stdlib part of bench/run.py, Python 3.11+ and those two files need to be on that machine.
+
+Prints a table and appends it, dated, to bench/RESULTS.md (unless --no-save); --out DIR also
+writes the table and the raw figures there. Not part of `make bench`. Run as root it raises
 net.core.somaxconn and tcp_max_syn_backlog for the run and restores them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import resource
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,14 +59,23 @@ class Load:
     report: dict = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
 
+    window_started: threading.Event = field(default_factory=threading.Event)
+    window_ended: threading.Event = field(default_factory=threading.Event)
+
     def follow(self) -> None:
-        """Read its progress lines (stderr) until it ends; `connected` at `all_connected`."""
+        """Read its progress lines (stderr) until it ends, and flag its connect phase's end and
+        its measurement window's edges as they come."""
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line.rstrip())
             if '"all_connected"' in line:
                 self.connected.set()
-        self.connected.set()  # ended (or failed) before: nothing more to wait for
+            elif '"window_start"' in line:
+                self.window_started.set()
+            elif '"window_end"' in line:
+                self.window_ended.set()
+        for ended in (self.connected, self.window_started, self.window_ended):
+            ended.set()  # ended (or failed) before: nothing more to wait for
 
 
 def config_text(args: argparse.Namespace, digest: str) -> str:
@@ -119,9 +141,38 @@ def limit_descriptors(limit: int) -> int:
     return value
 
 
+def new_token() -> str:
+    """A bench token (`token new`'s kind: URL-safe, not starting with "-")."""
+    token = secrets.token_urlsafe(32)
+    while token.startswith("-"):
+        token = secrets.token_urlsafe(32)
+    return token
+
+
+def pinned(command: list[str], cores: list[int] | None) -> list[str]:
+    """`command` run on `cores` only (taskset), as it is when None."""
+    if cores is None:
+        return command
+    return ["taskset", "-c", ",".join(map(str, cores)), *command]
+
+
+def core_plan(args: argparse.Namespace) -> tuple[list[int] | None, list[list[int] | None]]:
+    """With --pin: the daemon's cores, and each load client's (one core each, round-robin over
+    the cores the daemon does not use); without it: no pinning."""
+    if not args.pin:
+        return None, [None] * args.loads
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.daemon_cores >= len(cpus):
+        sys.exit(f"bench: --daemon-cores {args.daemon_cores} leaves no core of {len(cpus)} free")
+    if shutil.which("taskset") is None:
+        sys.exit("bench: --pin needs taskset (util-linux)")
+    daemon, rest = cpus[: args.daemon_cores], cpus[args.daemon_cores :]
+    return daemon, [[rest[i % len(rest)]] for i in range(args.loads)]
+
+
 def loadclient_command(args: argparse.Namespace, port: int, token: str, source: str) -> list[str]:
     return [
-        str(bench.LOADCLIENT),
+        str(args.loadclient),
         *("--host", "127.0.0.1", "--port", str(port), "--source", source, "--token", token),
         *("--clients", str(args.clients), "--duration", str(args.duration)),
         *("--warmup", str(args.warmup), "--connect-timeout", str(CONNECT_TIMEOUT)),
@@ -129,14 +180,15 @@ def loadclient_command(args: argparse.Namespace, port: int, token: str, source: 
 
 
 def measure(args: argparse.Namespace) -> tuple[list[str], dict]:
-    token = bench.new_token()
-    found: dict = {}
+    token = new_token()
+    digest = hashlib.sha256(token.encode()).hexdigest()  # the config's `sha256` (README)
+    daemon_cores, load_cores = core_plan(args)
+    found: dict = {"daemon_cores": daemon_cores, "load_cores": load_cores}
     with tempfile.TemporaryDirectory(prefix="bench-clients-") as tmp:
         config = Path(tmp) / "agentspoonsd.toml"
-        config.write_text(config_text(args, bench.hash_token(token)))
-        executable = Path(sys.executable).with_name("agentspoonsd")
+        config.write_text(config_text(args, digest))
         log_path = Path(tmp) / "daemon.log"
-        command = [str(executable), "run", "--config", str(config)]
+        command = pinned([str(args.binary), "run", "--config", str(config)], daemon_cores)
         with bench.server_process(command, log_path) as (daemon, port):
             http_port = health_port(log_path)
             kernel = bench.PeakKernelMemory()
@@ -146,7 +198,7 @@ def measure(args: argparse.Namespace) -> tuple[list[str], dict]:
             for i in range(args.loads):
                 source = f"127.0.0.{2 + i}"
                 process = subprocess.Popen(
-                    loadclient_command(args, port, token, source),
+                    pinned(loadclient_command(args, port, token, source), load_cores[i]),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
@@ -162,6 +214,13 @@ def measure(args: argparse.Namespace) -> tuple[list[str], dict]:
             found["descriptors"] = {pid: descriptors(pid) for pid in tree}
             found["rss_mb"] = bench.rss_mb(daemon.pid)  # the whole tree
             found["metrics"] = metrics(http_port)
+            # The daemon's CPU over the load clients' windows (they start within moments).
+            for load in loads:
+                load.window_started.wait(args.warmup + 30)
+            window = (time.monotonic(), bench.cpu_seconds(daemon.pid))
+            loads[0].window_ended.wait(args.duration + 30)
+            elapsed = time.monotonic() - window[0]
+            found["daemon_cpu_pct"] = 100 * (bench.cpu_seconds(daemon.pid) - window[1]) / elapsed
             for load in loads:
                 assert load.process.stdout is not None
                 out = load.process.stdout.read()
@@ -183,9 +242,7 @@ def table(args: argparse.Namespace, found: dict) -> list[str]:
     per_worker = sorted(
         int(v) for k, v in found["metrics"].items() if k.startswith("agentspoonsd_worker_clients")
     )
-    daemon_fds = found["descriptors"]
-    master_fds = next(iter(daemon_fds.values()))
-    worker_fds = list(daemon_fds.values())[1:]
+    daemon_fds = sorted(found["descriptors"].values(), reverse=True)
     expected = sum(r["readers"] for r in reports) * (1 / args.interval)
     delivered = sum(r["deliveries_per_s"] for r in reports)
     p50 = max(r["latency_ms"]["p50"] for r in reports)
@@ -198,8 +255,8 @@ def table(args: argparse.Namespace, found: dict) -> list[str]:
         f"| `agentspoonsd_clients_connected` once all had connected | {connected:,.0f} |",
         f"| Clients per worker (`agentspoonsd_worker_clients`) | "
         f"{', '.join(f'{n:,}' for n in per_worker)} |",
-        f"| Open descriptors: master; each worker (limit {args.nofile:,} per process) | "
-        f"{master_fds:,}; {', '.join(f'{n:,}' for n in worker_fds)} |",
+        f"| Open descriptors of each daemon process, most first (limit {args.nofile:,}) | "
+        f"{', '.join(f'{n:,}' for n in daemon_fds)} |",
         f"| Connect all (load clients started to the last one connected) | "
         f"{found['connect_all_s']:.1f} s |",
         f"| Deliveries/s (of expected) over {args.duration:g} s | "
@@ -209,9 +266,33 @@ def table(args: argparse.Namespace, found: dict) -> list[str]:
         f"| Daemon RSS, all processes | {found['rss_mb']:,.0f} MB |",
         f"| Kernel TCP buffers, peak; machine memory in use, peak rise | "
         f"{found['kernel_tcp_mb']:,.0f} MB; {found['memory_in_use_mb']:,.0f} MB |",
+        f"| Daemon CPU over the window, all processes | {found['daemon_cpu_pct']:.0f} % |",
         f"| Load clients' CPU (each, max) | {max(r['cpu_pct'] for r in reports):.0f} % |",
+        f"| Cores: daemon; load clients | {cores(found)} |",
         f"| Generator ticks skipped | {found['ticks_skipped']} |",
     ]
+
+
+def daemon_version(binary: Path) -> str:
+    """What `binary --version` prints, and the binary."""
+    try:
+        printed = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        printed = "version unknown"
+    return f"{printed} ({binary})"
+
+
+def cores(found: dict) -> str:
+    if found["daemon_cores"] is None:
+        return "not pinned (shared)"
+    loads = sorted({c for cores in found["load_cores"] for c in cores})
+    return f"{span(found['daemon_cores'])}; {span(loads)}"
+
+
+def span(cores: list[int]) -> str:
+    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
 
 
 def main() -> None:
@@ -224,14 +305,28 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--nofile", type=int, default=20_000, help="descriptors per process")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument(
+        "--binary",
+        type=Path,
+        default=Path(sys.executable).with_name("agentspoonsd"),
+        help="the daemon to run (default: this venv's; or a frozen dist/agentspoonsd)",
+    )
+    parser.add_argument(
+        "--loadclient", type=Path, default=None, help="a built load client (default: build it)"
+    )
+    parser.add_argument("--pin", action="store_true", help="daemon and load on their own cores")
+    parser.add_argument("--daemon-cores", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--out", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.loads > 250:
         sys.exit("bench: at most 250 load clients (one loopback address each)")
     args.nofile = limit_descriptors(args.nofile)
-    bench.build_loadclient()
+    if args.loadclient is None:
+        bench.build_loadclient()
+        args.loadclient = bench.LOADCLIENT
     with bench.kernel_accept_queue(65535):
         accept_queue = bench.somaxconn()
-        lines, _ = measure(args)
+        lines, found = measure(args)
     now = datetime.now(UTC).strftime("%a %b %d %H:%M:%S UTC %Y")
     text = "\n".join(
         [
@@ -239,6 +334,7 @@ def main() -> None:
             f" --clients {args.clients}`",
             "",
             *bench.machine_lines(accept_queue),
+            f"Daemon: {daemon_version(args.binary)}",
             "",
             f"- One symbol, an update every {args.interval:g} s, every process under "
             f"{args.nofile:,} descriptors; load client i connects from 127.0.0.(2 + i).",
@@ -248,6 +344,10 @@ def main() -> None:
         ]
     )
     print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "clients.md").write_text(text)
+        (args.out / "clients.json").write_text(json.dumps(found, indent=1, default=str))
     if not args.no_save:
         with RESULTS.open("a") as f:
             f.write("\n" + text)

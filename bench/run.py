@@ -5,8 +5,9 @@ client (bench/loadclient.c) against it, sample the server's CPU over the client'
 window and its peak RSS over the whole run, stop it with SIGTERM. Prints one Markdown table and
 appends it, dated, with the machine's description, to bench/RESULTS.md.
 
-Stdlib only; run it with the daemon venv's python (it imports agentspoonsd for the token). It
-builds the load client and installs the comparison servers' dependencies when they are missing.
+Stdlib only; run it with the daemon venv's python (`measure` and `main` import agentspoonsd for
+the token; the rest, which bench/clients.py uses, runs on any Python 3.11+). It builds the load
+client and installs the comparison servers' dependencies when they are missing.
 See bench/README.md for what each column means.
 """
 
@@ -30,8 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-
-from agentspoonsd.auth import hash_token, new_token
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -238,15 +237,18 @@ DEFAULT_SERVERS = ("agentspoonsd", "node-ws", "python-websockets")
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and its children (a daemon's worker processes), from /proc."""
-    children = []
+    """`pid` and every process below it, from /proc: a daemon's worker processes, and below a
+    frozen executable's bootloader the daemon itself and its workers."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    children.append(int(entry.name))
-    return [pid, *children]
+                parents[int(entry.name)] = int(fields[1])
+    tree = [pid]
+    for member in tree:  # grows while it is walked: breadth first
+        tree.extend(sorted(child for child, parent in parents.items() if parent == member))
+    return tree
 
 
 def cpu_seconds(pid: int) -> float:
@@ -451,6 +453,8 @@ def run_loadclient(cmd: list[str], window: WindowCpu) -> dict:
 
 
 def measure(scenario: Scenario, server: str, token: str, profile: bool) -> Result:
+    from agentspoonsd.auth import hash_token  # the daemon's venv (module docstring)
+
     result = Result(scenario, server)
     name = f"{scenario.key}-{server}"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -662,9 +666,13 @@ def memory_gib() -> float:
 
 
 def versions() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    parts = [f"agentspoonsd {version('agentspoonsd')}", f"Python {platform.python_version()}"]
+    try:
+        daemon = f"agentspoonsd {version('agentspoonsd')}"
+    except PackageNotFoundError:  # a frozen binary run from another Python (bench/clients.py)
+        daemon = "agentspoonsd (the binary run)"
+    parts = [daemon, f"Python {platform.python_version()}"]
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         node = subprocess.run(["node", "--version"], capture_output=True, text=True, check=True)
         parts.append(f"Node {node.stdout.strip()}")
@@ -808,6 +816,8 @@ def prepare(servers: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
+    from agentspoonsd.auth import new_token  # the daemon's venv (module docstring)
+
     args = parse_args(argv)
     skipped = prepare(args.servers)
     RUNS.mkdir(exist_ok=True)
