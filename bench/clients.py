@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import resource
 import secrets
 import shutil
@@ -38,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,31 +105,6 @@ level = "info"
 """
 
 
-def health_port(log_path: Path) -> int:
-    """The port of the daemon's HTTP service (health, `/metrics`), from its log."""
-    deadline = time.monotonic() + bench.SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if '"listener_bound"' in line and '"service":"http"' in line:
-                return int(json.loads(line)["address"].rsplit(":", 1)[1])
-        time.sleep(0.1)
-    raise RuntimeError("no listener_bound line for the HTTP port")
-
-
-def metrics(port: int) -> dict[str, float]:
-    """The samples of `/metrics` this benchmark reads, by series (labels kept)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    wanted = re.compile(
-        r"^(agentspoonsd_(?:clients_connected|workers_ready|worker_clients)\S*) (\S+)$", re.M
-    )
-    return {name: float(value) for name, value in wanted.findall(text)}
-
-
-def descriptors(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
 def limit_descriptors(limit: int) -> int:
     """Set this process's RLIMIT_NOFILE (inherited by everything it starts) to `limit` or its
     hard limit if lower; returns the limit set."""
@@ -190,7 +163,8 @@ def measure(args: argparse.Namespace) -> tuple[list[str], dict]:
         log_path = Path(tmp) / "daemon.log"
         command = pinned([str(args.binary), "run", "--config", str(config)], daemon_cores)
         with bench.server_process(command, log_path) as (daemon, port):
-            http_port = health_port(log_path)
+            http_port = bench.wait_for_port(daemon, log_path, service="http")
+            bench.wait_ready(http_port)  # every worker serving: none takes the whole storm
             kernel = bench.PeakKernelMemory()
             kernel.start()
             started = time.monotonic()
@@ -211,9 +185,9 @@ def measure(args: argparse.Namespace) -> tuple[list[str], dict]:
             found["connect_all_s"] = time.monotonic() - started
             time.sleep(2.0)  # the last handshakes reach the workers' counts and their reports
             tree = bench.process_tree(daemon.pid)
-            found["descriptors"] = {pid: descriptors(pid) for pid in tree}
+            found["descriptors"] = {pid: bench.open_fds(pid) for pid in tree}
             found["rss_mb"] = bench.rss_mb(daemon.pid)  # the whole tree
-            found["metrics"] = metrics(http_port)
+            found["metrics"] = bench.metrics(http_port)
             # The daemon's CPU over the load clients' windows (they start within moments).
             for load in loads:
                 load.window_started.wait(args.warmup + 30)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -358,18 +359,49 @@ def server_process(cmd: list[str], log_path: Path) -> Iterator[tuple[subprocess.
         stop_process(proc)
 
 
-def wait_for_port(proc: subprocess.Popen, log_path: Path) -> int:
+def wait_for_port(proc: subprocess.Popen, log_path: Path, service: str = "websocket") -> int:
+    """The port `service` ("websocket", or the daemon's "http": probes and /metrics) bound, from
+    its `listener_bound` line."""
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         for line in log_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if event.get("event") == "listener_bound" and event.get("service") == "websocket":
+                if event.get("event") == "listener_bound" and event.get("service") == service:
                     return int(event["address"].rsplit(":", 1)[1])
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {tail(log_path)}")
         time.sleep(0.1)
     raise RuntimeError(f"no listener_bound line within {SERVER_START_TIMEOUT:.0f}s")
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The daemon's /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
+    return values
+
+
+def wait_ready(port: int, timeout: float = 30.0) -> None:
+    """Until the daemon's /readyz on HTTP `port` answers 200 (with workers: all of them serve)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        url = f"http://127.0.0.1:{port}/readyz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError("the daemon did not become ready")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def stop_process(proc: subprocess.Popen) -> None:

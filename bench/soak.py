@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import socket
 import statistics
@@ -38,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,44 +103,6 @@ def log_events(log_path: Path) -> list[dict]:
     return events
 
 
-def health_port(log_path: Path) -> int:
-    deadline = time.monotonic() + bench.SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        for entry in log_events(log_path):
-            if entry.get("event") == "listener_bound" and entry.get("service") == "http":
-                return int(entry["address"].rsplit(":", 1)[1])
-        time.sleep(0.1)
-    raise RuntimeError("no listener_bound line for the health port")
-
-
-def metrics(port: int) -> dict[str, float]:
-    """The daemon's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                values[name] = float(value)
-    return values
-
-
-def wait_ready(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        url = f"http://127.0.0.1:{port}/readyz"
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError("the daemon did not become ready")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 # ---------------------------------------------------------------- sampling
 
 
@@ -171,13 +131,13 @@ class Soak:
         start = self.marks.get("window_start", time.monotonic())
         clients = None
         with contextlib.suppress(OSError, ValueError):
-            clients = metrics(self.health).get("agentspoonsd_clients_connected")
+            clients = bench.metrics(self.health).get("agentspoonsd_clients_connected")
         with contextlib.suppress(OSError):
             self.samples.append(
                 Sample(
                     time.monotonic() - start,
                     bench.rss_mb(self.pid),
-                    open_fds(self.pid),
+                    bench.open_fds(self.pid),
                     bench.cpu_seconds(self.pid),
                     clients,
                 )
@@ -243,16 +203,16 @@ def wait_all_gone(pid: int, health: int, baseline: int, timeout: float = 60.0) -
 
     Returns the fd count at the end and how long it took."""
     start = time.monotonic()
-    fds = open_fds(pid)
+    fds = bench.open_fds(pid)
     while time.monotonic() - start < timeout:
         with contextlib.suppress(OSError, ValueError):
-            gone = metrics(health).get("agentspoonsd_clients_connected") == 0
-            fds = open_fds(pid)
+            gone = bench.metrics(health).get("agentspoonsd_clients_connected") == 0
+            fds = bench.open_fds(pid)
             if gone and abs(fds - baseline) <= FD_SLACK:
                 break
         time.sleep(0.5)
     time.sleep(1.0)  # and stays there
-    return open_fds(pid), time.monotonic() - start
+    return bench.open_fds(pid), time.monotonic() - start
 
 
 def cpu_percent(samples: list[Sample]) -> float | None:
@@ -592,12 +552,12 @@ def soak(args: argparse.Namespace, token: str) -> Outcome:
         executable = Path(sys.executable).with_name("agentspoonsd")
         cmd = [str(executable), "run", "--config", str(config)]
         with bench.server_process(cmd, log_path) as (proc, port):
-            health = health_port(log_path)
-            wait_ready(health)
+            health = bench.wait_for_port(proc, log_path, service="http")
+            bench.wait_ready(health)
             time.sleep(2.0)
-            idle_fds, idle_rss = open_fds(proc.pid), bench.rss_mb(proc.pid)
+            idle_fds, idle_rss = bench.open_fds(proc.pid), bench.rss_mb(proc.pid)
             print(f"soak: idle daemon: {idle_fds} fds, RSS {idle_rss:.1f} MB", file=sys.stderr)
-            before = metrics(health)
+            before = bench.metrics(health)
             soak_state = Soak(proc.pid, health, args.sample_every)
             client = run_loadclient(args, port, token, soak_state)
             marks = soak_state.marks
@@ -608,7 +568,7 @@ def soak(args: argparse.Namespace, token: str) -> Outcome:
             print(f"soak: {after_fds} fds after {after_wait:.1f} s", file=sys.stderr)
             half = half_open_phase(args, port, token)
             after_half_fds, _ = wait_all_gone(proc.pid, health, idle_fds, timeout=30)
-            after = metrics(health)
+            after = bench.metrics(health)
             samples = [s for s in soak_state.samples if s.t <= window + 0.5]
             outcome = Outcome(
                 args=args,
