@@ -74,10 +74,16 @@ def variances(params: FloatArray, x: FloatArray, xlag: FloatArray, backcast: flo
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     n = x.shape[0]
-    if beta > 0.0 and (n - 1) * math.log(beta) >= LOG_MIN_POWER:
+    if _long_memory(beta, n):
         return _long_memory_variances(omega, alpha, beta, xlag, backcast)
     q = filter_powers(beta, n)
     return geometric_filter(omega + alpha * xlag, beta, np.asarray(backcast), q)
+
+
+def _long_memory(beta: float, n: int) -> bool:
+    """Whether ``beta**(n-1) >= 1e-200``: the closed forms divide by ``beta**t`` (`_powers`);
+    below, `short_memory_terms` and the block filter do without."""
+    return beta > 0.0 and (n - 1) * math.log(beta) >= LOG_MIN_POWER
 
 
 def _powers(beta: float, n: int) -> tuple[FloatArray, FloatArray]:
@@ -231,7 +237,7 @@ def newton_terms(
     """
     omega, alpha, beta = float(params[0]), float(params[1]), float(params[2])
     n = x.shape[0]
-    if beta <= 0.0 or (n - 1) * math.log(beta) < LOG_MIN_POWER:
+    if not _long_memory(beta, n):
         return short_memory_terms(omega, alpha, beta, x, xlag, b, hessian)
     if not hessian:
         s2 = _long_memory_variances(omega, alpha, beta, xlag, b)
